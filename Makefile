@@ -1,0 +1,25 @@
+# gemini-sim: the two set-up commands are `make run` and `make test`; both build .venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/gemini-sim replay --trace traces/bloom176b.csv --preset gemini-paper --out out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 tests --nbmake notebooks
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py --out bench/results.md
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis

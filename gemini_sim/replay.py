@@ -1,0 +1,295 @@
+"""Replay a failure trace against a checkpointing policy with a SimPy model of the training job.
+
+The job process trains until the next failure interrupts it, recovers, and goes on. Between two failures the
+checkpoint schedule is periodic, so the model computes where the last complete checkpoint of each tier lies, and how
+much time the checkpoint stalls took, in closed form when a failure arrives: the number of SimPy events grows with
+the number of failures, never with the number of iterations or checkpoints.
+
+Accounting. Wall time splits exactly into
+``useful progress + lost progress + checkpoint stalls + retrieval + restart``:
+
+- *lost progress*: training work rolled back because it came after the last checkpoint that recovery could use;
+- *checkpoint stalls*: wall time training stood still while a checkpoint was taken;
+- *retrieval*: loading the checkpoint from the tier used (local memory, a peer's memory, remote storage);
+- *restart*: restarting the processes, plus replacing the lost machines when a failure took some.
+
+Recovery uses the cheapest tier that still holds the state: local CPU memory when no machine was lost, a peer's
+CPU memory when machines were lost but the placement kept a copy of every machine's checkpoint (checked on the
+machines the failure took, drawn uniformly at random with the replay's seed), otherwise remote storage.
+A failure during recovery starts the recovery over, with the union of the machines lost so far.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import simpy
+
+from . import placement as placement_mod
+from .config import Preset
+from .strategies import Policy, Tier, policy as make_policy
+from .traces import Trace
+
+TIER_ORDER = ("local", "peer", "remote")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one failure cost."""
+
+    time_h: float
+    kind: str
+    machines: int
+    tier: str
+    lost_s: float
+    retrieval_s: float
+    restart_s: float
+    during_recovery: bool = False
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    strategy: str
+    description: str
+    preset: str
+    trace: str
+    horizon_s: float
+    gpus: int
+    useful_s: float
+    lost_s: float
+    retrieval_s: float
+    restart_s: float
+    stall_s: float
+    outcomes: tuple[Outcome, ...] = field(repr=False)
+    capped_events: int = 0  # events that lost more machines than the cluster has
+    sim_events: int = 0  # SimPy events processed: grows with failures, not with iterations
+
+    @property
+    def failures(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def wasted_s(self) -> float:
+        return self.lost_s + self.retrieval_s + self.restart_s + self.stall_s
+
+    @property
+    def wasted_hours(self) -> float:
+        return self.wasted_s / 3600
+
+    @property
+    def gpu_hours_wasted(self) -> float:
+        return self.wasted_hours * self.gpus
+
+    @property
+    def effective_fraction(self) -> float:
+        return self.useful_s / self.horizon_s if self.horizon_s else 1.0
+
+    def tier_counts(self) -> dict[str, int]:
+        return {t: sum(o.tier == t for o in self.outcomes) for t in TIER_ORDER}
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.strategy,
+            "description": self.description,
+            "failures": self.failures,
+            "wasted_hours": self.wasted_hours,
+            "gpu_hours_wasted": self.gpu_hours_wasted,
+            "effective_training_fraction": self.effective_fraction,
+            "components": {
+                "lost_progress_hours": self.lost_s / 3600,
+                "retrieval_hours": self.retrieval_s / 3600,
+                "checkpoint_stall_hours": self.stall_s / 3600,
+                "restart_hours": self.restart_s / 3600,
+            },
+            "recovered_from": self.tier_counts(),
+            "capped_events": self.capped_events,
+        }
+
+
+class _TierClock:
+    """A tier's periodic schedule inside the current training segment.
+
+    ``debt`` is the training progress (seconds) made since the tier's newest complete checkpoint, at the start of
+    the segment. Snapshots are taken at segment times ``first + k * interval``; each is usable ``complete_s`` later.
+    """
+
+    def __init__(self, tier: Tier):
+        self.tier = tier
+        self.debt = 0.0
+
+    @property
+    def first(self) -> float:
+        return max(0.0, self.tier.interval_s - self.debt)
+
+    def last_complete(self, tau: float) -> float | None:
+        """Segment time of the newest snapshot complete by ``tau``, or None if none completed this segment."""
+        room = tau - self.tier.complete_s - self.first
+        if room < 0:
+            return None
+        return self.first + math.floor(room / self.tier.interval_s + 1e-12) * self.tier.interval_s
+
+    def stall_until(self, x: float) -> float:
+        """Total stall time in segment times [0, x)."""
+        if self.tier.stall_s <= 0 or x <= self.first:
+            return 0.0
+        n = math.floor((x - self.first) / self.tier.interval_s)
+        return n * self.tier.stall_s + min(self.tier.stall_s, x - self.first - n * self.tier.interval_s)
+
+
+class _Job:
+    """The training job as SimPy processes: one that trains and recovers, one that injects the trace's failures."""
+
+    def __init__(self, env: simpy.Environment, trace: Trace, preset: Preset, pol: Policy, seed: int,
+                 progress: Callable[[int], None] | None):
+        self.env, self.trace, self.preset, self.pol = env, trace, preset, pol
+        self.rng = np.random.default_rng(seed)
+        self.n = preset.cluster.machines
+        self.horizon = trace.duration_h * 3600
+        self.clocks = {"remote": _TierClock(pol.remote)}
+        if pol.memory is not None:
+            self.clocks["memory"] = _TierClock(pol.memory)
+        self.placement = (placement_mod.build(pol.placement, self.n, pol.replicas)
+                          if pol.placement and pol.replicas > 1 else None)
+        self.progress_cb = progress
+        self.P = 0.0  # training progress (seconds of useful work) in the model's current state
+        self.lost = self.retrieval = self.restart = self.stall = 0.0
+        self.outcomes: list[Outcome] = []
+        self.capped = 0
+        self.pending_failed: set[int] = set()  # machines lost and not yet replaced
+        self.pending_tier: str | None = None
+        self.proc = env.process(self.run())
+        env.process(self.inject())
+
+    # -- SimPy processes -------------------------------------------------------------------------------------------
+    def inject(self):
+        for event in self.trace.events:
+            yield self.env.timeout(max(0.0, event.time_h * 3600 - self.env.now))
+            if self.proc.is_alive:
+                self.proc.interrupt(event)
+            if self.progress_cb:
+                self.progress_cb(1)
+
+    def run(self):
+        while True:
+            start = self.env.now
+            try:
+                yield self.env.timeout(self.horizon - start)
+                self._end_segment(self.env.now - start)
+                return
+            except simpy.Interrupt as irq:
+                self._failure(self.env.now - start, irq.cause, during_recovery=False)
+            while True:  # recover; a failure during recovery starts it over
+                start = self.env.now
+                restart, retrieve = self._recovery_parts()
+                try:
+                    yield self.env.timeout(min(restart + retrieve, self.horizon - start))
+                    self._charge_recovery(self.env.now - start, restart)
+                    if self.env.now >= self.horizon:
+                        return
+                    self.pending_failed.clear()
+                    self.pending_tier = None
+                    break
+                except simpy.Interrupt as irq:
+                    self._charge_recovery(self.env.now - start, restart)
+                    self._failure(0.0, irq.cause, during_recovery=True)
+
+    # -- model -----------------------------------------------------------------------------------------------------
+    def _stalls(self, x: float) -> float:
+        return sum(c.stall_until(x) for c in self.clocks.values())
+
+    def _progress_at(self, x: float) -> float:
+        return x - self._stalls(x)
+
+    def _choose_tier(self, event) -> str:
+        lost_now = event.loses_machines
+        if lost_now:
+            k = min(event.machines, self.n)
+            self.capped += event.machines > self.n
+            if k == 1:  # the common case; choice(replace=False) permutes all N machines
+                self.pending_failed.add(int(self.rng.integers(self.n)))
+            else:
+                self.pending_failed.update(self.rng.choice(self.n, size=k, replace=False).tolist())
+        if "memory" not in self.clocks:
+            tier = "remote"
+        elif not self.pending_failed:
+            tier = "local"
+        elif self.placement is not None and self.placement.survives(self.pending_failed):
+            tier = "peer"
+        else:
+            tier = "remote"
+        if self.pending_tier is not None:
+            tier = max(tier, self.pending_tier, key=TIER_ORDER.index)
+        return tier
+
+    def _restore_point(self, clock: _TierClock, tau: float, p0: float) -> float:
+        s = clock.last_complete(tau)
+        return p0 + self._progress_at(s) if s is not None else p0 - clock.debt
+
+    def _failure(self, tau: float, event, during_recovery: bool) -> None:
+        p0 = self.P
+        tier = self._choose_tier(event)
+        clock = self.clocks["remote" if tier == "remote" else "memory"]
+        restore = self._restore_point(clock, tau, p0)
+        now = p0 + self._progress_at(tau)
+        lost = now - restore
+        self.stall += self._stalls(tau)  # before the debts below move the schedules to the next segment
+        # Where every tier's newest checkpoint stands relative to the restored state.
+        remote = self.clocks["remote"]
+        if tier != "remote":
+            remote.debt = max(0.0, restore - self._restore_point(remote, tau, p0))
+        else:
+            remote.debt = 0.0
+        if "memory" in self.clocks:
+            self.clocks["memory"].debt = 0.0  # recovery writes the restored state back into CPU memory
+        self.lost += lost
+        self.P = restore
+        self.pending_tier = tier
+        restart, retrieve = self._recovery_parts()
+        self.outcomes.append(Outcome(event.time_h, event.kind, event.machines, tier, lost, retrieve, restart,
+                                     during_recovery))
+
+    def _recovery_parts(self) -> tuple[float, float]:
+        rec = self.preset.recovery
+        restart = rec.restart_s + (rec.replace_s if self.pending_failed else 0.0)
+        retrieve = {"local": self.pol.retrieve_local_s, "peer": self.pol.retrieve_peer_s,
+                    "remote": self.pol.retrieve_remote_s}[self.pending_tier]
+        return restart, retrieve
+
+    def _charge_recovery(self, elapsed: float, restart: float) -> None:
+        self.restart += min(elapsed, restart)
+        self.retrieval += max(0.0, elapsed - restart)
+
+    def _end_segment(self, tau: float) -> None:
+        self.stall += self._stalls(tau)
+        self.P += self._progress_at(tau)
+
+
+class _CountingEnvironment(simpy.Environment):
+    steps = 0
+
+    def step(self):
+        self.steps += 1
+        super().step()
+
+
+def replay(trace: Trace, preset: Preset, strategy: str | Policy, seed: int = 0,
+           progress: Callable[[int], None] | None = None) -> ReplayResult:
+    """Replay ``trace`` on ``preset`` under one strategy (a registry name or a ready :class:`Policy`)."""
+    pol = strategy if isinstance(strategy, Policy) else make_policy(strategy, preset, trace.mtbf_h * 3600)
+    env = _CountingEnvironment()
+    job = _Job(env, trace, preset, pol, seed, progress)
+    env.run()
+    return ReplayResult(
+        strategy=pol.strategy, description=pol.description, preset=preset.name, trace=trace.name,
+        horizon_s=job.horizon, gpus=preset.cluster.gpus, useful_s=job.P, lost_s=job.lost,
+        retrieval_s=job.retrieval, restart_s=job.restart, stall_s=job.stall, outcomes=tuple(job.outcomes),
+        capped_events=job.capped, sim_events=env.steps,
+    )
+
+
+def replay_all(trace: Trace, preset: Preset, strategies: list[str], seed: int = 0,
+               progress: Callable[[int], None] | None = None) -> list[ReplayResult]:
+    return [replay(trace, preset, s, seed, progress) for s in strategies]

@@ -1,0 +1,100 @@
+import math
+
+import pytest
+
+from gemini_sim import config
+from gemini_sim.config import GBPS
+from gemini_sim.errors import UserError
+
+MINIMAL = """
+[cluster]
+machines = 4
+gpus_per_machine = 8
+gpu = "A100"
+gpu_memory_gb = 40
+gpu_peak_tflops = 312
+cpu_memory_gb = 512
+network_gbps = 100
+pcie_gbps = 200
+[model]
+name = "tiny"
+parameters = 1e9
+layers = 8
+hidden = 1024
+seq_len = 1024
+global_batch_tokens = 1e6
+mfu = 0.4
+[storage]
+remote_gbps = 10
+"""
+
+
+def test_bundled_presets_load_and_match_the_issue():
+    assert {"gemini-paper", "opt-175b", "llama3-405b"} <= set(config.preset_names())
+    p = config.load_preset("gemini-paper")
+    assert (p.cluster.machines, p.cluster.gpus_per_machine, p.cluster.cpu_memory_gb) == (16, 8, 1152)
+    assert (p.cluster.network_gbps, p.storage.remote_gbps) == (400, 20)
+    assert config.load_preset("opt-175b").cluster.gpus == 992
+    llama = config.load_preset("llama3-405b")
+    assert (llama.cluster.gpus, llama.cluster.machines) == (16384, 2048)
+
+
+def test_bytes_per_param_reproduces_the_papers_mt_nlg_figure():
+    # GEMINI: MT-NLG 530B takes ~42 minutes to checkpoint to remote storage at 20 Gbps.
+    p = config.load_preset("gemini-paper")
+    seconds = 530e9 * p.model.bytes_per_param / (20 * GBPS)
+    assert 41 <= seconds / 60 <= 43
+
+
+def test_derived_quantities():
+    p = config.load_preset("gemini-paper")
+    assert p.checkpoint_bytes == pytest.approx(39e9 * 12)
+    assert p.checkpoint_bytes_per_machine == pytest.approx(p.checkpoint_bytes / 16)
+    assert p.remote_write_s == pytest.approx(p.checkpoint_bytes / 2.5e9)
+    expected_iter = 6 * 39e9 * 1048576 / (128 * 312e12 * 0.4)
+    assert p.iteration_time_s == pytest.approx(expected_iter)
+
+
+def test_user_config_with_defaults(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text(MINIMAL)
+    p = config.load_config(f)
+    assert p.name == "mine" and p.recovery.replicas == 2 and math.isfinite(p.iteration_time_s)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (("mfu = 0.4", "mfu = 0.4\nflops = 3"), "unknown key 'model.flops'"),
+    (("machines = 4", "machines = 0"), "'cluster.machines' must be >= 1"),
+    (("machines = 4", "machines = 4.5"), "'cluster.machines' must be an integer"),
+    (("remote_gbps = 10", "remote_gbps = -1"), "'storage.remote_gbps' must be > 0"),
+    (("gpu = \"A100\"", "gpu = 7"), "'cluster.gpu' must be a non-empty string"),
+    (("mfu = 0.4", "mfu = 1.5"), "'model.mfu' must be at most 1"),
+    (("pcie_gbps = 200", "pcie_gbps = \"fast\""), "'cluster.pcie_gbps' must be a number"),
+    (("[storage]\nremote_gbps = 10", ""), "missing table [storage]"),
+    (("layers = 8\n", ""), "missing key 'model.layers'"),
+    (("[cluster]", "[clutser]\nx=1\n[cluster]"), "unknown key 'clutser'"),
+    (("cpu_memory_gb = 512", "cpu_memory_gb = 1"), "GB missing"),
+])
+def test_bad_configs_name_the_key(tmp_path, edit, needle):
+    f = tmp_path / "bad.toml"
+    f.write_text(MINIMAL.replace(*edit))
+    with pytest.raises(UserError) as exc:
+        config.load_config(f)
+    assert needle in str(exc.value) and str(f) in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    f = tmp_path / "broken.toml"
+    f.write_text("[cluster\nmachines=")
+    with pytest.raises(UserError, match="invalid TOML"):
+        config.load_config(f)
+    with pytest.raises(UserError, match="cannot read config"):
+        config.load_config(tmp_path / "absent.toml")
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path, cli):
+    f = tmp_path / "bad.toml"
+    f.write_text(MINIMAL.replace("mfu = 0.4", "mfu = 0.4\nbogus = 1"))
+    rc, out, err = cli("replay", "--synthetic", "poisson", "--config", f, check_rc=2)
+    assert err.count("\n") == 1 and "unknown key 'model.bogus'" in err and "Traceback" not in err

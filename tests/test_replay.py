@@ -1,0 +1,163 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import TRACES
+from gemini_sim import config, strategies, traces
+from gemini_sim.replay import replay
+from gemini_sim.synthetic import SyntheticSpec, generate
+from gemini_sim.traces import FailureEvent, Trace
+
+PAPER = config.load_preset("gemini-paper")
+
+
+def long_trace(mtbf_job_h: float, failures: int, mix, machines=16, seed=0, model="poisson"):
+    spec = SyntheticSpec(model, mtbf_hours=mtbf_job_h * machines, days=mtbf_job_h * failures / 24,
+                         machines=machines, seed=seed, mix=tuple(mix.items()))
+    return generate(spec)
+
+
+def per_failure_s(result, tier):
+    """Mean lost progress + retrieval of the failures that recovered from ``tier`` on their own."""
+    own = [o for o in result.outcomes if o.tier == tier and not o.during_recovery]
+    return sum(o.lost_s + o.retrieval_s for o in own) / len(own)
+
+
+@pytest.mark.parametrize("name, mtbf_h, mix, tier", [
+    ("gemini", 10, {"software": 1}, "local"),           # every failure recovers from local CPU memory
+    ("gemini", 10, {"hardware": 1}, "peer"),            # one machine lost: a peer holds its checkpoint
+    ("highfreq", 20, {"hardware": 1}, "remote"),
+    ("async-remote", 20, {"software": 1}, "local"),
+    ("strawman", 300, {"hardware": 1}, "remote"),       # MTBF >> 3 h so the phase is uniform
+])
+def test_replay_agrees_with_the_closed_form(name, mtbf_h, mix, tier):
+    trace = long_trace(mtbf_h, 4000, mix)
+    pol = strategies.policy(name, PAPER, trace.mtbf_h * 3600)
+    r = replay(trace, PAPER, pol)
+    # A second failure during a recovery can escalate the tier (both machines of a group lost): rare at this MTBF.
+    assert r.tier_counts()[tier] >= 0.97 * r.failures
+    expected = strategies.closed_form_wasted_per_failure_s(pol, tier)
+    # A blocking snapshot's stall sits inside the rolled-back window; the replay books it as a checkpoint stall.
+    stall = (pol.remote if tier == "remote" else pol.memory).stall_s
+    assert per_failure_s(r, tier) + stall == pytest.approx(expected, rel=0.03)
+
+
+def test_gemini_frequency_respects_checkpoint_and_iteration_time():
+    pol = strategies.policy("gemini", PAPER, 1e6)
+    t_iter = PAPER.iteration_time_s
+    assert pol.memory.interval_s == pytest.approx(t_iter)  # one checkpoint per iteration fits here
+    slow = dataclasses.replace(PAPER, cluster=dataclasses.replace(PAPER.cluster, network_gbps=5)).with_replicas(3)
+    pol = strategies.policy("gemini", slow, 1e6)
+    assert pol.memory.interval_s >= max(pol.memory.complete_s, t_iter)
+    assert pol.memory.interval_s / t_iter == pytest.approx(round(pol.memory.interval_s / t_iter))
+    assert pol.memory.interval_s - t_iter < pol.memory.complete_s
+
+
+def test_young_daly_interval():
+    mtbf = 100 * 3600
+    pol = strategies.policy("young-daly", PAPER, mtbf)
+    c = PAPER.remote_write_s
+    assert pol.remote.interval_s == pytest.approx((2 * c * mtbf) ** 0.5, abs=PAPER.iteration_time_s)
+
+
+event_st = st.tuples(st.floats(0, 500), st.sampled_from(traces.KINDS), st.integers(1, 20))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=st.lists(event_st, max_size=25), extra=st.floats(0, 50), seed=st.integers(0, 5),
+       name=st.sampled_from(list(strategies.STRATEGIES)), replicas=st.sampled_from([1, 2, 3, 4]))
+def test_wall_time_splits_exactly_into_useful_and_wasted(events, extra, seed, name, replicas):
+    evs = tuple(FailureEvent(t, k, m) for t, k, m in sorted(events))
+    duration = (evs[-1].time_h if evs else 0) + extra + 1
+    trace = Trace("h", evs, duration)
+    preset = PAPER.with_replicas(replicas)
+    r = replay(trace, preset, name, seed=seed)
+    assert r.failures == len(evs)
+    assert r.useful_s + r.wasted_s == pytest.approx(r.horizon_s, abs=1e-6 * r.horizon_s + 1e-6)
+    assert min(r.lost_s, r.retrieval_s, r.restart_s, r.stall_s, r.useful_s) >= -1e-9
+    assert all(o.lost_s >= -1e-9 for o in r.outcomes)
+
+
+def test_tier_choice_follows_placement():
+    two = dataclasses.replace(PAPER, cluster=dataclasses.replace(PAPER.cluster, machines=2), name="two")
+    evs = (FailureEvent(10, "software", 1), FailureEvent(20, "hardware", 1), FailureEvent(30, "hardware", 2))
+    r = replay(Trace("t", evs, 40), two, "gemini")
+    assert [o.tier for o in r.outcomes] == ["local", "peer", "remote"]
+    # Without peers (m=1) a lost machine means remote storage.
+    r1 = replay(Trace("t", evs, 40), two.with_replicas(1), "gemini")
+    assert [o.tier for o in r1.outcomes] == ["local", "remote", "remote"]
+
+
+def test_remote_fallback_rolls_back_past_memory_recoveries():
+    # Software failure at 2 h recovers from memory; a whole-cluster loss at 2.5 h must go back to the last remote
+    # checkpoint, which is the job's start (GEMINI persists every 3 h): everything trained so far is lost.
+    evs = (FailureEvent(2.0, "software", 1), FailureEvent(2.5, "unknown", 16))
+    r = replay(Trace("t", evs, 5), PAPER, "gemini")
+    assert [o.tier for o in r.outcomes] == ["local", "remote"]
+    restart = PAPER.recovery.restart_s + PAPER.gpu_to_cpu_s
+    trained_before = 2.5 * 3600 - restart - r.outcomes[0].lost_s
+    assert r.outcomes[1].lost_s == pytest.approx(trained_before, abs=1e-6)
+
+
+def test_failure_during_recovery_starts_recovery_over():
+    evs = (FailureEvent(1.0, "hardware", 1), FailureEvent(1.0, "software", 1))
+    r = replay(Trace("t", evs, 3), PAPER, "strawman")
+    assert r.outcomes[1].during_recovery and r.outcomes[1].lost_s == 0
+    assert r.useful_s + r.wasted_s == pytest.approx(r.horizon_s)
+
+
+def test_cost_grows_with_failures_not_iterations():
+    llama = config.load_preset("llama3-405b")
+    short = Trace("s", (FailureEvent(1, "hardware", 1),), 2)
+    year = Trace("y", (FailureEvent(1, "hardware", 1),), 365 * 24)
+    a, b = replay(short, llama, "gemini"), replay(year, llama, "gemini")
+    assert a.sim_events == b.sim_events < 20
+    assert year.duration_h * 3600 / llama.iteration_time_s > 1e6  # a million iterations, replayed in ~10 events
+    many = long_trace(1, 500, {"hardware": 1}, machines=2048)
+    assert replay(many, llama, "gemini").sim_events < 5 * len(many.events) + 10
+
+
+def test_capped_events_and_gpu_hours():
+    r = replay(traces.load_trace(TRACES / "bloom176b.csv"), PAPER, "gemini")
+    assert r.capped_events == 1  # the 48-machine maintenance on a 16-machine cluster
+    assert r.gpu_hours_wasted == pytest.approx(r.wasted_hours * 128)
+
+
+def test_gemini_wastes_least_on_real_and_synthetic_traces():
+    for trace in (traces.load_trace(TRACES / "bloom176b.csv"), long_trace(30, 200, {"hardware": 3, "software": 1})):
+        wasted = {s: replay(trace, PAPER, s).wasted_s for s in strategies.STRATEGIES}
+        assert min(wasted, key=wasted.get) == "gemini"
+        assert wasted["strawman"] > wasted["highfreq"]
+
+
+def test_cli_replay_json_shape(cli, tmp_path):
+    rc, out, err = cli("replay", "--synthetic", "burst", "--days", "20", "--seed", "3", "--json",
+                       "--preset", "opt-175b", "--out", tmp_path)
+    d = json.loads(out)
+    names = [s["name"] for s in d["strategies"]]
+    assert names == list(strategies.STRATEGIES)
+    for s in d["strategies"]:
+        assert {"name", "wasted_hours", "gpu_hours_wasted", "failures", "components"} <= set(s)
+        assert set(s["components"]) == {"lost_progress_hours", "retrieval_hours", "checkpoint_stall_hours",
+                                        "restart_hours"}
+        assert s["wasted_hours"] == pytest.approx(sum(s["components"].values()))
+    assert d["trace"]["synthetic"] is True
+    for f in ("replay.json", "replay-breakdown.png", "replay-cumulative.png", "replay-trace.png"):
+        assert (tmp_path / f).stat().st_size > 0
+
+
+def test_cli_multiple_traces_and_strategy_subset(cli, tmp_path):
+    rc, out, err = cli("replay", "--trace", TRACES / "bloom176b.csv", TRACES / "bloom176b.csv", "--json",
+                       "--strategies", "gemini,strawman")
+    runs = json.loads(out)["runs"]
+    assert len(runs) == 2 and [s["name"] for s in runs[0]["strategies"]] == ["gemini", "strawman"]
+
+
+def test_cli_replicas_that_do_not_fit_memory(cli):
+    rc, out, err = cli("replay", "--synthetic", "poisson", "--preset", "gemini-paper", "--replicas", "60",
+                       check_rc=2)
+    assert "exceeds" in err or "GB missing" in err
