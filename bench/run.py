@@ -41,7 +41,21 @@ def bench_replay_year():
              f"{events / secs:,.0f} events/s)", f"{secs:.3f} s", "< 2 s", "pass" if secs < 2 else "FAIL")]
 
 
-BENCHES = {"replay": bench_replay_year}
+def bench_placement_exact():
+    from gemini_sim import placement, recovery
+
+    def run():
+        recovery.ring_safe.cache_clear()  # cold: no counts carried over between repeats
+        for m in (2, 3, 4):
+            p = placement.mixed(4096, m)
+            for k in range(1, 65):
+                assert recovery.probability(p, k).method == "exact"
+    secs, _ = best_of(run)
+    return [("exact recovery probability, mixed placement, N=4096, m=2..4, k=1..64 (192 values)",
+             f"{secs * 1000:.1f} ms", "< 100 ms", "pass" if secs < 0.1 else "FAIL")]
+
+
+BENCHES = {"replay": bench_replay_year, "placement": bench_placement_exact}
 
 
 def main():

@@ -128,6 +128,95 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _parse_range(text: str, what: str) -> list[int]:
+    try:
+        if "-" in text:
+            a, b = (int(x) for x in text.split("-", 1))
+        else:
+            a = b = int(text)
+    except ValueError:
+        raise UserError(f"{what} must be an integer or a range like 1-8, got {text!r}") from None
+    if a > b or a < 0:
+        raise UserError(f"{what} range {text!r} is empty or negative")
+    return list(range(a, b + 1))
+
+
+def _placement_rows(args, strategy: str, ks: list[int]):
+    from . import placement, recovery
+
+    pl = placement.build(strategy, args.machines, args.replicas, seed=args.seed,
+                         domains=args.domains or args.replicas)
+    if args.bursts:
+        dom = placement.domains_of(args.machines, args.domains)
+        return pl, [recovery.monte_carlo(pl, recovery.burst_sampler(dom, k), args.samples, args.seed, k)
+                    for k in ks]
+    return pl, [recovery.probability(pl, k, args.samples, args.seed) for k in ks]
+
+
+def cmd_placement(args) -> int:
+    from . import placement, recovery
+
+    if args.machines < 1:
+        raise UserError(f"--machines must be >= 1, got {args.machines}")
+    if args.replicas < 1 or args.replicas > args.machines:
+        raise UserError(f"--replicas must be between 1 and --machines ({args.machines}), got {args.replicas}")
+    ks = _parse_range(args.failures, "--failures")
+    if ks[-1] > args.machines:
+        raise UserError(f"--failures ({ks[-1]}) exceeds --machines ({args.machines})")
+    if args.bursts and not args.domains:
+        raise UserError("--bursts needs --domains D (failures take whole domains)")
+    if args.domains is not None and not 1 <= args.domains <= args.machines:
+        raise UserError(f"--domains must be between 1 and --machines ({args.machines}), got {args.domains}")
+    pl, rows = _placement_rows(args, args.strategy, ks)
+    memory = None
+    if args.preset or args.config:
+        preset = config.load_config(args.config) if args.config else config.load_preset(args.preset)
+        memory = placement.check_memory(pl, preset.checkpoint_bytes_per_machine, preset.cluster.cpu_memory_gb)
+    if args.plot:
+        _plot_placement(args, ks, Path(args.plot))
+    if args.json:
+        objs = [r.as_dict() | ({"memory_gb_per_machine": memory} if memory is not None else {}) for r in rows]
+        print(json.dumps(objs[0] if len(objs) == 1 and "-" not in args.failures else objs, indent=2))
+        return 0
+    if len(rows) == 1 and "-" not in args.failures:
+        r = rows[0]
+        ci = f" (95% CI {r.ci95[0]:.6f}-{r.ci95[1]:.6f}, {r.samples} samples)" if r.ci95 else ""
+        print(f"{r.strategy}: N={r.machines} m={r.replicas} k={r.failures}: P(recover from CPU memory) = "
+              f"{r.probability:.12g} [{r.method}]{ci}")
+    else:
+        table = [[r.failures, f"{r.probability:.10f}", r.method,
+                  f"{r.ci95[0]:.4f}-{r.ci95[1]:.4f}" if r.ci95 else "", f"{r.expected_lost_checkpoints:.4g}"]
+                 for r in rows]
+        print(f"{pl.strategy}: N={args.machines} m={args.replicas}"
+              + (f", failures in bursts of whole domains ({args.domains} domains)" if args.bursts else ""))
+        print(report.format_table(["k", "P(recover)", "method", "ci95", "E[lost ckpts]"], table))
+    if memory is not None:
+        print(f"CPU memory needed per machine: {memory:.1f} GB")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot_placement(args, ks: list[int], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from . import placement
+
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for strategy in placement.STRATEGIES:
+        if strategy == "group" and args.machines % args.replicas:
+            continue
+        _, rows = _placement_rows(args, strategy, ks)
+        ax.plot(ks, [r.probability for r in rows], marker="o", ms=3, label=strategy)
+    ax.set_xlabel("machines failing at once (k)")
+    ax.set_ylabel("P(recover from CPU memory)")
+    ax.set_title(f"N={args.machines}, m={args.replicas}" + (" (domain bursts)" if args.bursts else ""))
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gemini-sim", description="Simulate in-memory checkpointing and failure recovery "
                                                     "(GEMINI, SOSP 2023).")
@@ -146,6 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machines", type=int, help="machines of the traced run (for the per-machine MTBF)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fit)
+
+    from . import placement as placement_mod
+
+    p = sub.add_parser("placement", help="probability of recovering from CPU memory after k failures")
+    p.add_argument("--machines", type=int, required=True, metavar="N")
+    p.add_argument("--replicas", type=int, required=True, metavar="M")
+    p.add_argument("--strategy", default="mixed", help=f"one of: {', '.join(placement_mod.STRATEGIES)}")
+    p.add_argument("--failures", required=True, metavar="K", help="K, or a range like 1-8 for a table")
+    p.add_argument("--domains", type=int, metavar="D", help="failure domains (D blocks of consecutive machines); "
+                   "used by domain-aware (default: M) and by --bursts")
+    p.add_argument("--bursts", action="store_true", help="failures take whole domains (Monte Carlo)")
+    p.add_argument("--samples", type=int, default=20000, help="Monte Carlo samples (default 20000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", help="also check the CPU memory the placement needs on this preset")
+    p.add_argument("--config", metavar="FILE", help="like --preset, from your TOML file")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="FILE", help="plot probability against k for every strategy")
+    p.set_defaults(func=cmd_placement)
 
     p = sub.add_parser("synth", help="write a synthetic failure trace as CSV")
     _add_trace_args(p)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import UserError, unknown_name
+from .errors import UserError, read_user_file, unknown_name
 
 GBPS = 1e9 / 8  # bytes per second in one Gbit/s
 
@@ -66,6 +66,7 @@ class RecoveryConfig:
     restart_s: float = 300.0  # restart the job's processes (software/network failure, no machine lost)
     replace_s: float = 600.0  # bring in a replacement machine for each lost one (done in parallel)
     replicas: int = 2  # GEMINI's m: copies of each machine's checkpoint in CPU memory
+    placement: str = "auto"  # GEMINI's group (m | N) or mixed placement; or any placement strategy name
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,14 @@ def _check_consistency(where: str, p: Preset) -> None:
         raise UserError(f"{where}: key 'model.mfu' must be at most 1, got {p.model.mfu}")
     if p.cluster.machines_per_rack > p.cluster.machines:
         raise UserError(f"{where}: key 'cluster.machines_per_rack' exceeds 'cluster.machines'")
+    from . import placement
+
+    if p.recovery.placement != "auto" and p.recovery.placement not in placement.STRATEGIES:
+        raise UserError(f"{where}: key 'recovery.placement' must be 'auto' or one of "
+                        f"{', '.join(placement.STRATEGIES)}, got {p.recovery.placement!r}")
+    if p.recovery.placement == "group" and p.cluster.machines % p.recovery.replicas:
+        raise UserError(f"{where}: key 'recovery.placement' is 'group' but 'cluster.machines' "
+                        f"({p.cluster.machines}) is not a multiple of 'recovery.replicas' ({p.recovery.replicas})")
     need = p.recovery.replicas * p.checkpoint_bytes_per_machine / 1e9
     if need > p.cluster.cpu_memory_gb:
         raise UserError(f"{where}: {p.recovery.replicas} checkpoint replicas need {need:.1f} GB of CPU memory per "
@@ -209,11 +218,7 @@ def preset_names() -> list[str]:
 
 def load_config(path: str | Path) -> Preset:
     """Read a user's TOML file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    text = read_user_file(path, "config")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -15,3 +15,14 @@ class UserError(ValueError):
 def unknown_name(what: str, name: str, valid) -> UserError:
     """The standard error for a name that is not in a registry."""
     return UserError(f"unknown {what} '{name}'; valid: {', '.join(sorted(valid))}")
+
+
+def read_user_file(path, what: str) -> str:
+    """Read a file the user named; a missing or unreadable file is a one-line :class:`UserError`."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise UserError(f"{path}: cannot read {what} ({reason})") from None

@@ -6,7 +6,7 @@ returns a :class:`Placement`. Definitions follow the GEMINI paper (SOSP 2023, se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -20,6 +20,7 @@ class Placement:
     machines: int
     replicas: int
     holders: tuple[tuple[int, ...], ...]  # holders[i]: machines storing machine i's checkpoint, i first
+    options: dict = field(default_factory=dict, compare=False)
 
     def stored_on(self) -> list[list[int]]:
         """For every machine, the machines whose checkpoints it stores (its own included)."""
@@ -34,8 +35,12 @@ class Placement:
 
         Every machine holds its own checkpoint, so only the failed machines' checkpoints can be gone.
         """
+        return self.lost(failed) == 0
+
+    def lost(self, failed) -> int:
+        """How many machines' checkpoints have no copy left outside ``failed``."""
         failed = set(failed)
-        return all(any(h not in failed for h in self.holders[i]) for i in failed)
+        return sum(all(h in failed for h in self.holders[i]) for i in failed)
 
 
 def _check(machines: int, replicas: int) -> None:
@@ -83,10 +88,123 @@ def mixed(machines: int, replicas: int) -> Placement:
     return Placement("mixed", machines, m, tuple(holders))
 
 
-STRATEGIES: dict[str, Callable[..., Placement]] = {"group": group, "mixed": mixed, "ring": ring}
+def structure(p: Placement) -> tuple[int, int]:
+    """(groups of m, ring length) when ``p`` is a group/mixed/ring layout up to relabelling; used by exact counts."""
+    n, m = p.machines, p.replicas
+    if p.strategy == "ring":
+        return 0, n
+    if p.strategy in ("group", "mixed", "domain-aware"):
+        if n % m == 0:
+            return n // m, 0
+        return n // m - 1, m + n % m
+    raise ValueError(f"{p.strategy} has no group/ring structure")
+
+
+def random(machines: int, replicas: int, seed: int = 0) -> Placement:
+    """Every machine's checkpoint on itself and m-1 distinct peers drawn at random (seeded).
+
+    Peers are drawn so that every machine also stores exactly m-1 others' checkpoints (a random m-regular layout:
+    machine i's j-th replica goes to perm_j[i] for random derangement-like permutations), so memory stays balanced.
+    """
+    _check(machines, replicas)
+    rng = np.random.default_rng(seed)
+    n, m = machines, replicas
+    for _ in range(1000):
+        cols = [np.arange(n)]
+        ok = True
+        for _j in range(m - 1):
+            for _try in range(200):
+                perm = rng.permutation(n)
+                if all(len({int(c[i]) for c in cols} | {int(perm[i])}) == len(cols) + 1 for i in range(n)):
+                    cols.append(perm)
+                    break
+            else:
+                ok = False
+                break
+        if ok:
+            holders = tuple(tuple(int(c[i]) for c in cols) for i in range(n))
+            return Placement("random", n, m, holders, {"seed": seed})
+    raise UserError(f"random placement: could not draw {m - 1} distinct peers per machine for {n} machines")
+
+
+def domains_of(machines: int, domains: int) -> tuple[int, ...]:
+    """Failure domain of every machine: ``domains`` blocks of consecutive machines, sizes as equal as possible."""
+    if not 1 <= domains <= machines:
+        raise UserError(f"domains must be between 1 and machines ({machines}), got {domains}")
+    return tuple(i * domains // machines for i in range(machines))
+
+
+def domain_aware(machines: int, replicas: int, domains: int | None = None,
+                 domain_of: tuple[int, ...] | None = None) -> Placement:
+    """Replicas of a checkpoint in different failure domains whenever the domains allow it.
+
+    Machines are taken round-robin across domains (first machine of each domain, then the second, ...), and mixed
+    placement is applied in that order, so the m members of a group come from m different domains when there are at
+    least m domains of similar size. With D domains of equal size and m | N this is the "jump" layout of NVIDIA's
+    local checkpointing cliques (members n, n+J, ..., with J = N/D machines per domain apart).
+    """
+    _check(machines, replicas)
+    if domain_of is None:
+        domain_of = domains_of(machines, domains or replicas)
+    if len(domain_of) != machines:
+        raise UserError(f"domain map has {len(domain_of)} entries for {machines} machines")
+    by_domain: dict[int, list[int]] = {}
+    for i, d in enumerate(domain_of):
+        by_domain.setdefault(d, []).append(i)
+    queues = [by_domain[d] for d in sorted(by_domain)]
+    # Largest domains first in each round, so the tail of the order does not pile up in one domain.
+    order: list[int] = []
+    depth = 0
+    while len(order) < machines:
+        for q in sorted(queues, key=len, reverse=True):
+            if depth < len(q):
+                order.append(q[depth])
+        depth += 1
+    base = mixed(machines, replicas)
+    holders: list[tuple[int, ...]] = [()] * machines
+    for pos, hs in enumerate(base.holders):
+        holders[order[pos]] = tuple(order[h] for h in hs)
+    return Placement("domain-aware", machines, replicas, tuple(holders),
+                     {"domain_of": tuple(domain_of), "order": tuple(order)})
+
+
+STRATEGIES: dict[str, Callable[..., Placement]] = {
+    "group": group, "mixed": mixed, "ring": ring, "random": random, "domain-aware": domain_aware,
+}
 
 
 def build(strategy: str, machines: int, replicas: int, **options) -> Placement:
+    """Build and validate a placement. Options: ``seed`` (random), ``domains`` or ``domain_of`` (domain-aware)."""
     if strategy not in STRATEGIES:
         raise unknown_name("placement strategy", strategy, STRATEGIES)
-    return STRATEGIES[strategy](machines, replicas, **options)
+    accepted = {"random": {"seed"}, "domain-aware": {"domains", "domain_of"}}.get(strategy, set())
+    p = STRATEGIES[strategy](machines, replicas, **{k: v for k, v in options.items() if k in accepted})
+    validate(p)
+    return p
+
+
+def validate(p: Placement) -> None:
+    """Every machine holds its own checkpoint first, plus exactly m-1 distinct peers; every machine stores m."""
+    if len(p.holders) != p.machines:
+        raise UserError(f"placement {p.strategy}: {len(p.holders)} holder sets for {p.machines} machines")
+    for i, hs in enumerate(p.holders):
+        if not hs or hs[0] != i:
+            raise UserError(f"placement {p.strategy}: machine {i} does not hold its own checkpoint first")
+        if len(set(hs)) != p.replicas or len(hs) != p.replicas:
+            raise UserError(f"placement {p.strategy}: machine {i} has {len(set(hs))} distinct holders, "
+                            f"expected {p.replicas}")
+        if any(not 0 <= h < p.machines for h in hs):
+            raise UserError(f"placement {p.strategy}: machine {i} has a holder outside 0..{p.machines - 1}")
+    loads = [len(x) for x in p.stored_on()]
+    if p.strategy != "random" and set(loads) != {p.replicas}:
+        raise UserError(f"placement {p.strategy}: machines store {min(loads)}..{max(loads)} checkpoints, "
+                        f"expected {p.replicas} each")
+
+
+def check_memory(p: Placement, checkpoint_bytes_per_machine: float, cpu_memory_gb: float) -> float:
+    """Raise if the busiest machine's checkpoints do not fit its CPU memory; return the GB it needs."""
+    need = max(len(x) for x in p.stored_on()) * checkpoint_bytes_per_machine / 1e9
+    if need > cpu_memory_gb:
+        raise UserError(f"placement {p.strategy} with {p.replicas} replicas needs {need:.1f} GB of CPU memory per "
+                        f"machine, {need - cpu_memory_gb:.1f} GB more than the {cpu_memory_gb:g} GB configured")
+    return need

@@ -15,7 +15,9 @@ Accounting. Wall time splits exactly into
 
 Recovery uses the cheapest tier that still holds the state: local CPU memory when no machine was lost, a peer's
 CPU memory when machines were lost but the placement kept a copy of every machine's checkpoint (checked on the
-machines the failure took, drawn uniformly at random with the replay's seed), otherwise remote storage.
+machines the failure took, drawn with the replay's seed: one machine uniformly at random; several machines rack by
+rack when the cluster has racks, since multi-machine failures are switch, power or rack failures), otherwise
+remote storage.
 A failure during recovery starts the recovery over, with the union of the machines lost so far.
 """
 
@@ -30,7 +32,8 @@ import simpy
 
 from . import placement as placement_mod
 from .config import Preset
-from .strategies import Policy, Tier, policy as make_policy
+from .recovery import burst_sampler
+from .strategies import Policy, Tier, placement_options, policy as make_policy
 from .traces import Trace
 
 TIER_ORDER = ("local", "peer", "remote")
@@ -151,8 +154,10 @@ class _Job:
         self.clocks = {"remote": _TierClock(pol.remote)}
         if pol.memory is not None:
             self.clocks["memory"] = _TierClock(pol.memory)
-        self.placement = (placement_mod.build(pol.placement, self.n, pol.replicas)
+        self.placement = (placement_mod.build(pol.placement, self.n, pol.replicas, **placement_options(preset))
                           if pol.placement and pol.replicas > 1 else None)
+        per_rack = preset.cluster.machines_per_rack
+        self.rack_of = tuple(i // per_rack for i in range(self.n)) if per_rack else None
         self.progress_cb = progress
         self.P = 0.0  # training progress (seconds of useful work) in the model's current state
         self.lost = self.retrieval = self.restart = self.stall = 0.0
@@ -210,6 +215,8 @@ class _Job:
             self.capped += event.machines > self.n
             if k == 1:  # the common case; choice(replace=False) permutes all N machines
                 self.pending_failed.add(int(self.rng.integers(self.n)))
+            elif self.rack_of is not None:  # a multi-machine failure takes whole racks (switch, power)
+                self.pending_failed.update(burst_sampler(self.rack_of, k)(self.rng))
             else:
                 self.pending_failed.update(self.rng.choice(self.n, size=k, replace=False).tolist())
         if "memory" not in self.clocks:

@@ -98,8 +98,10 @@ def gemini(p: Preset, mtbf_s: float) -> Policy:
     # peer copies share the machine's NIC.
     t_ckpt = max(p.gpu_to_cpu_s, (m - 1) * p.peer_transfer_s)
     interval = _round_to_iterations(max(t_ckpt, p.iteration_time_s), p.iteration_time_s)
-    strategy = "group" if n % m == 0 else "mixed"
-    placement.build(strategy, n, m)  # validates m against N
+    strategy = p.recovery.placement
+    if strategy == "auto":
+        strategy = "group" if n % m == 0 else "mixed"
+    placement.build(strategy, n, m, **placement_options(p))  # validates m against N
     persist = p.storage.gemini_persist_interval_hours * 3600
     return Policy("gemini", remote=Tier(persist, t_ckpt + p.remote_write_s, 0.0),
                   memory=Tier(interval, t_ckpt, 0.0), replicas=m, placement=strategy,
@@ -107,6 +109,13 @@ def gemini(p: Preset, mtbf_s: float) -> Policy:
                   retrieve_remote_s=p.remote_write_s,
                   description=f"CPU memory x{m} ({strategy}) every {interval / p.iteration_time_s:.0f} iteration(s), "
                               f"remote every {p.storage.gemini_persist_interval_hours:g} h")
+
+
+def placement_options(p: Preset) -> dict:
+    """Options a placement strategy takes from the preset: failure domains are the cluster's racks."""
+    per_rack = p.cluster.machines_per_rack
+    racks = -(-p.cluster.machines // per_rack) if per_rack else p.recovery.replicas
+    return {"domains": min(racks, p.cluster.machines), "seed": 0}
 
 
 STRATEGIES: dict[str, Callable[[Preset, float], Policy]] = {

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, read_user_file
 
 KINDS = ("hardware", "software", "network", "unknown")
 COLUMNS = ("time_hours", "kind", "machines", "note")
@@ -157,9 +157,4 @@ def parse_trace(text: str, path: str = "<trace>") -> Trace:
 
 
 def load_trace(path: str | Path) -> Trace:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read trace ({exc.strerror or exc})") from None
-    return parse_trace(text, str(path))
+    return parse_trace(read_user_file(path, "trace"), str(path))

@@ -161,3 +161,22 @@ def test_cli_replicas_that_do_not_fit_memory(cli):
     rc, out, err = cli("replay", "--synthetic", "poisson", "--preset", "gemini-paper", "--replicas", "60",
                        check_rc=2)
     assert "exceeds" in err or "GB missing" in err
+
+
+def test_replay_uses_the_configured_placement_under_rack_failures():
+    # gemini-paper has racks of 4; a failure that takes 4 machines takes a whole rack. Group placement keeps both
+    # copies of a checkpoint in one rack (remote storage needed); domain-aware puts them in different racks.
+    rack = Trace("r", (FailureEvent(5, "hardware", 4),), 10)
+    group = replay(rack, PAPER, "gemini")
+    aware_preset = dataclasses.replace(PAPER, recovery=dataclasses.replace(PAPER.recovery, placement="domain-aware"))
+    aware = replay(rack, aware_preset, "gemini")
+    assert group.outcomes[0].tier == "remote" and aware.outcomes[0].tier == "peer"
+    assert aware.wasted_s < group.wasted_s
+
+
+def test_placement_config_key_is_validated(tmp_path):
+    text = (config.resources.files("gemini_sim.presets") / "gemini-paper.toml").read_text()
+    f = tmp_path / "p.toml"
+    f.write_text(text.replace("replicas = 2", "replicas = 2\nplacement = \"hash\""))
+    with pytest.raises(config.UserError, match="recovery.placement"):
+        config.load_config(f)

@@ -1,0 +1,190 @@
+import json
+import math
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gemini_sim import comm, config, placement, recovery, topology
+from gemini_sim.errors import UserError
+
+STRATS = list(placement.STRATEGIES)
+
+
+def build_any(name, n, m, seed=0, domains=None):
+    return placement.build(name, n, m, seed=seed, domains=domains or m)
+
+
+def valid_cases(max_n=12):
+    for n in range(1, max_n + 1):
+        for m in range(1, min(n, 4) + 1):
+            for name in STRATS:
+                if name == "group" and n % m:
+                    continue
+                yield name, n, m
+
+
+def test_definitions_small():
+    assert placement.group(4, 2).holders == ((0, 1), (1, 0), (2, 3), (3, 2))
+    assert placement.ring(4, 3).holders[3] == (3, 0, 1)
+    # N=7, m=2: floor(7/2)-1 = 2 groups, then a ring over the last 2 + 1 = 3 machines.
+    mixed = placement.mixed(7, 2)
+    assert mixed.holders[:4] == ((0, 1), (1, 0), (2, 3), (3, 2))
+    assert mixed.holders[4:] == ((4, 5), (5, 6), (6, 4))
+    assert placement.mixed(8, 2).holders == placement.group(8, 2).holders
+
+
+@pytest.mark.parametrize("name, n, m", list(valid_cases()))
+def test_every_placement_is_valid_and_balanced(name, n, m):
+    p = build_any(name, n, m)
+    placement.validate(p)
+    assert all(hs[0] == i and len(set(hs)) == m for i, hs in enumerate(p.holders))
+    assert sorted(len(x) for x in p.stored_on()) == [m] * n
+
+
+@pytest.mark.parametrize("name, n, m", [c for c in valid_cases(11) if c[1] <= 11])
+def test_exact_matches_brute_force(name, n, m):
+    p = build_any(name, n, m, seed=n * 7 + m)
+    for k in range(n + 1):
+        exact = recovery.probability(p, k)
+        brute = Fraction(recovery.brute_force_safe(p, k), math.comb(n, k))
+        assert exact.method == "exact"
+        assert abs(exact.probability - float(brute)) <= 1e-12
+        assert exact.exact == brute
+
+
+def test_random_m2_uses_the_graph_count_on_large_clusters():
+    p = placement.build("random", 300, 2, seed=3)
+    r = recovery.probability(p, 12)
+    assert r.method == "exact" and 0 < r.probability < 1
+    mc = recovery.monte_carlo(p, lambda rng: rng.choice(300, 12, replace=False).tolist(), 40000, 1, 12)
+    assert mc.ci95[0] - 0.01 <= r.probability <= mc.ci95[1] + 0.01
+
+
+def test_random_m3_large_falls_back_to_labelled_monte_carlo():
+    p = placement.build("random", 200, 3, seed=0)
+    r = recovery.probability(p, 30, samples=2000)
+    assert r.method == "monte-carlo" and r.ci95[0] <= r.probability <= r.ci95[1]
+
+
+@pytest.mark.parametrize("n, m", [(n, m) for m in (2, 3, 4) for n in range(m, 41, m)])
+def test_paper_lower_bound_for_group(n, m):
+    p = placement.group(n, m)
+    for k in range(n + 1):
+        prob = recovery.probability(p, k).probability
+        assert prob >= recovery.paper_lower_bound(n, m, k) - 1e-12
+        if k < m:
+            assert prob == 1.0
+
+
+@pytest.mark.parametrize("n, m", [(n, m) for m in (2, 3, 4, 5) for n in range(m + 1, 40) if n % m])
+def test_mixed_within_papers_gap_of_optimal(n, m):
+    # With k = m failures, any placement fails on at least ceil(N/m) of the C(N, m) failure sets.
+    gap = Fraction(2 * m - 3, math.comb(n, m))
+    best_possible = 1 - recovery.optimal_failure_lower_bound(n, m)
+    mixed = recovery.probability(placement.mixed(n, m), m).exact
+    assert best_possible - mixed <= gap
+    assert mixed <= best_possible
+
+
+def test_group_is_optimal_when_m_divides_n():
+    for n, m in [(12, 2), (12, 3), (16, 4)]:
+        for k in range(n + 1):
+            g = recovery.probability(placement.group(n, m), k).probability
+            for other in ("ring", "random"):
+                assert g >= recovery.probability(build_any(other, n, m), k).probability - 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 60), m=st.integers(1, 5), name=st.sampled_from(["mixed", "ring", "domain-aware"]),
+       data=st.data())
+def test_probability_decreases_with_k_and_increases_with_m(n, m, name, data):
+    m = min(m, n)
+    probs = [recovery.probability(build_any(name, n, m), k).probability for k in range(n + 1)]
+    assert all(a >= b - 1e-12 for a, b in zip(probs, probs[1:]))
+    assert probs[0] == 1.0 and (probs[-1] == 0.0)
+    k = data.draw(st.integers(0, n))
+    if m < n:
+        assert recovery.probability(placement.mixed(n, m + 1), k).probability >= \
+            recovery.probability(placement.mixed(n, m), k).probability - 1e-12
+
+
+def test_expected_lost_checkpoints_matches_brute_force_and_is_placement_independent():
+    n, m, k = 9, 3, 5
+    for name in ("mixed", "ring", "random"):
+        p = build_any(name, n, m)
+        import itertools
+        total = sum(p.lost(c) for c in itertools.combinations(range(n), k))
+        assert total / math.comb(n, k) == pytest.approx(recovery.expected_lost_checkpoints(n, m, k), rel=1e-12)
+
+
+def test_domain_aware_spreads_replicas_over_domains():
+    n, m, d = 24, 3, 4
+    p = placement.build("domain-aware", n, m, domains=d)
+    dom = placement.domains_of(n, d)
+    assert all(len({dom[h] for h in hs}) == m for hs in p.holders)
+    # Under whole-rack bursts it beats mixed placement, whose groups sit inside one rack.
+    burst = recovery.burst_sampler(dom, 6)
+    aware = recovery.monte_carlo(p, burst, 4000, 0, 6)
+    plain = recovery.monte_carlo(placement.mixed(n, m), burst, 4000, 0, 6)
+    assert aware.ci95[0] > plain.ci95[1]
+
+
+def test_wilson_interval_covers_simple_cases():
+    lo, hi = recovery.wilson(50, 100)
+    assert lo < 0.5 < hi and hi - lo < 0.21
+    assert recovery.wilson(0, 10)[0] == 0.0
+
+
+def test_memory_check():
+    p = placement.mixed(16, 4)
+    assert placement.check_memory(p, 10e9, 100) == pytest.approx(40)
+    with pytest.raises(UserError, match="10.0 GB more"):
+        placement.check_memory(p, 10e9, 30)
+
+
+def test_communication_cost_and_link_loads():
+    preset = config.load_preset("gemini-paper")
+    g = topology.build(preset.cluster, preset.storage)
+    shard = preset.checkpoint_bytes_per_machine
+    for name in ("group", "ring", "domain-aware"):
+        c = comm.cost(build_any(name, 16, 3 if name != "group" else 2, domains=4), shard, g)
+        m = 3 if name != "group" else 2
+        assert all(s == pytest.approx((m - 1) * shard) for s in c.sent_bytes)
+        assert all(r == pytest.approx((m - 1) * shard) for r in c.received_bytes)
+    # Group placement with 4 machines per rack keeps traffic inside racks; domain-aware crosses the spine.
+    inside = comm.cost(placement.group(16, 2), shard, g)
+    across = comm.cost(placement.build("domain-aware", 16, 2, domains=4), shard, g)
+    assert not any("spine" in k for k in inside.link_bytes)
+    assert any("spine" in k for k in across.link_bytes)
+    assert inside.min_time_s == pytest.approx(shard / (400e9 / 8))
+
+
+def test_cli_placement(cli, tmp_path):
+    rc, out, err = cli("placement", "--machines", 16, "--replicas", 2, "--strategy", "group", "--failures", 3,
+                       "--json")
+    d = json.loads(out)
+    assert d["probability"] == pytest.approx(0.8) and d["method"] == "exact"
+    assert {"strategy", "machines", "replicas", "failures", "probability", "method"} <= set(d)
+    rc, out, err = cli("placement", "--machines", 16, "--replicas", 2, "--failures", "1-8", "--json",
+                       "--plot", tmp_path / "p.png")
+    rows = json.loads(out)
+    assert [r["failures"] for r in rows] == list(range(1, 9)) and (tmp_path / "p.png").stat().st_size > 0
+    rc, out, err = cli("placement", "--machines", 16, "--replicas", 4, "--strategy", "domain-aware", "--domains",
+                       4, "--bursts", "--failures", 4, "--json", "--samples", 500)
+    d = json.loads(out)
+    assert d["method"] == "monte-carlo" and len(d["ci95"]) == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--machines", 4, "--replicas", 5, "--failures", 1), "--replicas must be between"),
+    (("--machines", 4, "--replicas", 2, "--failures", 5), "exceeds --machines"),
+    (("--machines", 5, "--replicas", 2, "--failures", 2, "--strategy", "group"), "multiple of replicas"),
+    (("--machines", 5, "--replicas", 2, "--failures", 2, "--strategy", "hash"), "unknown placement strategy"),
+    (("--machines", 5, "--replicas", 2, "--failures", "3-1"), "empty"),
+    (("--machines", 5, "--replicas", 2, "--failures", 2, "--bursts"), "--bursts needs --domains"),
+])
+def test_cli_placement_errors(cli, args, needle):
+    rc, out, err = cli("placement", *args, check_rc=2)
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
