@@ -55,7 +55,30 @@ def bench_placement_exact():
              f"{secs * 1000:.1f} ms", "< 100 ms", "pass" if secs < 0.1 else "FAIL")]
 
 
-BENCHES = {"replay": bench_replay_year, "placement": bench_placement_exact}
+def bench_interleave():
+    import dataclasses
+
+    from gemini_sim import config, interleave
+
+    paper = config.load_preset("gemini-paper")
+    rows = []
+    for machines, target in ((16, 1.0), (128, 10.0)):
+        preset = dataclasses.replace(paper, cluster=dataclasses.replace(paper.cluster, machines=machines))
+        secs, res = best_of(lambda: interleave.simulate(preset, interleave.InterleaveConfig(schedule="gemini"),
+                                                        find_interval=False), repeats=2)
+        ev = res.sim_events
+        rows.append((f"interleave: one simulated iteration + profile, gemini schedule, {machines} machines "
+                     f"({res.flows:,} flows, {ev:,} rate recomputations, {ev / secs:,.0f}/s)",
+                     f"{secs:.2f} s", f"< {target:g} s", "pass" if secs < target else "FAIL"))
+    # Schedule comparison on the paper's preset, side by side in one run.
+    for s in interleave.SCHEDULES:
+        r = interleave.simulate(paper, interleave.InterleaveConfig(schedule=s))
+        rows.append((f"gemini-paper, schedule {s}: overhead {r.overhead_pct:.2f}%, checkpoint {r.checkpoint_time_s:.2f} s, "
+                     f"min interval {r.min_interval_iters} iteration(s)", "-", "-", "info"))
+    return rows
+
+
+BENCHES = {"replay": bench_replay_year, "placement": bench_placement_exact, "interleave": bench_interleave}
 
 
 def main():

@@ -133,3 +133,53 @@ def plot_trace(trace: Trace, ax=None):
     ax.set_title(f"{'Synthetic' if trace.synthetic else 'Real'} trace {trace.name}: {len(trace.events)} failures")
     ax.legend(fontsize=8)
     return fig or ax.figure
+
+
+def plot_gantt(result, machines: int = 4, ax=None, title: str = ""):
+    """Gantt chart of simulated iterations: compute, training collectives and checkpoint traffic per machine."""
+    fig = None
+    if ax is None:
+        fig = Figure(figsize=(11, 1.0 + 0.9 * min(machines, result.machines)), layout="constrained")
+        ax = fig.add_subplot()
+    run, tl = result.run, result.timeline
+    per = len(tl.ops)
+    compute = [(a, b - a) for i, a, b in run.op_spans if tl.ops[i % per].stream == "compute" and b > a]
+    shown = list(range(min(machines, result.machines)))
+    rows = []
+    for m in shown:
+        train = [(r.start, r.end - r.start) for r in run.records if r.tag and r.tag[0] == "train" and r.tag[2] == m]
+        d2h = [(r.start, r.end - r.start) for r in run.records if r.tag and r.tag[0] == "d2h" and r.tag[1] == m]
+        net = [(r.start, r.end - r.start) for r in run.records if r.tag and r.tag[0] == "ckpt" and r.tag[1] == m]
+        rows += [(f"m{m} compute", compute, "tab:green"), (f"m{m} collectives", train, "tab:blue"),
+                 (f"m{m} ckpt GPU->CPU", d2h, "tab:orange"), (f"m{m} ckpt send", net, "tab:red")]
+    for y, (label, bars, color) in enumerate(reversed(rows)):
+        ax.broken_barh(bars, (y + 0.1, 0.8), facecolors=color)
+    ax.set_yticks([y + 0.5 for y in range(len(rows))], [r[0] for r in reversed(rows)], fontsize=7)
+    upd = [a for i, a, b in run.op_spans if i % per == tl.update]
+    for u in upd:
+        ax.axvline(u, color="k", lw=0.8, ls=":")
+    ax.set_xlabel("time (s)")
+    ax.set_title(title or f"{result.schedule}: {result.interval} iteration(s), overhead {result.overhead_pct:.2f}%, "
+                          f"checkpoint done at {result.checkpoint_complete_s:.2f} s")
+    return fig or ax.figure
+
+
+def plot_link_utilization(result, machine: int = 0, ax=None):
+    """Share of machine ``machine``'s NIC (egress) bandwidth in use over time."""
+    fig = None
+    if ax is None:
+        fig = Figure(figsize=(9, 2.5), layout="constrained")
+        ax = fig.add_subplot()
+    log = result.run.link_rate_log
+    link = next((r.links[0] for r in result.run.records if r.tag and r.tag[0] == "train" and r.tag[2] == machine),
+                None)
+    if link is None:
+        return fig or ax.figure
+    cap = max(tot.get(link, 0) for _, tot in log) or 1.0
+    t = [x for x, _ in log]
+    u = [tot.get(link, 0.0) / cap for _, tot in log]
+    ax.step(t, u, where="post")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel(f"m{machine} NIC use")
+    return fig or ax.figure

@@ -1,0 +1,142 @@
+import dataclasses
+import json
+
+import pytest
+
+from gemini_sim import config, interleave, workload
+from gemini_sim.config import GBPS
+from gemini_sim.errors import UserError
+from gemini_sim.interleave import InterleaveConfig, simulate
+
+PAPER = config.load_preset("gemini-paper")
+
+
+def small(layers=6, gbps=400.0, machines=8, replicas=2, params=39e9):
+    """The paper's cluster, fewer layers and machines so that tests run fast (same per-layer shapes)."""
+    c = dataclasses.replace(PAPER.cluster, machines=machines, network_gbps=gbps)
+    m = dataclasses.replace(PAPER.model, layers=layers, parameters=params * layers / 48,
+                            global_batch_tokens=PAPER.model.global_batch_tokens * machines / 16)
+    return dataclasses.replace(PAPER, cluster=c, model=m, name="small").with_replicas(replicas)
+
+
+def profile_of(ops, machines=4):
+    return {"format": "gemini-sim-profile", "version": 1, "machines": machines,
+            "iterations": [{"start_s": 0, "end_s": ops[-1]["end_s"], "ops": ops}]}
+
+
+def test_lone_ring_collective_takes_its_bandwidth_term():
+    preset = small(machines=4)
+    nbytes = 4e9
+    prof = profile_of([{"kind": "collective", "name": "all_gather", "start_s": 0, "end_s": 0.1, "bytes": nbytes},
+                       {"kind": "compute", "name": "optimizer", "start_s": 0.1, "end_s": 0.2}])
+    tl = workload.from_profile(prof)
+    r = simulate(preset, InterleaveConfig(schedule="priority"), tl, find_interval=False)
+    expected = 3 / 4 * nbytes / (400 * GBPS) + 0.1
+    assert r.baseline_iteration_time_s == pytest.approx(expected, rel=1e-9)
+
+
+def test_zero3_timeline_shape():
+    preset = small(layers=5)
+    tl = workload.zero3(preset)
+    comm = [op for op in tl.ops if op.stream == "comm"]
+    assert sum(op.collective == "all_gather" for op in comm) == 10
+    assert sum(op.collective == "reduce_scatter" for op in comm) == 5
+    assert tl.ops[tl.update].name == "optimizer"
+    fwd = [op.duration_s for op in tl.ops if op.name.startswith("forward")]
+    bwd = [op.duration_s for op in tl.ops if op.name.startswith("backward")]
+    assert bwd[0] == pytest.approx(2 * fwd[0])
+    tokens = preset.model.global_batch_tokens / preset.cluster.gpus
+    assert fwd[0] == pytest.approx(2 * preset.model.parameters / 5 * tokens /
+                                   (preset.cluster.gpu_peak_tflops * 1e12 * preset.model.mfu))
+
+
+def test_blocking_adds_the_whole_checkpoint_to_the_iteration():
+    preset = small()
+    r = simulate(preset, InterleaveConfig(schedule="blocking"))
+    # PCIe (25 GB/s) is slower than the NIC (50 GB/s): the copy-out bounds the checkpoint; the last send follows.
+    d2h = preset.checkpoint_bytes_per_machine / (preset.cluster.pcie_gbps * GBPS)
+    last_send = 0.5 * 2 ** 30 / (preset.cluster.network_gbps * GBPS)
+    assert r.iteration_time_s - r.baseline_iteration_time_s == pytest.approx(d2h + last_send, rel=0.02)
+    assert r.overhead_pct > 1
+    # The interval that amortizes the stall under 1%:
+    assert r.min_interval_iters == pytest.approx(100 * (d2h + last_send) / r.baseline_iteration_time_s, abs=1.01)
+
+
+@pytest.mark.parametrize("schedule", ["gemini", "priority"])
+def test_checkpoint_every_iteration_for_free_when_idle_time_suffices(schedule):
+    r = simulate(small(), InterleaveConfig(schedule=schedule))
+    assert r.overhead_pct == pytest.approx(0, abs=0.05)
+    assert r.min_interval_iters == 1
+    assert r.checkpoint_complete_s < r.iteration_time_s
+
+
+def test_naive_costs_time_and_smart_schedules_do_not_cost_more():
+    preset = small(replicas=4)
+    res = {s: simulate(preset, InterleaveConfig(schedule=s, jitter=0.1), find_interval=False)
+           for s in interleave.SCHEDULES}
+    assert res["naive"].overhead_pct > 0.5
+    assert res["gemini"].overhead_pct <= res["naive"].overhead_pct
+    assert res["priority"].overhead_pct <= res["gemini"].overhead_pct + 1e-9
+    assert res["blocking"].overhead_pct >= res["priority"].overhead_pct
+
+
+def test_priority_never_slows_training_collectives():
+    preset = small(gbps=100)  # network-bound training: no idle span is long
+    base = simulate(preset, InterleaveConfig(schedule="priority"), find_interval=False)
+    train_end = max(b for i, a, b in base.run.op_spans)
+    assert train_end == pytest.approx(base.baseline_iteration_time_s, rel=1e-9)
+
+
+def test_network_bound_training_needs_a_longer_interval():
+    preset = small(gbps=100)
+    r = simulate(preset, InterleaveConfig(schedule="gemini"), max_interval=16)
+    assert r.overhead_pct > 1 and r.min_interval_iters is not None and r.min_interval_iters > 1
+    again = simulate(preset, InterleaveConfig(schedule="gemini", interval=r.min_interval_iters),
+                     find_interval=False)
+    assert again.overhead_pct <= 1.0
+
+
+def test_more_replicas_never_cost_less():
+    a = simulate(small(gbps=100), InterleaveConfig(schedule="naive"), find_interval=False)
+    b = simulate(small(gbps=100, replicas=3), InterleaveConfig(schedule="naive"), find_interval=False)
+    assert b.overhead_pct >= a.overhead_pct - 1e-9 and b.checkpoint_time_s > a.checkpoint_time_s
+
+
+def test_profile_round_trip_and_errors(tmp_path):
+    ops = [{"kind": "compute", "name": "forward", "start_s": 0, "end_s": 0.05},
+           {"kind": "collective", "name": "all_reduce", "start_s": 0.06, "end_s": 0.08, "bytes": 1e8},
+           {"kind": "compute", "name": "optimizer", "start_s": 0.08, "end_s": 0.09}]
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(profile_of(ops)))
+    tl = workload.from_profile(workload.load_profile(f))
+    assert [op.name for op in tl.ops] == ["forward", "host", "all_reduce", "optimizer"]
+    assert tl.ops[tl.update].name == "optimizer"
+    for bad, needle in [({"format": "x"}, "not a gemini-sim profile"),
+                        ({**profile_of(ops), "version": 9}, "version 9"),
+                        (profile_of([{**ops[1], "name": "shuffle"}]), "name must be one of"),
+                        (profile_of([{**ops[0], "end_s": -1}]), "end_s is before start_s")]:
+        f.write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=needle):
+            workload.load_profile(f)
+
+
+def test_bad_configs():
+    with pytest.raises(UserError, match="unknown schedule"):
+        InterleaveConfig(schedule="eager")
+    with pytest.raises(UserError, match="interval"):
+        InterleaveConfig(interval=0)
+    with pytest.raises(UserError, match="replicas"):
+        simulate(small(), InterleaveConfig(replicas=9))
+
+
+def test_cli_interleave_json(cli, tmp_path):
+    rc, out, err = cli("interleave", "--preset", "gemini-paper", "--schedule", "blocking", "--json",
+                       "--plot", tmp_path / "g.png")
+    d = json.loads(out)
+    for key in ("schedule", "iteration_time_s", "baseline_iteration_time_s", "overhead_pct", "checkpoint_time_s",
+                "min_interval_iters"):
+        assert key in d
+    assert d["schedule"] == "blocking" and d["overhead_pct"] > 1
+    assert (tmp_path / "g.png").stat().st_size > 0
+    rc, out, err = cli("interleave", "--schedule", "lazy", check_rc=2)
+    assert "unknown schedule" in err and err.count("\n") == 1
