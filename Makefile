@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/gemini-sim replay --trace traces/bloom176b.csv --preset gemini-paper --out out
+	$(BIN)/gemini-sim plan --trace traces/bloom176b.csv --preset gemini-paper -o out/plan.json --plot out/plan-pareto.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests --nbmake notebooks

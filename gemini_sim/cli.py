@@ -262,6 +262,83 @@ def cmd_interleave(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from . import optimizer, plan as plan_mod, workload
+
+    action = args.action or []
+    if action and action[0] in ("validate", "show"):
+        if len(action) != 2:
+            raise UserError(f"usage: gemini-sim plan {action[0]} PLAN.json")
+        data = plan_mod.read(action[1])
+        if action[0] == "validate":
+            print(f"{action[1]}: valid plan (schema v{data['schema_version']}, {data['cluster']['machines']} machines, "
+                  f"{data['placement']['strategy']} m={data['placement']['replicas']}, {data['schedule']['name']})")
+        else:
+            print(plan_mod.show(data))
+        return 0
+    if action:
+        raise UserError(f"unknown plan action {action[0]!r}; use 'validate FILE', 'show FILE', or options to optimize")
+    if not args.output:
+        raise UserError("give -o PLAN.json for the plan to write")
+    preset = _preset(args)
+    if args.trace and len(args.trace) > 1:
+        raise UserError("plan takes one --trace")
+    if not args.trace and not args.synthetic:
+        args.synthetic = "poisson"  # Llama 3's failure rate by default, labelled synthetic in the output
+    (trace,) = _traces(args, preset)
+    timeline = workload.from_profile(workload.load_profile(args.profile)) if args.profile else None
+    if args.processes_per_machine is not None and args.processes_per_machine < 1:
+        raise UserError(f"--processes-per-machine must be >= 1, got {args.processes_per_machine}")
+    from tqdm import tqdm
+
+    names = args.schedules.split(",") if args.schedules else None
+    from .interleave import SCHEDULES
+    for s in names or []:
+        if s not in SCHEDULES:
+            from .errors import unknown_name
+            raise unknown_name("schedule", s, SCHEDULES)
+    total = len(names or SCHEDULES) * 4
+    with tqdm(total=total, desc="plan", unit="sim", disable=not sys.stderr.isatty() or None, leave=False) as bar:
+        res = optimizer.optimize(
+            preset, trace, args.max_overhead, processes_per_machine=args.processes_per_machine, schedules=names,
+            replicas=[args.replicas] if args.replicas else None, timeline=timeline, seed=args.seed,
+            progress=bar.update,
+            config_sha256=plan_mod.sha256_of(args.config) if args.config else "",
+            trace_sha256=plan_mod.sha256_of(args.trace[0]) if args.trace else "")
+    plan_mod.write(res.plan, args.output)
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        optimizer.plot_pareto(res, title=f"Plan candidates: {preset.name}, trace {trace.name}").savefig(args.plot,
+                                                                                                         dpi=120)
+    if args.json:
+        print(json.dumps({"best": res.best.as_dict(), "pareto": [c.as_dict() for c in res.pareto],
+                          "candidates": len(res.candidates), "plan": str(args.output)}, indent=2))
+        return 0
+    print(f"{len(res.candidates)} candidates for {preset.name} on {'SYNTHETIC ' if trace.synthetic else ''}"
+          f"trace {trace.name}, overhead limit {args.max_overhead:g}%; Pareto front (wasted hours, overhead, memory):")
+    print(report.format_table(optimizer.TABLE_HEADERS, optimizer.table_rows(res.pareto)))
+    b = res.best
+    print(f"\nbest: {b.placement} placement, m={b.replicas}, {b.schedule} schedule, checkpoint every "
+          f"{b.interval_iters} iteration(s): {b.wasted_hours:.3f} wasted hours expected, overhead "
+          f"{b.overhead_pct:.3f}%, {b.memory_gb_per_machine:.1f} GB CPU memory per machine")
+    print(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from . import sweep
+
+    rows, ran, skipped = sweep.run_sweep(args.spec, args.out, args.scheduler, args.workers,
+                                         progress=sys.stderr.isatty())
+    failed = [r for r in rows if r.get("status") != "ok"]
+    print(f"{len(rows)} cells in {args.out}/results.csv ({ran} run now, {skipped} already done, {len(failed)} failed); "
+          f"plot {args.out}/sweep.png")
+    for r in failed[:10]:
+        params = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("status", "error") and v not in ("", None))
+        print(f"  failed: {params}: {r['error']}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gemini-sim", description="Simulate in-memory checkpointing and failure recovery "
                                                     "(GEMINI, SOSP 2023).")
@@ -314,6 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", metavar="FILE", help="Gantt chart of the simulated iteration(s)")
     p.set_defaults(func=cmd_interleave)
+
+    p = sub.add_parser("plan", help="optimize a plan (-o FILE), or 'plan validate FILE' / 'plan show FILE'")
+    p.add_argument("action", nargs="*", help="validate FILE | show FILE (default: optimize)")
+    _add_trace_args(p, required=False)
+    _add_preset_args(p)
+    p.add_argument("--profile", metavar="FILE", help="measured timeline (profile JSON) for the interleaving model")
+    p.add_argument("--max-overhead", type=float, default=1.0, help="iteration overhead limit in %% (default 1)")
+    p.add_argument("--schedules", help="comma-separated schedules to consider (default all)")
+    p.add_argument("--processes-per-machine", type=int, help="ranks per machine (default: GPUs per machine)")
+    p.add_argument("-o", "--output", metavar="PLAN.json")
+    p.add_argument("--plot", metavar="FILE", help="plot the candidates and the Pareto front")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("sweep", help="run a grid of replays / placements / interleavings on Dask")
+    p.add_argument("spec", metavar="SPEC.toml")
+    p.add_argument("--out", default="out/sweep", help="output folder (default out/sweep)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (default: a local cluster)")
+    p.add_argument("--workers", type=int, help="local cluster workers (default: up to 2)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("synth", help="write a synthetic failure trace as CSV")
     _add_trace_args(p)

@@ -23,6 +23,7 @@ Schedules (registry :data:`SCHEDULES`):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -127,8 +128,11 @@ class _Iteration:
     one checkpoint (of the state before the first update) when ``with_checkpoint``."""
 
     def __init__(self, preset: Preset, timeline: Timeline, cfg: InterleaveConfig, plan=None, with_checkpoint=True,
-                 iterations: int | None = None):
+                 iterations: int | None = None, full: Preset | None = None):
         self.preset, self.tl, self.cfg = preset, timeline, cfg
+        full = full or preset
+        self.shard_bytes = full.checkpoint_bytes_per_machine
+        self.ring_n = full.cluster.machines
         self.k = iterations or cfg.interval
         self.env = simpy.Environment()
         self.cluster = _Cluster(preset, cfg.oversubscription)
@@ -185,7 +189,7 @@ class _Iteration:
             self.ended[idx].succeed()
 
     def _collective(self, idx, op):
-        per = ring_bytes_per_machine(op, self.n)
+        per = ring_bytes_per_machine(op, self.ring_n)
         if per <= 0:
             return
         flows = [(self.cluster.path(i, (i + 1) % self.n), per, ("train", idx, i)) for i in range(self.n)]
@@ -195,7 +199,7 @@ class _Iteration:
     # -- checkpoint pipeline (shared by every schedule) -----------------------------------------------------------
     @property
     def shard(self) -> float:
-        return self.preset.checkpoint_bytes_per_machine
+        return self.shard_bytes
 
     @property
     def chunk(self) -> float:
@@ -325,17 +329,17 @@ def idle_spans(run: IterationRun, link, until: float) -> list[tuple[float, float
     return [(a, b) for a, b in spans if b - a > 1e-9]
 
 
-def plan_gemini(preset: Preset, profile: IterationRun, cluster: _Cluster, pl, cfg: InterleaveConfig):
+def plan_gemini(shard: float, profile: IterationRun, cluster: _Cluster, pl, cfg: InterleaveConfig):
     """GEMINI's plan: each machine's sends packed, in chunks of at most half the staging buffer, into the idle spans
     of its NIC in the profiled iteration (repeated over the interval's K iterations); the rest is released when the
     interval's last backward pass ends."""
-    chunk_max = min(cfg.buffer_bytes / 2, preset.checkpoint_bytes_per_machine)
+    chunk_max = min(cfg.buffer_bytes / 2, shard)
     min_chunk = min(chunk_max, 1 << 20)
     period = profile.iteration_s
     plans = []
     for i in range(cluster.n):
         peers = pl.holders[i][1:]
-        left = preset.checkpoint_bytes_per_machine
+        left = shard
         if not peers:
             plans.append([])
             continue
@@ -382,9 +386,11 @@ class InterleaveResult:
     checkpoint_bytes_per_machine: float
     sim_events: int
     flows: int
+    simulated_machines: int  # < machines when a symmetric slice stood in for the cluster
     run: IterationRun = field(repr=False, compare=False)
     baseline: IterationRun = field(repr=False, compare=False)
     timeline: Timeline = field(repr=False, compare=False)
+    spans: tuple = field(default=(), repr=False, compare=False)  # gemini: (start, end, bytes) of machine 0
 
     @property
     def overhead_pct(self) -> float:
@@ -399,11 +405,32 @@ class InterleaveResult:
                 "overhead_threshold_pct": self.overhead_threshold_pct,
                 "idle_network_s": self.idle_network_s, "baseline_idle_network_s": self.baseline_idle_network_s,
                 "checkpoint_gb_per_machine": self.checkpoint_bytes_per_machine / 1e9,
-                "timeline": self.timeline.source, "sim_events": self.sim_events, "flows": self.flows}
+                "timeline": self.timeline.source, "simulated_machines": self.simulated_machines, "sim_events": self.sim_events, "flows": self.flows}
 
 
-def _simulate(preset, timeline, cfg, plan=None, with_checkpoint=True, iterations=None) -> IterationRun:
-    return _Iteration(preset, timeline, cfg, plan, with_checkpoint, iterations).run()
+def _simulate(preset, timeline, cfg, plan=None, with_checkpoint=True, iterations=None, full=None) -> IterationRun:
+    return _Iteration(preset, timeline, cfg, plan, with_checkpoint, iterations, full).run()
+
+
+SLICE = 16  # machines simulated when a larger cluster is symmetric
+
+
+def symmetric_slice(preset: Preset, cfg: InterleaveConfig) -> Preset:
+    """A 16-machine stand-in for a large cluster whose machines all see the same traffic.
+
+    With a non-blocking fabric, every machine of a ring collective sends the same bytes to its successor over its
+    own NIC, and every machine sends its shard to m-1 peers: each machine's NIC and PCIe carry the same flows
+    whatever N is. So we simulate a slice of 16 machines (full ring bytes, full shard) and lose nothing. With an
+    oversubscribed spine, traffic between racks couples machines, and we simulate the whole cluster."""
+    n = preset.cluster.machines
+    replicas = cfg.replicas or preset.recovery.replicas
+    if n <= 2 * SLICE or cfg.oversubscription > 1 or replicas > SLICE:
+        return preset
+    size = SLICE - SLICE % replicas  # keep group placement possible in the slice
+    per_rack = preset.cluster.machines_per_rack
+    cluster = dataclasses.replace(preset.cluster, machines=size,
+                                  machines_per_rack=min(per_rack, size) if per_rack else 0)
+    return dataclasses.replace(preset, cluster=cluster)
 
 
 def _mean_idle(run: IterationRun, cluster: _Cluster, until: float) -> float:
@@ -426,8 +453,6 @@ def _mean_idle(run: IterationRun, cluster: _Cluster, until: float) -> float:
 def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timeline: Timeline | None = None,
              threshold_pct: float = 1.0, find_interval: bool = True, max_interval: int = 32) -> InterleaveResult:
     """Simulate ``cfg.interval`` iterations without and with one checkpoint under ``cfg.schedule``."""
-    import dataclasses
-
     timeline = timeline or zero3(preset)
     if timeline.machines != preset.cluster.machines:
         raise UserError(f"the timeline is for {timeline.machines} machines but the preset has "
@@ -435,17 +460,22 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
     replicas = cfg.replicas or preset.recovery.replicas
     if not 1 <= replicas <= preset.cluster.machines:
         raise UserError(f"replicas ({replicas}) must be between 1 and machines ({preset.cluster.machines})")
+    full, preset = preset, symmetric_slice(preset, cfg)
     # The profile GEMINI plans with: one iteration without checkpoint traffic, with other jitter draws than the run.
     profile = _simulate(preset, timeline, dataclasses.replace(cfg, seed=cfg.seed + 1), with_checkpoint=False,
-                        iterations=1)
+                        iterations=1, full=full)
     cluster = _Cluster(preset, cfg.oversubscription)
     pl = build_placement(preset, cfg)
 
+    plans: dict = {}
+
     def run_with(k: int) -> tuple[IterationRun, IterationRun]:
         c = dataclasses.replace(cfg, interval=k)
-        plan = plan_gemini(preset, profile, cluster, pl, c) if cfg.schedule == "gemini" else None
-        base = _simulate(preset, timeline, c, with_checkpoint=False) if (cfg.jitter or k > 1) else profile
-        return _simulate(preset, timeline, c, plan), base
+        plan = (plan_gemini(full.checkpoint_bytes_per_machine, profile, cluster, pl, c)
+                if cfg.schedule == "gemini" else None)
+        plans[k] = plan
+        base = _simulate(preset, timeline, c, with_checkpoint=False, full=full) if (cfg.jitter or k > 1) else profile
+        return _simulate(preset, timeline, c, plan, full=full), base
 
     run, base = run_with(cfg.interval)
     min_k = None
@@ -453,11 +483,11 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
         # One stall per checkpoint, amortized over the interval: closed form from the measured stall.
         stall = run.iteration_s * cfg.interval - base.iteration_s * cfg.interval
         need = math.ceil(100 * stall / (threshold_pct * base.iteration_s) - 1e-9) if threshold_pct > 0 else 0
-        min_k = max(1, need) if threshold_pct > 0 else None
+        min_k = max(1, need) if threshold_pct > 0 and need <= max_interval else None
     elif find_interval:
         min_k = _min_interval(run_with, threshold_pct, max_interval)
     return InterleaveResult(
-        schedule=cfg.schedule, preset=preset.name, machines=preset.cluster.machines, replicas=replicas,
+        schedule=cfg.schedule, preset=full.name, machines=full.cluster.machines, replicas=replicas,
         interval=cfg.interval, iteration_time_s=run.iteration_s, baseline_iteration_time_s=base.iteration_s,
         checkpoint_time_s=(run.checkpoint_complete_s - run.checkpoint_start_s) if run.checkpoint_start_s is not None
         else 0.0,
@@ -465,9 +495,21 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
         overhead_threshold_pct=threshold_pct,
         idle_network_s=_mean_idle(run, cluster, run.iteration_s * cfg.interval) / cfg.interval,
         baseline_idle_network_s=_mean_idle(base, cluster, base.iteration_s * cfg.interval) / cfg.interval,
-        checkpoint_bytes_per_machine=preset.checkpoint_bytes_per_machine,
+        checkpoint_bytes_per_machine=full.checkpoint_bytes_per_machine, simulated_machines=preset.cluster.machines,
         sim_events=run.sim_events + profile.sim_events, flows=run.flows, run=run, baseline=base,
-        timeline=timeline)
+        timeline=timeline, spans=_spans_of(plans.get(cfg.interval), profile, cluster, pl))
+
+
+def _spans_of(plan, profile: IterationRun, cluster: _Cluster, pl) -> tuple:
+    """Machine 0's idle spans in the profiled iteration with the bytes the gemini plan puts in each."""
+    if plan is None or not plan or len(pl.holders[0]) < 2:
+        return ()
+    link = cluster.path(0, pl.holders[0][1])[0]
+    out = []
+    planned = {round(start, 12): sum(sizes) for start, sizes in plan[0]}
+    for a, b in idle_spans(profile, link, profile.update_start_s):
+        out.append((a, b, planned.get(round(a, 12), 0.0)))
+    return tuple(out)
 
 
 def _overhead(pair) -> float:

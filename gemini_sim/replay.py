@@ -146,7 +146,7 @@ class _Job:
     """The training job as SimPy processes: one that trains and recovers, one that injects the trace's failures."""
 
     def __init__(self, env: simpy.Environment, trace: Trace, preset: Preset, pol: Policy, seed: int,
-                 progress: Callable[[int], None] | None):
+                 progress: Callable[[int], None] | None, random_phase: bool = False):
         self.env, self.trace, self.preset, self.pol = env, trace, preset, pol
         self.rng = np.random.default_rng(seed)
         self.n = preset.cluster.machines
@@ -154,6 +154,10 @@ class _Job:
         self.clocks = {"remote": _TierClock(pol.remote)}
         if pol.memory is not None:
             self.clocks["memory"] = _TierClock(pol.memory)
+        if random_phase:  # start each schedule at a random point of its cycle (an expectation over phases)
+            for clock in self.clocks.values():
+                if math.isfinite(clock.tier.interval_s):
+                    clock.debt = float(self.rng.uniform(0, clock.tier.interval_s))
         self.placement = (placement_mod.build(pol.placement, self.n, pol.replicas, **placement_options(preset))
                           if pol.placement and pol.replicas > 1 else None)
         per_rack = preset.cluster.machines_per_rack
@@ -283,11 +287,14 @@ class _CountingEnvironment(simpy.Environment):
 
 
 def replay(trace: Trace, preset: Preset, strategy: str | Policy, seed: int = 0,
-           progress: Callable[[int], None] | None = None) -> ReplayResult:
-    """Replay ``trace`` on ``preset`` under one strategy (a registry name or a ready :class:`Policy`)."""
+           progress: Callable[[int], None] | None = None, random_phase: bool = False) -> ReplayResult:
+    """Replay ``trace`` on ``preset`` under one strategy (a registry name or a ready :class:`Policy`).
+
+    ``random_phase`` starts every checkpoint schedule at a random point of its cycle (drawn with ``seed``): averaged
+    over seeds, that estimates the expected waste on a short trace, where one fixed phase would be noise."""
     pol = strategy if isinstance(strategy, Policy) else make_policy(strategy, preset, trace.mtbf_h * 3600)
     env = _CountingEnvironment()
-    job = _Job(env, trace, preset, pol, seed, progress)
+    job = _Job(env, trace, preset, pol, seed, progress, random_phase)
     env.run()
     return ReplayResult(
         strategy=pol.strategy, description=pol.description, preset=preset.name, trace=trace.name,

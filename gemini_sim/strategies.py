@@ -90,24 +90,33 @@ def async_remote(p: Preset, mtbf_s: float) -> Policy:
 
 
 def gemini(p: Preset, mtbf_s: float) -> Policy:
-    from . import placement
-
     m = p.recovery.replicas
-    n = p.cluster.machines
     # Pipelined: the GPU-to-CPU copy of one chunk overlaps the network transfer of the previous one, and the m-1
     # peer copies share the machine's NIC.
     t_ckpt = max(p.gpu_to_cpu_s, (m - 1) * p.peer_transfer_s)
     interval = _round_to_iterations(max(t_ckpt, p.iteration_time_s), p.iteration_time_s)
+    return memory_policy(p, interval, t_ckpt, 0.0, p.iteration_time_s)
+
+
+def memory_policy(p: Preset, interval_s: float, complete_s: float, stall_s: float, t_iter: float,
+                  name: str = "gemini") -> Policy:
+    """In-memory checkpoints on the machine and its m-1 peers (the preset's replicas and placement) every
+    ``interval_s``, each usable ``complete_s`` after it starts and stalling training ``stall_s``; remote storage
+    every ``gemini_persist_interval_hours`` from CPU memory. The optimizer fills these in from the interleaving
+    simulation."""
+    from . import placement
+
+    m, n = p.recovery.replicas, p.cluster.machines
     strategy = p.recovery.placement
     if strategy == "auto":
         strategy = "group" if n % m == 0 else "mixed"
     placement.build(strategy, n, m, **placement_options(p))  # validates m against N
     persist = p.storage.gemini_persist_interval_hours * 3600
-    return Policy("gemini", remote=Tier(persist, t_ckpt + p.remote_write_s, 0.0),
-                  memory=Tier(interval, t_ckpt, 0.0), replicas=m, placement=strategy,
+    return Policy(name, remote=Tier(persist, complete_s + p.remote_write_s, 0.0),
+                  memory=Tier(interval_s, complete_s, stall_s), replicas=m, placement=strategy,
                   retrieve_local_s=p.gpu_to_cpu_s, retrieve_peer_s=p.peer_transfer_s + p.gpu_to_cpu_s,
                   retrieve_remote_s=p.remote_write_s,
-                  description=f"CPU memory x{m} ({strategy}) every {interval / p.iteration_time_s:.0f} iteration(s), "
+                  description=f"CPU memory x{m} ({strategy}) every {interval_s / t_iter:.0f} iteration(s), "
                               f"remote every {p.storage.gemini_persist_interval_hours:g} h")
 
 

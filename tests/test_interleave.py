@@ -140,3 +140,15 @@ def test_cli_interleave_json(cli, tmp_path):
     assert (tmp_path / "g.png").stat().st_size > 0
     rc, out, err = cli("interleave", "--schedule", "lazy", check_rc=2)
     assert "unknown schedule" in err and err.count("\n") == 1
+
+
+def test_symmetric_slice_matches_the_full_cluster(monkeypatch):
+    preset = small(machines=48, layers=3)
+    sliced = {s: simulate(preset, InterleaveConfig(schedule=s), find_interval=False) for s in ("naive", "gemini")}
+    assert all(r.simulated_machines == 16 for r in sliced.values())
+    monkeypatch.setattr(interleave, "SLICE", 10 ** 6)
+    for s, a in sliced.items():
+        b = simulate(preset, InterleaveConfig(schedule=s), find_interval=False)
+        assert b.simulated_machines == 48
+        assert a.iteration_time_s == pytest.approx(b.iteration_time_s, rel=1e-9)
+        assert a.checkpoint_complete_s == pytest.approx(b.checkpoint_complete_s, rel=1e-9)

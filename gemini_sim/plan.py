@@ -1,0 +1,172 @@
+"""The Plan: a versioned JSON contract between the simulator and the runtime.
+
+``gemini_sim/schema/plan-v1.schema.json`` is the schema; every plan that is read is validated against it (errors
+name the JSON path and what was expected), then checked for consistency (holders index real machines, ranks map to
+machines, intervals fit together). A plan with an unknown future ``schema_version`` is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from importlib import metadata, resources
+from pathlib import Path
+
+import jsonschema
+
+from .errors import UserError, read_user_file
+
+SCHEMA_VERSION = 1
+RULES = {"blocking": "after-update", "naive": "at-start", "gemini": "idle-spans", "priority": "low-priority"}
+
+
+def schema(version: int = SCHEMA_VERSION) -> dict:
+    return json.loads(resources.files("gemini_sim.schema").joinpath(f"plan-v{version}.schema.json").read_text())
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("gemini-sim")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _path(error: jsonschema.ValidationError) -> str:
+    out = "$"
+    for part in error.absolute_path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def validate(data, where: str = "plan") -> dict:
+    """Validate parsed JSON against the schema and the plan's own consistency rules; return it."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: a plan must be a JSON object")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"{where}: $.schema_version: expected an integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise UserError(f"{where}: schema_version {version} is newer than this gemini-sim understands "
+                        f"({SCHEMA_VERSION}); upgrade gemini-sim")
+    if version < 1:
+        raise UserError(f"{where}: $.schema_version: unknown version {version}")
+    validator = jsonschema.Draft202012Validator(schema(version))
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
+    if errors:
+        e = errors[0]
+        raise UserError(f"{where}: {_path(e)}: {e.message}")
+    _check_consistency(data, where)
+    return data
+
+
+def _check_consistency(d: dict, where: str) -> None:
+    c, p, k = d["cluster"], d["placement"], d["checkpoint"]
+    n, ppm = c["machines"], c["processes_per_machine"]
+    ranks = c["rank_to_machine"]
+    if len(ranks) != n * ppm:
+        raise UserError(f"{where}: $.cluster.rank_to_machine: has {len(ranks)} ranks, expected machines x "
+                        f"processes_per_machine = {n * ppm}")
+    for r, m in enumerate(ranks):
+        if m >= n:
+            raise UserError(f"{where}: $.cluster.rank_to_machine[{r}]: machine {m} does not exist ({n} machines)")
+    counts = [ranks.count(m) for m in range(n)]
+    if any(x != ppm for x in counts):
+        raise UserError(f"{where}: $.cluster.rank_to_machine: every machine must run {ppm} ranks")
+    holders = p["holders"]
+    if len(holders) != n:
+        raise UserError(f"{where}: $.placement.holders: has {len(holders)} entries, expected one per machine ({n})")
+    if p["replicas"] > n:
+        raise UserError(f"{where}: $.placement.replicas: {p['replicas']} exceeds machines ({n})")
+    for i, hs in enumerate(holders):
+        if hs[0] != i:
+            raise UserError(f"{where}: $.placement.holders[{i}]: must start with machine {i} itself")
+        if len(hs) != p["replicas"] or len(set(hs)) != len(hs):
+            raise UserError(f"{where}: $.placement.holders[{i}]: expected {p['replicas']} distinct machines")
+        if any(h >= n for h in hs):
+            raise UserError(f"{where}: $.placement.holders[{i}]: machine index out of range (0..{n - 1})")
+    if k["persist_interval_iters"] % k["interval_iters"]:
+        raise UserError(f"{where}: $.checkpoint.persist_interval_iters: must be a multiple of interval_iters "
+                        f"({k['interval_iters']})")
+    sched = d["schedule"]
+    if sched["chunk_bytes"] > sched["buffer_bytes"]:
+        raise UserError(f"{where}: $.schedule.chunk_bytes: larger than the staging buffer")
+    for j, span in enumerate(sched.get("spans", [])):
+        if span["end_s"] < span["start_s"]:
+            raise UserError(f"{where}: $.schedule.spans[{j}]: end_s is before start_s")
+    if "peer" in d["recovery"]["order"] and p["replicas"] < 2:
+        raise UserError(f"{where}: $.recovery.order: 'peer' needs placement.replicas >= 2")
+
+
+def read(path) -> dict:
+    text = read_user_file(path, "plan")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    return validate(data, str(path))
+
+
+def write(data: dict, path) -> None:
+    validate(data, "plan to write")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def make(*, machines: int, processes_per_machine: int, placement_strategy: str, holders, schedule: str,
+         chunk_bytes: int, buffer_bytes: int, interval_iters: int, persist_interval_iters: int,
+         spans=None, preset: str = "", config_sha256: str = "", trace_sha256: str = "", predicted=None,
+         keep: int = 2) -> dict:
+    replicas = len(holders[0])
+    persist = max(interval_iters, persist_interval_iters - persist_interval_iters % interval_iters)
+    d = {
+        "schema_version": SCHEMA_VERSION,
+        "cluster": {"machines": machines, "processes_per_machine": processes_per_machine,
+                    "rank_to_machine": [r // processes_per_machine for r in range(machines * processes_per_machine)]},
+        "placement": {"strategy": placement_strategy, "replicas": replicas, "holders": [list(h) for h in holders]},
+        "schedule": {"name": schedule, "chunk_bytes": int(chunk_bytes), "buffer_bytes": int(buffer_bytes),
+                     "rule": RULES.get(schedule, "at-start")},
+        "checkpoint": {"interval_iters": interval_iters, "persist_interval_iters": persist, "keep": keep},
+        "recovery": {"order": ["local", "peer", "storage"] if replicas > 1 else ["local", "storage"]},
+        "provenance": {"tool": "gemini-sim", "version": tool_version(),
+                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    }
+    if preset:
+        d["cluster"]["preset"] = preset
+    if spans is not None:
+        d["schedule"]["spans"] = [{"start_s": a, "end_s": b, "bytes": nb} for a, b, nb in spans]
+    for key, value in (("config_sha256", config_sha256), ("trace_sha256", trace_sha256)):
+        if value:
+            d["provenance"][key] = value
+    if predicted:
+        d["provenance"]["predicted"] = predicted
+    return d
+
+
+def show(d: dict) -> str:
+    c, p, s, k = d["cluster"], d["placement"], d["schedule"], d["checkpoint"]
+    pred = d["provenance"].get("predicted", {})
+    lines = [
+        f"gemini-sim plan, schema v{d['schema_version']}, made by {d['provenance']['tool']} "
+        f"{d['provenance']['version']} on {d['provenance']['created']}",
+        f"cluster:    {c['machines']} machines x {c['processes_per_machine']} processes"
+        + (f" (preset {c['preset']})" if c.get("preset") else ""),
+        f"placement:  {p['strategy']}, {p['replicas']} copies of every machine's checkpoint in CPU memory",
+    ]
+    groups = ", ".join("{" + ",".join(map(str, h)) + "}" for h in p["holders"][:6])
+    lines.append(f"            holders: {groups}{' ...' if len(p['holders']) > 6 else ''}")
+    lines.append(f"schedule:   {s['name']} (rule {s['rule']}), chunks of {s['chunk_bytes'] / 2**20:.0f} MiB through a "
+                 f"{s['buffer_bytes'] / 2**20:.0f} MiB staging buffer"
+                 + (f", {len(s['spans'])} idle spans" if s.get("spans") else ""))
+    lines.append(f"checkpoint: every {k['interval_iters']} iteration(s) to CPU memory, every "
+                 f"{k['persist_interval_iters']} to durable storage, keep {k['keep']}")
+    lines.append(f"recovery:   {' -> '.join(d['recovery']['order'])}")
+    if pred:
+        lines.append("predicted:  " + ", ".join(f"{key} {val:.4g}" if isinstance(val, float) else f"{key} {val}"
+                                               for key, val in pred.items() if not isinstance(val, dict)))
+    return "\n".join(lines)

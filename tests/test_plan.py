@@ -1,0 +1,180 @@
+import copy
+import dataclasses
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT, TRACES
+from gemini_sim import config, optimizer, placement, plan, traces
+from gemini_sim.errors import UserError
+from gemini_sim.synthetic import SyntheticSpec, generate
+
+PAPER = config.load_preset("gemini-paper")
+
+
+def small_preset(machines=8, layers=4):
+    c = dataclasses.replace(PAPER.cluster, machines=machines)
+    m = dataclasses.replace(PAPER.model, layers=layers, parameters=39e9 * layers / 48,
+                            global_batch_tokens=PAPER.model.global_batch_tokens * machines / 16)
+    return dataclasses.replace(PAPER, cluster=c, model=m, name="small")
+
+
+def a_plan(**kw):
+    base = dict(machines=4, processes_per_machine=2, placement_strategy="group",
+                holders=placement.group(4, 2).holders, schedule="gemini", chunk_bytes=1 << 20,
+                buffer_bytes=1 << 21, interval_iters=1, persist_interval_iters=100,
+                spans=[(0.1, 0.2, 5e5)], predicted={"overhead_pct": 0.0})
+    return plan.make(**{**base, **kw})
+
+
+def test_round_trip(tmp_path):
+    d = a_plan()
+    plan.write(d, tmp_path / "p.json")
+    assert plan.read(tmp_path / "p.json") == d
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 24), m=st.integers(1, 4), ppm=st.integers(1, 8), k=st.integers(1, 10),
+       persist=st.integers(1, 5000), schedule=st.sampled_from(list(plan.RULES)),
+       strategy=st.sampled_from(["mixed", "ring", "random"]))
+def test_round_trip_property(tmp_path_factory, n, m, ppm, k, persist, schedule, strategy):
+    m = min(m, n)
+    pl = placement.build(strategy, n, m)
+    d = plan.make(machines=n, processes_per_machine=ppm, placement_strategy=strategy, holders=pl.holders,
+                  schedule=schedule, chunk_bytes=1000, buffer_bytes=2000, interval_iters=k,
+                  persist_interval_iters=persist)
+    path = tmp_path_factory.mktemp("p") / "plan.json"
+    plan.write(d, path)
+    again = plan.read(path)
+    assert again == d
+    assert again["checkpoint"]["persist_interval_iters"] % k == 0
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda d: d.pop("cluster"), "$: 'cluster' is a required property"),
+    (lambda d: d["checkpoint"].update(interval_iters=0), "$.checkpoint.interval_iters: 0 is less than the minimum"),
+    (lambda d: d["schedule"].update(rule="whenever"), "$.schedule.rule"),
+    (lambda d: d["placement"]["holders"][1].__setitem__(0, 0), "$.placement.holders[1]: must start with machine 1"),
+    (lambda d: d["placement"]["holders"][2].__setitem__(1, 9), "$.placement.holders[2]: machine index out of range"),
+    (lambda d: d["cluster"]["rank_to_machine"].pop(), "$.cluster.rank_to_machine: has 7 ranks"),
+    (lambda d: d["checkpoint"].update(persist_interval_iters=3, interval_iters=2), "multiple of interval_iters"),
+    (lambda d: d.update(extra=1), "Additional properties are not allowed"),
+    (lambda d: d["placement"].update(replicas="two"), "$.placement.replicas: 'two' is not of type 'integer'"),
+    (lambda d: d.update(schema_version=2), "schema_version 2 is newer"),
+    (lambda d: d.update(schema_version="1"), "$.schema_version: expected an integer"),
+])
+def test_schema_errors_name_the_path(mutate, needle):
+    d = copy.deepcopy(a_plan())
+    mutate(d)
+    with pytest.raises(UserError) as exc:
+        plan.validate(d, "p.json")
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_invalid_json_file(tmp_path, cli):
+    f = tmp_path / "p.json"
+    f.write_text("{not json")
+    rc, out, err = cli("plan", "validate", f, check_rc=2)
+    assert "invalid JSON at line 1" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def optimized():
+    trace = generate(SyntheticSpec("poisson", mtbf_hours=2000, days=60, machines=8, seed=1))
+    return optimizer.optimize(small_preset(), trace, 1.0, schedules=["blocking", "naive", "gemini"],
+                              replicas=[1, 2, 4])
+
+
+def test_optimizer_choice_is_at_least_as_good_as_every_candidate(optimized):
+    best = optimized.best
+    assert best.feasible
+    for c in optimized.candidates:
+        if c.feasible:
+            assert best.rank <= c.rank
+    assert best in optimized.pareto
+    # Pareto: no front member is dominated by any candidate
+    for f in optimized.pareto:
+        assert not any(all(a <= b for a, b in zip(c.key, f.key)) and c.key != f.key for c in optimized.candidates)
+
+
+def test_optimizer_rejects_over_the_limit(optimized):
+    for c in optimized.candidates:
+        assert c.feasible == (c.overhead_pct <= 1.0 + 1e-9 and c.reason != "memory")
+    assert any(c.reason == "overhead" for c in optimized.candidates)  # blocking every iteration costs > 1%
+
+
+def test_optimized_plan_is_valid_and_consistent(optimized):
+    d = plan.validate(optimized.plan)
+    b = optimized.best
+    assert d["placement"]["replicas"] == b.replicas and d["schedule"]["name"] == b.schedule
+    assert d["checkpoint"]["interval_iters"] == b.interval_iters
+    assert d["provenance"]["predicted"]["overhead_pct"] == pytest.approx(b.overhead_pct)
+    assert len(d["cluster"]["rank_to_machine"]) == 8 * PAPER.cluster.gpus_per_machine
+
+
+def test_infeasible_requests_are_clear_errors():
+    trace = generate(SyntheticSpec("poisson", 2000, 10, 8, seed=1))
+    with pytest.raises(UserError, match="no plan meets --max-overhead 0.001%"):
+        optimizer.optimize(small_preset(), trace, 0.001, schedules=["blocking"], replicas=[2])
+    tiny = dataclasses.replace(small_preset(), cluster=dataclasses.replace(small_preset().cluster, cpu_memory_gb=1))
+    with pytest.raises(UserError, match="no replica count fits"):
+        optimizer.optimize(tiny, trace, 1.0, replicas=[2])
+    with pytest.raises(UserError, match="processes per machine"):
+        optimizer.optimize(small_preset(), trace, 1.0, processes_per_machine=0)
+
+
+def test_cli_plan_validate_show(tmp_path, cli):
+    f = tmp_path / "p.json"
+    plan.write(a_plan(), f)
+    rc, out, err = cli("plan", "validate", f)
+    assert "valid plan" in out
+    rc, out, err = cli("plan", "show", f)
+    assert "group, 2 copies" in out and "local -> peer -> storage" in out
+    rc, out, err = cli("plan", "frobnicate", f, check_rc=2)
+    assert "unknown plan action" in err
+    rc, out, err = cli("plan", "--preset", "gemini-paper", check_rc=2)
+    assert "-o PLAN.json" in err
+
+
+SPEC = """
+kind = "placement"
+[grid]
+machines = [6, 8]
+replicas = [2]
+strategy = ["mixed", "group", "nonsense"]
+failures = [2, 3]
+"""
+
+
+def test_sweep_reports_failed_cells_and_skips_done(tmp_path):
+    from gemini_sim import sweep
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC)
+    rows, ran, skipped = sweep.run_sweep(spec, tmp_path / "out", workers=1)
+    assert ran == 12 and skipped == 0 and len(rows) == 12
+    bad = [r for r in rows if r["status"] == "error"]
+    assert len(bad) == 4 and all("unknown placement strategy" in r["error"] for r in bad)
+    good = [r for r in rows if r["status"] == "ok"]
+    assert {(int(r["machines"]), int(r["failures"])) for r in good if r["strategy"] == "group"} == \
+        {(6, 2), (6, 3), (8, 2), (8, 3)}
+    g = next(r for r in good if r["strategy"] == "group" and int(r["machines"]) == 8 and int(r["failures"]) == 2)
+    assert float(g["probability"]) == pytest.approx(1 - 4 / 28)
+    assert (tmp_path / "out" / "sweep.png").exists()
+    rows2, ran2, skipped2 = sweep.run_sweep(spec, tmp_path / "out", workers=1)
+    assert skipped2 == 8 and ran2 == 4 and len(rows2) == 12  # only the failed cells run again
+
+
+def test_sweep_spec_errors(tmp_path):
+    from gemini_sim import sweep
+
+    spec = tmp_path / "s.toml"
+    for text, needle in [('kind = "x"\n[grid]\na=[1]', "key 'kind'"),
+                         ('kind = "replay"\n[grid]\npreset=["gemini-paper"]', "missing key 'grid.trace'"),
+                         ('kind = "placement"\n[grid]\nmachines=4', "must be a non-empty list"),
+                         ('kind = "placement"\n[grid]\nmachines=[4]\nflavour=[1]', "unknown key 'grid.flavour'")]:
+        spec.write_text(text)
+        with pytest.raises(UserError, match=needle):
+            sweep.load_spec(spec)
