@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import UserError, read_user_file, unknown_name
+from .errors import UserError, load_user_toml, unknown_name
 
 GBPS = 1e9 / 8  # bytes per second in one Gbit/s
 
@@ -218,12 +218,7 @@ def preset_names() -> list[str]:
 
 def load_config(path: str | Path) -> Preset:
     """Read a user's TOML file."""
-    text = read_user_file(path, "config")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: invalid TOML: {exc}") from None
-    return preset_from_dict(data, str(path))
+    return preset_from_dict(load_user_toml(path, "config"), str(path))
 
 
 def load_preset(name: str) -> Preset:

@@ -26,3 +26,23 @@ def read_user_file(path, what: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise UserError(f"{path}: cannot read {what} ({reason})") from None
+
+
+def load_user_json(path, what: str):
+    """Read and parse a JSON file the user named; errors are one line with the position."""
+    import json
+
+    try:
+        return json.loads(read_user_file(path, what))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+
+
+def load_user_toml(path, what: str) -> dict:
+    """Read and parse a TOML file the user named; errors are one line."""
+    import tomllib
+
+    try:
+        return tomllib.loads(read_user_file(path, what))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: invalid TOML: {exc}") from None

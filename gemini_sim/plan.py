@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jsonschema
 
-from .errors import UserError, read_user_file
+from .errors import UserError, load_user_json
 
 SCHEMA_VERSION = 1
 RULES = {"blocking": "after-update", "naive": "at-start", "gemini": "idle-spans", "priority": "low-priority"}
@@ -103,12 +103,7 @@ def _check_consistency(d: dict, where: str) -> None:
 
 
 def read(path) -> dict:
-    text = read_user_file(path, "plan")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    return validate(data, str(path))
+    return validate(load_user_json(path, "plan"), str(path))
 
 
 def write(data: dict, path) -> None:

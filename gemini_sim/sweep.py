@@ -23,10 +23,9 @@ import csv
 import itertools
 import json
 import os
-import tomllib
 from pathlib import Path
 
-from .errors import UserError, read_user_file
+from .errors import UserError, load_user_toml
 
 KINDS = {
     "replay": {"required": ("preset", "trace", "strategy"), "optional": ("seed",)},
@@ -37,11 +36,7 @@ OPTIONS = {"days", "mtbf_hours", "threshold", "samples", "bursts"}
 
 
 def load_spec(path) -> dict:
-    text = read_user_file(path, "sweep spec")
-    try:
-        spec = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: invalid TOML: {exc}") from None
+    spec = load_user_toml(path, "sweep spec")
     for key in spec:
         if key not in ("kind", "grid", "options"):
             raise UserError(f"{path}: unknown key '{key}'; valid: kind, grid, options")

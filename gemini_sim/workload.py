@@ -33,11 +33,10 @@ Times are seconds from the iteration's start on one rank; ``bytes`` is the full 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from .config import Preset
-from .errors import UserError, read_user_file
+from .errors import UserError, load_user_json
 
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
 OPTIMIZER_BYTES_PER_PARAM = 32  # Adam reads and writes master weights, m, v and reads the gradient (fp32)
@@ -121,11 +120,7 @@ def zero3(preset: Preset) -> Timeline:
 
 
 def load_profile(path) -> dict:
-    text = read_user_file(path, "profile")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON: {exc}") from None
+    data = load_user_json(path, "profile")
     _validate_profile(data, str(path))
     return data
 
