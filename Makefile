@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean runtime-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,10 @@ run: $(STAMP)
 	$(BIN)/gemini-sim plan --trace traces/bloom176b.csv --preset gemini-paper -o out/plan.json --plot out/plan-pareto.png
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 tests --nbmake notebooks
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --nbmake notebooks
+
+runtime-demo: $(STAMP)
+	$(BIN)/python -m runtime.demo out/runtime-demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py --out bench/results.md

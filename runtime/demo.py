@@ -1,0 +1,42 @@
+"""`make runtime-demo`: 4 machines x 2 processes on CPU train a small GPT with FSDP2, checkpoint to CPU memory every
+iteration with group placement (m = 2), lose a whole machine half-way, and recover its state from its peer's memory.
+Then it checks that the final parameters are bitwise identical to a run without failures."""
+
+from __future__ import annotations
+
+import filecmp
+import sys
+import tempfile
+from pathlib import Path
+
+from .launcher import Job, default_plan, summarize
+
+
+def main() -> int:
+    work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="gemini-demo-"))
+    plan_path = Path(sys.argv[2]) if len(sys.argv) > 2 else default_plan(work / "plan.json", 4, 2, persist=5)
+    iters = 12
+    print(f"runtime demo: 4 machines x 2 processes, gloo on CPU, plan {plan_path}, {iters} iterations")
+    print("1) the same job without failures, for reference")
+    ref = Job(plan_path, work / "reference", iters=iters)
+    r0 = ref.run()
+    ref.cleanup()
+    summarize(r0)
+    print("2) machine 1 is lost in iteration 7 (agent and workers killed, CPU memory wiped, replaced)")
+    job = Job(plan_path, work / "failure", iters=iters, faults="lose:1:7")
+    r1 = job.run()
+    job.cleanup()
+    summarize(r1)
+    if not (r0.ok and r1.ok):
+        print("demo FAILED: a job did not finish")
+        return 1
+    world = len(list(r0.out_dir.glob("final-rank-*.bin")))
+    same = all(filecmp.cmp(r0.out_dir / f"final-rank-{r:05d}.bin", r1.out_dir / f"final-rank-{r:05d}.bin",
+                           shallow=False) for r in range(world))
+    print(f"final parameters of all {world} ranks bitwise identical to the run without failures: {same}")
+    print(f"logs and outputs in {work}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""A small GPT-style model and deterministic synthetic token data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab: int = 256
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    seq: int = 32
+    batch: int = 4  # sequences per rank per iteration
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(c.dim)
+        self.attn = nn.MultiheadAttention(c.dim, c.heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(c.dim)
+        self.mlp = nn.Sequential(nn.Linear(c.dim, 4 * c.dim), nn.GELU(), nn.Linear(4 * c.dim, c.dim))
+
+    def forward(self, x, mask):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.emb = nn.Embedding(c.vocab, c.dim)
+        self.pos = nn.Embedding(c.seq, c.dim)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
+        self.ln = nn.LayerNorm(c.dim)
+        self.head = nn.Linear(c.dim, c.vocab)
+
+    def forward(self, tokens):
+        n = tokens.shape[1]
+        mask = torch.triu(torch.full((n, n), float("-inf")), diagonal=1)
+        x = self.emb(tokens) + self.pos(torch.arange(n))
+        for b in self.blocks:
+            x = b(x, mask)
+        return self.head(self.ln(x))
+
+
+def batch(c: ModelConfig, seed: int, iteration: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens rank ``rank`` trains on at ``iteration``: a pure function of (seed, iteration, rank)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + iteration * 1009 + rank)
+    tokens = torch.randint(0, c.vocab, (c.batch, c.seq + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
