@@ -79,6 +79,7 @@ class Job:
         self.python = python
         self.port = 0
         self.store = None
+        self.launch_id = f"{os.getpid()}-{time.time_ns()}"  # tags every process of this job, for cleanup
         self.events: list[dict] = []
         self.procs: dict[int, subprocess.Popen] = {}
         self.generation: dict[int, int] = {}
@@ -92,6 +93,7 @@ class Job:
         gen = self.generation.get(m, -1) + 1
         self.generation[m] = gen
         env = dict(os.environ, GEMINI_MACHINE_ID=str(m), GEMINI_FAULT=self.faults, OMP_NUM_THREADS="1",
+                   GEMINI_LAUNCH_ID=self.launch_id,
                    GEMINI_MACHINE_GENERATION=str(gen), GEMINI_JOB_ATTEMPT=str(self.job_attempt),
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         cmd = [self.python, "-m", "torch.distributed.run", f"--nnodes={self.n}", f"--nproc-per-node={self.ppm}",
@@ -124,12 +126,31 @@ class Job:
                         self.waiting.add(m)
         log.flush()
 
+    def _pids(self, machine: int | None = None) -> list[int]:
+        """Every live process of this job (of one machine, if given), found by the tags in its environment: torchrun
+        starts workers in sessions of their own, so killing an agent's process group would orphan them."""
+        want = f"GEMINI_LAUNCH_ID={self.launch_id}".encode()
+        mine = f"GEMINI_MACHINE_ID={machine}".encode() if machine is not None else None
+        out = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                env = (d / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if want in env and (mine is None or mine in env):
+                out.append(int(d.name))
+        return out
+
     def _kill(self, m: int) -> None:
+        """SIGKILL machine m: its agent and every worker under it."""
         p = self.procs[m]
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in [p.pid] + self._pids(m):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         p.wait()
 
     def _new_store(self, timeout: float):
@@ -187,9 +208,8 @@ class Job:
                     raise TimeoutError(f"job did not finish in {timeout:.0f} s (logs in {self.work})")
                 time.sleep(0.2)
         finally:
-            for p in self.procs.values():
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
+            for m in self.procs:
+                self._kill(m)
             self.store = None
         time.sleep(0.3)
         return JobResult({m: p.returncode for m, p in self.procs.items()}, list(self.events), self.out,
