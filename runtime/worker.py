@@ -223,6 +223,7 @@ class Worker:
 
     def recover(self) -> int:
         """Agree on the newest complete iteration, load it, return it (0: fresh start)."""
+        dist.barrier()  # every rank is up: the time below is recovery's, not the other ranks' start-up
         t0 = time.perf_counter()
         per_machine = self._gather_inventory()
         ranks = range(self.world)
