@@ -154,7 +154,7 @@ def _placement_rows(args, strategy: str, ks: list[int]):
 
 
 def cmd_placement(args) -> int:
-    from . import placement, recovery
+    from . import placement
 
     if args.machines < 1:
         raise UserError(f"--machines must be >= 1, got {args.machines}")

@@ -9,7 +9,6 @@ The best plan is the feasible candidate with the least wasted time (ties: less o
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from . import interleave, placement as placement_mod, plan as plan_mod, recovery

@@ -103,8 +103,8 @@ class ShardStore:
     def iterations(self) -> list[int]:
         return sorted(int(d.name.split("-")[1]) for d in self.dir.glob("iter-*"))
 
-    def keep_newest(self, keep: int, complete: set[int] | None = None) -> None:
-        """Drop all but the newest ``keep`` iterations (never one in ``complete`` newer than those kept)."""
+    def keep_newest(self, keep: int) -> None:
+        """Drop all but the newest ``keep`` iterations."""
         its = self.iterations()
         for it in its[:-keep] if keep else its:
             shutil.rmtree(self.dir / f"iter-{it:08d}", ignore_errors=True)

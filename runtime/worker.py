@@ -252,7 +252,6 @@ class Worker:
         sources = {r: self._source(it, r, per_machine) for r in range(self.world)}
         mine = sources[self.rank]
         works = []
-        payload = None
         # Serve every shard that this machine holds and another machine needs (one sender per shard: the rank with
         # the same local rank on the source machine).
         for r, m in sources.items():

@@ -1,13 +1,11 @@
 import copy
 import dataclasses
-import json
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, TRACES
-from gemini_sim import config, optimizer, placement, plan, traces
+from gemini_sim import config, optimizer, placement, plan
 from gemini_sim.errors import UserError
 from gemini_sim.synthetic import SyntheticSpec, generate
 

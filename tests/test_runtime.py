@@ -6,7 +6,6 @@ identical to the failure-free run.
 """
 
 import filecmp
-import shutil
 
 import pytest
 import torch
