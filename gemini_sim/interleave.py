@@ -171,10 +171,8 @@ class _Iteration:
         base = rnd * per
         for kind, j in op.deps:
             yield (self.started if kind == "start" else self.ended)[base + j]
-        if rnd and not op.deps:
+        if rnd and (not op.deps or local == 0):
             yield self.ended[self.updates[rnd - 1]]  # the next iteration starts after the previous update
-        elif rnd and local == 0:
-            yield self.ended[self.updates[rnd - 1]]
         if idx == self.updates[0]:
             yield self.update_gate
         with self.streams[op.stream].request() as req:
