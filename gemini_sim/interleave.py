@@ -35,7 +35,7 @@ from . import placement as placement_mod
 from . import topology
 from .config import GBPS, Preset
 from .errors import UserError, unknown_name
-from .netsim import Network
+from .netsim import Network, merge_intervals
 from .strategies import placement_options
 from .workload import Timeline, ring_bytes_per_machine, zero3
 
@@ -314,17 +314,16 @@ SCHEDULES = {"blocking": _blocking, "naive": _naive, "gemini": _gemini, "priorit
 
 def idle_spans(run: IterationRun, link, until: float) -> list[tuple[float, float]]:
     """Spans in [0, until) in which no training flow used ``link``."""
-    busy = sorted((r.start, r.end) for r in run.records if link in r.links and r.tag and r.tag[0] == "train")
+    busy = merge_intervals((r.start, r.end) for r in run.records
+                           if link in r.links and r.tag and r.tag[0] == "train")
     spans, t = [], 0.0
     for a, b in busy:
-        if a > t:
-            spans.append((t, min(a, until)))
-        t = max(t, b)
-        if t >= until:
+        if a >= until:
             break
-    if t < until:
-        spans.append((t, until))
-    return [(a, b) for a, b in spans if b - a > 1e-9]
+        spans.append((t, a))
+        t = b
+    spans.append((t, until))
+    return [(a, min(b, until)) for a, b in spans if min(b, until) - a > 1e-9]
 
 
 def plan_gemini(shard: float, profile: IterationRun, cluster: _Cluster, pl, cfg: InterleaveConfig):
@@ -438,13 +437,9 @@ def _mean_idle(run: IterationRun, cluster: _Cluster, until: float) -> float:
     total = 0.0
     for i in range(cluster.n):
         link = cluster.nic_out(i)
-        busy = sorted((r.start, min(r.end, until)) for r in run.records if link in r.links and r.start < until)
-        t, used = 0.0, 0.0
-        for a, b in busy:
-            if b > t:
-                used += b - max(a, t)
-                t = b
-        total += until - used
+        busy = merge_intervals((r.start, min(r.end, until)) for r in run.records
+                               if link in r.links and r.start < until)
+        total += until - sum(b - a for a, b in busy)
     return total / cluster.n
 
 

@@ -156,13 +156,13 @@ class Network:
             f.done.succeed()
         self._reallocate()
 
-    def busy_intervals(self, link, cls: int | None = None) -> list[tuple[float, float]]:
-        """Merged intervals during which some recorded flow (of ``cls``, if given) used ``link``."""
-        spans = sorted((r.start, r.end) for r in self.records if link in r.links and (cls is None or r.cls == cls))
-        merged: list[list[float]] = []
-        for a, b in spans:
-            if merged and a <= merged[-1][1] + EPS:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        return [(a, b) for a, b in merged]
+
+def merge_intervals(spans) -> list[tuple[float, float]]:
+    """Union of (start, end) intervals, sorted and merged where they touch."""
+    merged: list[list[float]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1] + EPS:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]

@@ -117,10 +117,15 @@ def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, pro
                                                               find_interval=False)
             if progress:
                 progress(1)
+    probs: dict = {}  # (strategy, m) -> P(recover | 2 failures): the same for every schedule and interval
     for (m, sched, k), sim in sims.items():
         layouts = ["none"] if m == 1 else [p for p in placements if not (p == "group" and n % m)]
         for strategy in layouts:
-            cands.append(_score(preset, trace, m, sched, k, strategy, sim, max_overhead_pct, seed))
+            if (strategy, m) not in probs:
+                pl = _placement(preset, Candidate(strategy, m, sched, k, 0, 0, 0, 0, 0, 0, 0, True))
+                probs[(strategy, m)] = recovery.probability(pl, min(2, n), samples=4000, seed=seed).probability
+            cands.append(_score(preset, trace, m, sched, k, strategy, sim, max_overhead_pct, seed,
+                                probs[(strategy, m)]))
     feasible = [c for c in cands if c.feasible]
     if not feasible:
         low = min(cands, key=lambda c: c.overhead_pct)
@@ -165,7 +170,7 @@ def _placement(preset: Preset, c: Candidate):
     return placement_mod.build(strategy, preset.cluster.machines, c.replicas, **placement_options(preset))
 
 
-def _score(preset, trace, m, sched, k, strategy, sim, max_overhead, seed) -> Candidate:
+def _score(preset, trace, m, sched, k, strategy, sim, max_overhead, seed, prob: float) -> Candidate:
     shard_gb = preset.checkpoint_bytes_per_machine / 1e9
     memory = m * shard_gb
     p = preset.with_replicas(m)
@@ -179,8 +184,6 @@ def _score(preset, trace, m, sched, k, strategy, sim, max_overhead, seed) -> Can
     runs = [replay(trace, p, pol, seed=seed + i, random_phase=True) for i in range(PHASES)]
     wasted = sum(r.wasted_hours for r in runs) / PHASES
     gpu_hours = sum(r.gpu_hours_wasted for r in runs) / PHASES
-    pl = _placement(p, Candidate(strategy, m, sched, k, 0, 0, 0, 0, 0, 0, 0, True))
-    prob = recovery.probability(pl, min(2, preset.cluster.machines), samples=4000, seed=seed).probability
     reason = ""
     if memory > preset.cluster.cpu_memory_gb:
         reason = "memory"
@@ -200,12 +203,9 @@ TABLE_HEADERS = ["placement", "m", "schedule", "interval", "overhead", "mem GB",
 
 
 def plot_pareto(result: OptimizeResult, ax=None, title: str = ""):
-    from matplotlib.figure import Figure
+    from .report import _figure
 
-    fig = None
-    if ax is None:
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
-        ax = fig.add_subplot()
+    fig, ax = _figure(ax, (7, 4.5))
     cands = result.candidates
     sc = ax.scatter([c.overhead_pct for c in cands], [c.wasted_hours for c in cands],
                     c=[c.memory_gb_per_machine for c in cands], cmap="viridis", s=22, alpha=0.8)
@@ -219,5 +219,5 @@ def plot_pareto(result: OptimizeResult, ax=None, title: str = ""):
     ax.set_ylabel("expected wasted hours (replay)")
     ax.set_title(title or "Plan candidates")
     ax.legend(fontsize=7)
-    (fig or ax.figure).colorbar(sc, ax=ax, label="CPU memory per machine (GB)")
-    return fig or ax.figure
+    fig.colorbar(sc, ax=ax, label="CPU memory per machine (GB)")
+    return fig

@@ -72,12 +72,17 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def _figure(ax, size):
+    """The axes to draw on: the caller's, or a new figure's. Returns (figure, axes)."""
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.add_subplot()
+
+
 def plot_breakdown(results: list[ReplayResult], ax=None, title: str = ""):
     """Stacked bars: wasted hours per strategy, split into components."""
-    fig = None
-    if ax is None:
-        fig = Figure(figsize=(7, 4), layout="constrained")
-        ax = fig.add_subplot()
+    fig, ax = _figure(ax, (7, 4))
     names = [r.strategy for r in results]
     bottom = np.zeros(len(results))
     for key, label in COMPONENTS:
@@ -89,7 +94,7 @@ def plot_breakdown(results: list[ReplayResult], ax=None, title: str = ""):
     ax.set_ylabel("wasted hours")
     ax.set_title(title or "Wasted time by strategy")
     ax.legend(fontsize=8)
-    return fig or ax.figure
+    return fig
 
 
 def cumulative_wasted(result: ReplayResult) -> tuple[np.ndarray, np.ndarray]:
@@ -102,10 +107,7 @@ def cumulative_wasted(result: ReplayResult) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_cumulative(results: list[ReplayResult], ax=None, title: str = ""):
-    fig = None
-    if ax is None:
-        fig = Figure(figsize=(7, 4), layout="constrained")
-        ax = fig.add_subplot()
+    fig, ax = _figure(ax, (7, 4))
     for r in results:
         t, w = cumulative_wasted(r)
         ax.step(t, w, where="post", label=r.strategy)
@@ -113,15 +115,12 @@ def plot_cumulative(results: list[ReplayResult], ax=None, title: str = ""):
     ax.set_ylabel("cumulative wasted hours")
     ax.set_title(title or "Wasted time over the trace")
     ax.legend(fontsize=8)
-    return fig or ax.figure
+    return fig
 
 
 def plot_trace(trace: Trace, ax=None):
     """Failures over time: one marker per failure, by kind, height = machines lost."""
-    fig = None
-    if ax is None:
-        fig = Figure(figsize=(7, 2.8), layout="constrained")
-        ax = fig.add_subplot()
+    fig, ax = _figure(ax, (7, 2.8))
     for kind in KINDS:
         ev = [e for e in trace.events if e.kind == kind]
         if ev:
@@ -132,15 +131,12 @@ def plot_trace(trace: Trace, ax=None):
     ax.set_ylabel("machines lost")
     ax.set_title(f"{'Synthetic' if trace.synthetic else 'Real'} trace {trace.name}: {len(trace.events)} failures")
     ax.legend(fontsize=8)
-    return fig or ax.figure
+    return fig
 
 
 def plot_gantt(result, machines: int = 4, ax=None, title: str = ""):
     """Gantt chart of simulated iterations: compute, training collectives and checkpoint traffic per machine."""
-    fig = None
-    if ax is None:
-        fig = Figure(figsize=(11, 1.0 + 0.9 * min(machines, result.machines)), layout="constrained")
-        ax = fig.add_subplot()
+    fig, ax = _figure(ax, (11, 1.0 + 0.9 * min(machines, result.machines)))
     run, tl = result.run, result.timeline
     per = len(tl.ops)
     compute = [(a, b - a) for i, a, b in run.op_spans if tl.ops[i % per].stream == "compute" and b > a]
@@ -161,20 +157,17 @@ def plot_gantt(result, machines: int = 4, ax=None, title: str = ""):
     ax.set_xlabel("time (s)")
     ax.set_title(title or f"{result.schedule}: {result.interval} iteration(s), overhead {result.overhead_pct:.2f}%, "
                           f"checkpoint done at {result.checkpoint_complete_s:.2f} s")
-    return fig or ax.figure
+    return fig
 
 
 def plot_link_utilization(result, machine: int = 0, ax=None):
     """Share of machine ``machine``'s NIC (egress) bandwidth in use over time."""
-    fig = None
-    if ax is None:
-        fig = Figure(figsize=(9, 2.5), layout="constrained")
-        ax = fig.add_subplot()
+    fig, ax = _figure(ax, (9, 2.5))
     log = result.run.link_rate_log
     link = next((r.links[0] for r in result.run.records if r.tag and r.tag[0] == "train" and r.tag[2] == machine),
                 None)
     if link is None:
-        return fig or ax.figure
+        return fig
     cap = max(tot.get(link, 0) for _, tot in log) or 1.0
     t = [x for x, _ in log]
     u = [tot.get(link, 0.0) / cap for _, tot in log]
@@ -182,4 +175,4 @@ def plot_link_utilization(result, machine: int = 0, ax=None):
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("time (s)")
     ax.set_ylabel(f"m{machine} NIC use")
-    return fig or ax.figure
+    return fig

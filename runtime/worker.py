@@ -173,20 +173,11 @@ class Worker:
 
     def _replicate(self, iteration: int, data: bytes, manifest: dict, t0: float) -> None:
         send_to, recv_from = self._peers()
-        blob = _to_tensor(json.dumps(manifest).encode() + b"\n" + data)
-        size = torch.tensor([blob.numel()], dtype=torch.int64)
-        works = []
-        for dst in send_to:
-            works.append(dist.isend(size, dst, group=self.repl, tag=iteration % 1000))
-            works.append(dist.isend(blob, dst, group=self.repl, tag=iteration % 1000 + 1000))
+        tag = iteration % 1000
+        works = [w for dst in send_to for w in send_shard(data, manifest, dst, self.repl, tag)]
         for src in recv_from:
-            n = torch.empty(1, dtype=torch.int64)
-            dist.recv(n, src, group=self.repl, tag=iteration % 1000)
-            buf = torch.empty(int(n.item()), dtype=torch.uint8)
-            dist.recv(buf, src, group=self.repl, tag=iteration % 1000 + 1000)
-            raw = buf.numpy().tobytes()
-            head, _, body = raw.partition(b"\n")
-            self.store.put(iteration, src, body, json.loads(head))
+            body, meta = recv_shard(src, self.repl, tag)
+            self.store.put(iteration, src, body, meta)
         for w in works:
             w.wait()
         self.store.keep_newest(self.ckpt["keep"])
@@ -256,21 +247,12 @@ class Worker:
         # the same local rank on the source machine).
         for r, m in sources.items():
             if m == self.machine and r // self.ppm != self.machine and r % self.ppm == self.local:
-                data, manifest = self.store.get(it, r)
-                blob = _to_tensor(json.dumps(manifest).encode() + b"\n" + data)
-                works.append(dist.isend(torch.tensor([blob.numel()], dtype=torch.int64), r, tag=1))
-                works.append(dist.isend(blob, r, tag=2))
+                works += send_shard(*self.store.get(it, r), r, None, 1)
         if mine == self.machine:
             data, manifest = self.store.get(it, self.rank)
             tier = "local"
         else:
-            src = mine * self.ppm + self.local
-            n = torch.empty(1, dtype=torch.int64)
-            dist.recv(n, src, tag=1)
-            buf = torch.empty(int(n.item()), dtype=torch.uint8)
-            dist.recv(buf, src, tag=2)
-            head, _, data = buf.numpy().tobytes().partition(b"\n")
-            manifest = json.loads(head)
+            data, manifest = recv_shard(mine * self.ppm + self.local, None, 1)
             self.store.put(it, self.rank, data, manifest)  # the local copy is back
             tier = "peer"
         for w in works:
@@ -336,8 +318,21 @@ class Worker:
         dist.destroy_process_group()
 
 
-def _to_tensor(raw: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+def send_shard(data: bytes, manifest: dict, dst: int, group, tag: int) -> list:
+    """Start sending a stored shard (its manifest, a newline, its bytes), length first; returns the works."""
+    blob = torch.frombuffer(bytearray(json.dumps(manifest).encode() + b"\n" + data), dtype=torch.uint8)
+    size = torch.tensor([blob.numel()], dtype=torch.int64)
+    return [dist.isend(size, dst, group=group, tag=tag), dist.isend(blob, dst, group=group, tag=tag + 1000)]
+
+
+def recv_shard(src: int, group, tag: int) -> tuple[bytes, dict]:
+    """Receive what :func:`send_shard` sent: (bytes, manifest)."""
+    n = torch.empty(1, dtype=torch.int64)
+    dist.recv(n, src, group=group, tag=tag)
+    buf = torch.empty(int(n.item()), dtype=torch.uint8)
+    dist.recv(buf, src, group=group, tag=tag + 1000)
+    head, _, body = buf.numpy().tobytes().partition(b"\n")
+    return body, json.loads(head)
 
 
 def main(argv=None) -> None:
