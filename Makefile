@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean runtime-demo
+.PHONY: run test bench clean runtime-demo calibrate netns-up netns-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,21 @@ test: $(STAMP)
 
 runtime-demo: $(STAMP)
 	$(BIN)/python -m runtime.demo out/runtime-demo
+
+# Runtime -> profile -> simulator -> plan -> runtime, per schedule; prints predicted vs measured (out/calibrate).
+# Uses tc-limited network namespaces when this host allows them (root), else plain localhost.
+calibrate: $(STAMP)
+	$(BIN)/python -m runtime.calibrate out/calibrate
+
+# Bandwidth-limited "machines" for the runtime by hand: make netns-up MACHINES=4 MBIT=400, then
+# python -m runtime.launcher --netns ...; make netns-down removes them.
+MACHINES ?= 4
+MBIT     ?= 400
+netns-up: $(STAMP)
+	$(BIN)/python -m runtime.netns up --machines $(MACHINES) --mbit $(MBIT)
+
+netns-down: $(STAMP)
+	$(BIN)/python -m runtime.netns down
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py --out bench/results.md

@@ -1,6 +1,6 @@
 """Benchmarks: performance targets live here, never in timed unit tests. Writes a Markdown table.
 
-Usage: python bench/run.py [--out bench/results.md] [--only NAME]
+Usage: python bench/run.py [--out bench/results.md] [--only NAME] [--calibration-dir out/calibrate]
 Each benchmark returns rows (what, measured, target, verdict); timings are the best of a few repeats on this
 machine, taken in one run so that ratios are comparable.
 """
@@ -133,15 +133,54 @@ def bench_runtime():
     ]
 
 
+CALIBRATION_DIR = None  # --calibration-dir: use that run of make calibrate instead of a fresh one
+
+
+def bench_calibration():
+    """The simulator against the runtime (runtime/calibrate.py): prediction errors per schedule."""
+    import json
+
+    from runtime import calibrate
+
+    d = Path(CALIBRATION_DIR or "out/bench-calibrate")
+    if CALIBRATION_DIR is None:
+        if calibrate.main([str(d)]) != 0:
+            raise RuntimeError("calibration run failed")
+    res = json.loads((d / "validate.json").read_text())
+    setup = (d / "setup.txt").read_text().strip() if (d / "setup.txt").exists() else ""
+    where = (f"{res['machines']} machines x {res['processes_per_machine']}, NIC {res['network_mbit_s']:.0f} Mbit/s "
+             f"measured, {res['checkpoint_mb_per_machine']:.1f} MB checkpoint per machine; {setup}")
+    b = res["baseline"]
+    rows = [(f"calibration ({where}): baseline iteration, measured vs simulated (collectives fitted to the profile)",
+             f"{b['measured']:.3f} s vs {b['predicted']:.3f} s ({100 * b['rel_error']:+.1f}%; ideal rings "
+             f"{100 * b['rel_error_unfitted']:+.1f}%)", "-", "info")]
+    for r in res["schedules"]:
+        it, ck, ov = r["iteration_s"], r["checkpoint_complete_s"], r["overhead_pct"]
+        worst = max(abs(it["rel_error"]), abs(ck["rel_error"] or 0))
+        rows.append((f"calibration: `{r['schedule']}`, checkpoint every iteration: iteration time / checkpoint "
+                     f"completion, measured vs predicted", f"{it['measured']:.3f} / {ck['measured']:.3f} s vs "
+                     f"{it['predicted']:.3f} / {ck['predicted']:.3f} s ({100 * it['rel_error']:+.1f}% / "
+                     f"{100 * (ck['rel_error'] or 0):+.1f}%); overhead {ov['measured']:.1f}% measured, "
+                     f"{ov['predicted']:.1f}% predicted", "errors within 15%", "pass" if worst <= 0.15 else "FAIL"))
+        if r["schedule"] == "gemini" and ov["predicted"] < 1.0:
+            rows.append(("calibration: `gemini` overhead measured where the simulator says the checkpoint fits "
+                         f"({ov['predicted']:.1f}% predicted)", f"{ov['measured']:.1f}%", "< 3%",
+                         "pass" if ov["measured"] < 3 else "FAIL"))
+    return rows
+
+
 BENCHES = {"replay": bench_replay_year, "placement": bench_placement_exact, "interleave": bench_interleave,
-           "runtime": bench_runtime}
+           "runtime": bench_runtime, "calibration": bench_calibration}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results.md")
     ap.add_argument("--only", action="append", choices=list(BENCHES))
+    ap.add_argument("--calibration-dir", help="report this make-calibrate run instead of running a fresh one")
     args = ap.parse_args()
+    global CALIBRATION_DIR
+    CALIBRATION_DIR = args.calibration_dir
     rows = []
     for name in args.only or BENCHES:
         print(f"bench {name} ...", flush=True)

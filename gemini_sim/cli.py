@@ -220,8 +220,15 @@ def _plot_placement(args, ks: list[int], path: Path) -> None:
 def cmd_interleave(args) -> int:
     from . import interleave, workload
 
-    preset = _preset(args)
-    timeline = None
+    if args.setup:
+        from . import validate
+
+        if args.profile or args.config:
+            raise UserError("--setup brings its own cluster and profile; drop --profile/--config")
+        preset, timeline, _ = validate.setup_preset(args.setup, replicas=args.replicas or 2)
+    else:
+        preset = _preset(args)
+        timeline = None
     if args.profile:
         timeline = workload.from_profile(workload.load_profile(args.profile))
         if timeline.machines != preset.cluster.machines:
@@ -235,8 +242,11 @@ def cmd_interleave(args) -> int:
         raise UserError(f"--oversubscription must be >= 1, got {args.oversubscription}")
     cfg = interleave.InterleaveConfig(schedule=args.schedule, replicas=args.replicas,
                                       buffer_bytes=args.buffer_mb * 2 ** 20, jitter=args.jitter, seed=args.seed,
-                                      interval=args.interval, oversubscription=args.oversubscription)
+                                      interval=args.interval, oversubscription=args.oversubscription,
+                                      span_fill=args.span_fill)
     res = interleave.simulate(preset, cfg, timeline, threshold_pct=args.threshold)
+    if args.export_plan:
+        _export_plan(args, preset, cfg, res)
     if args.plot:
         path = Path(args.plot)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,6 +269,49 @@ def cmd_interleave(args) -> int:
     ], align="lr"))
     if args.plot:
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _export_plan(args, preset, cfg, res) -> None:
+    """The plan that runs exactly this simulated configuration (for the runtime)."""
+    from . import interleave, plan as plan_mod
+
+    pl = interleave.build_placement(preset, cfg)
+    shard = preset.checkpoint_bytes_per_machine
+    persist = max(cfg.interval, round(preset.storage.gemini_persist_interval_hours * 3600 / res.iteration_time_s))
+    d = plan_mod.make(machines=preset.cluster.machines, processes_per_machine=preset.cluster.gpus_per_machine,
+                      placement_strategy=pl.strategy, holders=pl.holders, schedule=cfg.schedule,
+                      chunk_bytes=max(1, int(min(cfg.buffer_bytes / 2, shard))), buffer_bytes=int(cfg.buffer_bytes),
+                      interval_iters=cfg.interval, persist_interval_iters=persist,
+                      spans=res.spans if cfg.schedule == "gemini" else None, preset=preset.name,
+                      span_fill=cfg.span_fill if cfg.schedule == "gemini" else None,
+                      config_sha256=plan_mod.sha256_of(args.config) if args.config else "",
+                      predicted={"iteration_time_s": res.iteration_time_s,
+                                 "baseline_iteration_time_s": res.baseline_iteration_time_s,
+                                 "overhead_pct": res.overhead_pct,
+                                 "checkpoint_complete_s": res.checkpoint_complete_s})
+    plan_mod.write(d, args.export_plan)
+
+
+def cmd_validate(args) -> int:
+    from . import validate
+
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    res = validate.compare(args.run_dir, warmup=args.warmup)
+    validate.write_json(res, Path(args.run_dir) / "validate.json")
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    b = res["baseline"]
+    print(f"{res['run_dir']}: {res['machines']} machines x {res['processes_per_machine']} ranks, NIC "
+          f"{res['network_mbit_s']:.0f} Mbit/s (measured), {res['checkpoint_mb_per_machine']:.1f} MB checkpoint "
+          f"per machine")
+    print(f"baseline iteration (no checkpoint): measured {b['measured']:.4f} s, predicted {b['predicted']:.4f} s "
+          f"({100 * b['rel_error']:+.1f}%; collectives fitted to the profile; ideal rings with logical bytes: "
+          f"{b['predicted_unfitted']:.4f} s, {100 * b['rel_error_unfitted']:+.1f}%)")
+    print(report.format_table(*validate.table(res)))
+    print(f"wrote {Path(args.run_dir) / 'validate.json'}")
     return 0
 
 
@@ -387,10 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jitter", type=float, default=0.0, help="compute spans vary by +-this fraction (default 0)")
     p.add_argument("--threshold", type=float, default=1.0, help="overhead limit for the min interval, %% (default 1)")
     p.add_argument("--oversubscription", type=float, default=1.0, help="leaf/spine oversubscription (default 1)")
+    p.add_argument("--span-fill", type=float, default=1.0, help="gemini: fill at most this fraction of each idle "
+                   "span (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", metavar="FILE", help="Gantt chart of the simulated iteration(s)")
+    p.add_argument("--setup", metavar="RUN_DIR", help="simulate a measured runtime set-up (its probe.json and "
+                   "profile.json) instead of a preset")
+    p.add_argument("--export-plan", metavar="PLAN.json", help="write the plan that runs this configuration")
     p.set_defaults(func=cmd_interleave)
+
+    p = sub.add_parser("validate", help="compare the simulator's predictions with a runtime calibration run")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="written by make calibrate (see gemini_sim/validate.py)")
+    p.add_argument("--warmup", type=int, default=3, help="iterations dropped at the start of each run (default 3)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="optimize a plan (-o FILE), or 'plan validate FILE' / 'plan show FILE'")
     p.add_argument("action", nargs="*", help="validate FILE | show FILE (default: optimize)")

@@ -16,7 +16,8 @@ Schedules (registry :data:`SCHEDULES`):
 - ``blocking``: after the update, training waits while the whole checkpoint is copied and sent.
 - ``naive``: every chunk is released at the start of the iteration and competes with training traffic.
 - ``gemini``: a profiling run (no checkpoint) gives each machine's idle NIC spans; chunks are planned into them,
-  sized so that each span's pipeline ends within it; what does not fit is released when the backward pass ends.
+  sized so that each span's pipeline ends within it (within ``span_fill`` of it: headroom for a timeline that
+  drifts); what does not fit is released when the backward pass ends.
 - ``priority`` (ours): every chunk is released at the start, in a lower strict-priority class, so it only uses
   bandwidth that training leaves; needs no profile and adapts when the timeline drifts from the profile.
 """
@@ -51,6 +52,7 @@ class InterleaveConfig:
     seed: int = 0
     interval: int = 1  # iterations per checkpoint: its sends may spread over that many iterations
     oversubscription: float = 1.0
+    span_fill: float = 1.0  # gemini: fill at most this fraction of each idle span (headroom for timeline jitter)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -61,6 +63,8 @@ class InterleaveConfig:
             raise UserError(f"jitter must be in [0, 1), got {self.jitter}")
         if self.interval < 1:
             raise UserError(f"interval must be >= 1 iteration, got {self.interval}")
+        if not 0 < self.span_fill <= 1:
+            raise UserError(f"span fill must be in (0, 1], got {self.span_fill}")
 
 
 @dataclass
@@ -348,7 +352,7 @@ def plan_gemini(shard: float, profile: IterationRun, cluster: _Cluster, pl, cfg:
             for a, b in spans:
                 if left <= 0:
                     break
-                room = (b - a) / per_byte  # bytes of chunk that fit the span
+                room = cfg.span_fill * (b - a) / per_byte  # bytes of chunk that fit the span
                 sizes = []
                 while left > 0 and room >= min_chunk:
                     size = min(chunk_max, left, room)
@@ -490,18 +494,21 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
         baseline_idle_network_s=_mean_idle(base, cluster, base.iteration_s * cfg.interval) / cfg.interval,
         checkpoint_bytes_per_machine=full.checkpoint_bytes_per_machine, simulated_machines=preset.cluster.machines,
         sim_events=run.sim_events + profile.sim_events, flows=run.flows, run=run, baseline=base,
-        timeline=timeline, spans=_spans_of(plans.get(cfg.interval), profile, cluster, pl))
+        timeline=timeline, spans=_spans_of(plans.get(cfg.interval), profile, cluster, pl, timeline))
 
 
-def _spans_of(plan, profile: IterationRun, cluster: _Cluster, pl) -> tuple:
-    """Machine 0's idle spans in the profiled iteration with the bytes the gemini plan puts in each."""
+def _spans_of(plan, profile: IterationRun, cluster: _Cluster, pl, timeline: Timeline) -> tuple:
+    """Machine 0's idle spans in the profiled iteration: (start, end, bytes the gemini plan puts in it, training
+    collectives that ended before it starts)."""
     if plan is None or not plan or len(pl.holders[0]) < 2:
         return ()
     link = cluster.path(0, pl.holders[0][1])[0]
     out = []
     planned = {round(start, 12): sum(sizes) for start, sizes in plan[0]}
+    per = len(timeline.ops)
+    comm_ends = sorted(b for i, a, b in profile.op_spans if i < per and timeline.ops[i].stream == "comm")
     for a, b in idle_spans(profile, link, profile.update_start_s):
-        out.append((a, b, planned.get(round(a, 12), 0.0)))
+        out.append((a, b, planned.get(round(a, 12), 0.0), sum(1 for e in comm_ends if e <= a + 1e-9)))
     return tuple(out)
 
 

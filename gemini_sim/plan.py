@@ -115,7 +115,7 @@ def write(data: dict, path) -> None:
 
 def make(*, machines: int, processes_per_machine: int, placement_strategy: str, holders, schedule: str,
          chunk_bytes: int, buffer_bytes: int, interval_iters: int, persist_interval_iters: int,
-         spans=None, preset: str = "", config_sha256: str = "", trace_sha256: str = "", predicted=None,
+         spans=None, span_fill: float | None = None, preset: str = "", config_sha256: str = "", trace_sha256: str = "", predicted=None,
          keep: int = 2) -> dict:
     replicas = len(holders[0])
     persist = max(interval_iters, persist_interval_iters - persist_interval_iters % interval_iters)
@@ -133,8 +133,11 @@ def make(*, machines: int, processes_per_machine: int, placement_strategy: str, 
     }
     if preset:
         d["cluster"]["preset"] = preset
+    if span_fill is not None:
+        d["schedule"]["span_fill"] = span_fill
     if spans is not None:
-        d["schedule"]["spans"] = [{"start_s": a, "end_s": b, "bytes": nb} for a, b, nb in spans]
+        d["schedule"]["spans"] = [{"start_s": sp[0], "end_s": sp[1], "bytes": sp[2]}
+                                  | ({"after_collectives": sp[3]} if len(sp) > 3 else {}) for sp in spans]
     for key, value in (("config_sha256", config_sha256), ("trace_sha256", trace_sha256)):
         if value:
             d["provenance"][key] = value

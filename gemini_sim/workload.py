@@ -33,7 +33,9 @@ Times are seconds from the iteration's start on one rank; ``bytes`` is the full 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from statistics import median
 
 from .config import Preset
 from .errors import UserError, load_user_json
@@ -155,14 +157,42 @@ def _validate_profile(data, where: str) -> None:
                     raise UserError(f"{at}.bytes must be a number >= 0")
 
 
-def from_profile(data: dict, iteration: int | None = None) -> Timeline:
-    """A timeline from a measured profile: by default the median-length iteration (warm-up excluded by the runtime)."""
+def _signature(it: dict) -> tuple:
+    return tuple((op["kind"], op.get("name")) for op in sorted(it["ops"], key=lambda o: o["start_s"]))
+
+
+def typical_iteration(data: dict) -> dict:
+    """One iteration that stands for the profile: when every iteration after the first (warm-up) runs the same
+    sequence of ops, each op's start gap and duration is the median over those iterations (robust to the odd slow
+    one); otherwise the median-length iteration."""
     its = data["iterations"]
-    if iteration is None:
+    steady = its[1:] if len(its) > 2 else its
+    sig = _signature(steady[0])
+    if len(steady) < 3 or any(_signature(it) != sig for it in steady):
         order = sorted(range(len(its)), key=lambda i: its[i]["end_s"] - its[i]["start_s"])
-        it = its[order[len(order) // 2]]
-    else:
-        it = its[iteration]
+        return its[order[len(order) // 2]]
+    ordered = [sorted(it["ops"], key=lambda o: o["start_s"]) for it in steady]
+    ops, t = [], 0.0
+    for j, op in enumerate(ordered[0]):
+        prev_end = [(o[j - 1]["end_s"] if j else it["start_s"]) for o, it in zip(ordered, steady)]
+        gap = median([o[j]["start_s"] - pe for o, pe in zip(ordered, prev_end)])
+        dur = median([o[j]["end_s"] - o[j]["start_s"] for o in ordered])
+        start = t + max(0.0, gap)
+        ops.append(dict(op, start_s=start, end_s=start + dur))
+        t = start + dur
+    tail = median([it["end_s"] - o[-1]["end_s"] for o, it in zip(ordered, steady)])
+    return {"iteration": "median", "start_s": 0.0, "end_s": t + max(0.0, tail), "ops": ops}
+
+
+def from_profile(data: dict, iteration: int | None = None, link_bytes_per_s: float | None = None) -> Timeline:
+    """A timeline from a measured profile: by default :func:`typical_iteration`, else the iteration at that index.
+
+    ``link_bytes_per_s``: the profile was measured on a network whose NICs carry that many bytes per second; each
+    collective then gets the bytes that make its time alone on the ring model equal to its measured duration (its
+    *effective* bytes). Use it to calibrate the model to a collective library whose algorithms move more than a
+    ring would (gloo's reduce-scatter is an all-reduce, for one); without it the profile's logical bytes are used."""
+    it = typical_iteration(data) if iteration is None else data["iterations"][iteration]
+    machines = data["machines"]
     ops: list[Op] = []
     update = -1
     cursor = it["ops"][0]["start_s"]
@@ -177,8 +207,12 @@ def from_profile(data: dict, iteration: int | None = None) -> Timeline:
             if raw.get("name") == "optimizer":
                 update = len(ops) - 1
         else:
-            ops.append(Op(raw["name"], "comm", deps, collective=raw["name"], bytes=float(raw["bytes"])))
+            op = Op(raw["name"], "comm", deps, collective=raw["name"], bytes=float(raw["bytes"]))
+            if link_bytes_per_s and machines > 1:
+                unit = ring_bytes_per_machine(dataclasses.replace(op, bytes=1.0), machines)
+                op = dataclasses.replace(op, bytes=(raw["end_s"] - raw["start_s"]) * link_bytes_per_s / unit)
+            ops.append(op)
         cursor = max(cursor, raw["end_s"])
     if update < 0:  # no optimizer op recorded: the last op stands for it
         update = len(ops) - 1
-    return Timeline(tuple(ops), update, "profile", data["machines"])
+    return Timeline(tuple(ops), update, "profile", machines)

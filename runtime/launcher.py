@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gemini_sim.plan import UserError  # the Plan reader's error: bad input, one line
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -60,10 +62,16 @@ class JobResult:
 
 class Job:
     def __init__(self, plan_path, workdir, iters=20, seed=0, dim=64, layers=2, faults="", store_root=None,
-                 max_restarts=4, pg_timeout=120.0, extra_args=(), no_checkpoint=False, python=sys.executable):
+                 max_restarts=4, pg_timeout=120.0, extra_args=(), no_checkpoint=False, python=sys.executable,
+                 netns: bool | int = False, out_dir=None):
         from gemini_sim import plan as plan_mod  # the runtime reads gemini_sim only through the Plan
 
+        from .traffic import SCHEDULES
+
         self.plan = plan_mod.read(plan_path)
+        if self.plan["schedule"]["name"] not in SCHEDULES:
+            raise ValueError(f"{plan_path}: schedule {self.plan['schedule']['name']!r} is not run by the runtime "
+                             f"(it runs {', '.join(SCHEDULES)})")
         self.plan_path = Path(plan_path)
         self.n = self.plan["cluster"]["machines"]
         self.ppm = self.plan["cluster"]["processes_per_machine"]
@@ -72,7 +80,7 @@ class Job:
         self.store_root = Path(store_root or tempfile.mkdtemp(prefix="gemini-rt-", dir="/dev/shm"
                                                               if Path("/dev/shm").is_dir() else None))
         self.durable = self.work / "durable"
-        self.out = self.work / "out"
+        self.out = Path(out_dir) if out_dir else self.work / "out"
         self.iters, self.seed, self.dim, self.layers = iters, seed, dim, layers
         self.faults, self.max_restarts, self.pg_timeout = faults, max_restarts, pg_timeout
         self.extra = list(extra_args) + (["--no-checkpoint"] if no_checkpoint else [])
@@ -87,6 +95,17 @@ class Job:
         self.job_attempt = 0  # bumped whenever the root agent restarts the job on a new machine set
         self.waiting: set[int] = set()  # machines paused at a 'lose' fault, waiting to be killed
         self.to_lose = {int(f.split(":")[1]) for f in faults.split(",") if f.startswith("lose:")}
+        # netns: False (localhost), True (the namespaces of `make netns-up`) or the tag of another set-up
+        self.netns = None if netns is False else int(netns is not True and netns)
+        self.host = "127.0.0.1"
+        if self.netns is not None:
+            from . import netns as ns_mod
+
+            state = ns_mod.current(self.netns)
+            if state is None or state["machines"] < self.n:
+                raise ValueError(f"no network namespaces for {self.n} machines: run `make netns-up "
+                                 f"MACHINES={self.n}` (or python -m runtime.netns up --machines {self.n})")
+            self.host = ns_mod.host_addr(self.netns)
 
     # -- machines ------------------------------------------------------------------------------------------------
     def start_machine(self, m: int) -> None:
@@ -96,8 +115,17 @@ class Job:
                    GEMINI_LAUNCH_ID=self.launch_id,
                    GEMINI_MACHINE_GENERATION=str(gen), GEMINI_JOB_ATTEMPT=str(self.job_attempt),
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [self.python, "-m", "torch.distributed.run", f"--nnodes={self.n}", f"--nproc-per-node={self.ppm}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{self.port}", f"--rdzv-id=gemini-{self.job_attempt}",
+        prefix, local = [], []
+        if self.netns is not None:  # this machine's processes live in its namespace, behind its limited NIC
+            from . import netns as ns_mod
+
+            prefix = ["ip", "netns", "exec", ns_mod.ns(m, self.netns)]
+            local = [f"--local-addr={ns_mod.addr(m, self.netns)}"]
+            env["GLOO_SOCKET_IFNAME"] = ns_mod.nic(m, self.netns)
+        cmd = prefix + [
+               self.python, "-m", "torch.distributed.run", f"--nnodes={self.n}", f"--nproc-per-node={self.ppm}",
+               *local, "--rdzv-backend=c10d", f"--rdzv-endpoint={self.host}:{self.port}",
+               f"--rdzv-id=gemini-{self.job_attempt}",
                "--rdzv-conf=is_host=False,join_timeout=120,last_call_timeout=1,keep_alive_interval=1,"
                "keep_alive_max_attempt=3,close_timeout=10",
                "--max-restarts=0", "--monitor-interval=0.5", "-m", "runtime.worker",
@@ -243,10 +271,16 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="out/runtime")
     ap.add_argument("--fault", default="", help="e.g. kill:3:7 (rank 3 dies in iteration 7), lose:1:5 (machine 1 "
                     "is lost in iteration 5); comma-separated")
+    ap.add_argument("--netns", action="store_true", help="run every machine in its network namespace (make "
+                    "netns-up first): links limited by tc instead of plain localhost")
     args = ap.parse_args(argv)
     work = Path(args.workdir)
-    plan_path = args.plan or default_plan(work / "plan.json", args.machines, args.procs)
-    job = Job(plan_path, work, iters=args.iters, faults=args.fault)
+    try:
+        plan_path = args.plan or default_plan(work / "plan.json", args.machines, args.procs)
+        job = Job(plan_path, work, iters=args.iters, faults=args.fault, netns=args.netns)
+    except (ValueError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     res = job.run()
     job.cleanup()
     summarize(res)

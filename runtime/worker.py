@@ -1,20 +1,27 @@
 """The training worker that torchrun starts on every "machine" (one torchrun agent per machine).
 
-Per iteration: train one step (FSDP2 ``fully_shard``, gloo on CPU or NCCL on GPUs), then every ``interval_iters``
-snapshot this rank's model and optimizer shard to CPU memory (its machine's :class:`ShardStore`), hand the snapshot
-to a background thread that replicates it to the peers the plan names over a process group of its own, and every
-``persist_interval_iters`` write a standard DCP checkpoint to durable storage.
+Per iteration: train one step (FSDP2 ``fully_shard``, gloo on CPU or NCCL on GPUs); every ``interval_iters``
+checkpoint this rank's model and optimizer shard to CPU memory (its machine's :class:`ShardStore`) and to the peers
+the plan names, with the traffic scheduled as the plan says (``blocking``, ``naive`` or ``gemini``: see
+runtime/traffic.py); every ``persist_interval_iters`` write a standard DCP checkpoint to durable storage.
 
-On start (first launch or a restart by the elastic agent) the ranks agree on the newest iteration that is complete
+Profiling: the first ``--profile-iters`` iterations (20) are recorded, collectives and compute spans, and written as
+``profile.json`` (rank 0) and ``profile-rank-*.json`` in gemini-sim's profile format (runtime/profiler.py).
+``--probe`` measures the point-to-point network bandwidth and the memory-copy rate (``probe.json``). At the end each
+rank writes ``timings-rank-*.json``: mean timings, and one record per iteration and per checkpoint. ``--rotate
+PLAN,none,...`` runs several schedules in turn, ``--block`` iterations each, in one job (make calibrate).
+
+On start (first launch or a restart by the root agent) the ranks agree on the newest iteration that is complete
 somewhere (an all-gather of what every machine's store holds, plus the DCP checkpoints on durable storage), and every
 rank takes its state from its own machine's memory, from a peer that holds it (sent over the network), or from DCP
 when some shard has no copy left, and logs which tier it used and how long it took.
 
-Faults for tests (``GEMINI_FAULT``, only on the first attempt of the job): ``kill:RANK:ITER`` (SIGKILL during
-iteration ITER's forward pass), ``kill-write:RANK:ITER`` (SIGKILL half-way through writing ITER's shard),
-``corrupt-kill:RANK:ITER`` (once ITER's shard is replicated, flip a byte of this machine's copy, then SIGKILL),
-``lose:MACHINE:ITER`` (local rank 0 of MACHINE announces it and waits there, so that the launcher can kill the whole
-machine and replace it at a known point).
+Faults for tests (``GEMINI_FAULT``, only on the first attempt of the job) strike just before iteration ITER's update,
+once every rank has finished the checkpoint traffic in flight (so which copies exist is deterministic):
+``kill:RANK:ITER`` (SIGKILL), ``lose:MACHINE:ITER`` (local rank 0 of MACHINE announces it and waits there, so that
+the launcher can kill the whole machine and replace it), ``corrupt-kill:RANK:ITER`` (once ITER's checkpoint is
+replicated, at iteration ITER + 1: flip a byte of this machine's copy, then SIGKILL). ``kill-write:RANK:ITER``
+kills the rank half-way through writing ITER's shard to its machine's store.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -37,7 +43,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from .model import ModelConfig, TinyGPT, batch
+from .profiler import Recorder
 from .store import ShardStore, pack, unpack
+from .traffic import SCHEDULES, Checkpoint, Receiver, stop
 
 INVENTORY_SLOTS = 64
 
@@ -65,7 +73,10 @@ class Worker:
             torch.cuda.set_device(self.local)
         dist.init_process_group(backend, rank=self.rank, world_size=self.world,
                                 timeout=timedelta(seconds=args.pg_timeout))
-        self.repl = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.pg_timeout))  # beside training
+        self.backend = backend
+        # Checkpoint traffic beside training, one group per direction (see runtime/traffic.py).
+        self.repl_groups = tuple(dist.new_group(backend="gloo", timeout=timedelta(seconds=args.pg_timeout))
+                                 for _ in range(2))
         holders = self.plan["placement"]["holders"]
         if len(holders) * self.ppm != self.world or self.plan["cluster"]["processes_per_machine"] != self.ppm:
             raise SystemExit(f"plan is for {len(holders)} x {self.plan['cluster']['processes_per_machine']} ranks, "
@@ -75,7 +86,7 @@ class Worker:
         self.store = ShardStore(args.store_root, self.machine)
         self.store.clean_partial()
         self.durable = Path(args.durable_dir)
-        self.cfg = ModelConfig(dim=args.dim, layers=args.layers)
+        self.cfg = ModelConfig(dim=args.dim, layers=args.layers, batch=args.batch, seq=args.seq)
         self.device = torch.device("cuda", self.local) if self.cuda else torch.device("cpu")
         torch.manual_seed(args.seed)
         model = TinyGPT(self.cfg).to(self.device)
@@ -89,8 +100,25 @@ class Worker:
             self.opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                  "exp_avg_sq": torch.zeros_like(p)}
         self.faults = self._parse_faults(os.environ.get("GEMINI_FAULT", ""))
-        self.thread: threading.Thread | None = None
+        self.schedule = self.plan["schedule"]
+        # --rotate: several schedules side by side in one job, in blocks of --block iterations ("none": no
+        # checkpoint), so that a noisy host slows them alike; the plans differ only in their schedule.
+        self.rotation = [None if p == "none" else json.loads(Path(p).read_text())["schedule"]
+                         for p in filter(None, args.rotate.split(","))]
+        for sched in [self.schedule] + [r for r in self.rotation if r]:
+            if sched["name"] not in SCHEDULES:
+                raise SystemExit(f"schedule {sched['name']!r} is not run by the runtime (it runs "
+                                 f"{', '.join(SCHEDULES)})")
+        self.inflight: Checkpoint | None = None
+        self.receivers: dict[int, Receiver] | None = None  # one per peer that sends us its checkpoints
+        self.sent_count = 0
+        self.recorder = Recorder(args.profile_iters)
+        self.recorder.install()
         self.timings: dict[str, list[float]] = {}
+        self.iter_log: list[dict] = []  # one record per iteration
+        self.ckpt_log: list[dict] = []  # one record per checkpoint
+        self.iter_start: dict[int, float] = {}  # checkpoint iteration -> start of the iteration its traffic ran in
+        self.released_in: dict[int, int] = {}
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -135,33 +163,40 @@ class Worker:
         log(self.rank, "fault", what=why)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    # -- checkpointing -------------------------------------------------------------------------------------------
-    def checkpoint(self, iteration: int) -> None:
+    # -- checkpointing (the data path and schedules live in runtime/traffic.py) ----------------------------------
+    def _store_local(self, iteration: int, data, manifest: dict) -> None:
+        """Commit this rank's copy of a checkpoint to its machine's store (called by the copier thread)."""
         t0 = time.perf_counter()
-        tensors = self.snapshot()
-        data, manifest = pack(tensors)
-        t_snap = time.perf_counter() - t0
         hook = (lambda: self._die("killed while writing a checkpoint")) if self._fault("kill-write", iteration) \
             else None
         self.store.put(iteration, self.rank, data, manifest, before_commit=hook)
-        t_local = time.perf_counter() - t0
-        self.wait_replication()
-        self.thread = threading.Thread(target=self._replicate, args=(iteration, data, manifest, t0), daemon=True)
-        self.thread.start()
-        if self._fault("corrupt-kill", iteration):  # once the peers have it, a bit flips in this machine's copy
-            self.wait_replication()
-            bin_path = self.store._paths(iteration, self.rank)[0]
-            raw = bytearray(bin_path.read_bytes())
-            raw[len(raw) // 3] ^= 0xFF
-            bin_path.write_bytes(bytes(raw))
-            self._die("corrupted its stored shard")
-        self.timings.setdefault("snapshot_s", []).append(t_snap)
-        self.timings.setdefault("local_write_s", []).append(t_local)
+        self.timings.setdefault("local_write_s", []).append(time.perf_counter() - t0)
 
-    def wait_replication(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
+    def start_checkpoint(self, iteration: int, release_at: float) -> Checkpoint:
+        if self.receivers is None:  # posted once, before any peer sends
+            self.receivers = {src: Receiver(self, src) for src in self._peers()[1]}
+        self.inflight = Checkpoint(self, iteration, self.schedule, release_at, self.sent_count).start()
+        self.sent_count += 1
+        return self.inflight
+
+    def finish_checkpoint(self) -> float:
+        """Wait for the checkpoint in flight (copy, sends, receives); return how long this waited."""
+        ck, self.inflight = self.inflight, None
+        if ck is None:
+            return 0.0
+        t = time.perf_counter()
+        done = ck.wait()
+        self.store.keep_newest(self.ckpt["keep"])
+        self.ckpt_log.append({"iteration": ck.iteration, "schedule": ck.schedule["name"],
+                              "released_in": self.released_in.pop(ck.iteration, None),
+                              "start_s": ck.release_at - self.iter_start.get(ck.iteration, ck.release_at),
+                              "copied_s": (ck.copied_at or done) - ck.release_at,
+                              "complete_s": done - self.iter_start.get(ck.iteration, ck.release_at),
+                              "data_s": ck.data_done() - self.iter_start.get(ck.iteration, ck.release_at),
+                              "bytes": ck.size, "peers": len(ck.send_to),
+                              "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent]})
+        self.timings.setdefault("replicated_s", []).append(done - ck.release_at)
+        return time.perf_counter() - t
 
     def _peers(self) -> tuple[list[int], list[int]]:
         """Ranks I send my shard to, and ranks whose shards I keep (same local rank on the other machines)."""
@@ -170,18 +205,6 @@ class Worker:
         recv = [j for j, hs in enumerate(self.holders) if j != me and me in hs]
         to_rank = lambda m: m * self.ppm + self.local
         return [to_rank(m) for m in send], [to_rank(m) for m in recv]
-
-    def _replicate(self, iteration: int, data: bytes, manifest: dict, t0: float) -> None:
-        send_to, recv_from = self._peers()
-        tag = iteration % 1000
-        works = [w for dst in send_to for w in send_shard(data, manifest, dst, self.repl, tag)]
-        for src in recv_from:
-            body, meta = recv_shard(src, self.repl, tag)
-            self.store.put(iteration, src, body, meta)
-        for w in works:
-            w.wait()
-        self.store.keep_newest(self.ckpt["keep"])
-        self.timings.setdefault("replicated_s", []).append(time.perf_counter() - t0)
 
     def persist(self, iteration: int) -> None:
         t0 = time.perf_counter()
@@ -270,38 +293,145 @@ class Worker:
         return "storage"
 
     # -- training ------------------------------------------------------------------------------------------------
-    def step(self, iteration: int) -> float:
-        x, y = batch(self.cfg, self.args.seed, iteration, self.rank)
-        x, y = x.to(self.device), y.to(self.device)
+    def _fault_point(self, iteration: int) -> None:
+        """Where injected faults strike, just before iteration ITER's update: first every rank finishes the
+        checkpoint traffic in flight (so which copies exist is deterministic), then the faulty rank acts."""
+        first = self.attempt == 0 and self.job_attempt == 0
+        due = [(k, who) for k, who, i in self.faults
+               if (k in ("kill", "lose") and i == iteration) or (k == "corrupt-kill" and i == iteration - 1)]
+        if not first or not due:
+            return
+        self.finish_checkpoint()
+        dist.barrier()
         if self._fault("kill", iteration):
             self._die("killed mid-iteration")
         if self._fault("lose", iteration):
             log(self.rank, "lose-me", iteration=iteration, machine=self.machine)
             time.sleep(3600)  # the launcher kills this machine now
-        loss = torch.nn.functional.cross_entropy(self.model(x).reshape(-1, self.cfg.vocab), y.reshape(-1))
+        if self._fault("corrupt-kill", iteration - 1):  # the peers have it: a bit flips in this machine's copy
+            bin_path = self.store._paths(iteration - 1, self.rank)[0]
+            raw = bytearray(bin_path.read_bytes())
+            raw[len(raw) // 3] ^= 0xFF
+            bin_path.write_bytes(bytes(raw))
+            self._die("corrupted its stored shard")
+
+    def step(self, iteration: int) -> tuple[float, float]:
+        """One training iteration; returns (loss, seconds the update waited for a checkpoint's copy)."""
+        x, y = batch(self.cfg, self.args.seed, iteration, self.rank)
+        x, y = x.to(self.device), y.to(self.device)
+        rec = self.recorder
+        rec.phase("forward")
+        out = self.model(x)
+        loss = torch.nn.functional.cross_entropy(out.reshape(-1, self.cfg.vocab), y.reshape(-1))
+        rec.phase("backward")
         loss.backward()
+        rec.phase("host")
+        waited = 0.0
+        if self.inflight is not None:
+            self.inflight.backward_ended()  # gemini: what did not fit the idle spans may go now
+            t = time.perf_counter()
+            self.inflight.wait_copied()  # the update may overwrite the state only once it is in CPU memory
+            waited = time.perf_counter() - t
+            rec.skip_until(time.perf_counter())
+        self._fault_point(iteration)
+        rec.skip_until(time.perf_counter())
+        rec.phase("optimizer")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(loss.detach()), waited
 
     def run(self) -> None:
         start = self.recover()
+        if self.args.probe:
+            self.probe()
         every, persist = self.ckpt["interval_iters"], self.ckpt["persist_interval_iters"]
+        blocking = self.schedule["name"] == "blocking"
+        checkpointing = not self.args.no_checkpoint
+        pending = None  # naive/gemini: the iteration whose state goes out while the next iteration trains
         for it in range(start + 1, self.args.iters + 1):
             t0 = time.perf_counter()
-            loss = self.step(it)
-            t_step = time.perf_counter() - t0
-            if not self.args.no_checkpoint and it % every == 0:
-                self.checkpoint(it)
-            if not self.args.no_checkpoint and it % persist == 0:
-                self.wait_replication()
+            stall = 0.0
+            if self.rotation and (it - 1) % self.args.block == 0:  # the next schedule's block begins
+                stall += self.finish_checkpoint()
+                pending = None
+                sched = self.rotation[(it - 1) // self.args.block % len(self.rotation)]
+                checkpointing = sched is not None
+                self.schedule = sched or self.plan["schedule"]
+                blocking = self.schedule["name"] == "blocking"
+            if pending is not None:
+                stall += self.finish_checkpoint()  # a checkpoint starts only when the one before it is done
+                self.iter_start[pending] = time.perf_counter()
+                self.released_in[pending] = it
+                self.start_checkpoint(pending, self.iter_start[pending])
+                pending = None
+            elif self.inflight is not None:
+                self.inflight.iteration_started(t0)  # an interval of K > 1: its traffic may use this iteration too
+            self.recorder.begin(it)
+            loss, waited = self.step(it)
+            if self.recorder.end():
+                self.write_profile()
+            if checkpointing and it % every == 0:
+                if blocking:  # training waits while the whole checkpoint is copied out and sent
+                    t = time.perf_counter()
+                    self.iter_start[it] = t0
+                    self.released_in[it] = it
+                    stall += self.finish_checkpoint()
+                    self.start_checkpoint(it, t)
+                    stall += self.finish_checkpoint()
+                else:
+                    pending = it
+            if checkpointing and it % persist == 0:
                 self.persist(it)
-            self.timings.setdefault("iteration_s", []).append(time.perf_counter() - t0)
-            self.timings.setdefault("step_s", []).append(t_step)
+            dt = time.perf_counter() - t0
+            self.timings.setdefault("iteration_s", []).append(dt)
+            self.iter_log.append({"iteration": it, "iteration_s": dt, "stall_s": stall, "update_wait_s": waited,
+                                  "schedule": self.schedule["name"] if checkpointing else "none",
+                                  "block_pos": (it - 1) % self.args.block if self.rotation else None})
             log(self.rank, "iteration", iteration=it, loss=round(loss, 6), machine=self.machine)
-        self.wait_replication()
+        self.finish_checkpoint()
+        if self.receivers is not None:
+            send_to, recv_from = self._peers()
+            stop(self, send_to, self.sent_count, [self.receivers[s] for s in recv_from])
+        if self.recorder.iterations and len(self.recorder.iterations) < self.recorder.limit:
+            self.write_profile()  # a run shorter than the profiling window: what it has
         dist.barrier()
         self.finish()
+
+    def probe(self) -> None:
+        """Measure what the simulator needs to know about this set-up: the network's point-to-point bandwidth
+        between machine 0 and machine 1 (rank 0 and its counterpart, each direction), and the rate at which this
+        rank copies memory (the stand-in for the GPU-to-CPU copy when training on CPU)."""
+        nbytes, reps = 8 << 20, 3
+        rates = []
+        other = self.ppm if self.world > self.ppm else None
+        for src, dst in ((0, other), (other, 0)) if other is not None else ():
+            for _ in range(reps):
+                dist.barrier()
+                t = time.perf_counter()
+                g = self.repl_groups[0 if src < dst else 1]
+                if self.rank == src:
+                    dist.send(torch.ones(nbytes, dtype=torch.uint8), dst, group=g)
+                elif self.rank == dst:
+                    dist.recv(torch.empty(nbytes, dtype=torch.uint8), src, group=g)
+                    rates.append(nbytes / (time.perf_counter() - t))
+        a = torch.ones(64 << 20, dtype=torch.uint8)
+        b = torch.empty_like(a)
+        best = min(_timed(lambda: b.copy_(a)) for _ in range(5))
+        if self.rank == 0 and rates:
+            Path(self.args.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.args.out_dir) / "probe.json").write_text(json.dumps({
+                "network_bytes_per_s": sorted(rates)[len(rates) // 2], "network_samples": rates,
+                "copy_bytes_per_s": a.numel() / best, "probe_bytes": nbytes}))
+        dist.barrier()
+
+    def write_profile(self) -> None:
+        out = Path(self.args.out_dir)
+        n = self.world // self.ppm
+        src = f"runtime rank {self.rank}, {n} x {self.ppm} ranks, {self.backend}, schedule {self.schedule['name']}" \
+              + (" (no checkpoint)" if self.args.no_checkpoint else "")
+        self.recorder.write(out / f"profile-rank-{self.rank:05d}.json", n, self.ppm, src)
+        if self.rank == 0:
+            self.recorder.write(out / "profile.json", n, self.ppm, src)
 
     def finish(self) -> None:
         out = Path(self.args.out_dir)
@@ -312,10 +442,20 @@ class Worker:
         (out / f"final-rank-{self.rank:05d}.json").write_text(json.dumps(manifest))
         stats = {k: sum(v) / len(v) for k, v in self.timings.items() if v}
         stats["shard_bytes"] = len(pack(self.snapshot())[0])
-        stats["params"] = sum(p.numel() for p in self.model.parameters())
+        stats["params"] = sum(p.numel() for p in self.model.parameters())  # DTensor numel: the whole model's
+        stats["schedule"] = self.schedule["name"]
+        stats["checkpointing"] = not self.args.no_checkpoint
+        stats["iterations"] = self.iter_log
+        stats["checkpoints"] = self.ckpt_log
         (out / f"timings-rank-{self.rank:05d}.json").write_text(json.dumps(stats))
         log(self.rank, "done", iterations=self.args.iters)
         dist.destroy_process_group()
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def send_shard(data: bytes, manifest: dict, dst: int, group, tag: int) -> list:
@@ -345,10 +485,16 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4, help="sequences per rank per iteration")
+    ap.add_argument("--seq", type=int, default=32, help="tokens per sequence")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pg-timeout", type=float, default=120.0)
     ap.add_argument("--no-checkpoint", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU even when CUDA is present")
+    ap.add_argument("--profile-iters", type=int, default=20, help="iterations recorded in profile.json")
+    ap.add_argument("--probe", action="store_true", help="measure network and copy bandwidth (probe.json)")
+    ap.add_argument("--rotate", default="", help="comma-separated plans (or 'none') to run in turn, in blocks")
+    ap.add_argument("--block", type=int, default=4, help="iterations per block with --rotate (default 4)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     Worker(args).run()

@@ -1,0 +1,206 @@
+"""Does the simulator predict the runtime? Measured set-up in, predictions and relative errors out.
+
+A **run directory** (what ``make calibrate`` / ``python -m runtime.calibrate`` writes)::
+
+    RUN_DIR/baseline/            the runtime without checkpoints: the set-up's measurements
+        profile.json             its timeline (gemini-sim profile format, see workload.py)
+        probe.json               {"network_bytes_per_s", "copy_bytes_per_s", ...}: measured point-to-point
+                                 bandwidth between two machines and memory-copy rate of one rank
+        timings-rank-*.json      per rank: shard_bytes (its checkpoint), params (the model's), "iterations":
+                                 [{"iteration", "iteration_s", ...}]
+    RUN_DIR/<schedule>/          one per schedule (blocking, naive, gemini)
+        plan.json                its plan (made by ``gemini-sim interleave --setup ... --export-plan``)
+        timings-rank-*.json      a run of that plan alone (optional when rotation/ exists): as above, plus
+                                 "checkpoints": [{"iteration", "complete_s", ...}]
+    RUN_DIR/rotation/            optional: one run that takes the schedules in turn, in blocks of iterations
+        timings-rank-*.json      iterations and checkpoints labelled with their "schedule" ("none": no checkpoint)
+                                 and iterations with their "block_pos"
+
+The simulated set-up (:func:`setup_preset`): the run's machines and processes, each NIC at the measured
+point-to-point bandwidth, the copy to CPU memory at the measured copy rate, checkpoint bytes per machine as the runtime
+reported them. The timeline is the profile's typical iteration, with each collective's effective bytes fitted to its
+measured duration (``from_profile(link_bytes_per_s=...)``): the baseline iteration is thus calibrated, and what the
+comparison tests is the prediction of what checkpoint traffic does to it.
+
+Measured values are medians over the steady iterations (the first ``warmup`` are dropped): the iteration time
+(mean across ranks per iteration) and the checkpoint completion time (the last rank's, from the start of the
+iteration its traffic ran in; with ``data_s`` in the records, when the last byte arrived, as the simulator counts
+it: the hashing and file writes that commit a copy come after and are the runtime's own). With a rotation run, every schedule and the baseline ("none") come from it, side by
+side, so that a noisy host (a shared 2-core VM varies by 10% from run to run) slows them alike; the first iteration
+of each block is left out.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+
+from .config import Preset, preset_from_dict
+from .errors import UserError, load_user_json
+from .workload import Timeline, from_profile, load_profile
+
+SCHEDULE_DIRS = ("blocking", "naive", "gemini", "priority")
+
+
+def _timings(d: Path) -> list[dict]:
+    files = sorted(d.glob("timings-rank-*.json"))
+    if not files:
+        raise UserError(f"{d}: no timings-rank-*.json (did the runtime run finish?)")
+    return [load_user_json(f, "runtime timings") for f in files]
+
+
+def setup_preset(setup_dir, replicas: int = 2) -> tuple[Preset, Timeline, dict]:
+    """The simulator's view of a measured set-up (a runtime run directory with profile.json and probe.json)."""
+    d = Path(setup_dir)
+    for name in ("profile.json", "probe.json"):
+        if not (d / name).is_file():
+            raise UserError(f"{d}: missing {name}; run the runtime with --probe (make calibrate does)")
+    profile = load_profile(d / "profile.json")
+    probe = load_user_json(d / "probe.json", "probe")
+    ranks = _timings(d)
+    n, ppm = profile["machines"], profile.get("processes_per_machine", 1)
+    if len(ranks) != n * ppm:
+        raise UserError(f"{d}: {len(ranks)} timings files for {n} x {ppm} ranks")
+    net = float(probe["network_bytes_per_s"])
+    shard = sum(r["shard_bytes"] for r in ranks)
+    params = ranks[0]["params"]  # the model's parameter count (every rank reports it)
+    preset = preset_from_dict({
+        "name": f"runtime set-up ({d})",
+        "cluster": {"machines": n, "gpus_per_machine": ppm, "gpu": "cpu-rank", "gpu_memory_gb": 1.0,
+                    "gpu_peak_tflops": 1.0, "cpu_memory_gb": 1e3, "network_gbps": net * 8 / 1e9,
+                    "pcie_gbps": ppm * float(probe["copy_bytes_per_s"]) * 8 / 1e9},
+        "model": {"name": "runtime TinyGPT", "parameters": float(params), "layers": 1, "hidden": 1, "seq_len": 1,
+                  "global_batch_tokens": 1.0, "mfu": 0.5, "bytes_per_param": shard / params},
+        "storage": {"remote_gbps": 1.0},
+        "recovery": {"replicas": replicas},
+    }, str(d))
+    return preset, from_profile(profile, link_bytes_per_s=net), profile
+
+
+@dataclass(frozen=True)
+class Measured:
+    schedule: str
+    iteration_s: float
+    checkpoint_complete_s: float | None
+    iterations: int
+    checkpoints: int
+
+
+def measured(run_dir, warmup: int = 3, schedule: str | None = None) -> Measured:
+    """Medians of a run. ``schedule``: only the iterations and checkpoints of that schedule in a rotation run
+    (``"none"``: the iterations without checkpoints), leaving out the first iteration of every block, which also
+    waits for the previous block's checkpoint."""
+    d = Path(run_dir)
+    ranks = _timings(d)
+    per_it: dict[int, list[float]] = {}
+    for r in ranks:
+        for rec in r["iterations"]:
+            if rec["iteration"] <= warmup:
+                continue
+            if schedule is not None and (rec.get("schedule") != schedule or rec.get("block_pos") == 0):
+                continue
+            per_it.setdefault(rec["iteration"], []).append(rec["iteration_s"])
+    steady = sorted(i for i, v in per_it.items() if len(v) == len(ranks))
+    if not steady:
+        raise UserError(f"{d}: no steady iterations measured" + (f" for schedule {schedule}" if schedule else ""))
+    it_s = median(sum(per_it[i]) / len(per_it[i]) for i in steady)
+    per_ck: dict[int, list[float]] = {}
+    for r in ranks:
+        for rec in r.get("checkpoints", []):
+            if schedule is None or rec.get("schedule") == schedule:
+                per_ck.setdefault(rec["iteration"], []).append(rec.get("data_s", rec["complete_s"]))
+    cks = [max(v) for k, v in sorted(per_ck.items()) if k > warmup and len(v) == len(ranks)]
+    name = schedule or (ranks[0].get("schedule", d.name) if ranks[0].get("checkpointing", True) else "none")
+    return Measured(name, it_s, median(cks) if cks else None, len(steady), len(cks))
+
+
+def _rel(pred: float | None, meas: float | None) -> float | None:
+    if pred is None or meas is None or meas == 0:
+        return None
+    return (pred - meas) / meas
+
+
+def compare(run_dir, warmup: int = 3) -> dict:
+    """Predicted vs measured for every schedule run in ``run_dir``."""
+    from . import interleave
+
+    d = Path(run_dir)
+    if not (d / "baseline").is_dir():
+        raise UserError(f"{d}: not a calibration run directory (no baseline/); see gemini_sim/validate.py")
+    rotation = d / "rotation"
+    if rotation.is_dir():  # every schedule side by side in one job: the fair comparison on a noisy host
+        base = measured(rotation, warmup, "none")
+    else:
+        base = measured(d / "baseline", warmup)
+    rows = []
+    for name in SCHEDULE_DIRS:
+        sd = d / name
+        if not (sd / "plan.json").is_file():
+            continue
+        from . import plan as plan_mod
+
+        plan = plan_mod.read(sd / "plan.json")
+        preset, timeline, _ = setup_preset(d / "baseline", replicas=plan["placement"]["replicas"])
+        cfg = interleave.InterleaveConfig(schedule=plan["schedule"]["name"], replicas=plan["placement"]["replicas"],
+                                          buffer_bytes=plan["schedule"]["buffer_bytes"],
+                                          interval=plan["checkpoint"]["interval_iters"],
+                                          span_fill=plan["schedule"].get("span_fill", 1.0))
+        sim = interleave.simulate(preset, cfg, timeline, find_interval=False)
+        m = measured(rotation, warmup, name) if rotation.is_dir() else measured(sd, warmup)
+        meas_over = 100 * (m.iteration_s / base.iteration_s - 1)
+        rows.append({
+            "schedule": name, "interval_iters": cfg.interval,
+            "iteration_s": {"measured": m.iteration_s, "predicted": sim.iteration_time_s,
+                            "rel_error": _rel(sim.iteration_time_s, m.iteration_s)},
+            "checkpoint_complete_s": {"measured": m.checkpoint_complete_s, "predicted": sim.checkpoint_complete_s,
+                                      "rel_error": _rel(sim.checkpoint_complete_s, m.checkpoint_complete_s)},
+            "overhead_pct": {"measured": meas_over, "predicted": sim.overhead_pct,
+                             "error_points": sim.overhead_pct - meas_over},
+            "iterations": m.iterations, "checkpoints": m.checkpoints,
+        })
+    if not rows:
+        raise UserError(f"{d}: no schedule runs (blocking/, naive/, gemini/ with plan.json)")
+    preset, timeline, profile = setup_preset(d / "baseline")
+    plain = interleave.simulate(preset, interleave.InterleaveConfig(schedule="naive"),
+                                from_profile(profile), find_interval=False)  # logical bytes on ideal rings
+    fitted = interleave.simulate(preset, interleave.InterleaveConfig(schedule="naive"), timeline,
+                                 find_interval=False)
+    probe = load_user_json(d / "baseline" / "probe.json", "probe")
+    return {
+        "run_dir": str(d), "machines": preset.cluster.machines,
+        "processes_per_machine": preset.cluster.gpus_per_machine,
+        "network_mbit_s": probe["network_bytes_per_s"] * 8 / 1e6,
+        "checkpoint_mb_per_machine": preset.checkpoint_bytes_per_machine / 1e6,
+        "baseline": {"measured": base.iteration_s, "predicted": fitted.baseline_iteration_time_s,
+                     "rel_error": _rel(fitted.baseline_iteration_time_s, base.iteration_s),
+                     "predicted_unfitted": plain.baseline_iteration_time_s,
+                     "rel_error_unfitted": _rel(plain.baseline_iteration_time_s, base.iteration_s)},
+        "schedules": rows, "measured_in": "rotation" if rotation.is_dir() else "separate runs",
+        "baseline_run_iteration_s": measured(d / "baseline", warmup).iteration_s,
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def table(result: dict) -> tuple[list[str], list[list]]:
+    headers = ["schedule", "iter meas (s)", "iter pred (s)", "error", "ckpt done meas (s)", "ckpt done pred (s)",
+               "error", "overhead meas", "overhead pred"]
+    rows = []
+    for r in result["schedules"]:
+        it, ck, ov = r["iteration_s"], r["checkpoint_complete_s"], r["overhead_pct"]
+        rows.append([r["schedule"], _s(it["measured"]), _s(it["predicted"]), _pct(it["rel_error"]),
+                     _s(ck["measured"]), _s(ck["predicted"]), _pct(ck["rel_error"]),
+                     f"{ov['measured']:.1f}%", f"{ov['predicted']:.1f}%"])
+    return headers, rows
+
+
+def write_json(result: dict, path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,126 @@
+"""Close the loop: run the runtime, profile it, let the simulator plan and predict, run each plan, compare.
+
+``python -m runtime.calibrate OUT_DIR`` (``make calibrate``):
+
+1. Network: with ``--net auto`` (default) every machine gets its own network namespace and a ``tc``-limited link
+   (``--mbit`` each way, see runtime/netns.py) when this host allows it, else plain localhost (then the network is
+   hardly a constraint and the comparison says so).
+2. Baseline: the job without checkpoints. The runtime writes its profile (first 20 iterations) and probes the
+   network's point-to-point bandwidth and its memory-copy rate (OUT_DIR/baseline/).
+3. For every schedule: ``gemini-sim interleave --setup OUT_DIR/baseline --schedule S --export-plan`` turns the
+   measured set-up into a plan (for ``gemini``: the idle spans of the profiled iteration and the bytes for each,
+   OUT_DIR/S/plan.json). Then one runtime job runs no checkpoint and every plan in turn, ``--block`` iterations
+   each, ``--rounds`` times, with a checkpoint every iteration (OUT_DIR/rotation/): side by side, so that the host's
+   noise (10% from run to run on a shared 2-core VM) hits every schedule alike.
+4. ``gemini-sim validate OUT_DIR`` prints predicted against measured iteration time, checkpoint completion time and
+   overhead per schedule, with the relative errors (OUT_DIR/validate.json).
+
+The runtime and the simulator talk only through files here: the profile and probe go one way, the plan the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from . import netns as ns_mod
+from .launcher import Job, default_plan
+
+
+def _gemini_sim(*args: str) -> None:
+    cmd = [sys.executable, "-m", "gemini_sim.cli", *args]
+    r = subprocess.run(cmd)
+    if r.returncode:
+        raise SystemExit(f"calibrate: `gemini-sim {' '.join(args)}` failed (exit {r.returncode})")
+
+
+def _run(plan: Path, d: Path, args, netns: bool, no_checkpoint: bool = False, extra=(), iters=None) -> None:
+    iters = iters or args.iters
+    job = Job(plan, d / "job", iters=iters, dim=args.dim, layers=args.layers, netns=netns, out_dir=d,
+              no_checkpoint=no_checkpoint, extra_args=["--profile-iters", str(args.profile_iters), "--batch",
+                                                       str(args.batch), "--seq", str(args.seq), *extra])
+    try:
+        res = job.run(timeout=args.timeout)
+    finally:
+        job.cleanup()
+    if not res.ok:
+        raise SystemExit(f"calibrate: the runtime failed in {d} (exit codes {res.returncodes}; logs {res.logs})")
+    print(f"  {d.name}: {iters} iterations in {res.wall_s:.0f} s", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.calibrate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", default="out/calibrate", help="run directory (default out/calibrate)")
+    ap.add_argument("--net", choices=("auto", "netns", "localhost"), default="auto")
+    ap.add_argument("--mbit", type=float, default=400.0, help="NIC bandwidth each way with namespaces (default 400)")
+    ap.add_argument("--machines", type=int, default=4)
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=30, help="iterations of the profiling run (default 30)")
+    ap.add_argument("--block", type=int, default=5, help="iterations per schedule in a turn (default 5)")
+    ap.add_argument("--rounds", type=int, default=6, help="turns of every schedule (default 6)")
+    ap.add_argument("--profile-iters", type=int, default=20)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4, help="sequences per rank per iteration (default 4)")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
+    ap.add_argument("--buffer-mb", type=float, default=2.0, help="staging buffer, two chunks (default 2 MiB)")
+    ap.add_argument("--span-fill", type=float, default=0.5, help="gemini: fill at most this fraction of each idle "
+                    "span (default 0.5: headroom for the jitter of a shared 2-core host)")
+    ap.add_argument("--schedules", default="blocking,naive,gemini")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per runtime run")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    schedules = [s for s in args.schedules.split(",") if s]
+    for s in schedules:
+        if s not in ("blocking", "naive", "gemini"):
+            print(f"error: unknown schedule {s!r}; the runtime runs blocking, naive, gemini", file=sys.stderr)
+            return 2
+    if args.machines < 2 or args.iters < args.profile_iters or args.mbit <= 0 or args.block < 2 or args.rounds < 1:
+        print("error: need --machines >= 2, --iters >= --profile-iters, --mbit > 0, --block >= 2, --rounds >= 1",
+              file=sys.stderr)
+        return 2
+    use_ns = False
+    if args.net != "localhost":
+        why = ns_mod.available()
+        if why and args.net == "netns":
+            print(f"error: {why}", file=sys.stderr)
+            return 2
+        if why:
+            print(f"note: {why}; running on plain localhost (the network is then hardly a constraint)")
+        else:
+            ns_mod.up(args.machines, args.mbit)
+            use_ns = True
+            print(f"{args.machines} machines in network namespaces, {args.mbit:g} Mbit/s per NIC each way")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        base = out / "baseline"
+        plan = default_plan(base / "plan.json", args.machines, 1, replicas=args.replicas)
+        _run(plan, base, args, use_ns, no_checkpoint=True, extra=["--probe"])
+        plans = []
+        for s in schedules:
+            d = out / s
+            d.mkdir(parents=True, exist_ok=True)
+            _gemini_sim("interleave", "--setup", str(base), "--schedule", s, "--replicas", str(args.replicas),
+                        "--buffer-mb", str(args.buffer_mb), "--span-fill", str(args.span_fill),
+                        "--export-plan", str(d / "plan.json"), "--json")
+            plans.append(str((d / "plan.json").resolve()))
+        # Every schedule and the baseline side by side in one job, in blocks, so that the host's noise hits
+        # them alike.
+        turns = ["none"] + plans
+        _run(Path(plans[0]), out / "rotation", args, use_ns, iters=args.rounds * len(turns) * args.block,
+             extra=["--rotate", ",".join(turns), "--block", str(args.block)])
+    finally:
+        if use_ns:
+            ns_mod.down()
+    (out / "setup.txt").write_text(
+        f"net={'netns' if use_ns else 'localhost'} mbit={args.mbit:g} machines={args.machines} dim={args.dim} "
+        f"layers={args.layers} batch={args.batch} seq={args.seq} span_fill={args.span_fill:g} block={args.block} "
+        f"rounds={args.rounds}\n")
+    _gemini_sim("validate", str(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

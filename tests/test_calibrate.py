@@ -1,0 +1,128 @@
+"""The loop end to end with real processes: the runtime profiles itself and probes the set-up, the simulator turns
+that into a plan per schedule, the runtime runs each plan, `gemini-sim validate` compares. Small and on localhost
+here (make calibrate is the full-size, bandwidth-limited run); plus the network-namespace set-up where permitted."""
+
+import filecmp
+import json
+
+import pytest
+
+from gemini_sim import plan as plan_mod, workload
+from runtime import calibrate, netns
+from runtime.launcher import Job, default_plan
+
+ITERS, PROFILE, BLOCK = 12, 6, 2  # the rotation: 2 rounds of (none, blocking, gemini) x 2 iterations = 12
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("calib")
+    rc = calibrate.main([str(d), "--net", "localhost", "--iters", str(ITERS), "--profile-iters", str(PROFILE),
+                         "--dim", "64", "--layers", "2", "--seq", "32", "--schedules", "blocking,gemini",
+                         "--buffer-mb", "0.125", "--block", str(BLOCK), "--rounds", "2"])
+    assert rc == 0
+    return d
+
+
+def test_runtime_writes_a_profile_the_simulator_reads(run_dir):
+    base = run_dir / "baseline"
+    prof = workload.load_profile(base / "profile.json")  # validated
+    assert prof["machines"] == 4 and prof["processes_per_machine"] == 1
+    assert [it["iteration"] for it in prof["iterations"]] == list(range(1, PROFILE + 1))
+    total_params = json.loads((base / "timings-rank-00000.json").read_text())["params"]  # the whole model's
+    for it in prof["iterations"]:
+        ops = it["ops"]
+        assert all(a["end_s"] <= b["start_s"] + 1e-6 for a, b in zip(ops, ops[1:]))  # one thread: no overlap
+        assert ops[-1]["name"] == "optimizer" and ops[-1]["end_s"] == pytest.approx(it["end_s"])
+        gathered = sum(o["bytes"] for o in ops if o["name"] == "all_gather")
+        reduced = sum(o["bytes"] for o in ops if o["name"] == "reduce_scatter")
+        assert gathered >= 4 * total_params  # every fp32 parameter gathered at least once (fwd; bwd again)
+        assert reduced >= 4 * total_params  # every gradient reduce-scattered once
+        assert {o["name"] for o in ops if o["kind"] == "compute"} >= {"forward", "backward", "optimizer"}
+    per_rank = sorted(base.glob("profile-rank-*.json"))
+    assert len(per_rank) == 4
+    probe = json.loads((base / "probe.json").read_text())
+    assert probe["network_bytes_per_s"] > 0 and probe["copy_bytes_per_s"] > 0
+
+
+def test_plans_come_from_the_profile(run_dir):
+    g = plan_mod.read(run_dir / "gemini" / "plan.json")
+    assert g["schedule"]["name"] == "gemini" and g["schedule"]["spans"]
+    assert g["schedule"]["chunk_bytes"] == 2 ** 16
+    b = plan_mod.read(run_dir / "blocking" / "plan.json")
+    assert b["schedule"]["rule"] == "after-update" and "spans" not in b["schedule"]
+
+
+def test_schedules_take_turns_and_checkpoint_without_changing_training(run_dir):
+    d = run_dir / "rotation"
+    turns = ["none", "blocking", "gemini"]
+    for r in range(4):
+        assert filecmp.cmp(run_dir / "baseline" / f"final-rank-{r:05d}.bin", d / f"final-rank-{r:05d}.bin",
+                           shallow=False), f"rank {r} trained differently while checkpointing"
+        t = json.loads((d / f"timings-rank-{r:05d}.json").read_text())
+        its = t["iterations"]
+        assert [i["schedule"] for i in its] == [turns[(i - 1) // BLOCK % 3] for i in range(1, ITERS + 1)]
+        assert [i["block_pos"] for i in its] == [(i - 1) % BLOCK for i in range(1, ITERS + 1)]
+        cks = t["checkpoints"]
+        assert all(c["bytes"] == t["shard_bytes"] and c["peers"] == 1 and c["complete_s"] > 0 for c in cks)
+        # blocking checkpoints its own iterations (3, 4, 9, 10); gemini sends iteration i during i + 1, so within
+        # its blocks (5-6, 11-12) only 5 and 11 (a block's last checkpoint is dropped when the turn ends)
+        blocking = [c for c in cks if c["schedule"] == "blocking"]
+        gemini = [c for c in cks if c["schedule"] == "gemini"]
+        assert [c["iteration"] for c in blocking] == [3, 4, 9, 10]
+        assert all(c["released_in"] == c["iteration"] for c in blocking)
+        assert [c["iteration"] for c in gemini] == [5, 11]
+        assert all(c["released_in"] == c["iteration"] + 1 for c in gemini)
+
+
+def test_validate_compares_every_schedule(run_dir):
+    res = json.loads((run_dir / "validate.json").read_text())
+    assert res["measured_in"] == "rotation"
+    rows = {r["schedule"]: r for r in res["schedules"]}
+    assert set(rows) == {"blocking", "gemini"}
+    for r in rows.values():
+        for key in ("iteration_s", "checkpoint_complete_s"):
+            assert r[key]["measured"] > 0 and r[key]["predicted"] > 0
+            assert r[key]["rel_error"] == pytest.approx((r[key]["predicted"] - r[key]["measured"])
+                                                        / r[key]["measured"])
+    assert rows["blocking"]["overhead_pct"]["predicted"] > 0  # training waits for the whole checkpoint
+
+
+def test_runtime_refuses_a_schedule_it_does_not_run(tmp_path):
+    p = default_plan(tmp_path / "plan.json", 2, 1)
+    d = plan_mod.read(p)
+    d["schedule"]["name"] = "priority"
+    plan_mod.write(d, p)
+    with pytest.raises(ValueError, match="not run by the runtime"):
+        Job(p, tmp_path / "job")
+
+
+@pytest.mark.skipif(netns.available() is not None, reason=f"network namespaces: {netns.available()}")
+def test_network_namespaces_limit_the_bandwidth(tmp_path):
+    """Two machines in namespaces with 80 Mbit/s links: the runtime's probe measures about that, and training
+    across the limited links gives the same parameters as on localhost."""
+    tag = 1  # beside the namespaces of make calibrate / make netns-up (tag 0)
+    netns.up(2, 80, tag=tag)
+    try:
+        assert netns.current(tag) == {"machines": 2, "mbit": 80, "host": "10.78.1.254", "tag": tag}
+        plan = default_plan(tmp_path / "plan.json", 2, 1)
+        outs = {}
+        for name, use in (("ns", True), ("lo", False)):
+            job = Job(plan, tmp_path / name, iters=3, netns=tag if use else False, extra_args=["--probe"],
+                      pg_timeout=60)
+            try:
+                res = job.run(timeout=240)
+            finally:
+                job.cleanup()
+            assert res.ok, res.logs
+            outs[name] = res.out_dir
+        rate = json.loads((outs["ns"] / "probe.json").read_text())["network_bytes_per_s"] * 8 / 1e6
+        assert 60 < rate < 84, f"measured {rate:.0f} Mbit/s through an 80 Mbit/s link"
+        lo = json.loads((outs["lo"] / "probe.json").read_text())["network_bytes_per_s"] * 8 / 1e6
+        assert lo > 3 * rate  # localhost is not limited
+        for r in range(2):
+            assert filecmp.cmp(outs["ns"] / f"final-rank-{r:05d}.bin", outs["lo"] / f"final-rank-{r:05d}.bin",
+                               shallow=False)
+    finally:
+        netns.down(tag)
+    assert netns.current(tag) is None

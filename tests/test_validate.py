@@ -1,0 +1,153 @@
+"""The simulator side of closing the loop: profiles from the runtime, the measured set-up, exported plans and
+`gemini-sim validate`, on hand-made run directories whose numbers are known."""
+
+import json
+
+import pytest
+
+from gemini_sim import interleave, plan as plan_mod, validate, workload
+from gemini_sim.config import GBPS
+
+
+NET = 25e6  # bytes/s of every NIC in the hand-made set-up (200 Mbit/s)
+
+
+class Result:
+    def __init__(self, rc, out, err):
+        self.returncode, self.stdout, self.stderr = rc, out, err
+
+
+def cli(*args):
+    from conftest import run_cli
+
+    return Result(*run_cli(*args, check_rc=None))
+
+
+def op(kind, name, a, b, nbytes=None):
+    d = {"kind": kind, "name": name, "start_s": a, "end_s": b}
+    if nbytes is not None:
+        d["bytes"] = nbytes
+    return d
+
+
+def iteration(i, slow=1.0):
+    """fwd compute, all-gather (4 MB, 0.2 s), bwd compute, reduce-scatter (4 MB, 0.3 s), optimizer."""
+    f = 0.3 * slow
+    ops = [op("compute", "forward", 0.0, f), op("collective", "all_gather", f, f + 0.2, 4_000_000),
+           op("compute", "backward", f + 0.2, f + 0.8), op("collective", "reduce_scatter", f + 0.8, f + 1.1, 4_000_000),
+           op("compute", "optimizer", f + 1.1, f + 1.15)]
+    return {"iteration": i, "start_s": 0.0, "end_s": f + 1.15, "ops": ops}
+
+
+def profile(machines=2, slow_one=True):
+    its = [iteration(i, 3.0 if (slow_one and i == 4) else 1.0) for i in range(1, 8)]
+    return {"format": "gemini-sim-profile", "version": 1, "machines": machines, "processes_per_machine": 1,
+            "source": "test", "iterations": its}
+
+
+def setup_dir(path, machines=2, shard=2_000_000):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "profile.json").write_text(json.dumps(profile(machines)))
+    (path / "probe.json").write_text(json.dumps({"network_bytes_per_s": NET, "copy_bytes_per_s": 2e9}))
+    for r in range(machines):
+        its = [{"iteration": i, "iteration_s": 1.45} for i in range(1, 11)]
+        (path / f"timings-rank-{r:05d}.json").write_text(json.dumps(
+            {"shard_bytes": shard, "params": shard * machines // 12, "schedule": "naive", "checkpointing": False,
+             "iterations": its}))
+    return path
+
+
+def test_typical_iteration_takes_medians_and_ignores_an_outlier():
+    it = workload.typical_iteration(profile())
+    names = [o["name"] for o in it["ops"]]
+    assert names == ["forward", "all_gather", "backward", "reduce_scatter", "optimizer"]
+    assert it["ops"][0]["end_s"] == pytest.approx(0.3)  # the 3x slower iteration 4 is out-voted
+    assert it["end_s"] == pytest.approx(1.45)
+
+
+def test_fitted_collectives_reproduce_the_measured_iteration(tmp_path):
+    """With link_bytes_per_s, every collective alone on the ring takes its measured time: the simulated baseline of
+    a serial profile is the profile's own iteration; with logical bytes on ideal rings it is shorter."""
+    preset, timeline, prof = validate.setup_preset(setup_dir(tmp_path / "baseline"))
+    sim = interleave.simulate(preset, interleave.InterleaveConfig(schedule="naive", replicas=2), timeline,
+                              find_interval=False)
+    assert sim.baseline_iteration_time_s == pytest.approx(1.45, rel=1e-6)
+    plain = interleave.simulate(preset, interleave.InterleaveConfig(schedule="naive", replicas=2),
+                                workload.from_profile(prof), find_interval=False)
+    # ring on 2 machines: each sends half of 4 MB at 25 MB/s = 0.08 s per collective
+    assert plain.baseline_iteration_time_s == pytest.approx(1.45 - 0.5 + 0.16, rel=1e-6)
+    assert preset.cluster.network_gbps * GBPS == pytest.approx(NET)
+    assert preset.checkpoint_bytes_per_machine == pytest.approx(2_000_000)
+
+
+def test_export_plan_runs_the_simulated_configuration(tmp_path):
+    base = setup_dir(tmp_path / "run" / "baseline")
+    out = tmp_path / "gemini.json"
+    r = cli("interleave", "--setup", str(base), "--schedule", "gemini", "--buffer-mb", "1", "--export-plan",
+                str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    sim = json.loads(r.stdout)
+    p = plan_mod.read(out)
+    assert p["schedule"]["name"] == "gemini" and p["schedule"]["rule"] == "idle-spans"
+    assert p["schedule"]["chunk_bytes"] == 2 ** 19 and p["placement"]["holders"] == [[0, 1], [1, 0]]
+    spans = p["schedule"]["spans"]
+    # the idle NIC spans of the profile before the update: forward (0.3 s) and backward (0.6 s)
+    assert [(s["start_s"], s["end_s"]) for s in spans] == [pytest.approx((0.0, 0.3)), pytest.approx((0.5, 1.1))]
+    assert sum(s["bytes"] for s in spans) <= 2_000_000 + 1
+    assert [s["after_collectives"] for s in spans] == [0, 1]  # the backward span opens when the all-gather ends
+    assert p["provenance"]["predicted"]["overhead_pct"] == pytest.approx(sim["overhead_pct"])
+    r = cli("interleave", "--setup", str(base), "--schedule", "priority", "--export-plan", str(out))
+    assert r.returncode == 0
+    bad = cli("interleave", "--setup", str(tmp_path / "nope"))
+    assert bad.returncode == 2 and "missing profile.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def fake_measurements(d, schedule, iteration_s, complete_s, machines=2):
+    d.mkdir(parents=True, exist_ok=True)
+    for r in range(machines):
+        its = [{"iteration": i, "iteration_s": iteration_s} for i in range(1, 11)]
+        cks = [{"iteration": i, "complete_s": complete_s} for i in range(1, 10)]
+        (d / f"timings-rank-{r:05d}.json").write_text(json.dumps(
+            {"shard_bytes": 2_000_000, "params": 166_666, "schedule": schedule, "checkpointing": True,
+             "iterations": its, "checkpoints": cks}))
+
+
+def test_validate_reports_relative_errors(tmp_path):
+    run = tmp_path / "run"
+    base = setup_dir(run / "baseline")
+    preds = {}
+    for s in ("blocking", "naive", "gemini"):
+        r = cli("interleave", "--setup", str(base), "--schedule", s, "--buffer-mb", "1", "--export-plan",
+                    str(run / s / "plan.json"), "--json")
+        assert r.returncode == 0, r.stderr
+        preds[s] = json.loads(r.stdout)
+    # measured exactly as predicted for blocking, 10% slower for naive; gemini's checkpoint 20% later
+    fake_measurements(run / "blocking", "blocking", preds["blocking"]["iteration_time_s"],
+                      preds["blocking"]["checkpoint_complete_s"])
+    fake_measurements(run / "naive", "naive", preds["naive"]["iteration_time_s"] * 1.1,
+                      preds["naive"]["checkpoint_complete_s"])
+    fake_measurements(run / "gemini", "gemini", preds["gemini"]["iteration_time_s"],
+                      preds["gemini"]["checkpoint_complete_s"] * 1.2)
+    r = cli("validate", str(run), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    rows = {row["schedule"]: row for row in res["schedules"]}
+    assert rows["blocking"]["iteration_s"]["rel_error"] == pytest.approx(0, abs=1e-9)
+    assert rows["blocking"]["checkpoint_complete_s"]["rel_error"] == pytest.approx(0, abs=1e-9)
+    assert rows["naive"]["iteration_s"]["rel_error"] == pytest.approx(1 / 1.1 - 1)
+    assert rows["gemini"]["checkpoint_complete_s"]["rel_error"] == pytest.approx(1 / 1.2 - 1)
+    base_it = 1.45
+    assert rows["blocking"]["overhead_pct"]["measured"] == pytest.approx(
+        100 * (preds["blocking"]["iteration_time_s"] / base_it - 1))
+    assert res["baseline"]["rel_error"] == pytest.approx(0, abs=1e-6)
+    assert (run / "validate.json").is_file()
+    text = cli("validate", str(run))
+    assert text.returncode == 0 and "blocking" in text.stdout and "-9.1%" in text.stdout
+
+
+def test_validate_errors_are_one_line(tmp_path):
+    r = cli("validate", str(tmp_path))
+    assert r.returncode == 2 and "not a calibration run directory" in r.stderr and "Traceback" not in r.stderr
+    setup_dir(tmp_path / "baseline")
+    r = cli("validate", str(tmp_path))
+    assert r.returncode == 2 and "no schedule runs" in r.stderr
