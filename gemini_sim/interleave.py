@@ -406,7 +406,8 @@ class InterleaveResult:
                 "overhead_threshold_pct": self.overhead_threshold_pct,
                 "idle_network_s": self.idle_network_s, "baseline_idle_network_s": self.baseline_idle_network_s,
                 "checkpoint_gb_per_machine": self.checkpoint_bytes_per_machine / 1e9,
-                "timeline": self.timeline.source, "simulated_machines": self.simulated_machines, "sim_events": self.sim_events, "flows": self.flows}
+                "timeline": self.timeline.source, "simulated_machines": self.simulated_machines,
+                "sim_events": self.sim_events, "flows": self.flows}
 
 
 def _simulate(preset, timeline, cfg, plan=None, with_checkpoint=True, iterations=None, full=None) -> IterationRun:

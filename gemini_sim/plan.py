@@ -115,7 +115,8 @@ def write(data: dict, path) -> None:
 
 def make(*, machines: int, processes_per_machine: int, placement_strategy: str, holders, schedule: str,
          chunk_bytes: int, buffer_bytes: int, interval_iters: int, persist_interval_iters: int,
-         spans=None, span_fill: float | None = None, preset: str = "", config_sha256: str = "", trace_sha256: str = "", predicted=None,
+         spans=None, span_fill: float | None = None, preset: str = "", config_sha256: str = "",
+         trace_sha256: str = "", predicted=None,
          keep: int = 2) -> dict:
     replicas = len(holders[0])
     persist = max(interval_iters, persist_interval_iters - persist_interval_iters % interval_iters)

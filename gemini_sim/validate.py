@@ -25,9 +25,9 @@ comparison tests is the prediction of what checkpoint traffic does to it.
 Measured values are medians over the steady iterations (the first ``warmup`` are dropped): the iteration time
 (mean across ranks per iteration) and the checkpoint completion time (the last rank's, from the start of the
 iteration its traffic ran in; with ``data_s`` in the records, when the last byte arrived, as the simulator counts
-it: the hashing and file writes that commit a copy come after and are the runtime's own). With a rotation run, every schedule and the baseline ("none") come from it, side by
-side, so that a noisy host (a shared 2-core VM varies by 10% from run to run) slows them alike; the first iteration
-of each block is left out.
+it: the hashing and file writes that commit a copy come after and are the runtime's own). With a rotation run,
+every schedule and the baseline ("none") come from it, side by side, so that a noisy host (a shared 2-core VM
+varies by 10% from run to run) slows them alike; the first iteration of each block is left out.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ class Measured:
     checkpoint_complete_s: float | None
     iterations: int
     checkpoints: int
+    checkpoint_cpu_s: float | None = None  # CPU seconds a checkpoint costs one rank (median; runtime's own cost)
 
 
 def measured(run_dir, warmup: int = 3, schedule: str | None = None) -> Measured:
@@ -107,13 +108,16 @@ def measured(run_dir, warmup: int = 3, schedule: str | None = None) -> Measured:
         raise UserError(f"{d}: no steady iterations measured" + (f" for schedule {schedule}" if schedule else ""))
     it_s = median(sum(per_it[i]) / len(per_it[i]) for i in steady)
     per_ck: dict[int, list[float]] = {}
+    cpu: list[float] = []
     for r in ranks:
         for rec in r.get("checkpoints", []):
             if schedule is None or rec.get("schedule") == schedule:
                 per_ck.setdefault(rec["iteration"], []).append(rec.get("data_s", rec["complete_s"]))
+                if "cpu_s" in rec and rec["iteration"] > warmup:
+                    cpu.append(rec["cpu_s"])
     cks = [max(v) for k, v in sorted(per_ck.items()) if k > warmup and len(v) == len(ranks)]
     name = schedule or (ranks[0].get("schedule", d.name) if ranks[0].get("checkpointing", True) else "none")
-    return Measured(name, it_s, median(cks) if cks else None, len(steady), len(cks))
+    return Measured(name, it_s, median(cks) if cks else None, len(steady), len(cks), median(cpu) if cpu else None)
 
 
 def _rel(pred: float | None, meas: float | None) -> float | None:
@@ -158,7 +162,7 @@ def compare(run_dir, warmup: int = 3) -> dict:
                                       "rel_error": _rel(sim.checkpoint_complete_s, m.checkpoint_complete_s)},
             "overhead_pct": {"measured": meas_over, "predicted": sim.overhead_pct,
                              "error_points": sim.overhead_pct - meas_over},
-            "iterations": m.iterations, "checkpoints": m.checkpoints,
+            "iterations": m.iterations, "checkpoints": m.checkpoints, "checkpoint_cpu_s": m.checkpoint_cpu_s,
         })
     if not rows:
         raise UserError(f"{d}: no schedule runs (blocking/, naive/, gemini/ with plan.json)")
@@ -192,13 +196,13 @@ def _s(x: float | None) -> str:
 
 def table(result: dict) -> tuple[list[str], list[list]]:
     headers = ["schedule", "iter meas (s)", "iter pred (s)", "error", "ckpt done meas (s)", "ckpt done pred (s)",
-               "error", "overhead meas", "overhead pred"]
+               "error", "overhead meas", "overhead pred", "ckpt CPU/rank (s)"]
     rows = []
     for r in result["schedules"]:
         it, ck, ov = r["iteration_s"], r["checkpoint_complete_s"], r["overhead_pct"]
         rows.append([r["schedule"], _s(it["measured"]), _s(it["predicted"]), _pct(it["rel_error"]),
                      _s(ck["measured"]), _s(ck["predicted"]), _pct(ck["rel_error"]),
-                     f"{ov['measured']:.1f}%", f"{ov['predicted']:.1f}%"])
+                     f"{ov['measured']:.1f}%", f"{ov['predicted']:.1f}%", _s(r.get("checkpoint_cpu_s"))])
     return headers, rows
 
 

@@ -4,8 +4,9 @@ bridge, each link limited with ``tc`` (a token bucket in both directions, like a
 Layout for machine ``m``: namespace ``gemini-m{m}``, its NIC ``gm{m}`` (address 10.78.0.{m+1}) paired with
 ``gmh{m}`` on the bridge ``gemini-br`` (10.78.0.254, in the host's namespace, where the launcher's key-value store
 listens). A set-up with ``tag`` t > 0 uses ``gemini{t}-m{m}``, ``g{t}m{m}``, ``g{t}h{m}``, ``gemini{t}-br`` and
-10.78.t.0/24, so that several can coexist. Traffic between two processes of one machine stays on that namespace's loopback, unlimited (like NVLink);
-traffic between machines crosses two limited links: the sender's NIC out and the receiver's NIC in.
+10.78.t.0/24, so that several can coexist. Traffic between two processes of one machine stays on that namespace's
+loopback, unlimited (like NVLink); traffic between machines crosses two limited links: the sender's NIC out and the
+receiver's NIC in.
 
 Needs root (CAP_NET_ADMIN) and the ``ip`` and ``tc`` tools; :func:`available` says whether they are there, and the
 launcher falls back to plain localhost without them. ``make netns-up`` / ``make netns-down`` wrap :func:`up` and

@@ -104,6 +104,7 @@ class Checkpoint:
                         threading.Thread(target=self._guard, args=(self._send,), daemon=True)]
         self.ends: list[float] = []  # when each thread finished
         self.sent: list[tuple] = []  # (chunk, posted, sent) in seconds from the release
+        self.cpu: list[float] = []  # CPU seconds of each thread (user + system)
         self.copied_at: float | None = None
 
     # -- threads ---------------------------------------------------------------------------------------------------
@@ -113,12 +114,14 @@ class Checkpoint:
         return self
 
     def _guard(self, fn, *args) -> None:
+        c0 = time.thread_time()
         try:
             fn(*args)
         except BaseException as e:  # noqa: BLE001 - reported to the main thread by wait()
             self.errors.append(e)
             self.copied.set(math.inf)
             self.committed.set()
+        self.cpu.append(time.thread_time() - c0)
         self.ends.append(time.perf_counter())
 
     def _copy(self) -> None:
@@ -237,6 +240,10 @@ class Checkpoint:
         from each peer that sends to us; the simulator's checkpoint completion (hashing and files come after)."""
         return max([self.copied_at or self.release_at] + [r.data_at[self.seq] for r in self.receivers()])
 
+    def cpu_seconds(self) -> float:
+        """CPU time this checkpoint cost this rank (after :meth:`wait`): copy, hash, files, sends and receives."""
+        return sum(self.cpu) + sum(r.cpu[self.seq] for r in self.receivers())
+
     def _raise(self) -> None:
         if self.errors:
             raise RuntimeError(f"checkpoint {self.iteration} failed on rank {self.w.rank}") from self.errors[0]
@@ -268,6 +275,7 @@ class Receiver:
         self.stored = Progress()  # checkpoints stored
         self.done_at: dict[int, float] = {}  # seq -> when it was stored (perf_counter)
         self.data_at: dict[int, float] = {}  # seq -> when its last chunk arrived
+        self.cpu: dict[int, float] = {}  # seq -> CPU seconds spent receiving and storing it
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -279,6 +287,7 @@ class Receiver:
             while True:
                 header = torch.empty(3, dtype=torch.int64)
                 dist.recv(header, self.src, group=g, tag=tag(seq, 0))
+                c0 = time.thread_time()
                 iteration, size, chunk = (int(x) for x in header.tolist())
                 if size < 0:
                     return
@@ -294,6 +303,7 @@ class Receiver:
                 dist.recv(meta, self.src, group=g, tag=tag(seq, last + 1))
                 self.w.store.put(iteration, self.src, memoryview(body.numpy()), json.loads(meta.numpy().tobytes()))
                 self.done_at[seq] = time.perf_counter()
+                self.cpu[seq] = time.thread_time() - c0
                 seq += 1
                 self.stored.set(seq)
         except BaseException as e:  # noqa: BLE001 - reported by Checkpoint.wait

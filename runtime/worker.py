@@ -193,6 +193,7 @@ class Worker:
                               "copied_s": (ck.copied_at or done) - ck.release_at,
                               "complete_s": done - self.iter_start.get(ck.iteration, ck.release_at),
                               "data_s": ck.data_done() - self.iter_start.get(ck.iteration, ck.release_at),
+                              "cpu_s": ck.cpu_seconds(),
                               "bytes": ck.size, "peers": len(ck.send_to),
                               "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent]})
         self.timings.setdefault("replicated_s", []).append(done - ck.release_at)
