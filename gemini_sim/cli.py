@@ -274,22 +274,13 @@ def cmd_interleave(args) -> int:
 
 def _export_plan(args, preset, cfg, res) -> None:
     """The plan that runs exactly this simulated configuration (for the runtime)."""
-    from . import interleave, plan as plan_mod
+    from . import interleave, optimizer, plan as plan_mod
 
-    pl = interleave.build_placement(preset, cfg)
-    shard = preset.checkpoint_bytes_per_machine
-    persist = max(cfg.interval, round(preset.storage.gemini_persist_interval_hours * 3600 / res.iteration_time_s))
-    d = plan_mod.make(machines=preset.cluster.machines, processes_per_machine=preset.cluster.gpus_per_machine,
-                      placement_strategy=pl.strategy, holders=pl.holders, schedule=cfg.schedule,
-                      chunk_bytes=max(1, int(min(cfg.buffer_bytes / 2, shard))), buffer_bytes=int(cfg.buffer_bytes),
-                      interval_iters=cfg.interval, persist_interval_iters=persist,
-                      spans=res.spans if cfg.schedule == "gemini" else None, preset=preset.name,
-                      span_fill=cfg.span_fill if cfg.schedule == "gemini" else None,
-                      config_sha256=plan_mod.sha256_of(args.config) if args.config else "",
-                      predicted={"iteration_time_s": res.iteration_time_s,
-                                 "baseline_iteration_time_s": res.baseline_iteration_time_s,
-                                 "overhead_pct": res.overhead_pct,
-                                 "checkpoint_complete_s": res.checkpoint_complete_s})
+    predicted = {"iteration_time_s": res.iteration_time_s, "baseline_iteration_time_s": res.baseline_iteration_time_s,
+                 "overhead_pct": res.overhead_pct, "checkpoint_complete_s": res.checkpoint_complete_s}
+    d = optimizer.plan_for(preset, interleave.build_placement(preset, cfg), res, cfg.schedule, cfg.interval,
+                           cfg.buffer_bytes, preset.cluster.gpus_per_machine, predicted, cfg.span_fill,
+                           config_sha256=plan_mod.sha256_of(args.config) if args.config else "")
     plan_mod.write(d, args.export_plan)
 
 

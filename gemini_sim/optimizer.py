@@ -135,24 +135,32 @@ def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, pro
     best = min(feasible, key=lambda c: c.rank)
     sim = sims[(best.replicas, best.schedule, best.interval_iters)]
     pl = _placement(preset, best)
-    t_iter = sim.baseline_iteration_time_s
-    persist = max(1, round(preset.storage.gemini_persist_interval_hours * 3600 / t_iter))
-    chunk = int(min(buffer_bytes / 2, preset.checkpoint_bytes_per_machine))
     predicted = {"wasted_hours": best.wasted_hours, "gpu_hours_wasted": best.gpu_hours_wasted,
                  "overhead_pct": best.overhead_pct, "iteration_time_s": sim.iteration_time_s,
-                 "baseline_iteration_time_s": t_iter, "checkpoint_time_s": sim.checkpoint_time_s,
+                 "baseline_iteration_time_s": sim.baseline_iteration_time_s,
+                 "checkpoint_time_s": sim.checkpoint_time_s,
                  "recovery_probability_k2": best.recovery_probability_k2, "trace": trace.name,
                  "trace_synthetic": trace.synthetic}
-    the_plan = plan_mod.make(machines=n, processes_per_machine=ppm, placement_strategy=pl.strategy,
-                             holders=pl.holders, schedule=best.schedule, chunk_bytes=max(1, chunk),
-                             buffer_bytes=int(buffer_bytes), interval_iters=best.interval_iters,
-                             persist_interval_iters=persist,
-                             spans=sim.spans if best.schedule == "gemini" and sim.spans else None,
-                             preset=preset.name, config_sha256=config_sha256, trace_sha256=trace_sha256,
-                             predicted=predicted)
+    the_plan = plan_for(preset, pl, sim, best.schedule, best.interval_iters, buffer_bytes, ppm, predicted,
+                        config_sha256=config_sha256, trace_sha256=trace_sha256)
     plan_mod.validate(the_plan, "optimized plan")
     return OptimizeResult(best, tuple(cands), tuple(pareto_front([c for c in cands if c.reason != "memory"])),
                           the_plan)
+
+
+def plan_for(preset: Preset, pl, sim: interleave.InterleaveResult, schedule: str, interval: int,
+             buffer_bytes: float, ppm: int, predicted: dict, span_fill: float | None = None, **provenance) -> dict:
+    """The plan that runs a simulated configuration: placement ``pl``, ``schedule`` every ``interval`` iterations
+    (gemini: the simulation's idle spans), persisting at the preset's GEMINI interval."""
+    persist = max(1, round(preset.storage.gemini_persist_interval_hours * 3600 / sim.baseline_iteration_time_s))
+    chunk = int(min(buffer_bytes / 2, preset.checkpoint_bytes_per_machine))
+    gemini = schedule == "gemini"
+    return plan_mod.make(machines=preset.cluster.machines, processes_per_machine=ppm, placement_strategy=pl.strategy,
+                         holders=pl.holders, schedule=schedule, chunk_bytes=max(1, chunk),
+                         buffer_bytes=int(buffer_bytes), interval_iters=interval, persist_interval_iters=persist,
+                         spans=sim.spans if gemini and sim.spans else None,
+                         span_fill=span_fill if gemini else None, preset=preset.name, predicted=predicted,
+                         **provenance)
 
 
 def _blocking_every(first: interleave.InterleaveResult, k: int) -> interleave.InterleaveResult:

@@ -128,30 +128,28 @@ def _rel(pred: float | None, meas: float | None) -> float | None:
 
 def compare(run_dir, warmup: int = 3) -> dict:
     """Predicted vs measured for every schedule run in ``run_dir``."""
-    from . import interleave
+    from . import interleave, plan as plan_mod
 
     d = Path(run_dir)
     if not (d / "baseline").is_dir():
         raise UserError(f"{d}: not a calibration run directory (no baseline/); see gemini_sim/validate.py")
     rotation = d / "rotation"
-    if rotation.is_dir():  # every schedule side by side in one job: the fair comparison on a noisy host
-        base = measured(rotation, warmup, "none")
-    else:
-        base = measured(d / "baseline", warmup)
-    rows = []
+    baseline_run = measured(d / "baseline", warmup)
+    # with a rotation, every schedule side by side in one job: the fair comparison on a noisy host
+    base = measured(rotation, warmup, "none") if rotation.is_dir() else baseline_run
+    preset, timeline, profile = setup_preset(d / "baseline")  # each plan's replicas go in its InterleaveConfig
+    rows, sims = [], []
     for name in SCHEDULE_DIRS:
         sd = d / name
         if not (sd / "plan.json").is_file():
             continue
-        from . import plan as plan_mod
-
         plan = plan_mod.read(sd / "plan.json")
-        preset, timeline, _ = setup_preset(d / "baseline", replicas=plan["placement"]["replicas"])
         cfg = interleave.InterleaveConfig(schedule=plan["schedule"]["name"], replicas=plan["placement"]["replicas"],
                                           buffer_bytes=plan["schedule"]["buffer_bytes"],
                                           interval=plan["checkpoint"]["interval_iters"],
                                           span_fill=plan["schedule"].get("span_fill", 1.0))
         sim = interleave.simulate(preset, cfg, timeline, find_interval=False)
+        sims.append(sim)
         m = measured(rotation, warmup, name) if rotation.is_dir() else measured(sd, warmup)
         meas_over = 100 * (m.iteration_s / base.iteration_s - 1)
         rows.append({
@@ -166,23 +164,20 @@ def compare(run_dir, warmup: int = 3) -> dict:
         })
     if not rows:
         raise UserError(f"{d}: no schedule runs (blocking/, naive/, gemini/ with plan.json)")
-    preset, timeline, profile = setup_preset(d / "baseline")
     plain = interleave.simulate(preset, interleave.InterleaveConfig(schedule="naive"),
                                 from_profile(profile), find_interval=False)  # logical bytes on ideal rings
-    fitted = interleave.simulate(preset, interleave.InterleaveConfig(schedule="naive"), timeline,
-                                 find_interval=False)
+    fitted = sims[0].baseline_iteration_time_s  # the same for every schedule: no checkpoint
     probe = load_user_json(d / "baseline" / "probe.json", "probe")
     return {
         "run_dir": str(d), "machines": preset.cluster.machines,
         "processes_per_machine": preset.cluster.gpus_per_machine,
         "network_mbit_s": probe["network_bytes_per_s"] * 8 / 1e6,
         "checkpoint_mb_per_machine": preset.checkpoint_bytes_per_machine / 1e6,
-        "baseline": {"measured": base.iteration_s, "predicted": fitted.baseline_iteration_time_s,
-                     "rel_error": _rel(fitted.baseline_iteration_time_s, base.iteration_s),
+        "baseline": {"measured": base.iteration_s, "predicted": fitted, "rel_error": _rel(fitted, base.iteration_s),
                      "predicted_unfitted": plain.baseline_iteration_time_s,
                      "rel_error_unfitted": _rel(plain.baseline_iteration_time_s, base.iteration_s)},
         "schedules": rows, "measured_in": "rotation" if rotation.is_dir() else "separate runs",
-        "baseline_run_iteration_s": measured(d / "baseline", warmup).iteration_s,
+        "baseline_run_iteration_s": baseline_run.iteration_s,
     }
 
 

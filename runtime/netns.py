@@ -68,7 +68,7 @@ def available() -> str | None:
         return "the ip and tc tools are not installed"
     if os.geteuid() != 0:
         return "network namespaces need root (CAP_NET_ADMIN)"
-    probe = "gemini-probe"
+    probe = f"gemini-probe-{os.getpid()}"  # unique: several processes may ask at once
     r = _ip("netns", "add", probe, check=False)
     if r.returncode != 0:
         return f"cannot create a network namespace: {r.stderr.strip()}"

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 SCHEDULES = ("blocking", "naive", "gemini")
-TAG_BASE = 10_000  # checkpoint traffic tags: TAG_BASE + (iteration % 100) * 1000 + message index
+TAG_BASE = 10_000  # checkpoint traffic tags: TAG_BASE + (checkpoint sequence number % 100) * 1000 + message index
 MAX_CHUNKS = 990
 
 
@@ -60,6 +60,27 @@ class Progress:
             self.cond.wait_for(lambda: self.value >= value)
 
 
+def chunk_bounds(size: int, chunk: int) -> list[tuple[int, int]]:
+    """Byte ranges of the chunks of a ``size``-byte shard (one empty chunk for an empty shard)."""
+    return [(a, min(a + chunk, size)) for a in range(0, size, chunk)] or [(0, 0)]
+
+
+def isend_bytes(payload: bytes, dst: int, group, tags: tuple[int, int]) -> list:
+    """Start sending bytes, their length first (tags: length, bytes); returns the works."""
+    blob = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    size = torch.tensor([blob.numel()], dtype=torch.int64)
+    return [dist.isend(size, dst, group=group, tag=tags[0]), dist.isend(blob, dst, group=group, tag=tags[1])]
+
+
+def recv_bytes(src: int, group, tags: tuple[int, int]) -> bytes:
+    """Receive what :func:`isend_bytes` sent."""
+    n = torch.empty(1, dtype=torch.int64)
+    dist.recv(n, src, group=group, tag=tags[0])
+    buf = torch.empty(int(n.item()), dtype=torch.uint8)
+    dist.recv(buf, src, group=group, tag=tags[1])
+    return buf.numpy().tobytes()
+
+
 def entries_of(tensors: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
     """The manifest entries (as :func:`runtime.store.pack` writes them) and flat uint8 views of the live tensors."""
     entries, views, offset = [], [], 0
@@ -75,10 +96,15 @@ def entries_of(tensors: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch
 class Checkpoint:
     """One checkpoint of one rank in flight: copy-out, sends to peers, receives from peers."""
 
-    def __init__(self, worker, iteration: int, schedule: dict, release_at: float, seq: int):
+    def __init__(self, worker, iteration: int, schedule: dict, release_at: float, seq: int, released_in: int,
+                 iteration_start: float | None = None):
         self.w = worker
         self.iteration = iteration
         self.seq = seq  # checkpoints this rank sent before this one: tags the messages
+        self.released_in = released_in  # the iteration its traffic runs in
+        # when that iteration started (blocking: before the update that precedes the release); logged times count
+        # from it, as the simulator's do
+        self.iteration_start = release_at if iteration_start is None else iteration_start
         self.schedule = schedule
         self.release_at = release_at  # perf_counter of the iteration start the schedule's times count from
         tensors = worker._tensors()
@@ -86,7 +112,7 @@ class Checkpoint:
         self.size = sum(e["nbytes"] for e in self.entries)
         chunk = max(1, int(schedule["chunk_bytes"]))
         self.chunk = max(chunk, math.ceil(self.size / MAX_CHUNKS))
-        self.bounds = [(a, min(a + self.chunk, self.size)) for a in range(0, self.size, self.chunk)] or [(0, 0)]
+        self.bounds = chunk_bounds(self.size, self.chunk)
         self.buf = torch.empty(self.size, dtype=torch.uint8)
         self.copied = Progress()  # bytes in CPU memory
         self.committed = threading.Event()  # local copy in the store
@@ -202,13 +228,10 @@ class Checkpoint:
         self.committed.wait()
         if self.errors:
             return
-        meta = torch.frombuffer(bytearray(json.dumps(self.manifest).encode()), dtype=torch.uint8)
-        n = torch.tensor([meta.numel()], dtype=torch.int64)
         last = 1 + len(self.bounds)
+        meta = json.dumps(self.manifest).encode()
         for dst in self.send_to:
-            g = self._group(me, dst)
-            works += [dist.isend(n, dst, group=g, tag=self._tag(last)), dist.isend(meta, dst, group=g,
-                                                                                   tag=self._tag(last + 1))]
+            works += isend_bytes(meta, dst, self._group(me, dst), (self._tag(last), self._tag(last + 1)))
         for w in works:
             w.wait()
 
@@ -292,16 +315,13 @@ class Receiver:
                 if size < 0:
                     return
                 body = torch.empty(size, dtype=torch.uint8)
-                bounds = [(a, min(a + chunk, size)) for a in range(0, size, chunk)] or [(0, 0)]
+                bounds = chunk_bounds(size, chunk)
                 for k, (a, b) in enumerate(bounds):
                     dist.recv(body[a:b], self.src, group=g, tag=tag(seq, 1 + k))
                 self.data_at[seq] = time.perf_counter()
-                n = torch.empty(1, dtype=torch.int64)
                 last = 1 + len(bounds)
-                dist.recv(n, self.src, group=g, tag=tag(seq, last))
-                meta = torch.empty(int(n.item()), dtype=torch.uint8)
-                dist.recv(meta, self.src, group=g, tag=tag(seq, last + 1))
-                self.w.store.put(iteration, self.src, memoryview(body.numpy()), json.loads(meta.numpy().tobytes()))
+                meta = json.loads(recv_bytes(self.src, g, (tag(seq, last), tag(seq, last + 1))))
+                self.w.store.put(iteration, self.src, memoryview(body.numpy()), meta)
                 self.done_at[seq] = time.perf_counter()
                 self.cpu[seq] = time.thread_time() - c0
                 seq += 1

@@ -45,7 +45,7 @@ from torch.distributed.fsdp import fully_shard
 from .model import ModelConfig, TinyGPT, batch
 from .profiler import Recorder
 from .store import ShardStore, pack, unpack
-from .traffic import SCHEDULES, Checkpoint, Receiver, stop
+from .traffic import SCHEDULES, Checkpoint, Receiver, isend_bytes, recv_bytes, stop
 
 INVENTORY_SLOTS = 64
 
@@ -117,8 +117,6 @@ class Worker:
         self.timings: dict[str, list[float]] = {}
         self.iter_log: list[dict] = []  # one record per iteration
         self.ckpt_log: list[dict] = []  # one record per checkpoint
-        self.iter_start: dict[int, float] = {}  # checkpoint iteration -> start of the iteration its traffic ran in
-        self.released_in: dict[int, int] = {}
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -172,10 +170,12 @@ class Worker:
         self.store.put(iteration, self.rank, data, manifest, before_commit=hook)
         self.timings.setdefault("local_write_s", []).append(time.perf_counter() - t0)
 
-    def start_checkpoint(self, iteration: int, release_at: float) -> Checkpoint:
+    def start_checkpoint(self, iteration: int, release_at: float, released_in: int,
+                         iteration_start: float | None = None) -> Checkpoint:
         if self.receivers is None:  # posted once, before any peer sends
             self.receivers = {src: Receiver(self, src) for src in self._peers()[1]}
-        self.inflight = Checkpoint(self, iteration, self.schedule, release_at, self.sent_count).start()
+        self.inflight = Checkpoint(self, iteration, self.schedule, release_at, self.sent_count, released_in,
+                                   iteration_start).start()
         self.sent_count += 1
         return self.inflight
 
@@ -187,12 +187,11 @@ class Worker:
         t = time.perf_counter()
         done = ck.wait()
         self.store.keep_newest(self.ckpt["keep"])
+        t0 = ck.iteration_start
         self.ckpt_log.append({"iteration": ck.iteration, "schedule": ck.schedule["name"],
-                              "released_in": self.released_in.pop(ck.iteration, None),
-                              "start_s": ck.release_at - self.iter_start.get(ck.iteration, ck.release_at),
-                              "copied_s": (ck.copied_at or done) - ck.release_at,
-                              "complete_s": done - self.iter_start.get(ck.iteration, ck.release_at),
-                              "data_s": ck.data_done() - self.iter_start.get(ck.iteration, ck.release_at),
+                              "released_in": ck.released_in, "start_s": ck.release_at - t0,
+                              "copied_s": (ck.copied_at or done) - ck.release_at, "complete_s": done - t0,
+                              "data_s": ck.data_done() - t0,
                               "cpu_s": ck.cpu_seconds(),
                               "bytes": ck.size, "peers": len(ck.send_to),
                               "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent]})
@@ -361,9 +360,7 @@ class Worker:
                 blocking = self.schedule["name"] == "blocking"
             if pending is not None:
                 stall += self.finish_checkpoint()  # a checkpoint starts only when the one before it is done
-                self.iter_start[pending] = time.perf_counter()
-                self.released_in[pending] = it
-                self.start_checkpoint(pending, self.iter_start[pending])
+                self.start_checkpoint(pending, time.perf_counter(), released_in=it)
                 pending = None
             elif self.inflight is not None:
                 self.inflight.iteration_started(t0)  # an interval of K > 1: its traffic may use this iteration too
@@ -373,11 +370,7 @@ class Worker:
                 self.write_profile()
             if checkpointing and it % every == 0:
                 if blocking:  # training waits while the whole checkpoint is copied out and sent
-                    t = time.perf_counter()
-                    self.iter_start[it] = t0
-                    self.released_in[it] = it
-                    stall += self.finish_checkpoint()
-                    self.start_checkpoint(it, t)
+                    self.start_checkpoint(it, time.perf_counter(), released_in=it, iteration_start=t0)
                     stall += self.finish_checkpoint()
                 else:
                     pending = it
@@ -461,18 +454,12 @@ def _timed(fn) -> float:
 
 def send_shard(data: bytes, manifest: dict, dst: int, group, tag: int) -> list:
     """Start sending a stored shard (its manifest, a newline, its bytes), length first; returns the works."""
-    blob = torch.frombuffer(bytearray(json.dumps(manifest).encode() + b"\n" + data), dtype=torch.uint8)
-    size = torch.tensor([blob.numel()], dtype=torch.int64)
-    return [dist.isend(size, dst, group=group, tag=tag), dist.isend(blob, dst, group=group, tag=tag + 1000)]
+    return isend_bytes(json.dumps(manifest).encode() + b"\n" + data, dst, group, (tag, tag + 1000))
 
 
 def recv_shard(src: int, group, tag: int) -> tuple[bytes, dict]:
     """Receive what :func:`send_shard` sent: (bytes, manifest)."""
-    n = torch.empty(1, dtype=torch.int64)
-    dist.recv(n, src, group=group, tag=tag)
-    buf = torch.empty(int(n.item()), dtype=torch.uint8)
-    dist.recv(buf, src, group=group, tag=tag + 1000)
-    head, _, body = buf.numpy().tobytes().partition(b"\n")
+    head, _, body = recv_bytes(src, group, (tag, tag + 1000)).partition(b"\n")
     return body, json.loads(head)
 
 
