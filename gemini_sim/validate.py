@@ -7,7 +7,8 @@ A **run directory** (what ``make calibrate`` / ``python -m runtime.calibrate`` w
         probe.json               {"network_bytes_per_s", "copy_bytes_per_s", ...}: measured point-to-point
                                  bandwidth between two machines and memory-copy rate of one rank
         timings-rank-*.json      per rank: shard_bytes (its checkpoint), params (the model's), "iterations":
-                                 [{"iteration", "iteration_s", ...}]
+                                 [{"iteration", "iteration_s", "cpu_s" (optional: the rank's process CPU time in
+                                 the iteration), ...}]
     RUN_DIR/<schedule>/          one per schedule (blocking, naive, gemini)
         plan.json                its plan (made by ``gemini-sim interleave --setup ... --export-plan``)
         timings-rank-*.json      a run of that plan alone (optional when rotation/ exists): as above, plus
@@ -27,7 +28,12 @@ Measured values are medians over the steady iterations (the first ``warmup`` are
 iteration its traffic ran in; with ``data_s`` in the records, when the last byte arrived, as the simulator counts
 it: the hashing and file writes that commit a copy come after and are the runtime's own). With a rotation run,
 every schedule and the baseline ("none") come from it, side by side, so that a noisy host (a shared 2-core VM
-varies by 10% from run to run) slows them alike; the first iteration of each block is left out.
+varies by 10% from run to run) slows them alike; the first iteration of each block is left out, and the measured
+overhead is the mean over rounds of each round's paired overhead (:func:`paired_overheads`), printed with the
+half-width of its 95% confidence interval (``9.1% ±2.3``): the host drifts within a run too. The extra CPU per
+iteration and rank (``CPU +/iter/rank``) is the median process CPU time of an iteration (every thread: training,
+gloo's, the checkpoint's) minus the baseline's: what checkpointing costs the host, which the simulator does not
+model (runs pin training to cores of its own for this reason, see runtime/calibrate.py).
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class Measured:
     iterations: int
     checkpoints: int
     checkpoint_cpu_s: float | None = None  # CPU seconds a checkpoint costs one rank (median; runtime's own cost)
+    iteration_cpu_s: float | None = None  # CPU seconds of a whole rank per iteration, all its threads (median)
 
 
 def measured(run_dir, warmup: int = 3, schedule: str | None = None) -> Measured:
@@ -96,6 +103,7 @@ def measured(run_dir, warmup: int = 3, schedule: str | None = None) -> Measured:
     d = Path(run_dir)
     ranks = _timings(d)
     per_it: dict[int, list[float]] = {}
+    it_cpu: dict[int, list[float]] = {}
     for r in ranks:
         for rec in r["iterations"]:
             if rec["iteration"] <= warmup:
@@ -103,6 +111,8 @@ def measured(run_dir, warmup: int = 3, schedule: str | None = None) -> Measured:
             if schedule is not None and (rec.get("schedule") != schedule or rec.get("block_pos") == 0):
                 continue
             per_it.setdefault(rec["iteration"], []).append(rec["iteration_s"])
+            if "cpu_s" in rec:
+                it_cpu.setdefault(rec["iteration"], []).append(rec["cpu_s"])
     steady = sorted(i for i, v in per_it.items() if len(v) == len(ranks))
     if not steady:
         raise UserError(f"{d}: no steady iterations measured" + (f" for schedule {schedule}" if schedule else ""))
@@ -117,7 +127,52 @@ def measured(run_dir, warmup: int = 3, schedule: str | None = None) -> Measured:
                     cpu.append(rec["cpu_s"])
     cks = [max(v) for k, v in sorted(per_ck.items()) if k > warmup and len(v) == len(ranks)]
     name = schedule or (ranks[0].get("schedule", d.name) if ranks[0].get("checkpointing", True) else "none")
-    return Measured(name, it_s, median(cks) if cks else None, len(steady), len(cks), median(cpu) if cpu else None)
+    cpu_it = [sum(it_cpu[i]) / len(it_cpu[i]) for i in steady if len(it_cpu.get(i, ())) == len(ranks)]
+    return Measured(name, it_s, median(cks) if cks else None, len(steady), len(cks), median(cpu) if cpu else None,
+                    median(cpu_it) if cpu_it else None)
+
+
+def paired_overheads(run_dir, warmup: int = 3) -> dict[str, list[float]]:
+    """Per schedule of a rotation run, its overhead (%) in each round: the mean iteration time of its turn over the
+    mean of that round's "none" turn, minus 1 (the first iteration of a turn left out). A round begins with each
+    "none" turn; rounds where a schedule has no steady iteration are skipped. Pairing turns within a round cancels
+    the host's drift from one minute to the next."""
+    ranks = _timings(Path(run_dir))
+    per_round: dict[int, dict[str, list[float]]] = {}
+    rnd = -1
+    for idx, rec in enumerate(ranks[0]["iterations"]):
+        if rec.get("block_pos") is None:
+            return {}
+        if rec["block_pos"] == 0 and rec.get("schedule") == "none":
+            rnd += 1
+        if rec["iteration"] <= warmup or rec["block_pos"] == 0 or rnd < 0:
+            continue
+        its = [r["iterations"][idx] for r in ranks if idx < len(r["iterations"])]
+        if len(its) != len(ranks) or any(i["iteration"] != rec["iteration"] for i in its):
+            continue
+        per_round.setdefault(rnd, {}).setdefault(rec["schedule"], []).append(
+            sum(i["iteration_s"] for i in its) / len(its))
+    out: dict[str, list[float]] = {}
+    for turns in per_round.values():
+        if "none" not in turns:
+            continue
+        base = sum(turns["none"]) / len(turns["none"])
+        for name, v in turns.items():
+            if name != "none":
+                out.setdefault(name, []).append(100 * (sum(v) / len(v) / base - 1))
+    return out
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float | None]:
+    """Mean and the half-width of its ``level`` confidence interval (Student's t; None for fewer than 2 values)."""
+    from scipy import stats
+
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, None
+    sd = (sum((x - m) ** 2 for x in values) / (n - 1)) ** 0.5
+    return m, float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / n ** 0.5
 
 
 def _rel(pred: float | None, meas: float | None) -> float | None:
@@ -138,6 +193,7 @@ def compare(run_dir, warmup: int = 3) -> dict:
     # with a rotation, every schedule side by side in one job: the fair comparison on a noisy host
     base = measured(rotation, warmup, "none") if rotation.is_dir() else baseline_run
     preset, timeline, profile = setup_preset(d / "baseline")  # each plan's replicas go in its InterleaveConfig
+    paired = paired_overheads(rotation, warmup) if rotation.is_dir() else {}
     rows, sims = [], []
     for name in SCHEDULE_DIRS:
         sd = d / name
@@ -151,7 +207,9 @@ def compare(run_dir, warmup: int = 3) -> dict:
         sim = interleave.simulate(preset, cfg, timeline, find_interval=False)
         sims.append(sim)
         m = measured(rotation, warmup, name) if rotation.is_dir() else measured(sd, warmup)
-        meas_over = 100 * (m.iteration_s / base.iteration_s - 1)
+        meas_over, ci = 100 * (m.iteration_s / base.iteration_s - 1), None
+        if len(paired.get(name, ())) >= 2:  # rounds of a rotation: paired within each round, with its spread
+            meas_over, ci = mean_ci(paired[name])
         rows.append({
             "schedule": name, "interval_iters": cfg.interval,
             "iteration_s": {"measured": m.iteration_s, "predicted": sim.iteration_time_s,
@@ -159,8 +217,11 @@ def compare(run_dir, warmup: int = 3) -> dict:
             "checkpoint_complete_s": {"measured": m.checkpoint_complete_s, "predicted": sim.checkpoint_complete_s,
                                       "rel_error": _rel(sim.checkpoint_complete_s, m.checkpoint_complete_s)},
             "overhead_pct": {"measured": meas_over, "predicted": sim.overhead_pct,
-                             "error_points": sim.overhead_pct - meas_over},
+                             "error_points": sim.overhead_pct - meas_over, "ci95": ci,
+                             "rounds": paired.get(name, [])},
             "iterations": m.iterations, "checkpoints": m.checkpoints, "checkpoint_cpu_s": m.checkpoint_cpu_s,
+            "extra_cpu_s": None if m.iteration_cpu_s is None or base.iteration_cpu_s is None
+            else m.iteration_cpu_s - base.iteration_cpu_s,
         })
     if not rows:
         raise UserError(f"{d}: no schedule runs (blocking/, naive/, gemini/ with plan.json)")
@@ -191,13 +252,14 @@ def _s(x: float | None) -> str:
 
 def table(result: dict) -> tuple[list[str], list[list]]:
     headers = ["schedule", "iter meas (s)", "iter pred (s)", "error", "ckpt done meas (s)", "ckpt done pred (s)",
-               "error", "overhead meas", "overhead pred", "ckpt CPU/rank (s)"]
+               "error", "overhead meas", "overhead pred", "CPU +/iter/rank (s)"]
     rows = []
     for r in result["schedules"]:
         it, ck, ov = r["iteration_s"], r["checkpoint_complete_s"], r["overhead_pct"]
         rows.append([r["schedule"], _s(it["measured"]), _s(it["predicted"]), _pct(it["rel_error"]),
                      _s(ck["measured"]), _s(ck["predicted"]), _pct(ck["rel_error"]),
-                     f"{ov['measured']:.1f}%", f"{ov['predicted']:.1f}%", _s(r.get("checkpoint_cpu_s"))])
+                     f"{ov['measured']:.1f}%" + (f" ±{ov['ci95']:.1f}" if ov.get("ci95") is not None else ""),
+                     f"{ov['predicted']:.1f}%", _s(r.get("extra_cpu_s"))])
     return headers, rows
 
 

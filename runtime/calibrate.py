@@ -12,6 +12,11 @@
    OUT_DIR/S/plan.json). Then one runtime job runs no checkpoint and every plan in turn, ``--block`` iterations
    each, ``--rounds`` times, with a checkpoint every iteration (OUT_DIR/rotation/): side by side, so that the host's
    noise (10% from run to run on a shared 2-core VM) hits every schedule alike.
+   With ``--accel-cores K`` every run pins training's compute to K cores, standing in for the GPUs, and every other
+   thread to the rest, standing in for the host CPU (see runtime/worker.py): on a GPU machine checkpoint copies and
+   TCP cost host CPU, not GPU time. Off by default: on a 2-core host one core for the compute of 4 ranks and one
+   for all their network work saturates the latter, and the prediction of naive's checkpoint time then misses by
+   20-30% (README, "Closing the loop"), while gemini's overhead was not measurably lower.
 4. ``gemini-sim validate OUT_DIR`` prints predicted against measured iteration time, checkpoint completion time and
    overhead per schedule, with the relative errors (OUT_DIR/validate.json).
 
@@ -21,12 +26,23 @@ The runtime and the simulator talk only through files here: the profile and prob
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from . import netns as ns_mod
 from .launcher import Job, default_plan
+
+
+def split_cores(accel: int | None) -> tuple[list[int], list[int]]:
+    """(compute cores, host cores) out of the cores this process may use: the first ``accel`` (None: half) stand in
+    for the accelerators; ([], []) when ``accel`` is 0 or there is a single core (nothing is pinned)."""
+    cores = sorted(os.sched_getaffinity(0))
+    k = len(cores) // 2 if accel is None else accel
+    if not 0 <= k < len(cores) and not (k == 0 and len(cores) == 1):
+        raise ValueError(f"--accel-cores must be between 0 and {len(cores) - 1} on this host ({len(cores)} cores)")
+    return (cores[:k], cores[k:]) if k else ([], [])
 
 
 def _gemini_sim(*args: str) -> None:
@@ -38,9 +54,10 @@ def _gemini_sim(*args: str) -> None:
 
 def _run(plan: Path, d: Path, args, netns: bool, no_checkpoint: bool = False, extra=(), iters=None) -> None:
     iters = iters or args.iters
+    flags = ["--profile-iters", str(args.profile_iters), "--batch", str(args.batch), "--seq", str(args.seq),
+             *args.pin_args, *extra]
     job = Job(plan, d / "job", iters=iters, dim=args.dim, layers=args.layers, netns=netns, out_dir=d,
-              no_checkpoint=no_checkpoint, extra_args=["--profile-iters", str(args.profile_iters), "--batch",
-                                                       str(args.batch), "--seq", str(args.seq), *extra])
+              no_checkpoint=no_checkpoint, extra_args=flags)
     try:
         res = job.run(timeout=args.timeout)
     finally:
@@ -58,8 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--machines", type=int, default=4)
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--iters", type=int, default=30, help="iterations of the profiling run (default 30)")
-    ap.add_argument("--block", type=int, default=5, help="iterations per schedule in a turn (default 5)")
-    ap.add_argument("--rounds", type=int, default=6, help="turns of every schedule (default 6)")
+    ap.add_argument("--block", type=int, default=3, help="iterations per schedule in a turn (default 3)")
+    ap.add_argument("--rounds", type=int, default=10, help="turns of every schedule (default 10)")
     ap.add_argument("--profile-iters", type=int, default=20)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -70,7 +87,17 @@ def main(argv=None) -> int:
                     "span (default 0.5: headroom for the jitter of a shared 2-core host)")
     ap.add_argument("--schedules", default="blocking,naive,gemini")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per runtime run")
+    ap.add_argument("--accel-cores", type=int, default=0,
+                    help="cores standing in for the accelerators: training's compute runs there, every other "
+                    "thread (collectives, checkpoint traffic) on the rest (default 0: all threads share all cores)")
     args = ap.parse_args(argv)
+    try:
+        compute, host = split_cores(args.accel_cores)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.pin_args = ["--compute-cores", ",".join(map(str, compute)), "--host-cores", ",".join(map(str, host))] \
+        if compute else []
     out = Path(args.out)
     schedules = [s for s in args.schedules.split(",") if s]
     for s in schedules:
@@ -117,7 +144,8 @@ def main(argv=None) -> int:
     (out / "setup.txt").write_text(
         f"net={'netns' if use_ns else 'localhost'} mbit={args.mbit:g} machines={args.machines} dim={args.dim} "
         f"layers={args.layers} batch={args.batch} seq={args.seq} span_fill={args.span_fill:g} block={args.block} "
-        f"rounds={args.rounds}\n")
+        f"rounds={args.rounds} compute_cores={','.join(map(str, compute)) or 'all'} "
+        f"host_cores={','.join(map(str, host)) or 'all'}\n")
     _gemini_sim("validate", str(out))
     return 0
 

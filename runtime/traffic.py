@@ -10,7 +10,8 @@ One checkpoint of this rank's shard (model + optimizer state, as raw bytes):
 2. **Send.** A sender thread sends each chunk to the plan's peers (the other holders of this machine's checkpoint)
    as soon as the chunk is in CPU memory *and* the schedule releases it, so copying chunk k+1 overlaps sending k.
    A long-lived :class:`Receiver` per peer that sends to us has its receive posted in advance and stores what
-   arrives. The manifest goes last, after the local copy is committed, so a shard is never complete on a peer
+   arrives. CPU buffers are reused from one checkpoint to the next (:class:`Buffers`). The manifest goes last,
+   after the local copy is committed, so a shard is never complete on a peer
    before it is on its own machine.
 
 Schedules (when chunks are released):
@@ -32,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 import time
 
@@ -58,6 +60,12 @@ class Progress:
     def wait_for(self, value: float) -> None:
         with self.cond:
             self.cond.wait_for(lambda: self.value >= value)
+
+
+def pin_thread(cores: set[int] | None) -> None:
+    """Run the calling thread, and the threads it starts from now on, on these cores (None: leave it be)."""
+    if cores:
+        os.sched_setaffinity(0, cores)
 
 
 def chunk_bounds(size: int, chunk: int) -> list[tuple[int, int]]:
@@ -93,6 +101,23 @@ def entries_of(tensors: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch
     return entries, views
 
 
+class Buffers:
+    """CPU buffers kept from one checkpoint to the next (one per use: this rank's copy, each peer's): a fresh 10 MB
+    buffer costs thousands of page faults every time. A buffer is reused only once the checkpoint that used it has
+    been committed to the store (a checkpoint starts when the one before it is done)."""
+
+    def __init__(self):
+        self.bufs: dict[str, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def get(self, use: str, size: int) -> torch.Tensor:
+        with self.lock:
+            buf = self.bufs.get(use)
+            if buf is None or buf.numel() != size:
+                buf = self.bufs[use] = torch.empty(size, dtype=torch.uint8)
+            return buf
+
+
 class Checkpoint:
     """One checkpoint of one rank in flight: copy-out, sends to peers, receives from peers."""
 
@@ -113,7 +138,7 @@ class Checkpoint:
         chunk = max(1, int(schedule["chunk_bytes"]))
         self.chunk = max(chunk, math.ceil(self.size / MAX_CHUNKS))
         self.bounds = chunk_bounds(self.size, self.chunk)
-        self.buf = torch.empty(self.size, dtype=torch.uint8)
+        self.buf = worker.buffers.get("send", self.size)
         self.copied = Progress()  # bytes in CPU memory
         self.committed = threading.Event()  # local copy in the store
         self.interval = int(worker.ckpt["interval_iters"]) if schedule["name"] == "gemini" else 1
@@ -132,6 +157,7 @@ class Checkpoint:
         self.sent: list[tuple] = []  # (chunk, posted, sent) in seconds from the release
         self.cpu: list[float] = []  # CPU seconds of each thread (user + system)
         self.copied_at: float | None = None
+        self.cores: list[int] = []  # where its threads ran
 
     # -- threads ---------------------------------------------------------------------------------------------------
     def start(self) -> "Checkpoint":
@@ -140,6 +166,8 @@ class Checkpoint:
         return self
 
     def _guard(self, fn, *args) -> None:
+        pin_thread(self.w.host_cores)  # the host's work, not the accelerator's (see runtime/worker.py)
+        self.cores = sorted(os.sched_getaffinity(0))
         c0 = time.thread_time()
         try:
             fn(*args)
@@ -304,6 +332,7 @@ class Receiver:
         self.thread.start()
 
     def _loop(self) -> None:
+        pin_thread(self.w.host_cores)
         g = group_for(self.w.repl_groups, self.src, self.w.rank)
         seq = 0
         try:
@@ -314,8 +343,10 @@ class Receiver:
                 iteration, size, chunk = (int(x) for x in header.tolist())
                 if size < 0:
                     return
-                body = torch.empty(size, dtype=torch.uint8)
+                body = self.w.buffers.get(f"recv-{self.src}", size)
                 bounds = chunk_bounds(size, chunk)
+                # one chunk's receive at a time (posting them all at once was tried: no gain beyond the noise for
+                # gemini, README "Closing the loop")
                 for k, (a, b) in enumerate(bounds):
                     dist.recv(body[a:b], self.src, group=g, tag=tag(seq, 1 + k))
                 self.data_at[seq] = time.perf_counter()

@@ -11,6 +11,12 @@ Profiling: the first ``--profile-iters`` iterations (20) are recorded, collectiv
 rank writes ``timings-rank-*.json``: mean timings, and one record per iteration and per checkpoint. ``--rotate
 PLAN,none,...`` runs several schedules in turn, ``--block`` iterations each, in one job (make calibrate).
 
+Cores (``--compute-cores``, ``--host-cores``): on a GPU machine the model computes on the GPU while the host's CPU
+moves checkpoint bytes. Training on CPU, both would share the same cores, and every CPU-second the checkpoint costs
+(copy, hash, file writes, TCP) would slow the "GPU" down. With these options training's own thread (forward, backward,
+update: torch runs them on one thread here) runs on the compute cores, which stand in for the accelerator, and every
+other thread (gloo's collective and I/O threads, the checkpoint copier, sender and receivers) on the host cores.
+
 On start (first launch or a restart by the root agent) the ranks agree on the newest iteration that is complete
 somewhere (an all-gather of what every machine's store holds, plus the DCP checkpoints on durable storage), and every
 rank takes its state from its own machine's memory, from a peer that holds it (sent over the network), or from DCP
@@ -45,7 +51,7 @@ from torch.distributed.fsdp import fully_shard
 from .model import ModelConfig, TinyGPT, batch
 from .profiler import Recorder
 from .store import ShardStore, pack, unpack
-from .traffic import SCHEDULES, Checkpoint, Receiver, isend_bytes, recv_bytes, stop
+from .traffic import SCHEDULES, Buffers, Checkpoint, Receiver, isend_bytes, pin_thread, recv_bytes, stop
 
 INVENTORY_SLOTS = 64
 
@@ -67,6 +73,8 @@ class Worker:
         self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         self.generation = int(os.environ.get("GEMINI_MACHINE_GENERATION", "0"))  # > 0 on a restarted machine
         self.job_attempt = int(os.environ.get("GEMINI_JOB_ATTEMPT", "0"))  # > 0 after the root agent restarted it
+        self.compute_cores, self.host_cores = _cores(args.compute_cores), _cores(args.host_cores)
+        pin_thread(self.host_cores)  # the threads gloo starts from here on run on the host's cores
         self.cuda = torch.cuda.is_available() and not args.cpu
         backend = "nccl" if self.cuda else "gloo"
         if self.cuda:
@@ -112,11 +120,13 @@ class Worker:
         self.inflight: Checkpoint | None = None
         self.receivers: dict[int, Receiver] | None = None  # one per peer that sends us its checkpoints
         self.sent_count = 0
+        self.buffers = Buffers()  # CPU memory for checkpoints, reused
         self.recorder = Recorder(args.profile_iters)
         self.recorder.install()
         self.timings: dict[str, list[float]] = {}
         self.iter_log: list[dict] = []  # one record per iteration
         self.ckpt_log: list[dict] = []  # one record per checkpoint
+        pin_thread(self.compute_cores)  # training's own thread: on the cores that stand in for the accelerator
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -193,7 +203,7 @@ class Worker:
                               "copied_s": (ck.copied_at or done) - ck.release_at, "complete_s": done - t0,
                               "data_s": ck.data_done() - t0,
                               "cpu_s": ck.cpu_seconds(),
-                              "bytes": ck.size, "peers": len(ck.send_to),
+                              "bytes": ck.size, "peers": len(ck.send_to), "cores": ck.cores,
                               "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent]})
         self.timings.setdefault("replicated_s", []).append(done - ck.release_at)
         return time.perf_counter() - t
@@ -349,7 +359,7 @@ class Worker:
         checkpointing = not self.args.no_checkpoint
         pending = None  # naive/gemini: the iteration whose state goes out while the next iteration trains
         for it in range(start + 1, self.args.iters + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             stall = 0.0
             if self.rotation and (it - 1) % self.args.block == 0:  # the next schedule's block begins
                 stall += self.finish_checkpoint()
@@ -379,6 +389,7 @@ class Worker:
             dt = time.perf_counter() - t0
             self.timings.setdefault("iteration_s", []).append(dt)
             self.iter_log.append({"iteration": it, "iteration_s": dt, "stall_s": stall, "update_wait_s": waited,
+                                  "cpu_s": time.process_time() - c0,  # every thread of this rank
                                   "schedule": self.schedule["name"] if checkpointing else "none",
                                   "block_pos": (it - 1) % self.args.block if self.rotation else None})
             log(self.rank, "iteration", iteration=it, loss=round(loss, 6), machine=self.machine)
@@ -408,9 +419,12 @@ class Worker:
                 elif self.rank == dst:
                     dist.recv(torch.empty(nbytes, dtype=torch.uint8), src, group=g)
                     rates.append(nbytes / (time.perf_counter() - t))
-        a = torch.ones(64 << 20, dtype=torch.uint8)
-        b = torch.empty_like(a)
-        best = min(_timed(lambda: b.copy_(a)) for _ in range(5))
+        if self.rank == 0:  # alone, where the checkpoint's copier thread runs
+            pin_thread(self.host_cores)
+            a = torch.ones(64 << 20, dtype=torch.uint8)
+            b = torch.empty_like(a)
+            best = min(_timed(lambda: b.copy_(a)) for _ in range(5))
+            pin_thread(self.compute_cores)
         if self.rank == 0 and rates:
             Path(self.args.out_dir).mkdir(parents=True, exist_ok=True)
             (Path(self.args.out_dir) / "probe.json").write_text(json.dumps({
@@ -439,11 +453,16 @@ class Worker:
         stats["params"] = sum(p.numel() for p in self.model.parameters())  # DTensor numel: the whole model's
         stats["schedule"] = self.schedule["name"]
         stats["checkpointing"] = not self.args.no_checkpoint
+        stats["cores"] = sorted(os.sched_getaffinity(0))  # where training's own thread ran
         stats["iterations"] = self.iter_log
         stats["checkpoints"] = self.ckpt_log
         (out / f"timings-rank-{self.rank:05d}.json").write_text(json.dumps(stats))
         log(self.rank, "done", iterations=self.args.iters)
         dist.destroy_process_group()
+
+
+def _cores(spec: str) -> set[int] | None:
+    return {int(c) for c in spec.split(",")} if spec else None
 
 
 def _timed(fn) -> float:
@@ -483,6 +502,10 @@ def main(argv=None) -> None:
     ap.add_argument("--probe", action="store_true", help="measure network and copy bandwidth (probe.json)")
     ap.add_argument("--rotate", default="", help="comma-separated plans (or 'none') to run in turn, in blocks")
     ap.add_argument("--block", type=int, default=4, help="iterations per block with --rotate (default 4)")
+    ap.add_argument("--compute-cores", default="", help="cores of training's own thread, standing in for the "
+                    "accelerator (comma-separated; default: no pinning)")
+    ap.add_argument("--host-cores", default="", help="cores of every other thread: gloo's (collectives, I/O) and "
+                    "the checkpoint's copier, sender and receivers (default: no pinning)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     Worker(args).run()

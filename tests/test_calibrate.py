@@ -4,6 +4,7 @@ here (make calibrate is the full-size, bandwidth-limited run); plus the network-
 
 import filecmp
 import json
+import os
 
 import pytest
 
@@ -11,6 +12,7 @@ from gemini_sim import plan as plan_mod, workload
 from runtime import calibrate, netns
 from runtime.launcher import Job, default_plan
 
+ACCEL = 1 if len(os.sched_getaffinity(0)) > 1 else 0  # compute on one core, the rest on the others
 ITERS, PROFILE, BLOCK = 12, 6, 2  # the rotation: 2 rounds of (none, blocking, gemini) x 2 iterations = 12
 
 
@@ -19,7 +21,8 @@ def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("calib")
     rc = calibrate.main([str(d), "--net", "localhost", "--iters", str(ITERS), "--profile-iters", str(PROFILE),
                          "--dim", "64", "--layers", "2", "--seq", "32", "--schedules", "blocking,gemini",
-                         "--buffer-mb", "0.125", "--block", str(BLOCK), "--rounds", "2"])
+                         "--buffer-mb", "0.125", "--block", str(BLOCK), "--rounds", "2",
+                         "--accel-cores", str(ACCEL)])
     assert rc == 0
     return d
 
@@ -86,6 +89,31 @@ def test_validate_compares_every_schedule(run_dir):
             assert r[key]["rel_error"] == pytest.approx((r[key]["predicted"] - r[key]["measured"])
                                                         / r[key]["measured"])
     assert rows["blocking"]["overhead_pct"]["predicted"] > 0  # training waits for the whole checkpoint
+
+
+def test_training_and_checkpoint_traffic_run_on_their_own_cores(run_dir):
+    """--accel-cores 1 pins training's thread to one core (the emulated accelerator) and every other thread, the
+    checkpoint's among them, to the other cores (the host); a single-core machine pins nothing."""
+    everything = sorted(os.sched_getaffinity(0))
+    compute, host = calibrate.split_cores(ACCEL)
+    assert (compute, host) == (([], []) if ACCEL == 0 else (everything[:1], everything[1:]))
+    assert calibrate.split_cores(0) == ([], [])
+    if len(everything) > 1:
+        assert calibrate.split_cores(None) == (everything[:len(everything) // 2], everything[len(everything) // 2:])
+    for r in range(4):
+        t = json.loads((run_dir / "rotation" / f"timings-rank-{r:05d}.json").read_text())
+        assert t["cores"] == (compute or everything)
+        assert t["checkpoints"] and all(c["cores"] == (host or everything) for c in t["checkpoints"])
+        # the CPU time of every iteration is logged (all threads of the rank)
+        assert all(0 < i["cpu_s"] for i in t["iterations"])
+    setup = (run_dir / "setup.txt").read_text()
+    assert f"compute_cores={','.join(map(str, compute)) or 'all'}" in setup
+
+
+def test_calibrate_refuses_bad_core_counts(capsys):
+    n = len(os.sched_getaffinity(0))
+    assert calibrate.main(["/nonexistent/never", "--accel-cores", str(n)]) == 2
+    assert "--accel-cores must be between 0 and" in capsys.readouterr().err
 
 
 def test_runtime_refuses_a_schedule_it_does_not_run(tmp_path):

@@ -50,7 +50,7 @@ def setup_dir(path, machines=2, shard=2_000_000):
     (path / "profile.json").write_text(json.dumps(profile(machines)))
     (path / "probe.json").write_text(json.dumps({"network_bytes_per_s": NET, "copy_bytes_per_s": 2e9}))
     for r in range(machines):
-        its = [{"iteration": i, "iteration_s": 1.45} for i in range(1, 11)]
+        its = [{"iteration": i, "iteration_s": 1.45, "cpu_s": 0.5 + 0.01 * r} for i in range(1, 11)]
         (path / f"timings-rank-{r:05d}.json").write_text(json.dumps(
             {"shard_bytes": shard, "params": shard * machines // 12, "schedule": "naive", "checkpointing": False,
              "iterations": its}))
@@ -102,10 +102,11 @@ def test_export_plan_runs_the_simulated_configuration(tmp_path):
     assert bad.returncode == 2 and "missing profile.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def fake_measurements(d, schedule, iteration_s, complete_s, machines=2):
+def fake_measurements(d, schedule, iteration_s, complete_s, machines=2, cpu_s=None):
     d.mkdir(parents=True, exist_ok=True)
     for r in range(machines):
-        its = [{"iteration": i, "iteration_s": iteration_s} for i in range(1, 11)]
+        its = [{"iteration": i, "iteration_s": iteration_s} | ({"cpu_s": cpu_s + 0.01 * r} if cpu_s else {})
+               for i in range(1, 11)]
         cks = [{"iteration": i, "complete_s": complete_s} for i in range(1, 10)]
         (d / f"timings-rank-{r:05d}.json").write_text(json.dumps(
             {"shard_bytes": 2_000_000, "params": 166_666, "schedule": schedule, "checkpointing": True,
@@ -123,7 +124,7 @@ def test_validate_reports_relative_errors(tmp_path):
         preds[s] = json.loads(r.stdout)
     # measured exactly as predicted for blocking, 10% slower for naive; gemini's checkpoint 20% later
     fake_measurements(run / "blocking", "blocking", preds["blocking"]["iteration_time_s"],
-                      preds["blocking"]["checkpoint_complete_s"])
+                      preds["blocking"]["checkpoint_complete_s"], cpu_s=0.56)
     fake_measurements(run / "naive", "naive", preds["naive"]["iteration_time_s"] * 1.1,
                       preds["naive"]["checkpoint_complete_s"])
     fake_measurements(run / "gemini", "gemini", preds["gemini"]["iteration_time_s"],
@@ -140,6 +141,9 @@ def test_validate_reports_relative_errors(tmp_path):
     assert rows["blocking"]["overhead_pct"]["measured"] == pytest.approx(
         100 * (preds["blocking"]["iteration_time_s"] / base_it - 1))
     assert res["baseline"]["rel_error"] == pytest.approx(0, abs=1e-6)
+    # process CPU per iteration and rank above the baseline's (0.5, 0.51 there; 0.56, 0.57 here); none logged: "-"
+    assert rows["blocking"]["extra_cpu_s"] == pytest.approx(0.06)
+    assert rows["naive"]["extra_cpu_s"] is None
     assert (run / "validate.json").is_file()
     text = cli("validate", str(run))
     assert text.returncode == 0 and "blocking" in text.stdout and "-9.1%" in text.stdout
@@ -151,3 +155,53 @@ def test_validate_errors_are_one_line(tmp_path):
     setup_dir(tmp_path / "baseline")
     r = cli("validate", str(tmp_path))
     assert r.returncode == 2 and "no schedule runs" in r.stderr
+
+
+def rotation_dir(d, overheads, machines=2, block=3):
+    """A rotation run: rounds of (none, gemini) turns of ``block`` iterations; round r's none iterations take
+    1 + 0.1 r s (the host drifts), its gemini iterations (1 + overheads[r] / 100) times that; the first iteration
+    of every turn takes 9 s (it waits for the turn before) and must be left out."""
+    d.mkdir(parents=True, exist_ok=True)
+    its, it = [], 0
+    for r, ov in enumerate(overheads):
+        for name, factor in (("none", 1.0), ("gemini", 1 + ov / 100)):
+            for pos in range(block):
+                it += 1
+                its.append({"iteration": it, "iteration_s": 9.0 if pos == 0 else (1 + 0.1 * r) * factor,
+                            "schedule": name, "block_pos": pos})
+    for k in range(machines):
+        (d / f"timings-rank-{k:05d}.json").write_text(json.dumps(
+            {"shard_bytes": 2_000_000, "params": 166_666, "schedule": "gemini", "checkpointing": True,
+             "iterations": its, "checkpoints": []}))
+    return d
+
+
+def test_overhead_is_paired_within_rounds_with_a_confidence_interval(tmp_path):
+    d = rotation_dir(tmp_path / "rotation", [2.0, 4.0, 6.0])
+    paired = validate.paired_overheads(d, warmup=0)
+    assert list(paired) == ["gemini"] and paired["gemini"] == pytest.approx([2.0, 4.0, 6.0])
+    mean, half = validate.mean_ci(paired["gemini"])
+    assert mean == pytest.approx(4.0) and half == pytest.approx(4.302653 * 2.0 / 3 ** 0.5, rel=1e-5)
+    assert validate.mean_ci([5.0]) == (5.0, None)
+    # the warm-up drops round 0's none turn (iterations 1-3): that round has no baseline and is skipped
+    assert validate.paired_overheads(d, warmup=3)["gemini"] == pytest.approx([4.0, 6.0])
+    # separate runs (no block_pos): no rounds
+    (tmp_path / "plain").mkdir()
+    fake_measurements(tmp_path / "plain", "gemini", 1.0, 0.5)
+    assert validate.paired_overheads(tmp_path / "plain") == {}
+
+
+def test_validate_reports_the_paired_overhead_of_a_rotation(tmp_path):
+    run = tmp_path / "run"
+    base = setup_dir(run / "baseline")
+    r = cli("interleave", "--setup", str(base), "--schedule", "gemini", "--buffer-mb", "1", "--export-plan",
+            str(run / "gemini" / "plan.json"), "--json")
+    assert r.returncode == 0, r.stderr
+    rotation_dir(run / "rotation", [1.0, 2.0, 3.0, 2.0])
+    r = cli("validate", str(run), "--json", "--warmup", "0")
+    assert r.returncode == 0, r.stderr
+    ov = json.loads(r.stdout)["schedules"][0]["overhead_pct"]
+    assert ov["measured"] == pytest.approx(2.0) and ov["rounds"] == pytest.approx([1.0, 2.0, 3.0, 2.0])
+    assert ov["ci95"] == pytest.approx(3.182446 * (2 / 3) ** 0.5 / 2, rel=1e-5)
+    text = cli("validate", str(run), "--warmup", "0")
+    assert text.returncode == 0 and f"2.0% ±{ov['ci95']:.1f}" in text.stdout
