@@ -96,12 +96,12 @@ class Measured:
     iteration_cpu_s: float | None = None  # CPU seconds of a whole rank per iteration, all its threads (median)
 
 
-def measured(run_dir, warmup: int = 3, schedule: str | None = None) -> Measured:
+def measured(run_dir, warmup: int = 3, schedule: str | None = None, ranks: list[dict] | None = None) -> Measured:
     """Medians of a run. ``schedule``: only the iterations and checkpoints of that schedule in a rotation run
     (``"none"``: the iterations without checkpoints), leaving out the first iteration of every block, which also
-    waits for the previous block's checkpoint."""
+    waits for the previous block's checkpoint. ``ranks``: the run's timings when already read."""
     d = Path(run_dir)
-    ranks = _timings(d)
+    ranks = ranks if ranks is not None else _timings(d)
     per_it: dict[int, list[float]] = {}
     it_cpu: dict[int, list[float]] = {}
     for r in ranks:
@@ -132,12 +132,12 @@ def measured(run_dir, warmup: int = 3, schedule: str | None = None) -> Measured:
                     median(cpu_it) if cpu_it else None)
 
 
-def paired_overheads(run_dir, warmup: int = 3) -> dict[str, list[float]]:
+def paired_overheads(run_dir, warmup: int = 3, ranks: list[dict] | None = None) -> dict[str, list[float]]:
     """Per schedule of a rotation run, its overhead (%) in each round: the mean iteration time of its turn over the
     mean of that round's "none" turn, minus 1 (the first iteration of a turn left out). A round begins with each
     "none" turn; rounds where a schedule has no steady iteration are skipped. Pairing turns within a round cancels
-    the host's drift from one minute to the next."""
-    ranks = _timings(Path(run_dir))
+    the host's drift from one minute to the next. ``ranks``: the run's timings when already read."""
+    ranks = ranks if ranks is not None else _timings(Path(run_dir))
     per_round: dict[int, dict[str, list[float]]] = {}
     rnd = -1
     for idx, rec in enumerate(ranks[0]["iterations"]):
@@ -191,9 +191,10 @@ def compare(run_dir, warmup: int = 3) -> dict:
     rotation = d / "rotation"
     baseline_run = measured(d / "baseline", warmup)
     # with a rotation, every schedule side by side in one job: the fair comparison on a noisy host
-    base = measured(rotation, warmup, "none") if rotation.is_dir() else baseline_run
+    rot = _timings(rotation) if rotation.is_dir() else None  # read once: every schedule is measured from it
+    base = measured(rotation, warmup, "none", rot) if rot else baseline_run
     preset, timeline, profile = setup_preset(d / "baseline")  # each plan's replicas go in its InterleaveConfig
-    paired = paired_overheads(rotation, warmup) if rotation.is_dir() else {}
+    paired = paired_overheads(rotation, warmup, rot) if rot else {}
     rows, sims = [], []
     for name in SCHEDULE_DIRS:
         sd = d / name
@@ -206,7 +207,7 @@ def compare(run_dir, warmup: int = 3) -> dict:
                                           span_fill=plan["schedule"].get("span_fill", 1.0))
         sim = interleave.simulate(preset, cfg, timeline, find_interval=False)
         sims.append(sim)
-        m = measured(rotation, warmup, name) if rotation.is_dir() else measured(sd, warmup)
+        m = measured(rotation, warmup, name, rot) if rot else measured(sd, warmup)
         meas_over, ci = 100 * (m.iteration_s / base.iteration_s - 1), None
         if len(paired.get(name, ())) >= 2:  # rounds of a rotation: paired within each round, with its spread
             meas_over, ci = mean_ci(paired[name])
@@ -237,7 +238,7 @@ def compare(run_dir, warmup: int = 3) -> dict:
         "baseline": {"measured": base.iteration_s, "predicted": fitted, "rel_error": _rel(fitted, base.iteration_s),
                      "predicted_unfitted": plain.baseline_iteration_time_s,
                      "rel_error_unfitted": _rel(plain.baseline_iteration_time_s, base.iteration_s)},
-        "schedules": rows, "measured_in": "rotation" if rotation.is_dir() else "separate runs",
+        "schedules": rows, "measured_in": "rotation" if rot else "separate runs",
         "baseline_run_iteration_s": baseline_run.iteration_s,
     }
 

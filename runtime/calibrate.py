@@ -40,7 +40,7 @@ def split_cores(accel: int | None) -> tuple[list[int], list[int]]:
     for the accelerators; ([], []) when ``accel`` is 0 or there is a single core (nothing is pinned)."""
     cores = sorted(os.sched_getaffinity(0))
     k = len(cores) // 2 if accel is None else accel
-    if not 0 <= k < len(cores) and not (k == 0 and len(cores) == 1):
+    if k < 0 or (k and k >= len(cores)):
         raise ValueError(f"--accel-cores must be between 0 and {len(cores) - 1} on this host ({len(cores)} cores)")
     return (cores[:k], cores[k:]) if k else ([], [])
 

@@ -419,13 +419,12 @@ class Worker:
                 elif self.rank == dst:
                     dist.recv(torch.empty(nbytes, dtype=torch.uint8), src, group=g)
                     rates.append(nbytes / (time.perf_counter() - t))
-        if self.rank == 0:  # alone, where the checkpoint's copier thread runs
-            pin_thread(self.host_cores)
+        if self.rank == 0 and rates:
+            pin_thread(self.host_cores)  # alone, where the checkpoint's copier thread runs
             a = torch.ones(64 << 20, dtype=torch.uint8)
             b = torch.empty_like(a)
             best = min(_timed(lambda: b.copy_(a)) for _ in range(5))
             pin_thread(self.compute_cores)
-        if self.rank == 0 and rates:
             Path(self.args.out_dir).mkdir(parents=True, exist_ok=True)
             (Path(self.args.out_dir) / "probe.json").write_text(json.dumps({
                 "network_bytes_per_s": sorted(rates)[len(rates) // 2], "network_samples": rates,
@@ -444,12 +443,13 @@ class Worker:
     def finish(self) -> None:
         out = Path(self.args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        params = {k: v for k, v in self.snapshot().items() if k.startswith("model.")}
+        snap = self.snapshot()
+        params = {k: v for k, v in snap.items() if k.startswith("model.")}
         data, manifest = pack(params)
         (out / f"final-rank-{self.rank:05d}.bin").write_bytes(data)
         (out / f"final-rank-{self.rank:05d}.json").write_text(json.dumps(manifest))
         stats = {k: sum(v) / len(v) for k, v in self.timings.items() if v}
-        stats["shard_bytes"] = len(pack(self.snapshot())[0])
+        stats["shard_bytes"] = len(pack(snap)[0])
         stats["params"] = sum(p.numel() for p in self.model.parameters())  # DTensor numel: the whole model's
         stats["schedule"] = self.schedule["name"]
         stats["checkpointing"] = not self.args.no_checkpoint
