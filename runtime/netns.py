@@ -59,7 +59,10 @@ def _state(tag: int) -> Path:
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip() or f'exit status {r.returncode}'}")
+    return r
 
 
 def available() -> str | None:
@@ -126,6 +129,9 @@ def down(tag: int = 0) -> None:
     prefix = ns(0, tag)[:-1]
     for name in _ip("netns", "list", check=False).stdout.split():
         if name.startswith(prefix) and name[len(prefix):].isdigit():
+            # Deleting the veth pair first is synchronous; the namespace's own deletion frees its devices later,
+            # and a quick up() after it would find the old NIC's name still taken.
+            _ip("-n", name, "link", "del", nic(int(name[len(prefix):]), tag), check=False)
             _ip("netns", "del", name, check=False)
     _ip("link", "del", bridge(tag), check=False)
     _state(tag).unlink(missing_ok=True)
