@@ -4,9 +4,10 @@ One checkpoint of this rank's shard (model + optimizer state, as raw bytes):
 
 1. **Copy out.** A copier thread copies the live state, chunk by chunk (``schedule.chunk_bytes``), into a buffer in
    CPU memory; that buffer becomes the local copy (written to the machine's :class:`~runtime.store.ShardStore` once
-   complete, with its SHA-256). The optimizer update that would overwrite the state waits for the last chunk
-   (:meth:`Checkpoint.wait_copied`). With ``buffer_bytes`` = two chunks this is the simulator's double-buffered
-   device-to-host copy; on GPUs the chunks go through a bounded pinned staging buffer of that size.
+   complete, with its SHA-256; under ``gemini`` the hash and the file wait for the first idle span, as they cost
+   host CPU that the training's collectives use). The optimizer update that would overwrite the state waits for the
+   last chunk (:meth:`Checkpoint.wait_copied`). With ``buffer_bytes`` = two chunks this is the simulator's
+   double-buffered device-to-host copy; on GPUs the chunks go through a bounded pinned staging buffer of that size.
 2. **Send.** A sender thread sends each chunk to the plan's peers (the other holders of this machine's checkpoint)
    as soon as the chunk is in CPU memory *and* the schedule releases it, so copying chunk k+1 overlaps sending k.
    A long-lived :class:`Receiver` per peer that sends to us has its receive posted in advance and stores what
@@ -147,6 +148,7 @@ class Checkpoint:
         self.started = Progress()  # iterations started since the release
         self.started.set(1)
         self.backward = Progress()  # backward passes ended since the release
+        self.releases = self._releases()
         self.manifest: dict | None = None
         self.errors: list[BaseException] = []
         send_to, recv_from = worker._peers()
@@ -195,6 +197,10 @@ class Checkpoint:
                 a = end
             self.copied.set(b)
         self.copied_at = time.perf_counter()
+        if self.schedule["name"] == "gemini":  # hashing and the store's file cost host CPU: in the first idle span
+            r, offset, _, after = self.releases[0]
+            while not (self._opened(r, offset, after) or self.backward.value > r):  # at the latest: backward's end
+                time.sleep(0.002)
         data = memoryview(out.numpy())
         self.manifest = {"entries": self.entries, "size": self.size, "sha256": hashlib.sha256(data).hexdigest()}
         self.w._store_local(self.iteration, data, self.manifest)
@@ -226,21 +232,35 @@ class Checkpoint:
             out.append((self.interval - 1, "backward", list(range(k, n)), None))
         return out
 
+    def _opened(self, r: int, offset, after) -> bool:
+        """Has this release of :meth:`_releases` opened?"""
+        if offset == "backward":
+            return self.backward.value > r
+        if self.started.value <= r:
+            return False
+        if after is not None:
+            return self.w.recorder.collectives.value >= self.bases[r] + after
+        return time.perf_counter() >= self.starts[r] + offset
+
+    def _wait_release(self, r: int, offset, after) -> None:
+        """Wait until a release of :meth:`_releases` opens."""
+        if offset == "backward":
+            self.backward.wait_for(r + 1)
+        elif after is not None:  # when this rank's own collective that opens the span has ended
+            self.started.wait_for(r + 1)
+            self.w.recorder.collectives.wait_for(self.bases[r] + after)
+        else:  # at the span's time from the iteration's start
+            self.started.wait_for(r + 1)
+            release = self.starts[r] + offset
+            if release > time.perf_counter():
+                time.sleep(release - time.perf_counter())
+
     def _send(self) -> None:
         me = self.w.rank
         header = torch.tensor([self.iteration, self.size, self.chunk], dtype=torch.int64)
         works = [dist.isend(header, dst, group=self._group(me, dst), tag=self._tag(0)) for dst in self.send_to]
-        for r, offset, idx, after in self._releases():
-            if offset == "backward":
-                self.backward.wait_for(r + 1)
-            elif after is not None:  # when this rank's own collective that opens the span has ended
-                self.started.wait_for(r + 1)
-                self.w.recorder.collectives.wait_for(self.bases[r] + after)
-            else:  # at the span's time from the iteration's start
-                self.started.wait_for(r + 1)
-                release = self.starts[r] + offset
-                if release > time.perf_counter():
-                    time.sleep(release - time.perf_counter())
+        for r, offset, idx, after in self.releases:
+            self._wait_release(r, offset, after)
             for k in idx:
                 a, b = self.bounds[k]
                 self.copied.wait_for(b)
