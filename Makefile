@@ -23,7 +23,8 @@ runtime-demo: $(STAMP)
 	$(BIN)/python -m runtime.demo out/runtime-demo
 
 # Runtime -> profile -> simulator -> plan -> runtime, per schedule; prints predicted vs measured (out/calibrate).
-# Uses tc-limited network namespaces when this host allows them (root), else plain localhost.
+# Uses tc-limited network namespaces when this host allows them (root), else plain localhost; 2 machines with an
+# emulated accelerator by default (python -m runtime.calibrate --help for the others; README, "Closing the loop").
 calibrate: $(STAMP)
 	$(BIN)/python -m runtime.calibrate out/calibrate
 

@@ -1,7 +1,15 @@
-"""A small GPT-style model and deterministic synthetic token data."""
+"""A small GPT-style model and deterministic synthetic token data.
+
+``accel_ms`` emulates an accelerator on a CPU-only host: every block's forward takes that many milliseconds more,
+and its backward twice as many, spent *waiting* (as a host thread waits on a GPU kernel), with the CPU free for
+other threads. Training computes exactly what it would without it; only the time changes. On a GPU machine the
+checkpoint's copies, hashes and TCP run on the host CPU beside the GPU's compute; training on the CPU itself they
+would compete with it instead (see runtime/calibrate.py).
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +24,28 @@ class ModelConfig:
     heads: int = 4
     seq: int = 32
     batch: int = 4  # sequences per rank per iteration
+    accel_ms: float = 0.0  # emulated accelerator time per block forward (backward: twice), milliseconds
+
+
+class _Accel(torch.autograd.Function):
+    """Identity that waits ``seconds`` in forward and twice that in backward (the emulated kernels' time)."""
+
+    @staticmethod
+    def forward(ctx, x, seconds):
+        ctx.seconds = seconds
+        time.sleep(seconds)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(2 * ctx.seconds)
+        return grad, None
 
 
 class Block(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
+        self.accel_s = c.accel_ms / 1000
         self.ln1 = nn.LayerNorm(c.dim)
         self.attn = nn.MultiheadAttention(c.dim, c.heads, batch_first=True)
         self.ln2 = nn.LayerNorm(c.dim)
@@ -29,7 +54,8 @@ class Block(nn.Module):
     def forward(self, x, mask):
         h = self.ln1(x)
         x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        return x + self.mlp(self.ln2(x))
+        x = x + self.mlp(self.ln2(x))
+        return _Accel.apply(x, self.accel_s) if self.accel_s > 0 else x
 
 
 class TinyGPT(nn.Module):

@@ -94,7 +94,8 @@ class Worker:
         self.store = ShardStore(args.store_root, self.machine)
         self.store.clean_partial()
         self.durable = Path(args.durable_dir)
-        self.cfg = ModelConfig(dim=args.dim, layers=args.layers, batch=args.batch, seq=args.seq)
+        self.cfg = ModelConfig(dim=args.dim, layers=args.layers, batch=args.batch, seq=args.seq,
+                               accel_ms=args.accel_ms)
         self.device = torch.device("cuda", self.local) if self.cuda else torch.device("cpu")
         torch.manual_seed(args.seed)
         model = TinyGPT(self.cfg).to(self.device)
@@ -495,6 +496,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=4, help="sequences per rank per iteration")
     ap.add_argument("--seq", type=int, default=32, help="tokens per sequence")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--accel-ms", type=float, default=0.0, help="emulated accelerator: each block's forward waits "
+                    "this many ms more, its backward twice as many, with the CPU free (default 0: off)")
     ap.add_argument("--pg-timeout", type=float, default=120.0)
     ap.add_argument("--no-checkpoint", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU even when CUDA is present")

@@ -5,24 +5,29 @@ here (make calibrate is the full-size, bandwidth-limited run); plus the network-
 import filecmp
 import json
 import os
+import time
 
 import pytest
+import torch
 
 from gemini_sim import plan as plan_mod, workload
 from runtime import calibrate, netns
 from runtime.launcher import Job, default_plan
+from runtime.model import ModelConfig, TinyGPT, batch
 
 ACCEL = 1 if len(os.sched_getaffinity(0)) > 1 else 0  # compute on one core, the rest on the others
 ITERS, PROFILE, BLOCK = 12, 6, 2  # the rotation: 2 rounds of (none, blocking, gemini) x 2 iterations = 12
+ACCEL_MS, LAYERS = 10.0, 2
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("calib")
-    rc = calibrate.main([str(d), "--net", "localhost", "--iters", str(ITERS), "--profile-iters", str(PROFILE),
-                         "--dim", "64", "--layers", "2", "--seq", "32", "--schedules", "blocking,gemini",
+    rc = calibrate.main([str(d), "--net", "localhost", "--machines", "4", "--iters", str(ITERS),
+                         "--profile-iters", str(PROFILE), "--dim", "64", "--layers", str(LAYERS), "--seq", "32",
+                         "--schedules", "blocking,gemini",
                          "--buffer-mb", "0.125", "--block", str(BLOCK), "--rounds", "2",
-                         "--accel-cores", str(ACCEL)])
+                         "--accel-cores", str(ACCEL), "--accel-ms", str(ACCEL_MS)])
     assert rc == 0
     return d
 
@@ -42,6 +47,10 @@ def test_runtime_writes_a_profile_the_simulator_reads(run_dir):
         assert gathered >= 4 * total_params  # every fp32 parameter gathered at least once (fwd; bwd again)
         assert reduced >= 4 * total_params  # every gradient reduce-scattered once
         assert {o["name"] for o in ops if o["kind"] == "compute"} >= {"forward", "backward", "optimizer"}
+        # the emulated accelerator's time is in the compute spans: per block ACCEL_MS forward, twice that backward
+        for name, per_block in (("forward", ACCEL_MS), ("backward", 2 * ACCEL_MS)):
+            spent = sum(o["end_s"] - o["start_s"] for o in ops if o["name"] == name)
+            assert spent >= LAYERS * per_block / 1000
     per_rank = sorted(base.glob("profile-rank-*.json"))
     assert len(per_rank) == 4
     probe = json.loads((base / "probe.json").read_text())
@@ -54,6 +63,10 @@ def test_plans_come_from_the_profile(run_dir):
     assert g["schedule"]["chunk_bytes"] == 2 ** 16
     b = plan_mod.read(run_dir / "blocking" / "plan.json")
     assert b["schedule"]["rule"] == "after-update" and "spans" not in b["schedule"]
+    for s in ("blocking", "gemini"):  # the simulator's full result is kept beside its plan
+        sim = json.loads((run_dir / s / "interleave.json").read_text())
+        assert sim["schedule"] == s and sim["machines"] == 4
+        assert sim["iteration_time_s"] >= sim["baseline_iteration_time_s"] > 0
 
 
 def test_schedules_take_turns_and_checkpoint_without_changing_training(run_dir):
@@ -108,6 +121,37 @@ def test_training_and_checkpoint_traffic_run_on_their_own_cores(run_dir):
         assert all(0 < i["cpu_s"] for i in t["iterations"])
     setup = (run_dir / "setup.txt").read_text()
     assert f"compute_cores={','.join(map(str, compute)) or 'all'}" in setup
+    assert f"accel_ms={ACCEL_MS:g}" in setup
+
+
+def _train_step(accel_ms: float):
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, layers=3, seq=16, accel_ms=accel_ms)
+    model = TinyGPT(cfg)
+    x, y = batch(cfg, 0, 1, 0)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = model(x)
+    t1 = time.perf_counter()
+    torch.nn.functional.cross_entropy(out.reshape(-1, cfg.vocab), y.reshape(-1)).backward()
+    t2 = time.perf_counter()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return out.detach(), grads, t1 - t0, t2 - t1, time.process_time() - c0
+
+
+def test_emulated_accelerator_waits_without_the_cpu_and_computes_the_same():
+    """--accel-ms: every block's forward takes MS more and its backward 2 x MS, spent waiting (the CPU is free, as
+    when a GPU computes); outputs and gradients are bitwise those of the model without it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker runs (idle intra-op threads would spin and count as CPU)
+    try:
+        _train_step(0.0)  # warm-up: torch's first calls cost extra CPU
+        out0, g0, *_, cpu0 = _train_step(0.0)
+        out1, g1, fwd, bwd, cpu1 = _train_step(30.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out0, out1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert fwd >= 3 * 0.030 and bwd >= 3 * 0.060
+    assert cpu1 < cpu0 + 0.5 * 3 * 0.090  # the 0.27 s of waits did not burn CPU
 
 
 def test_calibrate_refuses_bad_core_counts(capsys):
@@ -154,3 +198,23 @@ def test_network_namespaces_limit_the_bandwidth(tmp_path):
     finally:
         netns.down(tag)
     assert netns.current(tag) is None
+
+
+@pytest.mark.skipif(netns.available() is not None, reason=f"network namespaces: {netns.available()}")
+def test_namespaces_come_back_right_after_down_and_a_failed_set_up_is_one_line(tmp_path, capsys, monkeypatch):
+    """An up() right after down() works (down frees the NIC names itself), and a set-up that fails leaves nothing
+    behind and stops calibrate with a one-line error, exit code 2."""
+    tag = 2
+    for _ in range(2):
+        netns.up(2, 80, tag=tag)
+        netns.down(tag)
+    assert netns.current(tag) is None
+
+    def fail(*a, **k):
+        raise RuntimeError("ip link add: File exists")
+
+    monkeypatch.setattr(netns, "up", fail)
+    assert calibrate.main([str(tmp_path / "out"), "--net", "netns"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: cannot set up the network namespaces: ip link add: File exists"
+    assert netns.current(0) is None
