@@ -176,6 +176,12 @@ def bench_calibration():
                          f"({ov['predicted']:.1f}% predicted; mean of {len(ov.get('rounds') or [])} paired rounds "
                          "+- 95% CI)", f"{ov['measured']:.1f}%" + (f" +- {ov['ci95']:.1f}" if ov.get("ci95") else ""),
                          "< 3%", _verdict_below(ov["measured"], ov.get("ci95"), 3.0)))
+    timings = json.loads((d / "baseline" / "timings-rank-00000.json").read_text())
+    device, backend = timings.get("device", "not recorded"), timings.get("backend", "not recorded")
+    rows.append(("calibration with NCCL on a GPU machine (the same measurements, with the device's name)",
+                 f"ran on {device} with {backend}" + ("" if device != "cpu" else
+                                                      ": no GPU on this host, the NCCL figures are not measured"),
+                 "recorded", "pass" if backend == "nccl" else "not measured"))
     return rows
 
 

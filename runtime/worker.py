@@ -455,6 +455,8 @@ class Worker:
         stats["schedule"] = self.schedule["name"]
         stats["checkpointing"] = not self.args.no_checkpoint
         stats["cores"] = sorted(os.sched_getaffinity(0))  # where training's own thread ran
+        stats["backend"] = dist.get_backend()
+        stats["device"] = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
         stats["iterations"] = self.iter_log
         stats["checkpoints"] = self.ckpt_log
         (out / f"timings-rank-{self.rank:05d}.json").write_text(json.dumps(stats))

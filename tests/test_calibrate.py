@@ -37,7 +37,9 @@ def test_runtime_writes_a_profile_the_simulator_reads(run_dir):
     prof = workload.load_profile(base / "profile.json")  # validated
     assert prof["machines"] == 4 and prof["processes_per_machine"] == 1
     assert [it["iteration"] for it in prof["iterations"]] == list(range(1, PROFILE + 1))
-    total_params = json.loads((base / "timings-rank-00000.json").read_text())["params"]  # the whole model's
+    timings = json.loads((base / "timings-rank-00000.json").read_text())
+    total_params = timings["params"]  # the whole model's
+    assert (timings["backend"], timings["device"] == "cpu") in (("gloo", True), ("nccl", False))
     for it in prof["iterations"]:
         ops = it["ops"]
         assert all(a["end_s"] <= b["start_s"] + 1e-6 for a, b in zip(ops, ops[1:]))  # one thread: no overlap
