@@ -2,16 +2,16 @@
 
 One checkpoint of this rank's shard (model + optimizer state, as raw bytes):
 
-1. **Copy out.** A copier thread copies the live state, chunk by chunk (``schedule.chunk_bytes``), into a buffer in
-   CPU memory; that buffer becomes the local copy (written to the machine's :class:`~runtime.store.ShardStore` once
-   complete, with its SHA-256; under ``gemini`` the hash and the file wait for the first idle span, as they cost
-   host CPU that the training's collectives use). The optimizer update that would overwrite the state waits for the
+1. **Copy out.** A copier thread copies the live state, chunk by chunk (``schedule.chunk_bytes``), straight into
+   the machine's :class:`~runtime.store.ShardStore` (a slot of its shared memory): that is the local copy, committed
+   once complete, with its SHA-256 (under ``gemini`` the hash and the commit wait for the first idle span, as they
+   cost host CPU that the training's collectives use). The optimizer update that would overwrite the state waits for the
    last chunk (:meth:`Checkpoint.wait_copied`). With ``buffer_bytes`` = two chunks this is the simulator's
    double-buffered device-to-host copy; on GPUs the chunks go through a bounded pinned staging buffer of that size.
 2. **Send.** A sender thread sends each chunk to the plan's peers (the other holders of this machine's checkpoint)
    as soon as the chunk is in CPU memory *and* the schedule releases it, so copying chunk k+1 overlaps sending k.
-   A long-lived :class:`Receiver` per peer that sends to us has its receive posted in advance and stores what
-   arrives. CPU buffers are reused from one checkpoint to the next (:class:`Buffers`). The manifest goes last,
+   A long-lived :class:`Receiver` per peer that sends to us has its receive posted in advance and receives straight
+   into a slot of the store. The manifest goes last,
    after the local copy is committed, so a shard is never complete on a peer
    before it is on its own machine.
 
@@ -102,23 +102,6 @@ def entries_of(tensors: dict[str, torch.Tensor]) -> tuple[list[dict], list[torch
     return entries, views
 
 
-class Buffers:
-    """CPU buffers kept from one checkpoint to the next (one per use: this rank's copy, each peer's): a fresh 10 MB
-    buffer costs thousands of page faults every time. A buffer is reused only once the checkpoint that used it has
-    been committed to the store (a checkpoint starts when the one before it is done)."""
-
-    def __init__(self):
-        self.bufs: dict[str, torch.Tensor] = {}
-        self.lock = threading.Lock()
-
-    def get(self, use: str, size: int) -> torch.Tensor:
-        with self.lock:
-            buf = self.bufs.get(use)
-            if buf is None or buf.numel() != size:
-                buf = self.bufs[use] = torch.empty(size, dtype=torch.uint8)
-            return buf
-
-
 class Checkpoint:
     """One checkpoint of one rank in flight: copy-out, sends to peers, receives from peers."""
 
@@ -139,7 +122,8 @@ class Checkpoint:
         chunk = max(1, int(schedule["chunk_bytes"]))
         self.chunk = max(chunk, math.ceil(self.size / MAX_CHUNKS))
         self.bounds = chunk_bounds(self.size, self.chunk)
-        self.buf = worker.buffers.get("send", self.size)
+        self.slot = None  # where the local copy goes in the store (the copier opens it)
+        self.buf: torch.Tensor | None = None
         self.copied = Progress()  # bytes in CPU memory
         self.committed = threading.Event()  # local copy in the store
         self.interval = int(worker.ckpt["interval_iters"]) if schedule["name"] == "gemini" else 1
@@ -181,7 +165,9 @@ class Checkpoint:
         self.ends.append(time.perf_counter())
 
     def _copy(self) -> None:
-        out, pos = self.buf, 0
+        self.slot = self.w.store.slot(self.iteration, self.w.rank, self.size)
+        out, pos = self.slot.tensor, 0
+        self.buf = out
         spans = []  # (tensor index, start within it) of every byte range, walked once
         for k, v in enumerate(self.views):
             spans.append((pos, pos + v.numel(), k))
@@ -201,9 +187,9 @@ class Checkpoint:
             r, offset, _, after = self.releases[0]
             while not (self._opened(r, offset, after) or self.backward.value > r):  # at the latest: backward's end
                 time.sleep(0.002)
-        data = memoryview(out.numpy())
-        self.manifest = {"entries": self.entries, "size": self.size, "sha256": hashlib.sha256(data).hexdigest()}
-        self.w._store_local(self.iteration, data, self.manifest)
+        digest = hashlib.sha256(self.slot.view()).hexdigest()
+        self.manifest = {"entries": self.entries, "size": self.size, "sha256": digest}
+        self.w._commit_local(self.slot, self.manifest)
         self.committed.set()
 
     def _group(self, src: int, dst: int):
@@ -363,7 +349,8 @@ class Receiver:
                 iteration, size, chunk = (int(x) for x in header.tolist())
                 if size < 0:
                     return
-                body = self.w.buffers.get(f"recv-{self.src}", size)
+                slot = self.w.store.slot(iteration, self.src, size)
+                body = slot.tensor
                 bounds = chunk_bounds(size, chunk)
                 # one chunk's receive at a time (posting them all at once was tried: no gain beyond the noise for
                 # gemini, README "Closing the loop")
@@ -372,7 +359,8 @@ class Receiver:
                 self.data_at[seq] = time.perf_counter()
                 last = 1 + len(bounds)
                 meta = json.loads(recv_bytes(self.src, g, (tag(seq, last), tag(seq, last + 1))))
-                self.w.store.put(iteration, self.src, memoryview(body.numpy()), meta)
+                slot.commit(meta)
+                del slot, body  # unmapped once its tensor is gone
                 self.done_at[seq] = time.perf_counter()
                 self.cpu[seq] = time.thread_time() - c0
                 seq += 1

@@ -27,7 +27,7 @@ once every rank has finished the checkpoint traffic in flight (so which copies e
 ``kill:RANK:ITER`` (SIGKILL), ``lose:MACHINE:ITER`` (local rank 0 of MACHINE announces it and waits there, so that
 the launcher can kill the whole machine and replace it), ``corrupt-kill:RANK:ITER`` (once ITER's checkpoint is
 replicated, at iteration ITER + 1: flip a byte of this machine's copy, then SIGKILL). ``kill-write:RANK:ITER``
-kills the rank half-way through writing ITER's shard to its machine's store.
+kills the rank once ITER's shard is written into its machine's store, before it is committed.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from torch.distributed.fsdp import fully_shard
 from .model import ModelConfig, TinyGPT, batch
 from .profiler import Recorder
 from .store import ShardStore, pack, unpack
-from .traffic import SCHEDULES, Buffers, Checkpoint, Receiver, isend_bytes, pin_thread, recv_bytes, stop
+from .traffic import SCHEDULES, Checkpoint, Receiver, isend_bytes, pin_thread, recv_bytes, stop
 
 INVENTORY_SLOTS = 64
 
@@ -121,7 +121,6 @@ class Worker:
         self.inflight: Checkpoint | None = None
         self.receivers: dict[int, Receiver] | None = None  # one per peer that sends us its checkpoints
         self.sent_count = 0
-        self.buffers = Buffers()  # CPU memory for checkpoints, reused
         self.recorder = Recorder(args.profile_iters)
         self.recorder.install()
         self.timings: dict[str, list[float]] = {}
@@ -173,12 +172,12 @@ class Worker:
         os.kill(os.getpid(), signal.SIGKILL)
 
     # -- checkpointing (the data path and schedules live in runtime/traffic.py) ----------------------------------
-    def _store_local(self, iteration: int, data, manifest: dict) -> None:
-        """Commit this rank's copy of a checkpoint to its machine's store (called by the copier thread)."""
+    def _commit_local(self, slot, manifest: dict) -> None:
+        """Commit this rank's copy of a checkpoint in its machine's store (called by the copier thread)."""
         t0 = time.perf_counter()
-        hook = (lambda: self._die("killed while writing a checkpoint")) if self._fault("kill-write", iteration) \
+        hook = (lambda: self._die("killed while writing a checkpoint")) if self._fault("kill-write", slot.iteration) \
             else None
-        self.store.put(iteration, self.rank, data, manifest, before_commit=hook)
+        slot.commit(manifest, before_commit=hook)
         self.timings.setdefault("local_write_s", []).append(time.perf_counter() - t0)
 
     def start_checkpoint(self, iteration: int, release_at: float, released_in: int,
@@ -197,7 +196,7 @@ class Worker:
             return 0.0
         t = time.perf_counter()
         done = ck.wait()
-        self.store.keep_newest(self.ckpt["keep"])
+        self.store.keep_newest(self.ckpt["keep"], recycle=[self.rank] + self._peers()[1])
         t0 = ck.iteration_start
         self.ckpt_log.append({"iteration": ck.iteration, "schedule": ck.schedule["name"],
                               "released_in": ck.released_in, "start_s": ck.release_at - t0,

@@ -1,0 +1,113 @@
+"""The in-memory shard store: shards written in place through slots, committed atomically, files recycled."""
+
+import hashlib
+import os
+
+import torch
+
+from runtime.store import ShardStore, pack, unpack
+
+
+def shard(seed: int, n: int = 1000):
+    g = torch.Generator().manual_seed(seed)
+    return pack({"w": torch.randn(n, generator=g), "step": torch.tensor([seed], dtype=torch.int64)})
+
+
+def write(store: ShardStore, iteration: int, rank: int, data: bytes, manifest: dict, commit: bool = True):
+    slot = store.slot(iteration, rank, len(data))
+    slot.tensor.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    assert hashlib.sha256(slot.view()).hexdigest() == manifest["sha256"]
+    if commit:
+        slot.commit(manifest)
+    return slot
+
+
+def test_a_slot_counts_only_once_committed(tmp_path):
+    store = ShardStore(tmp_path, 0)
+    data, manifest = shard(1)
+    slot = write(store, 5, 3, data, manifest, commit=False)
+    assert store.get(5, 3) is None and store.inventory() == []  # written, not committed: a crash here loses it
+    slot.commit(manifest)
+    got, meta = store.get(5, 3)
+    assert got == data and meta["iteration"] == 5 and meta["rank"] == 3
+    assert torch.equal(unpack(got, meta)["w"], unpack(data, manifest)["w"])
+    assert store.inventory() == [(5, 3)]
+
+
+def test_an_uncommitted_slot_is_cleaned_after_a_crash(tmp_path):
+    store = ShardStore(tmp_path, 0)
+    data, manifest = shard(2)
+    write(store, 5, 0, data, manifest)
+    write(store, 6, 0, *shard(3), commit=False)  # the writer dies here
+    again = ShardStore(tmp_path, 0)
+    again.clean_partial()
+    assert again.inventory() == [(5, 0)] and not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_dropped_files_are_recycled_and_kept_shards_stay_intact(tmp_path):
+    store = ShardStore(tmp_path, 0)
+    shards = {it: shard(it) for it in range(1, 6)}
+    inodes, slots = {}, {}
+    for it, (data, manifest) in shards.items():
+        slots[it] = write(store, it, 0, data, manifest)
+        inodes[it] = os.stat(store._paths(it, 0)[0]).st_ino
+        store.keep_newest(2, recycle=[0])
+        kept = store.iterations()
+        assert kept == list(range(max(1, it - 1), it + 1))
+        for k in kept:  # writing the newest never touched the one before it
+            assert store.get(k, 0)[0] == shards[k][0]
+        assert len(list(store.spare_dir.glob("*.bin"))) == (1 if it >= 3 else 0)
+    # from the fourth checkpoint on, each one is written into the file of the one dropped just before: three files
+    # in all for two kept checkpoints
+    assert inodes[4] == inodes[1] and inodes[5] == inodes[2] and len(set(inodes.values())) == 3
+    assert slots[4] is slots[1] and slots[5] is slots[2]  # and through the mapping this process already had
+
+
+def test_a_file_replaced_behind_a_mapping_is_not_written_through_it(tmp_path):
+    """Recovery puts a shard back with plain file writes (a new file): the old mapping must not be recycled."""
+    store = ShardStore(tmp_path, 0)
+    write(store, 1, 0, *shard(1))
+    store.put(1, 0, *shard(2))
+    store.keep_newest(0, recycle=[0])
+    data, manifest = shard(3)
+    write(store, 2, 0, data, manifest)
+    assert store.get(2, 0)[0] == data
+
+
+def test_mappings_of_iterations_dropped_by_another_process_are_let_go(tmp_path):
+    store, other = ShardStore(tmp_path, 0), ShardStore(tmp_path, 0)
+    slot = write(store, 1, 0, *shard(1))
+    write(store, 2, 0, *shard(2))
+    other.keep_newest(1)  # a process of the same machine that does not recycle rank 0 drops iteration 1
+    store.keep_newest(1, recycle=[0])
+    assert slot.fd == -1 and (1, 0) not in store._held and not list(store.spare_dir.glob("*.bin"))
+
+
+def test_a_spare_of_another_size_is_not_reused(tmp_path):
+    store = ShardStore(tmp_path, 0)
+    write(store, 1, 0, *shard(1, 1000))
+    store.keep_newest(0, recycle=[0])
+    spare = next(store.spare_dir.glob("*.bin"))
+    data, manifest = shard(2, 3000)
+    write(store, 2, 0, data, manifest)
+    assert not spare.exists() and os.stat(store._paths(2, 0)[0]).st_size == len(data)
+    assert store.get(2, 0)[0] == data
+
+
+def test_only_the_recycled_ranks_files_become_spares(tmp_path):
+    store = ShardStore(tmp_path, 0)
+    for rank in (0, 1):
+        write(store, 1, rank, *shard(rank))
+    store.keep_newest(0, recycle=[1])
+    assert [p.name for p in store.spare_dir.glob("*.bin")] == ["rank-00001-00000001.bin"]
+    assert store.iterations() == []
+
+
+def test_an_empty_shard(tmp_path):
+    store = ShardStore(tmp_path, 0)
+    data, manifest = pack({})
+    slot = store.slot(1, 0, 0)
+    assert slot.tensor.numel() == 0
+    slot.commit(manifest)
+    got, meta = store.get(1, 0)
+    assert got == b"" and meta["size"] == 0
