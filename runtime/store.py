@@ -106,16 +106,12 @@ class ShardStore:
     def spare_dir(self) -> Path:
         return self.dir / "spare"
 
-    def put(self, iteration: int, rank: int, data: bytes, manifest: dict, before_commit=None) -> None:
-        bin_path, json_path = self._paths(iteration, rank)
+    def put(self, iteration: int, rank: int, data: bytes, manifest: dict) -> None:
+        """Write a whole shard from bytes (a plain new file; checkpoints in flight go through :meth:`slot`)."""
+        bin_path, _ = self._paths(iteration, rank)
         bin_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = bin_path.with_name(bin_path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            half = len(data) // 2
-            f.write(data[:half])
-            if before_commit:
-                before_commit()  # fault injection: die half-way through a write
-            f.write(data[half:])
+        tmp.write_bytes(data)
         self._commit(tmp, iteration, rank, manifest)
 
     def _commit(self, tmp: Path, iteration: int, rank: int, manifest: dict) -> None:

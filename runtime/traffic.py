@@ -122,8 +122,7 @@ class Checkpoint:
         chunk = max(1, int(schedule["chunk_bytes"]))
         self.chunk = max(chunk, math.ceil(self.size / MAX_CHUNKS))
         self.bounds = chunk_bounds(self.size, self.chunk)
-        self.slot = None  # where the local copy goes in the store (the copier opens it)
-        self.buf: torch.Tensor | None = None
+        self.slot = None  # where the local copy goes in the store (the copier opens it); the sender sends from it
         self.copied = Progress()  # bytes in CPU memory
         self.committed = threading.Event()  # local copy in the store
         self.interval = int(worker.ckpt["interval_iters"]) if schedule["name"] == "gemini" else 1
@@ -167,7 +166,6 @@ class Checkpoint:
     def _copy(self) -> None:
         self.slot = self.w.store.slot(self.iteration, self.w.rank, self.size)
         out, pos = self.slot.tensor, 0
-        self.buf = out
         spans = []  # (tensor index, start within it) of every byte range, walked once
         for k, v in enumerate(self.views):
             spans.append((pos, pos + v.numel(), k))
@@ -253,7 +251,7 @@ class Checkpoint:
                 if self.errors:
                     return
                 t = time.perf_counter()
-                works += [dist.isend(self.buf[a:b], dst, group=self._group(me, dst), tag=self._tag(1 + k))
+                works += [dist.isend(self.slot.tensor[a:b], dst, group=self._group(me, dst), tag=self._tag(1 + k))
                           for dst in self.send_to]
                 for w in works:  # one chunk in flight per peer: the next is sent when this one has left
                     w.wait()
