@@ -20,16 +20,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --nbmake notebooks
 
 runtime-demo: $(STAMP)
-	$(BIN)/python -m runtime.demo out/runtime-demo
+	$(BIN)/python examples/tinygpt/demo.py out/runtime-demo
 
 # Runtime -> profile -> simulator -> plan -> runtime, per schedule; prints predicted vs measured (out/calibrate).
 # Uses tc-limited network namespaces when this host allows them (root), else plain localhost; 2 machines with an
-# emulated accelerator by default (python -m runtime.calibrate --help for the others; README, "Closing the loop").
+# emulated accelerator by default (python examples/tinygpt/calibrate.py --help for the others; docs/runtime.md).
 calibrate: $(STAMP)
-	$(BIN)/python -m runtime.calibrate out/calibrate
+	$(BIN)/python examples/tinygpt/calibrate.py out/calibrate
 
 # Bandwidth-limited "machines" for the runtime by hand: make netns-up MACHINES=4 MBIT=400, then
-# python -m runtime.launcher --netns ...; make netns-down removes them.
+# python -m runtime.agent --netns ... -- SCRIPT; make netns-down removes them.
 MACHINES ?= 4
 MBIT     ?= 400
 netns-up: $(STAMP)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,14 +95,15 @@ def bench_runtime():
     import tempfile
     from pathlib import Path
 
-    from runtime.launcher import Job, default_plan
+    from runtime.agent import Job, default_plan
 
     work = Path(tempfile.mkdtemp(prefix="gemini-bench-"))
     plan = default_plan(work / "plan.json", 4, 1, replicas=2, interval=1, persist=5)
-    common = dict(iters=15, dim=256, layers=4)
+    train = [str(Path(__file__).resolve().parent.parent / "examples" / "tinygpt" / "train.py"), "--iters", "15",
+             "--dim", "256", "--layers", "4"]
 
-    def run(name, **kw):
-        job = Job(plan, work / name, **common, **kw)
+    def run(name, no_checkpoint=False, **kw):
+        job = Job(plan, work / name, train + (["--no-checkpoint"] if no_checkpoint else []), **kw)
         res = job.run(timeout=600)
         job.cleanup()
         if not res.ok:
@@ -144,10 +146,11 @@ def _verdict_below(mean: float, ci: float | None, limit: float) -> str:
 
 
 def bench_calibration():
-    """The simulator against the runtime (runtime/calibrate.py): prediction errors per schedule."""
+    """The simulator against the runtime (examples/tinygpt/calibrate.py): prediction errors per schedule."""
     import json
 
-    from runtime import calibrate
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "tinygpt"))
+    import calibrate
 
     d = Path(CALIBRATION_DIR or "out/bench-calibrate")
     if CALIBRATION_DIR is None:

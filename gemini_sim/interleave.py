@@ -281,9 +281,7 @@ class _Iteration:
 
 def build_placement(preset: Preset, cfg: InterleaveConfig):
     replicas = cfg.replicas or preset.recovery.replicas
-    strategy = preset.recovery.placement
-    if strategy == "auto":
-        strategy = "group" if preset.cluster.machines % replicas == 0 else "mixed"
+    strategy = placement_mod.resolve(preset.recovery.placement, preset.cluster.machines, replicas)
     return placement_mod.build(strategy, preset.cluster.machines, replicas, **placement_options(preset))
 
 

@@ -173,8 +173,21 @@ STRATEGIES: dict[str, Callable[..., Placement]] = {
 }
 
 
+AUTO = "auto"  # GEMINI's choice: group placement when m divides N, else mixed
+
+
+def resolve(strategy: str, machines: int, replicas: int) -> str:
+    """The strategy ``auto`` stands for (group when ``replicas`` divides ``machines``, else mixed); others as
+    they are. The one place this rule lives."""
+    if strategy == AUTO:
+        return "group" if machines % replicas == 0 else "mixed"
+    return strategy
+
+
 def build(strategy: str, machines: int, replicas: int, **options) -> Placement:
-    """Build and validate a placement. Options: ``seed`` (random), ``domains`` or ``domain_of`` (domain-aware)."""
+    """Build and validate a placement (``auto`` is resolved first). Options: ``seed`` (random), ``domains`` or
+    ``domain_of`` (domain-aware)."""
+    strategy = resolve(strategy, machines, replicas)
     if strategy not in STRATEGIES:
         raise unknown_name("placement strategy", strategy, STRATEGIES)
     accepted = {"random": {"seed"}, "domain-aware": {"domains", "domain_of"}}.get(strategy, set())

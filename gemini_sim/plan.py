@@ -18,7 +18,11 @@ import jsonschema
 from .errors import UserError, load_user_json
 
 SCHEMA_VERSION = 1
+# The vocabulary the simulator and the runtime share. Schedules, by the rule a plan's runtime follows for each:
 RULES = {"blocking": "after-update", "naive": "at-start", "gemini": "idle-spans", "priority": "low-priority"}
+SCHEDULES = tuple(RULES)
+# Where a checkpoint is recovered from, nearest first: this machine's memory, a peer's memory, durable storage.
+TIERS = ("local", "peer", "storage")
 
 
 def schema(version: int = SCHEMA_VERSION) -> dict:
@@ -128,7 +132,7 @@ def make(*, machines: int, processes_per_machine: int, placement_strategy: str, 
         "schedule": {"name": schedule, "chunk_bytes": int(chunk_bytes), "buffer_bytes": int(buffer_bytes),
                      "rule": RULES.get(schedule, "at-start")},
         "checkpoint": {"interval_iters": interval_iters, "persist_interval_iters": persist, "keep": keep},
-        "recovery": {"order": ["local", "peer", "storage"] if replicas > 1 else ["local", "storage"]},
+        "recovery": {"order": list(TIERS) if replicas > 1 else [t for t in TIERS if t != "peer"]},
         "provenance": {"tool": "gemini-sim", "version": tool_version(),
                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     }
@@ -145,6 +149,19 @@ def make(*, machines: int, processes_per_machine: int, placement_strategy: str, 
     if predicted:
         d["provenance"]["predicted"] = predicted
     return d
+
+
+def default(machines: int, processes_per_machine: int, replicas: int = 2, interval: int = 1, persist: int = 5,
+            schedule: str = "naive", chunk_bytes: int = 1 << 20) -> dict:
+    """A plan without a simulation: GEMINI's placement (``auto``), a checkpoint every ``interval`` iterations and a
+    durable one every ``persist``, chunks of ``chunk_bytes`` through a two-chunk staging buffer."""
+    from . import placement
+
+    strategy = placement.resolve(placement.AUTO, machines, replicas)
+    pl = placement.build(strategy, machines, replicas)
+    return make(machines=machines, processes_per_machine=processes_per_machine, placement_strategy=strategy,
+                holders=pl.holders, schedule=schedule, chunk_bytes=chunk_bytes, buffer_bytes=2 * chunk_bytes,
+                interval_iters=interval, persist_interval_iters=persist)
 
 
 def show(d: dict) -> str:

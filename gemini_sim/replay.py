@@ -32,11 +32,12 @@ import simpy
 
 from . import placement as placement_mod
 from .config import Preset
+from .plan import TIERS
 from .recovery import burst_sampler
 from .strategies import Policy, Tier, placement_options, policy as make_policy
 from .traces import Trace
 
-TIER_ORDER = ("local", "peer", "remote")
+TIER_ORDER = TIERS  # the Plan's vocabulary: local memory, a peer's memory, durable storage
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class _Job:
         self.rng = np.random.default_rng(seed)
         self.n = preset.cluster.machines
         self.horizon = trace.duration_h * 3600
-        self.clocks = {"remote": _TierClock(pol.remote)}
+        self.clocks = {"storage": _TierClock(pol.remote)}
         if pol.memory is not None:
             self.clocks["memory"] = _TierClock(pol.memory)
         if random_phase:  # start each schedule at a random point of its cycle (an expectation over phases)
@@ -224,13 +225,13 @@ class _Job:
             else:
                 self.pending_failed.update(self.rng.choice(self.n, size=k, replace=False).tolist())
         if "memory" not in self.clocks:
-            tier = "remote"
+            tier = "storage"
         elif not self.pending_failed:
             tier = "local"
         elif self.placement is not None and self.placement.survives(self.pending_failed):
             tier = "peer"
         else:
-            tier = "remote"
+            tier = "storage"
         if self.pending_tier is not None:
             tier = max(tier, self.pending_tier, key=TIER_ORDER.index)
         return tier
@@ -242,14 +243,14 @@ class _Job:
     def _failure(self, tau: float, event, during_recovery: bool) -> None:
         p0 = self.P
         tier = self._choose_tier(event)
-        clock = self.clocks["remote" if tier == "remote" else "memory"]
+        clock = self.clocks["storage" if tier == "storage" else "memory"]
         restore = self._restore_point(clock, tau, p0)
         now = p0 + self._progress_at(tau)
         lost = now - restore
         self.stall += self._stalls(tau)  # before the debts below move the schedules to the next segment
         # Where every tier's newest checkpoint stands relative to the restored state.
-        remote = self.clocks["remote"]
-        if tier != "remote":
+        remote = self.clocks["storage"]
+        if tier != "storage":
             remote.debt = max(0.0, restore - self._restore_point(remote, tau, p0))
         else:
             remote.debt = 0.0
@@ -266,7 +267,7 @@ class _Job:
         rec = self.preset.recovery
         restart = rec.restart_s + (rec.replace_s if self.pending_failed else 0.0)
         retrieve = {"local": self.pol.retrieve_local_s, "peer": self.pol.retrieve_peer_s,
-                    "remote": self.pol.retrieve_remote_s}[self.pending_tier]
+                    "storage": self.pol.retrieve_remote_s}[self.pending_tier]
         return restart, retrieve
 
     def _charge_recovery(self, elapsed: float, restart: float) -> None:

@@ -33,9 +33,9 @@ def replay_table(results: list[ReplayResult]) -> str:
         t = r.tier_counts()
         rows.append([r.strategy, r.failures, f"{r.wasted_hours:.2f}", f"{r.gpu_hours_wasted:,.0f}",
                      *(f"{getattr(r, k) / 3600:.2f}" for k, _ in COMPONENTS),
-                     f"{100 * r.effective_fraction:.2f}%", f"{t['local']}/{t['peer']}/{t['remote']}"])
+                     f"{100 * r.effective_fraction:.2f}%", f"{t['local']}/{t['peer']}/{t['storage']}"])
     return format_table(["strategy", "failures", "wasted h", "GPU-h wasted", "lost h", "retrieval h", "stall h",
-                         "restart h", "effective", "local/peer/remote"], rows)
+                         "restart h", "effective", "local/peer/storage"], rows)
 
 
 def header_lines(trace: Trace, preset: Preset) -> list[str]:

@@ -107,9 +107,7 @@ def memory_policy(p: Preset, interval_s: float, complete_s: float, stall_s: floa
     from . import placement
 
     m, n = p.recovery.replicas, p.cluster.machines
-    strategy = p.recovery.placement
-    if strategy == "auto":
-        strategy = "group" if n % m == 0 else "mixed"
+    strategy = placement.resolve(p.recovery.placement, n, m)
     placement.build(strategy, n, m, **placement_options(p))  # validates m against N
     persist = p.storage.gemini_persist_interval_hours * 3600
     return Policy(name, remote=Tier(persist, complete_s + p.remote_write_s, 0.0),
@@ -151,13 +149,13 @@ def policy(name: str, preset: Preset, mtbf_s: float) -> Policy:
     return STRATEGIES[name](preset, mtbf_s)
 
 
-def closed_form_wasted_per_failure_s(pol: Policy, tier: str = "remote") -> float:
+def closed_form_wasted_per_failure_s(pol: Policy, tier: str = "storage") -> float:
     """GEMINI's expected wasted time per failure, t_ckpt + 1/(2f) + t_retrieve, for one tier of a policy.
 
     It assumes failures fall uniformly in the checkpoint cycle (MTBF much longer than the interval). The replay
     books the part of that window in which a blocking snapshot stalled training as checkpoint stall, so its lost
     progress + retrieval per failure equals this minus the tier's ``stall_s``.
     """
-    t = pol.memory if tier != "remote" else pol.remote
-    retrieve = {"remote": pol.retrieve_remote_s, "local": pol.retrieve_local_s, "peer": pol.retrieve_peer_s}[tier]
+    t = pol.memory if tier != "storage" else pol.remote
+    retrieve = {"storage": pol.retrieve_remote_s, "local": pol.retrieve_local_s, "peer": pol.retrieve_peer_s}[tier]
     return t.complete_s + t.interval_s / 2 + retrieve

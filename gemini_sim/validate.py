@@ -121,6 +121,8 @@ def measured(run_dir, warmup: int = 3, schedule: str | None = None, ranks: list[
     cpu: list[float] = []
     for r in ranks:
         for rec in r.get("checkpoints", []):
+            if rec.get("at_close"):  # taken when training had ended: not a checkpoint beside training
+                continue
             if schedule is None or rec.get("schedule") == schedule:
                 per_ck.setdefault(rec["iteration"], []).append(rec.get("data_s", rec["complete_s"]))
                 if "cpu_s" in rec and rec["iteration"] > warmup:

@@ -1,8 +1,10 @@
 """Record this rank's iteration timeline and write it in gemini-sim's profile format (version 1).
 
-Every collective that training issues goes through ``torch.distributed`` (FSDP2 calls ``all_gather_single`` and
-``reduce_scatter_single``); :func:`Recorder.install` wraps those entry points (and ``all_reduce``) so that each call
-on the training thread is timed from start to end, with the size of its result (all-gather), its input
+Every collective that training issues goes through ``torch.distributed`` (FSDP2 calls ``all_gather_into_tensor``
+and ``reduce_scatter_tensor`` up to torch 2.11, ``all_gather_single`` and ``reduce_scatter_single`` later);
+:func:`Recorder.install` wraps whichever of those entry points this torch has (and ``all_reduce``), while profiling
+or while a ``gemini`` schedule anchors its spans to collectives, and :func:`Recorder.uninstall` puts them back.
+Each call on the training thread is timed from start to end, with the size of its result (all-gather), its input
 (reduce-scatter) or its tensor (all-reduce). The wrapped call always completes before it returns (an ``async_op``
 request is served synchronously), so a collective's span on the timeline is its real duration on this rank. The
 recorder also counts the collectives that have ended, for ever: the ``gemini`` schedule anchors its spans to them.
@@ -23,9 +25,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .traffic import Progress
+from .transport import Progress
 
-WRAPPED = {"all_gather_single": "all_gather", "reduce_scatter_single": "reduce_scatter",
+WRAPPED = {"all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",
+           "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
            "all_reduce": "all_reduce"}
 
 
@@ -49,7 +52,7 @@ def _nbytes(kind: str, args, kwargs) -> int:
 
 
 class Recorder:
-    def __init__(self, iterations: int = 20):
+    def __init__(self, iterations: int = 20, collectives: Progress | None = None):
         self.limit = iterations
         self.thread = threading.get_ident()
         self.iterations: list[dict] = []
@@ -57,15 +60,22 @@ class Recorder:
         self._phase = "forward"
         self._mark = 0.0  # end of the last recorded op (perf_counter)
         self._t0 = 0.0
-        self.collectives = Progress()  # training collectives completed so far (all iterations)
+        self.collectives = collectives or Progress()  # training collectives completed so far (all iterations)
 
     # -- wrapping ----------------------------------------------------------------------------------------------
     def install(self) -> None:
+        self._originals = getattr(self, "_originals", {})
         for attr, kind in WRAPPED.items():
-            original = getattr(dist, attr)
-            if getattr(original, "_gemini_wrapped", False):
+            original = getattr(dist, attr, None)
+            if original is None or getattr(original, "_gemini_wrapped", False):
                 continue
+            self._originals[attr] = original
             setattr(dist, attr, self._wrap(original, kind))
+
+    def uninstall(self) -> None:
+        for attr, original in getattr(self, "_originals", {}).items():
+            setattr(dist, attr, original)
+        self._originals = {}
 
     def _wrap(self, original, kind: str):
         rec = self
@@ -141,3 +151,50 @@ class Recorder:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.profile(machines, ppm, source)))
         tmp.replace(path)
+
+
+def probe(ckpt, path: Path | None = None) -> dict | None:
+    """Measure what the simulator needs to know about this set-up (collective: every rank calls it): the network's
+    point-to-point bandwidth between machine 0 and machine 1 (rank 0 and its counterpart, each direction, over the
+    runtime's own groups), and the rate at which rank 0 copies memory on the checkpoint's cores (the stand-in for the
+    GPU-to-CPU copy when training on CPU). Rank 0 writes ``probe.json`` (``path``, default in the Checkpointer's
+    out_dir) and returns it; the others return None."""
+    import os
+
+    import torch
+
+    from .transport import pin_thread
+
+    nbytes, reps = 8 << 20, 3
+    rates = []
+    other = ckpt.ppm if ckpt.world > ckpt.ppm else None
+    for src, dst in ((0, other), (other, 0)) if other is not None else ():
+        for _ in range(reps):
+            dist.barrier(group=ckpt.groups.control)
+            t = time.perf_counter()
+            g = ckpt.groups.between(src, dst)
+            if ckpt.rank == src:
+                dist.send(torch.ones(nbytes, dtype=torch.uint8), dst, group=g)
+            elif ckpt.rank == dst:
+                dist.recv(torch.empty(nbytes, dtype=torch.uint8), src, group=g)
+                rates.append(nbytes / (time.perf_counter() - t))
+    result = None
+    if ckpt.rank == 0 and rates:
+        before = os.sched_getaffinity(0)
+        pin_thread(ckpt.host_cores)  # alone, where the checkpoint's copier thread runs
+        a = torch.ones(64 << 20, dtype=torch.uint8)
+        b = torch.empty_like(a)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            b.copy_(a)
+            best = min(best, time.perf_counter() - t)
+        os.sched_setaffinity(0, before)
+        result = {"network_bytes_per_s": sorted(rates)[len(rates) // 2], "network_samples": rates,
+                  "copy_bytes_per_s": a.numel() / best, "probe_bytes": nbytes}
+        path = Path(path) if path else (ckpt.out_dir / "probe.json" if ckpt.out_dir else None)
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result))
+    dist.barrier(group=ckpt.groups.control)
+    return result

@@ -28,48 +28,67 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {str(t): t for t in (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
-                               torch.int32, torch.uint8)}
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 
-def pack(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict]:
-    """Concatenate tensors into bytes; the manifest says how to cut them out again."""
-    entries, chunks, offset = [], [], 0
-    for name, t in tensors.items():
-        t = t.detach().contiguous().cpu()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        entries.append({"name": name, "dtype": str(t.dtype), "shape": list(t.shape), "offset": offset,
-                        "nbytes": len(raw)})
-        chunks.append(raw)
-        offset += len(raw)
-    data = b"".join(chunks)
-    return data, {"entries": entries, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+class StoreError(RuntimeError):
+    """The store cannot be used where it was asked for (one line)."""
 
 
-def unpack(data: bytes, manifest: dict) -> dict[str, torch.Tensor]:
-    buf = bytearray(data)
-    out = {}
-    for e in manifest["entries"]:
-        if e["dtype"] not in DTYPES:
-            raise ValueError(f"unsupported dtype {e['dtype']}")
-        raw = torch.frombuffer(buf, dtype=torch.uint8, offset=e["offset"], count=e["nbytes"]) if e["nbytes"] else \
-            torch.empty(0, dtype=torch.uint8)
-        out[e["name"]] = raw.view(DTYPES[e["dtype"]]).reshape(e["shape"]).clone()
-    return out
+def private_dir(path: Path) -> Path:
+    """Make ``path`` (and missing parents) a folder only this user can enter; refuse one that others own or may
+    read."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=PRIVATE_DIR)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StoreError(f"cannot create the checkpoint store folder {d}: {e.strerror}") from None
+        os.chmod(d, PRIVATE_DIR)  # whatever the umask
+    if not path.is_dir():
+        raise StoreError(f"checkpoint store {path} is not a folder")
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise StoreError(f"checkpoint store {path} belongs to another user (uid {st.st_uid})")
+    if st.st_mode & 0o077:
+        os.chmod(path, PRIVATE_DIR)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StoreError(f"checkpoint store {path} is not writable")
+    return path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 class ShardStore:
-    def __init__(self, root: str | Path, machine: int):
-        self.root = Path(root)
-        self.dir = self.root / f"machine-{machine:04d}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+    """The shards held in one machine's memory: ``ROOT/machine-NAME`` (NAME: the machine's index, or ``node``)."""
+
+    def __init__(self, root: str | Path, machine: int | str):
+        self.root = private_dir(Path(root))
+        name = f"{machine:04d}" if isinstance(machine, int) else str(machine)
+        self.dir = private_dir(self.root / f"machine-{name}")
         # this process's mappings of the files it wrote through slots: committed, by (iteration, rank), and the one
         # spare per rank (see keep_newest); each holds its file open, so its inode cannot be another file's
         self._held: dict[tuple[int, int], Slot] = {}
         self._spares: dict[int, Slot] = {}
         self._lock = threading.Lock()
 
-    def _paths(self, iteration: int, rank: int) -> tuple[Path, Path]:
+    def paths(self, iteration: int, rank: int) -> tuple[Path, Path]:
         d = self.dir / f"iter-{iteration:08d}"
         return d / f"rank-{rank:05d}.bin", d / f"rank-{rank:05d}.json"
 
@@ -77,8 +96,8 @@ class ShardStore:
         """Room for ``size`` bytes of ``rank``'s shard of ``iteration``, in the store's memory: write the shard into
         ``slot.tensor``, then :meth:`Slot.commit` it. Takes this rank's spare file when there is one of that size,
         and the mapping of it this process still holds, if any (then nothing is mapped or faulted in again)."""
-        bin_path, _ = self._paths(iteration, rank)
-        bin_path.parent.mkdir(parents=True, exist_ok=True)
+        bin_path, _ = self.paths(iteration, rank)
+        private_dir(bin_path.parent)
         tmp = bin_path.with_name(bin_path.name + ".tmp")
         with self._lock:
             held = self._spares.pop(rank, None)
@@ -108,23 +127,23 @@ class ShardStore:
 
     def put(self, iteration: int, rank: int, data: bytes, manifest: dict) -> None:
         """Write a whole shard from bytes (a plain new file; checkpoints in flight go through :meth:`slot`)."""
-        bin_path, _ = self._paths(iteration, rank)
-        bin_path.parent.mkdir(parents=True, exist_ok=True)
+        bin_path, _ = self.paths(iteration, rank)
+        private_dir(bin_path.parent)
         tmp = bin_path.with_name(bin_path.name + ".tmp")
-        tmp.write_bytes(data)
+        _write_private(tmp, data)
         self._commit(tmp, iteration, rank, manifest)
 
     def _commit(self, tmp: Path, iteration: int, rank: int, manifest: dict) -> None:
-        bin_path, json_path = self._paths(iteration, rank)
+        bin_path, json_path = self.paths(iteration, rank)
         os.replace(tmp, bin_path)
         meta = dict(manifest, iteration=iteration, rank=rank)
         tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps(meta))
+        _write_private(tmp, json.dumps(meta).encode())
         os.replace(tmp, json_path)  # the manifest is committed last
 
     def get(self, iteration: int, rank: int) -> tuple[bytes, dict] | None:
         """The shard's bytes and manifest if it is complete and intact, else None."""
-        bin_path, json_path = self._paths(iteration, rank)
+        bin_path, json_path = self.paths(iteration, rank)
         try:
             manifest = json.loads(json_path.read_text())
             data = bin_path.read_bytes()
@@ -155,14 +174,14 @@ class ShardStore:
         for it in its[:-keep] if keep else its:
             d = self.dir / f"iter-{it:08d}"
             for rank in recycle:
-                bin_path, json_path = self._paths(it, rank)
+                bin_path, json_path = self.paths(it, rank)
                 json_path.unlink(missing_ok=True)  # no longer a shard before its bytes change hands
                 spare = self.spare_dir / f"rank-{rank:05d}-{it:08d}.bin"
                 with self._lock:
                     held = self._held.pop((it, rank), None)
                 try:
                     if not any(self.spare_dir.glob(f"rank-{rank:05d}-*.bin")):
-                        self.spare_dir.mkdir(exist_ok=True)
+                        private_dir(self.spare_dir)
                         os.replace(bin_path, spare)
                         if held is not None and held.ino == spare.stat().st_ino:
                             with self._lock:
@@ -185,7 +204,7 @@ class ShardStore:
 
     def wipe(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
 
 
 class Slot:
@@ -194,11 +213,21 @@ class Slot:
 
     def __init__(self, store: ShardStore, iteration: int, rank: int, tmp: Path, size: int):
         self.store, self.iteration, self.rank, self.tmp, self.size = store, iteration, rank, tmp, size
-        self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+        os.fchmod(self.fd, PRIVATE_FILE)
         st = os.fstat(self.fd)
         self.ino = st.st_ino
         if st.st_size != size:
             os.ftruncate(self.fd, size)
+        if size:
+            try:  # reserve the memory now: a write into a mapping of a full tmpfs would kill the process (SIGBUS)
+                os.posix_fallocate(self.fd, 0, size)
+            except OSError as e:
+                os.close(self.fd)
+                tmp.unlink(missing_ok=True)
+                raise StoreError(f"no room for a {size / 2**20:.1f} MiB shard in {tmp.parent} "
+                                 f"({e.strerror}): free memory in its file system or name another store root") \
+                    from None
         # MAP_POPULATE: the pages are mapped in one go, not faulted in one by one while the checkpoint is copied
         mem = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) if size else None
         self.tensor = torch.frombuffer(mem, dtype=torch.uint8, count=size) if size else \

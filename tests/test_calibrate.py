@@ -10,10 +10,15 @@ import time
 import pytest
 import torch
 
+from conftest import load_example
 from gemini_sim import plan as plan_mod, workload
-from runtime import calibrate, netns
-from runtime.launcher import Job, default_plan
-from runtime.model import ModelConfig, TinyGPT, batch
+from runtime import netns
+from runtime.agent import Job, default_plan
+from runtime.plan import PlanError
+
+calibrate = load_example("tinygpt", "calibrate")
+ModelConfig, TinyGPT, batch = (getattr(load_example("tinygpt", "model"), n) for n in ("ModelConfig", "TinyGPT",
+                                                                                    "batch"))
 
 ACCEL = 1 if len(os.sched_getaffinity(0)) > 1 else 0  # compute on one core, the rest on the others
 ITERS, PROFILE, BLOCK = 12, 6, 2  # the rotation: 2 rounds of (none, blocking, gemini) x 2 iterations = 12
@@ -84,13 +89,15 @@ def test_schedules_take_turns_and_checkpoint_without_changing_training(run_dir):
         cks = t["checkpoints"]
         assert all(c["bytes"] == t["shard_bytes"] and c["peers"] == 1 and c["complete_s"] > 0 for c in cks)
         # blocking checkpoints its own iterations (3, 4, 9, 10); gemini sends iteration i during i + 1, so within
-        # its blocks (5-6, 11-12) only 5 and 11 (a block's last checkpoint is dropped when the turn ends)
+        # its blocks (5-6, 11-12) only 5 and 11 (a block's last checkpoint is dropped when the turn ends), and the
+        # last iteration's when the job closes
         blocking = [c for c in cks if c["schedule"] == "blocking"]
         gemini = [c for c in cks if c["schedule"] == "gemini"]
         assert [c["iteration"] for c in blocking] == [3, 4, 9, 10]
         assert all(c["released_in"] == c["iteration"] for c in blocking)
-        assert [c["iteration"] for c in gemini] == [5, 11]
+        assert [c["iteration"] for c in gemini] == [5, 11, 12]
         assert all(c["released_in"] == c["iteration"] + 1 for c in gemini)
+        assert [c.get("at_close", False) for c in gemini] == [False, False, True]
 
 
 def test_validate_compares_every_schedule(run_dir):
@@ -167,8 +174,8 @@ def test_runtime_refuses_a_schedule_it_does_not_run(tmp_path):
     d = plan_mod.read(p)
     d["schedule"]["name"] = "priority"
     plan_mod.write(d, p)
-    with pytest.raises(ValueError, match="not run by the runtime"):
-        Job(p, tmp_path / "job")
+    with pytest.raises(PlanError, match="not run by the runtime.*network priorities"):
+        Job(p, tmp_path / "job", ["train.py"])
 
 
 @pytest.mark.skipif(netns.available() is not None, reason=f"network namespaces: {netns.available()}")
@@ -182,8 +189,8 @@ def test_network_namespaces_limit_the_bandwidth(tmp_path):
         plan = default_plan(tmp_path / "plan.json", 2, 1)
         outs = {}
         for name, use in (("ns", True), ("lo", False)):
-            job = Job(plan, tmp_path / name, iters=3, netns=tag if use else False, extra_args=["--probe"],
-                      pg_timeout=60)
+            job = Job(plan, tmp_path / name, [str(calibrate.TRAIN), "--iters", "3", "--probe"],
+                      netns=tag if use else False)
             try:
                 res = job.run(timeout=240)
             finally:

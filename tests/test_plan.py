@@ -176,3 +176,21 @@ def test_sweep_spec_errors(tmp_path):
         spec.write_text(text)
         with pytest.raises(UserError, match=needle):
             sweep.load_spec(spec)
+
+
+def test_one_vocabulary_for_simulator_plan_and_runtime():
+    """Schedules, tiers and the 'auto' placement rule are defined once, in the Plan's module, and every side uses
+    them: the simulator's schedule registry, the schema's enums, the replay's tiers, the runtime's registry."""
+    from gemini_sim import interleave, placement, replay
+    from gemini_sim import plan as contract
+    from runtime import schedules as runtime_schedules
+
+    assert tuple(interleave.SCHEDULES) == contract.SCHEDULES
+    assert set(runtime_schedules.SCHEDULES) | set(runtime_schedules.NOT_RUN) == set(contract.SCHEDULES)
+    schema = contract.schema()
+    assert tuple(schema["properties"]["recovery"]["properties"]["order"]["items"]["enum"]) == contract.TIERS
+    assert replay.TIER_ORDER == contract.TIERS
+    assert [placement.resolve("auto", n, 2) for n in (4, 5)] == ["group", "mixed"]
+    assert placement.resolve("ring", 5, 2) == "ring"
+    d = contract.default(5, 2, replicas=2)
+    assert d["placement"]["strategy"] == "mixed" and d["recovery"]["order"] == list(contract.TIERS)

@@ -29,9 +29,9 @@ def per_failure_s(result, tier):
 @pytest.mark.parametrize("name, mtbf_h, mix, tier", [
     ("gemini", 10, {"software": 1}, "local"),           # every failure recovers from local CPU memory
     ("gemini", 10, {"hardware": 1}, "peer"),            # one machine lost: a peer holds its checkpoint
-    ("highfreq", 20, {"hardware": 1}, "remote"),
+    ("highfreq", 20, {"hardware": 1}, "storage"),
     ("async-remote", 20, {"software": 1}, "local"),
-    ("strawman", 300, {"hardware": 1}, "remote"),       # MTBF >> 3 h so the phase is uniform
+    ("strawman", 300, {"hardware": 1}, "storage"),       # MTBF >> 3 h so the phase is uniform
 ])
 def test_replay_agrees_with_the_closed_form(name, mtbf_h, mix, tier):
     trace = long_trace(mtbf_h, 4000, mix)
@@ -41,7 +41,7 @@ def test_replay_agrees_with_the_closed_form(name, mtbf_h, mix, tier):
     assert r.tier_counts()[tier] >= 0.97 * r.failures
     expected = strategies.closed_form_wasted_per_failure_s(pol, tier)
     # A blocking snapshot's stall sits inside the rolled-back window; the replay books it as a checkpoint stall.
-    stall = (pol.remote if tier == "remote" else pol.memory).stall_s
+    stall = (pol.remote if tier == "storage" else pol.memory).stall_s
     assert per_failure_s(r, tier) + stall == pytest.approx(expected, rel=0.03)
 
 
@@ -85,10 +85,10 @@ def test_tier_choice_follows_placement():
     two = dataclasses.replace(PAPER, cluster=dataclasses.replace(PAPER.cluster, machines=2), name="two")
     evs = (FailureEvent(10, "software", 1), FailureEvent(20, "hardware", 1), FailureEvent(30, "hardware", 2))
     r = replay(Trace("t", evs, 40), two, "gemini")
-    assert [o.tier for o in r.outcomes] == ["local", "peer", "remote"]
+    assert [o.tier for o in r.outcomes] == ["local", "peer", "storage"]
     # Without peers (m=1) a lost machine means remote storage.
     r1 = replay(Trace("t", evs, 40), two.with_replicas(1), "gemini")
-    assert [o.tier for o in r1.outcomes] == ["local", "remote", "remote"]
+    assert [o.tier for o in r1.outcomes] == ["local", "storage", "storage"]
 
 
 def test_remote_fallback_rolls_back_past_memory_recoveries():
@@ -96,7 +96,7 @@ def test_remote_fallback_rolls_back_past_memory_recoveries():
     # checkpoint, which is the job's start (GEMINI persists every 3 h): everything trained so far is lost.
     evs = (FailureEvent(2.0, "software", 1), FailureEvent(2.5, "unknown", 16))
     r = replay(Trace("t", evs, 5), PAPER, "gemini")
-    assert [o.tier for o in r.outcomes] == ["local", "remote"]
+    assert [o.tier for o in r.outcomes] == ["local", "storage"]
     restart = PAPER.recovery.restart_s + PAPER.gpu_to_cpu_s
     trained_before = 2.5 * 3600 - restart - r.outcomes[0].lost_s
     assert r.outcomes[1].lost_s == pytest.approx(trained_before, abs=1e-6)
@@ -169,7 +169,7 @@ def test_replay_uses_the_configured_placement_under_rack_failures():
     group = replay(rack, PAPER, "gemini")
     aware_preset = dataclasses.replace(PAPER, recovery=dataclasses.replace(PAPER.recovery, placement="domain-aware"))
     aware = replay(rack, aware_preset, "gemini")
-    assert group.outcomes[0].tier == "remote" and aware.outcomes[0].tier == "peer"
+    assert group.outcomes[0].tier == "storage" and aware.outcomes[0].tier == "peer"
     assert aware.wasted_s < group.wasted_s
 
 

@@ -5,7 +5,8 @@ import os
 
 import torch
 
-from runtime.store import ShardStore, pack, unpack
+from runtime.state import pack, unpack
+from runtime.store import ShardStore
 
 
 def shard(seed: int, n: int = 1000):
@@ -50,7 +51,7 @@ def test_dropped_files_are_recycled_and_kept_shards_stay_intact(tmp_path):
     inodes, slots = {}, {}
     for it, (data, manifest) in shards.items():
         slots[it] = write(store, it, 0, data, manifest)
-        inodes[it] = os.stat(store._paths(it, 0)[0]).st_ino
+        inodes[it] = os.stat(store.paths(it, 0)[0]).st_ino
         store.keep_newest(2, recycle=[0])
         kept = store.iterations()
         assert kept == list(range(max(1, it - 1), it + 1))
@@ -90,7 +91,7 @@ def test_a_spare_of_another_size_is_not_reused(tmp_path):
     spare = next(store.spare_dir.glob("*.bin"))
     data, manifest = shard(2, 3000)
     write(store, 2, 0, data, manifest)
-    assert not spare.exists() and os.stat(store._paths(2, 0)[0]).st_size == len(data)
+    assert not spare.exists() and os.stat(store.paths(2, 0)[0]).st_size == len(data)
     assert store.get(2, 0)[0] == data
 
 

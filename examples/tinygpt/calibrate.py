@@ -1,6 +1,7 @@
 """Close the loop: run the runtime, profile it, let the simulator plan and predict, run each plan, compare.
 
-``python -m runtime.calibrate OUT_DIR`` (``make calibrate``):
+``python examples/tinygpt/calibrate.py OUT_DIR`` (``make calibrate``), with the TinyGPT example (train.py beside
+this file) as the training job, run by the project's agent:
 
 1. Network: with ``--net auto`` (default) every machine gets its own network namespace and a ``tc``-limited link
    (``--mbit`` each way, see runtime/netns.py) when this host allows it, else plain localhost (then the network is
@@ -14,13 +15,13 @@
    iteration (OUT_DIR/rotation/): side by side, so that the host's noise (10% from run to run on a shared 2-core
    VM) hits every schedule alike.
    With ``--accel-cores K`` every run pins training's compute to K cores, standing in for the GPUs, and every other
-   thread to the rest, standing in for the host CPU (see runtime/worker.py): on a GPU machine checkpoint copies and
+   thread to the rest, standing in for the host CPU (train.py's --compute-cores and --host-cores): on a GPU machine checkpoint copies and
    TCP cost host CPU, not GPU time. Off by default: on a 2-core host one core for the compute of 4 ranks and one
    for all their network work saturates the latter, and the prediction of naive's checkpoint time then misses by
    20-30% (README, "Closing the loop"), while gemini's overhead was not measurably lower.
    The compute itself is by default an emulated accelerator (``--accel-ms``, see runtime/model.py): each block
    waits as a host thread waits on a GPU kernel, leaving the CPU to the checkpoint's copies, hashes and TCP, as a
-   GPU machine's host CPU is. ``--accel-ms 0 --batch 4 --seq 256`` computes on the CPU for real instead.
+   GPU machine's host CPU is (model.py). ``--accel-ms 0 --batch 4 --seq 256`` computes on the CPU for real.
    The default is 2 machines: each emulated machine then has one of this 2-core host's cores to itself, as a real
    one has its own CPU; with more machines than cores, one machine's checkpoint work takes CPU time from the
    others' collectives, which a real cluster does not do (README, "Closing the loop", has both).
@@ -39,8 +40,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import netns as ns_mod
-from .launcher import Job, default_plan
+from runtime import netns as ns_mod
+from runtime import schedules as run_schedules
+from runtime.agent import Job, default_plan
+
+TRAIN = Path(__file__).resolve().parent / "train.py"
 
 
 def split_cores(accel: int | None) -> tuple[list[int], list[int]]:
@@ -64,21 +68,22 @@ def _gemini_sim(*args: str, capture: bool = False) -> str | None:
 
 def _run(plan: Path, d: Path, args, netns: bool, no_checkpoint: bool = False, extra=(), iters=None) -> None:
     iters = iters or args.iters
-    flags = ["--profile-iters", str(args.profile_iters), "--batch", str(args.batch), "--seq", str(args.seq),
-             "--accel-ms", str(args.accel_ms), *args.pin_args, *extra]
-    job = Job(plan, d / "job", iters=iters, dim=args.dim, layers=args.layers, netns=netns, out_dir=d,
-              no_checkpoint=no_checkpoint, extra_args=flags)
+    flags = ["--iters", str(iters), "--dim", str(args.dim), "--layers", str(args.layers),
+             "--profile-iters", str(args.profile_iters), "--batch", str(args.batch), "--seq", str(args.seq),
+             "--accel-ms", str(args.accel_ms), *args.pin_args, *extra] + (["--no-checkpoint"] if no_checkpoint else [])
+    job = Job(plan, d / "job", [str(TRAIN), *flags], netns=netns, out_dir=d)
     try:
         res = job.run(timeout=args.timeout)
     finally:
         job.cleanup()
     if not res.ok:
-        raise SystemExit(f"calibrate: the runtime failed in {d} (exit codes {res.returncodes}; logs {res.logs})")
+        raise SystemExit(f"calibrate: the runtime failed in {d} ({res.root_cause or res.returncodes}; logs "
+                         f"{res.logs})")
     print(f"  {d.name}: {iters} iterations in {res.wall_s:.0f} s", flush=True)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.calibrate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python examples/tinygpt/calibrate.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", nargs="?", default="out/calibrate", help="run directory (default out/calibrate)")
     ap.add_argument("--net", choices=("auto", "netns", "localhost"), default="auto")
     ap.add_argument("--mbit", type=float, default=400.0, help="NIC bandwidth each way with namespaces (default 400)")
@@ -116,8 +121,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     schedules = [s for s in args.schedules.split(",") if s]
     for s in schedules:
-        if s not in ("blocking", "naive", "gemini"):
-            print(f"error: unknown schedule {s!r}; the runtime runs blocking, naive, gemini", file=sys.stderr)
+        try:
+            run_schedules.get(s)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
     if args.machines < 2 or args.iters < args.profile_iters or args.mbit <= 0 or args.block < 2 or args.rounds < 1 \
             or args.accel_ms < 0:

@@ -1,4 +1,4 @@
-"""`make runtime-demo`: 4 machines x 2 processes on CPU train a small GPT with FSDP2, checkpoint to CPU memory every
+"""`make runtime-demo`: 4 machines x 2 processes on CPU train a small GPT with FSDP2 (train.py beside this file), checkpoint to CPU memory every
 iteration with group placement (m = 2), lose a whole machine half-way, and recover its state from its peer's memory.
 Then it checks that the final parameters are bitwise identical to a run without failures."""
 
@@ -9,7 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .launcher import Job, default_plan, summarize
+from runtime.agent import Job, default_plan, summarize
+
+TRAIN = Path(__file__).resolve().parent / "train.py"
 
 
 def main() -> int:
@@ -18,12 +20,13 @@ def main() -> int:
     iters = 12
     print(f"runtime demo: 4 machines x 2 processes, gloo on CPU, plan {plan_path}, {iters} iterations")
     print("1) the same job without failures, for reference")
-    ref = Job(plan_path, work / "reference", iters=iters)
+    entry = [str(TRAIN), "--iters", str(iters)]
+    ref = Job(plan_path, work / "reference", entry)
     r0 = ref.run()
     ref.cleanup()
     summarize(r0)
     print("2) machine 1 is lost in iteration 7 (agent and workers killed, CPU memory wiped, replaced)")
-    job = Job(plan_path, work / "failure", iters=iters, faults="lose:1:7")
+    job = Job(plan_path, work / "failure", entry, faults="lose:1:7")
     r1 = job.run()
     job.cleanup()
     summarize(r1)

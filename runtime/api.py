@@ -1,0 +1,473 @@
+"""The public API: :class:`Checkpointer`, which a user's own FSDP2 training loop calls to run a Plan.
+
+::
+
+    ckpt = Checkpointer(plan, model, optimizer, extra={"sched": lr_scheduler, "data": loader_state})
+    start = ckpt.recover()                    # 0 on a fresh start, else the iteration it resumed from
+    for it in range(start + 1, iters + 1):
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        ckpt.after_backward()                 # before the optimizer step: the update waits for the copy out
+        optimizer.step(); optimizer.zero_grad()
+        ckpt.after_step(it)                   # the plan's checkpoint of this iteration, and persistence
+    ckpt.close()
+
+What it does (the modules beside it hold each concern):
+
+- **State** (runtime/state.py): ``get_state_dict(model, optimizer)`` plus every ``extra`` object's ``state_dict()``
+  (anything with ``state_dict``/``load_state_dict``: an LR scheduler, a data loader's position, RNG states), any
+  optimizer, flattened into tensors and a JSON skeleton. Parameters and optimizer state change only at the update,
+  so they are copied out while the next iteration trains; everything else (buffers, extra state) is copied at
+  :meth:`after_step`.
+- **Store** (runtime/store.py): every checkpoint goes to this machine's CPU memory (``/dev/shm``), which outlives
+  a crashed process, and to the peers the plan's placement names (runtime/transport.py), with the traffic released
+  as the plan's schedule says (runtime/schedules.py, runtime/pipeline.py).
+- **Durable** (runtime/recovery.py): every ``persist_interval_iters`` a standard DCP checkpoint.
+- **Recovery** (:meth:`recover`): the newest iteration complete in memory or on durable storage, from this
+  machine's memory, a peer's, or DCP.
+- **Profiling** (runtime/profiler.py): the first ``profile_iters`` iterations, written in gemini-sim's profile
+  format, with the per-iteration and per-checkpoint timings at :meth:`close`.
+
+Every rank of the job creates its Checkpointer, after ``torch.distributed.init_process_group``, in the same order
+(its constructor and :meth:`recover` and :meth:`close` are collective). Settings not given come from the
+environment the project's agent sets (``GEMINI_PLAN``, ``GEMINI_STORE_ROOT``, ``GEMINI_DURABLE_DIR``,
+``GEMINI_OUT_DIR``, ``GEMINI_JOB``), so a script runs unchanged under plain ``torchrun`` and under the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from . import recovery, schedules
+from .pipeline import InFlight, Link
+from .plan import Plan, PlanError
+from .profiler import Recorder
+from .state import StateError, entries_of, flatten, local, unflatten, unpack
+from .store import ShardStore
+from .transport import Groups, Progress, Receiver, stop
+
+log = logging.getLogger("runtime")
+HOOKS = ("before_update", "before_commit")
+
+
+class ConfigError(ValueError):
+    """The Checkpointer cannot start as asked (one line)."""
+
+
+def _env_path(value, env: str, default: str | None = None) -> Path | None:
+    v = value if value is not None else os.environ.get(env, default)
+    return Path(v) if v else None
+
+
+def default_store_root(job: str) -> Path:
+    """``/dev/shm/gemini-UID/JOB`` (a private temporary folder where there is no /dev/shm)."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
+    return base / f"gemini-{os.geteuid()}" / job
+
+
+class Checkpointer:
+    """In-memory checkpoints of every rank's training state, replicated and scheduled as a Plan says.
+
+    plan: a :class:`~runtime.plan.Plan`, a path to plan.json or its parsed dict (default: ``$GEMINI_PLAN``).
+    model, optimizer: the FSDP2 model (``fully_shard``) and its optimizer, any kind.
+    extra: ``{name: object}`` with ``state_dict()``/``load_state_dict()`` (per rank), checkpointed alongside.
+    store_root: where machines keep checkpoints in memory (default ``$GEMINI_STORE_ROOT``, else
+        ``/dev/shm/gemini-UID/JOB``); job: the name that tells jobs apart there (default ``$GEMINI_JOB``,
+        ``$TORCHELASTIC_RUN_ID`` or ``default``): a restart must use the same to find its checkpoints.
+    durable_dir: DCP checkpoints, on storage every machine sees (default ``$GEMINI_DURABLE_DIR``, else
+        ``./gemini-durable/JOB``).
+    out_dir: where the profile and timings are written (default ``$GEMINI_OUT_DIR``; None: not written).
+    profile_iters: iterations profiled from the start (0: none). checkpoint: False runs without checkpoints (a
+    baseline). host_cores: cores for the checkpoint's threads (default: not pinned). timeout_s: of the runtime's
+    own process groups.
+    """
+
+    def __init__(self, plan=None, model: torch.nn.Module | None = None, optimizer=None, *, extra: dict | None = None,
+                 store_root=None, job: str | None = None, durable_dir=None, out_dir=None, profile_iters: int = 20,
+                 checkpoint: bool = True, host_cores=None, timeout_s: float = 120.0):
+        if not dist.is_available() or not dist.is_initialized():
+            raise ConfigError("call torch.distributed.init_process_group() before creating the Checkpointer")
+        if model is None or optimizer is None:
+            raise ConfigError("the Checkpointer needs the model and its optimizer")
+        if plan is None:
+            plan = os.environ.get("GEMINI_PLAN")
+            if not plan:
+                raise ConfigError("no plan: pass one (a path, a dict or a Plan) or set GEMINI_PLAN")
+        self.plan = Plan.coerce(plan)
+        if not isinstance(profile_iters, int) or profile_iters < 0:
+            raise ConfigError(f"profile_iters must be a whole number >= 0, got {profile_iters!r}")
+        if not (isinstance(timeout_s, (int, float)) and 0 < timeout_s < 1e6):
+            raise ConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        self.model, self.optimizer = model, optimizer
+        self.extra = dict(extra or {})
+        for name, obj in self.extra.items():
+            if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+                raise ConfigError(f"extra[{name!r}] has no state_dict()/load_state_dict()")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.ppm = int(os.environ.get("LOCAL_WORLD_SIZE", self.plan.processes_per_machine))
+        if self.world != self.plan.machines * self.plan.processes_per_machine \
+                or self.ppm != self.plan.processes_per_machine:
+            raise PlanError(f"{self.plan.source}: the plan is for {self.plan.machines} machines x "
+                            f"{self.plan.processes_per_machine} processes, this job has "
+                            f"{self.world // max(self.ppm, 1)} x {self.ppm}")
+        self.machine = self.rank // self.ppm
+        self.job = job or os.environ.get("GEMINI_JOB") or os.environ.get("TORCHELASTIC_RUN_ID") or "default"
+        if "/" in self.job or self.job in (".", ".."):
+            raise ConfigError(f"job name {self.job!r} must not contain '/'")
+        root = _env_path(store_root, "GEMINI_STORE_ROOT") or default_store_root(self.job)
+        self.durable = _env_path(durable_dir, "GEMINI_DURABLE_DIR") or Path("gemini-durable") / self.job
+        self.out_dir = _env_path(out_dir, "GEMINI_OUT_DIR")
+        try:
+            self.durable.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.durable, os.W_OK | os.X_OK):
+                raise ConfigError(f"durable checkpoint folder {self.durable} is not writable")
+            if self.out_dir:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create {e.filename}: {e.strerror}") from None
+        store_name = os.environ.get("GEMINI_MACHINE_ID", "node")  # the agent names machines; torchrun: one a host
+        self.store = ShardStore(root, int(store_name) if store_name.isdigit() else store_name)
+        self.store.clean_partial()
+        self.groups = Groups.create(timeout_s)
+        self.host_cores = sorted(host_cores) if host_cores else None
+        self.send_to, self.recv_from = self.plan.peers(self.rank)
+        self.schedule_dict = self.plan.schedule
+        self.schedule = schedules.get(self.schedule_dict["name"])
+        self.checkpointing = bool(checkpoint)
+        self.iteration = 0  # the last iteration whose after_step ran (or that recover() resumed from)
+        self._hooks: dict[str, list[Callable[[int], None]]] = {h: [] for h in HOOKS}
+        self._receivers: list[Receiver] | None = None  # posted once, before any peer sends
+        self._inflight: InFlight | None = None
+        self._pending: int | None = None  # naive/gemini: the iteration whose checkpoint goes out in the next one
+        self._seq = 0
+        self._began = False  # the current iteration has begun (its pending checkpoint started)
+        self._t0 = self._c0 = 0.0
+        self._stall = self._waited = 0.0
+        self._record: dict = {}
+        self._backward_done = False
+        self.timings: dict[str, list[float]] = {}
+        self.iterations: list[dict] = []  # one record per iteration
+        self.checkpoints: list[dict] = []  # one record per checkpoint
+        self.collectives = Progress()
+        self.recorder = Recorder(profile_iters, self.collectives)
+        self._anchored = self.schedule.defer_hash and any(
+            "after_collectives" in s for s in self.schedule_dict.get("spans", []))
+        if profile_iters or self._anchored:
+            self.recorder.install()
+        self._handles = [model.register_forward_pre_hook(self._on_forward, prepend=True),  # before FSDP's gather
+                         model.register_forward_hook(lambda *_: self.recorder.phase("backward"))]
+        self._closed = False
+        if os.environ.get("GEMINI_FAULT"):  # test-only fault injection (the project's fault tests)
+            from .testing import faults
+
+            faults.install(self, os.environ["GEMINI_FAULT"])
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+    def add_hook(self, point: str, fn: Callable[[int], None]) -> None:
+        """Call ``fn(iteration)`` at ``point``: ``before_update`` (in :meth:`after_backward`, once the state is
+        copied out) or ``before_commit`` (just before this rank's copy of a checkpoint is committed)."""
+        if point not in self._hooks:
+            raise ValueError(f"unknown hook point {point!r}; points: {', '.join(HOOKS)}")
+        self._hooks[point].append(fn)
+
+    def _fire(self, point: str, iteration: int) -> None:
+        for fn in self._hooks[point]:
+            fn(iteration)
+
+    # -- events ------------------------------------------------------------------------------------------------
+    def event(self, msg: str, **fields) -> None:
+        """Report an event: a log line, and a machine-readable one on stdout under the agent (GEMINI_EVENTS)."""
+        rec = {"t": round(time.time(), 4), "rank": self.rank, "msg": msg, **fields}
+        if os.environ.get("GEMINI_EVENTS"):
+            print("GEMINI " + json.dumps(rec), flush=True)
+        log.info("rank %d: %s %s", self.rank, msg, fields)
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        return {"model": msd, "optim": osd, "extra": {k: o.state_dict() for k, o in self.extra.items()}}
+
+    def _live_storages(self) -> set[int]:
+        """Storages that change only at the optimizer update: parameters and optimizer state."""
+        out = {local(p).untyped_storage().data_ptr() for p in self.model.parameters()}
+        for st in self.optimizer.state.values():
+            out |= {local(v).untyped_storage().data_ptr() for v in st.values() if isinstance(v, torch.Tensor)}
+        return out
+
+    def capture(self) -> tuple[dict[str, torch.Tensor], object]:
+        """This rank's state now: tensors (parameters and optimizer state as live views, the rest copied) and
+        the JSON skeleton."""
+        tensors, skeleton = flatten(self._state())
+        live = self._live_storages()
+        out = {}
+        for k, t in tensors.items():
+            loc = local(t).detach()
+            out[k] = loc if loc.untyped_storage().data_ptr() in live else loc.clone()
+        return out, skeleton
+
+    def _restore(self, tensors: dict[str, torch.Tensor], skeleton) -> None:
+        """Load a checkpoint's tensors and skeleton into the model, the optimizer and the extra state."""
+        live, _ = flatten(self._state())  # optimizer state is created here if there is none yet
+        missing = sorted(k for k in live if k not in tensors and not k.startswith("extra/"))
+        if missing:
+            raise StateError(f"the checkpoint does not match the model: it lacks {missing[0]!r}"
+                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        merged = {}
+        with torch.no_grad():
+            for k, src in tensors.items():
+                cur = live.get(k)
+                if cur is None:
+                    if not k.startswith("extra/"):
+                        raise StateError(f"the checkpoint holds {k!r}, which the model and optimizer do not have")
+                    merged[k] = src
+                    continue
+                dst, loc = local(cur), local(src)
+                if loc.data_ptr() == dst.data_ptr() and loc.shape == dst.shape:  # loaded in place (DCP)
+                    merged[k] = cur
+                elif dst.shape == loc.shape and dst.dtype == loc.dtype:
+                    dst.copy_(loc)
+                    merged[k] = cur
+                elif k.startswith("extra/"):
+                    merged[k] = src.to(dst.device)
+                else:
+                    raise StateError(f"{k!r}: the checkpoint's {loc.dtype} {list(loc.shape)} does not fit this rank's "
+                                     f"{dst.dtype} {list(dst.shape)}")
+        state = unflatten(skeleton, merged)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for name, obj in self.extra.items():
+            if name not in state.get("extra", {}):
+                raise StateError(f"the checkpoint has no extra state {name!r}")
+            obj.load_state_dict(state["extra"][name])
+
+    # -- recovery ------------------------------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Agree with every rank on the newest complete checkpoint, load it, return its iteration (0: fresh)."""
+        dist.barrier(group=self.groups.control)  # every rank is up: the time below is recovery's alone
+        t0 = time.perf_counter()
+        per_machine = recovery.gather_inventory(self.store, self.groups.control, self.world, self.ppm)
+        target, where = recovery.choose(per_machine, self.world, recovery.durable_iterations(self.durable))
+        if target == 0:
+            self.event("start", tier="fresh", iteration=0)
+        else:
+            if where == "memory":
+                data, manifest, tier, source = recovery.fetch_from_memory(
+                    self.plan, self.store, self.groups, self.rank, self.world, self.ppm, target, per_machine)
+                tensors, skeleton = unpack(data, manifest), manifest["extra"]
+            else:
+                template, _ = flatten(self._state())
+                tensors, skeleton = recovery.load_durable(recovery.step_dir(self.durable, target), template,
+                                                          self.rank, self.groups.control)
+                tier, source = "storage", None
+            self._restore(tensors, skeleton)
+            dist.barrier(group=self.groups.control)
+            self.event("recovered", iteration=target, tier=tier, source_machine=source,
+                       seconds=round(time.perf_counter() - t0, 4))
+        self.iteration = target
+        self._begin(target + 1)
+        return target
+
+    # -- the training loop's calls -------------------------------------------------------------------------------
+    def _on_forward(self, *_) -> None:
+        if not self._began:
+            self._begin(self.iteration + 1)
+
+    def _begin(self, iteration: int) -> None:
+        """The iteration begins (its first forward): the checkpoint pending from the last one goes out now."""
+        self._began = True
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+        if self._pending is not None:
+            (pending, state), self._pending = self._pending, None
+            self._stall += self.wait()  # a checkpoint starts only when the one before it is done
+            self._start(pending, time.perf_counter(), released_in=iteration, state=state)
+        elif self._inflight is not None:
+            self._inflight.iteration_started(self._t0)  # an interval of K > 1: its traffic may use this one too
+        self.recorder.begin(iteration)
+
+    def after_backward(self) -> None:
+        """Call where the backward pass ends, before the optimizer step: the gemini schedule releases what did not
+        fit the idle spans, and the update waits until the checkpoint in flight is copied out of the state it
+        overwrites."""
+        if not self._began:
+            self._begin(self.iteration + 1)
+        self.recorder.phase("host")
+        if self._inflight is not None:
+            self._inflight.backward_ended()
+            t = time.perf_counter()
+            self._inflight.wait_copied()
+            self._waited += time.perf_counter() - t
+            self.recorder.skip_until(time.perf_counter())
+        self._fire("before_update", self.iteration + 1)
+        self.recorder.skip_until(time.perf_counter())
+        self.recorder.phase("optimizer")
+        self._backward_done = True
+
+    def after_step(self, iteration: int) -> None:
+        """Call after the optimizer step of ``iteration`` (1, 2, ...): takes the plan's checkpoint of it (blocking
+        schedule: now; the others: while the next iteration trains) and, every ``persist_interval_iters``, a
+        durable one."""
+        if not isinstance(iteration, int) or iteration != self.iteration + 1:
+            raise ValueError(f"after_step({iteration!r}): expected iteration {self.iteration + 1} (iterations count "
+                             "up by one from what recover() returned)")
+        if self._inflight is not None and not self._backward_done:
+            raise RuntimeError("after_backward() was not called before the optimizer step while a checkpoint was "
+                               "being copied out: the checkpoint may mix two iterations")
+        if not self._began:
+            self._begin(iteration)
+        if self.recorder.end() and self.out_dir:
+            self._write_profile()
+        if self.checkpointing and iteration % self.plan.interval == 0:
+            if self.schedule.blocking:  # training waits while the whole checkpoint is copied out and sent
+                self._start(iteration, time.perf_counter(), released_in=iteration, iteration_start=self._t0)
+                self._stall += self.wait()
+            else:  # the state as of now: parameters and optimizer state as live views, the rest copied
+                self._pending = (iteration, self.capture())
+        if self.checkpointing and iteration % self.plan.persist_interval == 0:
+            self.persist(iteration)
+        dt = time.perf_counter() - self._t0
+        self.timings.setdefault("iteration_s", []).append(dt)
+        self.iterations.append({"iteration": iteration, "iteration_s": dt, "stall_s": self._stall,
+                                "update_wait_s": self._waited, "cpu_s": time.process_time() - self._c0,
+                                "schedule": self.schedule.name if self.checkpointing else "none", **self._record})
+        self.event("iteration", iteration=iteration, machine=self.machine)
+        self.iteration = iteration
+        self._stall = self._waited = 0.0
+        self._record = {}
+        self._began = self._backward_done = False
+
+    def annotate(self, **fields) -> None:
+        """Extra fields for the current iteration's record in the timings (e.g. a calibration block's position)."""
+        self._record.update(fields)
+
+    def set_schedule(self, schedule: dict | None) -> None:
+        """Between iterations: run another schedule from now on (a plan's ``schedule`` object), or none (None:
+        no checkpoints). The checkpoint in flight completes; one not yet started is dropped."""
+        if schedule is not None:
+            sched = schedules.get(schedule["name"])
+            Plan.of(dict(self.plan.data, schedule=schedule), "schedule")  # validated like a plan's
+        self._stall += self.wait()
+        self._pending = None
+        self.checkpointing = schedule is not None
+        if schedule is not None:
+            self.schedule_dict, self.schedule = schedule, sched
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _link(self) -> Link:
+        if self._receivers is None:
+            self._receivers = [Receiver(self.rank, src, self.store, self.groups, self.host_cores)
+                               for src in self.recv_from]
+            self._link_obj = Link(self.rank, self.store, self.groups, self.send_to, self._receivers,
+                                  self.collectives, self.host_cores,
+                                  on_commit=lambda it: self._fire("before_commit", it))
+        return self._link_obj
+
+    def _start(self, iteration: int, release_at: float, released_in: int, iteration_start: float | None = None,
+               state=None):
+        tensors, skeleton = state or self.capture()
+        entries, views = entries_of(tensors)
+        self._inflight = InFlight(self._link(), iteration, entries, views, skeleton, self.schedule,
+                                  self.schedule_dict, self.plan.interval, self.ppm, self._seq, release_at,
+                                  released_in, iteration_start).start()
+        self._seq += 1
+        self._backward_done = False
+
+    def wait(self) -> float:
+        """Wait for the checkpoint in flight (copy, sends, receives); return how long this waited (seconds)."""
+        ck, self._inflight = self._inflight, None
+        if ck is None:
+            return 0.0
+        t = time.perf_counter()
+        ck.flush()  # what the schedule has not released yet goes now (after an interval's last backward: nothing)
+        done = ck.wait()
+        self.store.keep_newest(self.plan.keep, recycle=[self.rank] + self.recv_from)
+        t0 = ck.iteration_start
+        self.checkpoints.append({"iteration": ck.iteration, "schedule": ck.schedule.name,
+                                 "released_in": ck.released_in, "start_s": ck.release_at - t0,
+                                 "copied_s": (ck.copied_at or done) - ck.release_at, "complete_s": done - t0,
+                                 "data_s": ck.data_done() - t0, "cpu_s": ck.cpu_seconds(), "bytes": ck.size,
+                                 "peers": len(ck.link.send_to), "cores": ck.cores,
+                                 "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent]})
+        self.timings.setdefault("replicated_s", []).append(done - ck.release_at)
+        self.timings.setdefault("local_write_s", []).extend(ck.link.write_s)
+        ck.link.write_s.clear()
+        return time.perf_counter() - t
+
+    def persist(self, iteration: int) -> None:
+        """A durable DCP checkpoint of the current state (collective)."""
+        t0 = time.perf_counter()
+        state = self._state()
+        tensors, skeleton = flatten(state)
+        extra = {k: local(v) for k, v in tensors.items() if k.startswith("extra/")}
+        recovery.save_durable(recovery.step_dir(self.durable, iteration), {"model": state["model"],
+                              "optim": state["optim"]}, extra, skeleton, self.rank, self.groups.control)
+        self.timings.setdefault("persist_s", []).append(time.perf_counter() - t0)
+
+    # -- the end -------------------------------------------------------------------------------------------------
+    def _write_profile(self) -> None:
+        n = self.world // self.ppm
+        src = f"runtime rank {self.rank}, {n} x {self.ppm} ranks, {dist.get_backend()}, schedule " \
+              f"{self.schedule.name}" + ("" if self.checkpointing else " (no checkpoint)")
+        self.recorder.write(self.out_dir / f"profile-rank-{self.rank:05d}.json", n, self.ppm, src)
+        if self.rank == 0:
+            self.recorder.write(self.out_dir / "profile.json", n, self.ppm, src)
+
+    def close(self) -> None:
+        """Finish the checkpoint traffic (the last pending checkpoint too, so the final state is in memory), stop
+        the receivers, write the profile and timings. Collective."""
+        if self._closed:
+            return
+        self._closed = True
+        self.wait()
+        if self._pending is not None:
+            pending, state = self._pending
+            self._start(pending, time.perf_counter(), released_in=pending + 1, state=state)
+            self._pending = None
+            self.wait()
+            self.checkpoints[-1]["at_close"] = True
+        if self._receivers is not None:
+            stop(self.rank, self.groups, self.send_to, self._seq, self._receivers)
+        if self.recorder.iterations and len(self.recorder.iterations) < self.recorder.limit and self.out_dir:
+            self._write_profile()  # a run shorter than the profiling window: what it has
+        self.recorder.uninstall()
+        for h in self._handles:
+            h.remove()
+        if self.out_dir:
+            self._write_timings()
+        dist.barrier(group=self.groups.control)
+        self.event("done", iterations=self.iteration)
+
+    def _write_timings(self) -> None:
+        stats: dict = {k: sum(v) / len(v) for k, v in self.timings.items() if v}
+        tensors, _ = self.capture()
+        stats["shard_bytes"] = sum(e["nbytes"] for e in entries_of(tensors)[0])
+        stats["params"] = sum(p.numel() for p in self.model.parameters())  # DTensor numel: the whole model's
+        stats["schedule"] = self.schedule.name
+        stats["checkpointing"] = self.checkpointing
+        stats["cores"] = sorted(os.sched_getaffinity(0))  # where training's own thread ran
+        stats["backend"] = dist.get_backend()
+        p = next(self.model.parameters(), None)
+        stats["device"] = torch.cuda.get_device_name(p.device) if p is not None and p.is_cuda else "cpu"
+        stats["iterations"] = self.iterations
+        stats["checkpoints"] = self.checkpoints
+        path = self.out_dir / f"timings-rank-{self.rank:05d}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(stats))
+        os.replace(tmp, path)
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+
+
+

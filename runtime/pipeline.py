@@ -1,0 +1,245 @@
+"""One checkpoint of one rank in flight: copy out, send to the peers, receive theirs.
+
+1. **Copy out.** A copier thread copies the live state, chunk by chunk (``schedule.chunk_bytes``), straight into
+   the machine's :class:`~runtime.store.ShardStore` (a slot of its shared memory): that is the local copy, committed
+   once complete, with its SHA-256. The optimizer update that would overwrite the state waits for the last chunk
+   (:meth:`InFlight.wait_copied`). With ``buffer_bytes`` = two chunks this is the simulator's double-buffered
+   device-to-host copy.
+2. **Send.** A sender thread sends each chunk to the plan's peers as soon as the chunk is in CPU memory *and* the
+   schedule (runtime/schedules.py) releases it, so copying chunk k+1 overlaps sending k. The peers' long-lived
+   :class:`~runtime.transport.Receiver` receive straight into their store. The manifest goes last, after the local
+   copy is committed, so a shard is never complete on a peer before it is on its own machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .schedules import Schedule
+from .transport import MAX_CHUNKS, Groups, Progress, Receiver, chunk_bounds, isend_bytes, pin_thread, tag
+
+
+@dataclass
+class Link:
+    """What a checkpoint needs of the rank that takes it."""
+    rank: int
+    store: object  # ShardStore
+    groups: Groups
+    send_to: list[int]
+    receivers: list[Receiver]
+    collectives: Progress  # training collectives ended so far (the gemini schedule anchors spans to them)
+    host_cores: list[int] | None = None
+    on_commit: Callable[[int], None] | None = None  # called with the iteration just before the local commit
+    write_s: list[float] = field(default_factory=list)
+
+
+class InFlight:
+    """One checkpoint of one rank: copy-out, sends to peers, and the peers' sends to us."""
+
+    def __init__(self, link: Link, iteration: int, entries: list[dict], views: list[torch.Tensor], extra: dict,
+                 schedule: Schedule, plan_schedule: dict, interval: int, ppm: int, seq: int, release_at: float,
+                 released_in: int, iteration_start: float | None = None):
+        self.link = link
+        self.iteration = iteration
+        self.seq = seq  # checkpoints this rank sent before this one: tags the messages
+        self.released_in = released_in  # the iteration its traffic runs in
+        # when that iteration started (blocking: before the update that precedes the release); logged times count
+        # from it, as the simulator's do
+        self.iteration_start = release_at if iteration_start is None else iteration_start
+        self.schedule = schedule
+        self.plan_schedule = plan_schedule
+        self.release_at = release_at  # perf_counter of the iteration start the schedule's times count from
+        self.entries, self.views, self.extra = entries, views, extra
+        self.size = sum(e["nbytes"] for e in entries)
+        chunk = max(1, int(plan_schedule["chunk_bytes"]))
+        self.chunk = max(chunk, math.ceil(self.size / MAX_CHUNKS))
+        self.bounds = chunk_bounds(self.size, self.chunk)
+        self.slot = None  # where the local copy goes in the store (the copier opens it); the sender sends from it
+        self.copied = Progress()  # bytes in CPU memory
+        self.committed = threading.Event()  # local copy in the store
+        self.interval = interval if schedule.defer_hash else 1
+        self.starts = [release_at]  # start of every iteration its traffic may use (perf_counter)
+        self.bases = [link.collectives.value]  # training collectives ended before each of them
+        self.started = Progress()  # iterations started since the release
+        self.started.set(1)
+        self.backward = Progress()  # backward passes ended since the release
+        self.releases = schedule.releases(self.bounds, plan_schedule, self.interval, ppm)
+        self.manifest: dict | None = None
+        self.flushed = False
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._guard, args=(self._copy,), daemon=True, name="gemini-copy"),
+                        threading.Thread(target=self._guard, args=(self._send,), daemon=True, name="gemini-send")]
+        self.ends: list[float] = []  # when each thread finished
+        self.sent: list[tuple] = []  # (chunk, posted, sent) in seconds from the release
+        self.cpu: list[float] = []  # CPU seconds of each thread (user + system)
+        self.copied_at: float | None = None
+        self.cores: list[int] = []  # where its threads ran
+
+    # -- threads ---------------------------------------------------------------------------------------------------
+    def start(self) -> "InFlight":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def _guard(self, fn) -> None:
+        pin_thread(self.link.host_cores)  # the host's work, not the accelerator's
+        self.cores = sorted(os.sched_getaffinity(0))
+        c0 = time.thread_time()
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - reported to the training thread by wait()
+            self.errors.append(e)
+            self.copied.set(math.inf)
+            self.committed.set()
+        self.cpu.append(time.thread_time() - c0)
+        self.ends.append(time.perf_counter())
+
+    def _copy(self) -> None:
+        link = self.link
+        self.slot = link.store.slot(self.iteration, link.rank, self.size)
+        out, pos = self.slot.tensor, 0
+        spans = []  # (start, end, tensor index) of every tensor in the shard, walked once
+        for k, v in enumerate(self.views):
+            spans.append((pos, pos + v.numel(), k))
+            pos += v.numel()
+        j = 0
+        for a, b in self.bounds:
+            while a < b:
+                while spans[j][1] <= a:
+                    j += 1
+                s0, s1, k = spans[j]
+                end = min(b, s1)
+                out[a:end].copy_(self.views[k][a - s0:end - s0])
+                a = end
+            self.copied.set(b)
+        self.copied_at = time.perf_counter()
+        if self.schedule.defer_hash:  # hashing and the store's file cost host CPU: in the first idle span
+            r, offset, _, after = self.releases[0]
+            while not (self._opened(r, offset, after) or self.backward.value > r):  # at the latest: backward's end
+                time.sleep(0.002)
+        digest = hashlib.sha256(self.slot.view()).hexdigest()
+        self.manifest = {"entries": self.entries, "size": self.size, "sha256": digest, "extra": self.extra}
+        t0 = time.perf_counter()
+        if link.on_commit:
+            link.on_commit(self.iteration)
+        self.slot.commit(self.manifest)
+        link.write_s.append(time.perf_counter() - t0)
+        self.committed.set()
+
+    def _opened(self, r: int, offset, after) -> bool:
+        """Has this release opened?"""
+        if offset == "backward":
+            return self.backward.value > r
+        if self.flushed:
+            return True
+        if self.started.value <= r:
+            return False
+        if after is not None:
+            return self.link.collectives.value >= self.bases[r] + after
+        return time.perf_counter() >= self.starts[r] + offset
+
+    def _wait_release(self, r: int, offset, after) -> None:
+        """Wait until a release opens (or :meth:`flush` opens them all)."""
+        if offset == "backward":
+            self.backward.wait_for(r + 1)
+            return
+        self.started.wait_for(r + 1)
+        if self.flushed:
+            return
+        if after is not None:  # when this rank's own collective that opens the span has ended
+            c = self.link.collectives
+            with c.cond:
+                c.cond.wait_for(lambda: self.flushed or c.value >= self.bases[r] + after)
+        else:  # at the span's time from the iteration's start
+            release = self.starts[r] + offset
+            if release > time.perf_counter():
+                time.sleep(release - time.perf_counter())
+
+    def flush(self) -> None:
+        """Open every release now: the checkpoint is wanted complete (training waits, or has ended)."""
+        self.flushed = True
+        self.started.set(math.inf)
+        self.backward.set(math.inf)
+        with self.link.collectives.cond:
+            self.link.collectives.cond.notify_all()
+
+    def _send(self) -> None:
+        link, me = self.link, self.link.rank
+        header = torch.tensor([self.iteration, self.size, self.chunk], dtype=torch.int64)
+        works = [dist.isend(header, dst, group=link.groups.between(me, dst), tag=tag(self.seq, 0))
+                 for dst in link.send_to]
+        for r, offset, idx, after in self.releases:
+            self._wait_release(r, offset, after)
+            for k in idx:
+                a, b = self.bounds[k]
+                self.copied.wait_for(b)
+                if self.errors:
+                    return
+                t = time.perf_counter()
+                works += [dist.isend(self.slot.tensor[a:b], dst, group=link.groups.between(me, dst),
+                                     tag=tag(self.seq, 1 + k)) for dst in link.send_to]
+                for w in works:  # one chunk in flight per peer: the next is sent when this one has left
+                    w.wait()
+                works = []
+                self.sent.append((k, t - self.release_at, time.perf_counter() - self.release_at))
+        self.committed.wait()
+        if self.errors:
+            return
+        last = 1 + len(self.bounds)
+        meta = json.dumps(self.manifest).encode()
+        for dst in link.send_to:
+            works += isend_bytes(meta, dst, link.groups.between(me, dst), (tag(self.seq, last),
+                                                                            tag(self.seq, last + 1)))
+        for w in works:
+            w.wait()
+
+    # -- the training thread's view ----------------------------------------------------------------------------------
+    def iteration_started(self, t: float) -> None:
+        self.bases.append(self.link.collectives.value)
+        self.starts.append(t)
+        self.started.set(len(self.starts))
+
+    def backward_ended(self) -> None:
+        self.backward.add(1)
+
+    def wait_copied(self) -> None:
+        self.copied.wait_for(self.size)
+        self.committed.wait()
+        self._raise()
+
+    def wait(self) -> float:
+        """Wait until every send and receive is done; return when the last of them finished (perf_counter)."""
+        for t in self.threads:
+            t.join()
+        for r in self.link.receivers:
+            r.stored.wait_for(self.seq + 1)
+        self._raise()
+        return max(self.ends + [r.done_at[self.seq] for r in self.link.receivers])
+
+    def data_done(self) -> float:
+        """When every byte was where it goes (after :meth:`wait`): this rank's copy in CPU memory and the last chunk
+        from each peer that sends to us; the simulator's checkpoint completion (hashing and files come after)."""
+        return max([self.copied_at or self.release_at] + [r.data_at[self.seq] for r in self.link.receivers])
+
+    def cpu_seconds(self) -> float:
+        """CPU time this checkpoint cost this rank (after :meth:`wait`): copy, hash, files, sends and receives."""
+        return sum(self.cpu) + sum(r.cpu[self.seq] for r in self.link.receivers)
+
+    def _raise(self) -> None:
+        if self.errors:
+            raise RuntimeError(f"checkpoint {self.iteration} failed on rank {self.link.rank}: "
+                               f"{self.errors[0]}") from self.errors[0]
+        for r in self.link.receivers:
+            if r.errors:
+                raise RuntimeError(f"receiving checkpoint {self.iteration} from rank {r.src} failed on rank "
+                                   f"{self.link.rank}: {r.errors[0]}") from r.errors[0]

@@ -1,0 +1,114 @@
+"""The runtime's view of a Plan (the JSON contract written by ``gemini-sim plan``; schema and checks in
+``gemini_sim/plan.py``): who holds whose checkpoint, the schedule, the intervals, the recovery order.
+
+The runtime reads ``gemini_sim`` only through the Plan and its vocabulary, nothing else of the simulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gemini_sim import plan as contract
+from gemini_sim.errors import UserError
+
+from . import schedules
+
+
+class PlanError(ValueError):
+    """The plan cannot be run here (one line)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    data: dict
+    source: str = "plan"
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        """Read and validate a plan file; a bad one is a one-line :class:`PlanError`."""
+        try:
+            data = contract.read(path)
+        except UserError as e:
+            raise PlanError(str(e)) from None
+        return cls.of(data, str(path))
+
+    @classmethod
+    def of(cls, data: dict, source: str = "plan") -> "Plan":
+        """A plan from parsed JSON (validated here)."""
+        try:
+            contract.validate(data, source)
+        except UserError as e:
+            raise PlanError(str(e)) from None
+        try:
+            schedules.get(data["schedule"]["name"])
+        except ValueError as e:
+            raise PlanError(f"{source}: {e}") from None
+        return cls(data, source)
+
+    @classmethod
+    def coerce(cls, plan) -> "Plan":
+        """A :class:`Plan` from a Plan, a path or a parsed dict."""
+        if isinstance(plan, Plan):
+            return plan
+        if isinstance(plan, dict):
+            return cls.of(plan)
+        if isinstance(plan, (str, Path)):
+            return cls.load(plan)
+        raise PlanError(f"plan must be a Plan, a path or a dict, not {type(plan).__name__}")
+
+    # -- what the runtime reads ----------------------------------------------------------------------------------
+    @property
+    def machines(self) -> int:
+        return self.data["cluster"]["machines"]
+
+    @property
+    def processes_per_machine(self) -> int:
+        return self.data["cluster"]["processes_per_machine"]
+
+    @property
+    def holders(self) -> list[list[int]]:
+        return [list(h) for h in self.data["placement"]["holders"]]
+
+    @property
+    def schedule(self) -> dict:
+        return self.data["schedule"]
+
+    @property
+    def interval(self) -> int:
+        return self.data["checkpoint"]["interval_iters"]
+
+    @property
+    def persist_interval(self) -> int:
+        return self.data["checkpoint"]["persist_interval_iters"]
+
+    @property
+    def keep(self) -> int:
+        return self.data["checkpoint"]["keep"]
+
+    def peers(self, rank: int) -> tuple[list[int], list[int]]:
+        """Ranks ``rank`` sends its shard to, and ranks whose shards it keeps: the same local rank on the machines
+        the placement names."""
+        ppm = self.processes_per_machine
+        me, local = divmod(rank, ppm)
+        holders = self.holders
+        send = holders[me][1:]
+        recv = [j for j, hs in enumerate(holders) if j != me and me in hs]
+        return [m * ppm + local for m in send], [m * ppm + local for m in recv]
+
+    def retrieval_order(self, owner_machine: int) -> list[int]:
+        """Machines to fetch ``owner_machine``'s shards from: itself and its holders first, then any other."""
+        first = self.holders[owner_machine]
+        return first + [m for m in range(self.machines) if m not in first]
+
+    def with_schedule(self, schedule: dict) -> "Plan":
+        """The same plan with another schedule (runs side by side: calibration)."""
+        return Plan.of(dict(self.data, schedule=schedule), self.source)
+
+
+def default(machines: int, processes_per_machine: int, replicas: int = 2, interval: int = 1, persist: int = 5,
+            schedule: str = "naive") -> Plan:
+    """GEMINI's placement (group when ``replicas`` divides ``machines``, else mixed), a checkpoint every
+    ``interval`` iterations, a durable one every ``persist``."""
+    return Plan.of(contract.default(machines, processes_per_machine, replicas=replicas, interval=interval,
+                                    persist=persist, schedule=schedule), "default plan")

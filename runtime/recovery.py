@@ -1,0 +1,145 @@
+"""Recovery: what is complete where, which copy to take, and the durable DCP tier.
+
+On start every rank tells every other what its machine's store holds (an all-gather of fixed-size tensors over the
+runtime's gloo group). An iteration is *complete in memory* when every rank's shard of it is intact on some machine.
+The ranks resume from the newest iteration that is complete in memory or on durable storage, whichever is newer; from
+memory each rank takes its shard from its own machine if it is there (tier ``local``), else from the first machine in
+the plan's retrieval order that holds it (tier ``peer``, sent over the network by the rank with the same local rank
+there). Otherwise every rank loads the durable checkpoint (tier ``storage``).
+
+Durable checkpoints are standard DCP checkpoints (``dcp.save`` of ``{"model": ..., "optim": ...}`` as
+``get_state_dict`` returns them), beside two files per rank: the state's skeleton as JSON (learning rates, a loader's
+position: runtime/state.py) and the user's extra tensors as raw bytes (they are per rank, DCP's keys are global).
+Loading asks DCP for tensors only and takes everything else from the JSON, so nothing is ever unpickled; a ``COMPLETE`` marker written by rank 0 after every rank finished makes one
+count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from .state import pack, unpack
+from .transport import recv_shard, send_shard
+
+INVENTORY_SLOTS = 64
+COMPLETE = "COMPLETE"
+
+
+def gather_inventory(store, group, world: int, ppm: int) -> list[set[tuple[int, int]]]:
+    """What every machine's store holds, as seen by every rank: ``per_machine[m]`` = {(iteration, rank)}."""
+    inv = store.inventory()[-INVENTORY_SLOTS:]
+    t = torch.full((INVENTORY_SLOTS, 2), -1, dtype=torch.int64)
+    if inv:
+        t[: len(inv)] = torch.tensor(inv, dtype=torch.int64)
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t, group=group)
+    per_machine: list[set] = [set() for _ in range(world // ppm)]
+    for r, rows in enumerate(out):
+        for it, rank in rows.tolist():
+            if it >= 0:
+                per_machine[r // ppm].add((it, rank))
+    return per_machine
+
+
+def complete_in_memory(per_machine, world: int) -> list[int]:
+    """Iterations of which every rank's shard is intact somewhere, oldest first."""
+    held = set().union(*per_machine) if per_machine else set()
+    its = {it for it, _ in held}
+    return sorted(it for it in its if all((it, r) in held for r in range(world)))
+
+
+def step_dir(durable: Path, iteration: int) -> Path:
+    return Path(durable) / f"step-{iteration:08d}"
+
+
+def durable_iterations(durable: Path) -> list[int]:
+    """Iterations with a complete durable checkpoint, oldest first."""
+    out = []
+    for p in Path(durable).glob("step-*"):
+        tail = p.name.split("-", 1)[1]
+        if tail.isdigit() and (p / COMPLETE).exists():
+            out.append(int(tail))
+    return sorted(out)
+
+
+def choose(per_machine, world: int, durable: list[int]) -> tuple[int, str | None]:
+    """(iteration to resume from, ``"memory"`` or ``"storage"``); (0, None) for a fresh start."""
+    complete = complete_in_memory(per_machine, world)
+    mem = complete[-1] if complete else 0
+    disk = durable[-1] if durable else 0
+    if mem == 0 and disk == 0:
+        return 0, None
+    return (mem, "memory") if mem >= disk else (disk, "storage")
+
+
+def source_of(plan, it: int, rank: int, per_machine, ppm: int) -> int:
+    """The machine a shard is fetched from: its own machine, else the plan's holders in retrieval order."""
+    return next(m for m in plan.retrieval_order(rank // ppm) if (it, rank) in per_machine[m])
+
+
+def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: int,
+                      per_machine) -> tuple[bytes, dict, str, int]:
+    """This rank's shard of ``it`` from memory, serving the shards this machine holds for ranks of other machines
+    that need them: (bytes, manifest, tier, source machine)."""
+    machine, local = divmod(rank, ppm)
+    sources = {r: source_of(plan, it, r, per_machine, ppm) for r in range(world)}
+    works = []
+    for r, m in sources.items():  # one sender per shard: the rank with the same local rank on the source machine
+        if m == machine and r // ppm != machine and r % ppm == local:
+            data, manifest = store.get(it, r)
+            works += send_shard(data, manifest, r, groups.between(rank, r), 1)
+    mine = sources[rank]
+    if mine == machine:
+        data, manifest = store.get(it, rank)
+        tier = "local"
+    else:
+        src = mine * ppm + local
+        data, manifest = recv_shard(src, groups.between(src, rank), 1)
+        store.put(it, rank, data, manifest)  # the local copy is back
+        tier = "peer"
+    for w in works:
+        w.wait()
+    return data, manifest, tier, mine
+
+
+def dcp_key(key: str) -> str:
+    """The DCP key of a flat state key (runtime/state.py's ``/``-joined path): DCP joins the path with dots."""
+    return ".".join(part[1:] if part.startswith("#") else part for part in key.split("/"))
+
+
+def save_durable(path: Path, state: dict, extra: dict, skeleton, rank: int, group) -> None:
+    """A standard DCP checkpoint of ``state`` (``{"model": ..., "optim": ...}`` as ``get_state_dict`` returns them:
+    plain DCP code loads it), and this rank's own part beside it: the skeleton as JSON and the extra state's tensors
+    as raw bytes."""
+    path = Path(path)
+    dcp.save(state, checkpoint_id=str(path), process_group=group)
+    data, manifest = pack(extra)
+    for name, blob in ((f"state-rank-{rank:05d}.bin", data),
+                       (f"state-rank-{rank:05d}.json", json.dumps({"skeleton": skeleton, "extra": manifest}).encode())):
+        tmp = path / (name + ".tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path / name)
+    dist.barrier(group=group)
+    if rank == 0:
+        (path / COMPLETE).write_text("")  # DCP writes .metadata before every rank has finished its files
+
+
+def load_durable(path: Path, template: dict, rank: int, group=None) -> tuple[dict, object]:
+    """Load a durable checkpoint: the model's and optimizer's tensors into ``template``'s (flat keys, live tensors,
+    loaded in place; only tensors are asked of DCP, so nothing is unpickled), the extra state from this rank's file.
+    Returns the tensors and this rank's skeleton."""
+    path = Path(path)
+    meta = json.loads((path / f"state-rank-{rank:05d}.json").read_text())
+    data = (path / f"state-rank-{rank:05d}.bin").read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta["extra"]["sha256"]:
+        raise RuntimeError(f"{path}: this rank's state file fails its checksum")
+    shared = {k: v for k, v in template.items() if not k.startswith("extra/")}
+    dcp.load({dcp_key(k): v for k, v in shared.items()}, checkpoint_id=str(path), process_group=group)
+    return {**shared, **unpack(data, meta["extra"])}, meta["skeleton"]

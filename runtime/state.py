@@ -1,0 +1,150 @@
+"""State flattening and the shard manifest.
+
+A rank's checkpoint is its whole training state: the model's and optimizer's state as
+``torch.distributed.checkpoint.state_dict.get_state_dict`` returns it (fully qualified parameter names, so any
+optimizer works), plus any extra user state (objects with ``state_dict`` / ``load_state_dict``: an LR scheduler, a
+data loader's position, RNG states, DCP ``Stateful`` objects). :func:`flatten` splits that nested state into
+
+- ``tensors``: ``{key: tensor}``, every tensor leaf under a ``/``-joined path (DTensors as their local shard), and
+- ``skeleton``: the same structure as JSON, with every tensor replaced by ``{"$tensor": key}`` and tuples marked
+  ``{"$tuple": [...]}``, so that numbers, strings and the like (learning rates, betas, a loader's position) travel as
+  text, never pickled.
+
+:func:`unflatten` rebuilds the nested state from both. :func:`pack` and :func:`unpack` turn tensors into one
+buffer of raw bytes and back, with a manifest (names, dtypes, shapes, offsets, size, SHA-256); tensors are rebuilt
+with ``torch.frombuffer``, never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+
+import torch
+
+DTYPES = {str(t): t for t in (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
+                               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+TENSOR, TUPLE = "$tensor", "$tuple"
+
+
+class StateError(ValueError):
+    """The training state cannot be checkpointed or restored as it is (one line)."""
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor itself, or a DTensor's local shard (a view of the live storage)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def flatten(state, prefix: str = "") -> tuple[dict[str, torch.Tensor], object]:
+    """``(tensors, skeleton)`` of a nested state of dicts, lists, tuples, tensors and JSON scalars."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(obj, path: str):
+        if isinstance(obj, torch.Tensor):
+            tensors[path] = obj
+            return {TENSOR: path}
+        if isinstance(obj, Mapping):
+            out = {}
+            for k, v in obj.items():
+                key = str(k)
+                if not isinstance(k, (str, int)) or "/" in key:
+                    raise StateError(f"state key {k!r} under {path or '/'!r}: keys must be strings or integers "
+                                     "without '/'")
+                if isinstance(k, int):
+                    key = f"#{k}"  # an integer key stays an integer
+                out[key] = walk(v, f"{path}/{key}" if path else key)
+            if TENSOR in out or TUPLE in out:
+                raise StateError(f"state under {path or '/'!r} uses a reserved key ({TENSOR!r} or {TUPLE!r})")
+            return out
+        if isinstance(obj, (list, tuple)):
+            items = [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
+            return {TUPLE: items} if isinstance(obj, tuple) else items
+        if obj is None or isinstance(obj, (bool, int, str)):
+            return obj
+        if isinstance(obj, float):
+            if not math.isfinite(obj):
+                return {"$float": repr(obj)}  # JSON has no inf/nan; keep them exactly
+            return obj
+        raise StateError(f"state value at {path!r} is a {type(obj).__name__}: checkpoints hold tensors, numbers, "
+                         "strings, None and lists/dicts of them")
+
+    skeleton = walk(state, prefix)
+    return tensors, skeleton
+
+
+def unflatten(skeleton, tensors: Mapping[str, torch.Tensor]):
+    """The nested state :func:`flatten` took apart."""
+    if isinstance(skeleton, list):
+        return [unflatten(v, tensors) for v in skeleton]
+    if isinstance(skeleton, dict):
+        if TENSOR in skeleton:
+            key = skeleton[TENSOR]
+            if key not in tensors:
+                raise StateError(f"checkpoint lacks tensor {key!r}")
+            return tensors[key]
+        if TUPLE in skeleton:
+            return tuple(unflatten(v, tensors) for v in skeleton[TUPLE])
+        if "$float" in skeleton:
+            return float(skeleton["$float"])
+        return {(int(k[1:]) if k.startswith("#") else k): unflatten(v, tensors) for k, v in skeleton.items()}
+    return skeleton
+
+
+def entries_of(tensors: Mapping[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
+    """Manifest entries and flat uint8 views of the tensors (no copy: views of the live storage)."""
+    entries, views, offset = [], [], 0
+    for name, t in tensors.items():
+        t = local(t).detach()
+        if str(t.dtype) not in DTYPES:
+            raise StateError(f"tensor {name!r} has dtype {t.dtype}, which checkpoints do not hold "
+                             f"({', '.join(sorted(DTYPES))})")
+        if not t.is_contiguous():
+            t = t.contiguous()
+        flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        entries.append({"name": name, "dtype": str(t.dtype), "shape": list(t.shape), "offset": offset,
+                        "nbytes": flat.numel()})
+        views.append(flat)
+        offset += flat.numel()
+    return entries, views
+
+
+def pack(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, dict]:
+    """Concatenate tensors into bytes; the manifest says how to cut them out again."""
+    entries, views = entries_of(tensors)
+    data = b"".join(v.cpu().numpy().tobytes() for v in views)
+    return data, {"entries": entries, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def unpack(data: bytes | bytearray | memoryview, manifest: dict) -> dict[str, torch.Tensor]:
+    """The tensors :func:`pack` (or a checkpoint) wrote, as new CPU tensors."""
+    buf = bytearray(data)
+    out = {}
+    for e in manifest["entries"]:
+        if e["dtype"] not in DTYPES:
+            raise StateError(f"unsupported dtype {e['dtype']}")
+        end = e["offset"] + e["nbytes"]
+        if e["offset"] < 0 or end > len(buf):
+            raise StateError(f"entry {e['name']!r} lies outside the shard's {len(buf)} bytes")
+        raw = torch.frombuffer(buf, dtype=torch.uint8, offset=e["offset"], count=e["nbytes"]) if e["nbytes"] else \
+            torch.empty(0, dtype=torch.uint8)
+        out[e["name"]] = raw.view(DTYPES[e["dtype"]]).reshape(e["shape"]).clone()
+    return out
+
+
+def write_shard(stem, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write tensors as ``STEM.bin`` (raw bytes) and ``STEM.json`` (the manifest), each atomically: a rank's final
+    parameters, say, to compare runs bit for bit or to read back with :func:`unpack`."""
+    import json
+    import os
+    from pathlib import Path
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    data, manifest = pack({k: local(v) for k, v in tensors.items()})
+    for suffix, blob in ((".bin", data), (".json", json.dumps(manifest).encode())):
+        path = stem.with_name(stem.name + suffix)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)

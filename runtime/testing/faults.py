@@ -1,0 +1,84 @@
+"""Fault injection for the project's fault tests; not part of the library's path.
+
+The Checkpointer loads this module only when ``GEMINI_FAULT`` is set (the agent's ``--fault``), and it acts only on
+the first attempt of a job. It attaches to the Checkpointer's hook points, so any training script that uses the
+public API can be struck, unchanged. Faults, comma-separated:
+
+- ``kill:RANK:ITER``: SIGKILL rank RANK just before iteration ITER's update;
+- ``lose:MACHINE:ITER``: local rank 0 of MACHINE announces ``lose-me`` there and waits, so that the agent kills the
+  whole machine (its agent and workers) and replaces it with an empty memory;
+- ``corrupt-kill:RANK:ITER``: once iteration ITER's checkpoint is replicated (at ITER + 1, before the update), flip
+  a byte of RANK's own stored copy, then SIGKILL it;
+- ``kill-write:RANK:ITER``: SIGKILL RANK once its shard of ITER is written into its machine's store, before it is
+  committed.
+
+Those that strike before an update first let every rank finish the checkpoint traffic in flight, with a barrier, so
+which copies exist when the fault strikes is deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch.distributed as dist
+
+KINDS = ("kill", "lose", "corrupt-kill", "kill-write")
+
+
+def parse(text: str) -> list[tuple[str, int, int]]:
+    out = []
+    for item in filter(None, text.split(",")):
+        parts = item.split(":")
+        if len(parts) != 3 or parts[0] not in KINDS or not (parts[1].isdigit() and parts[2].isdigit()):
+            raise ValueError(f"fault {item!r}: expected KIND:WHO:ITERATION with KIND one of {', '.join(KINDS)}")
+        out.append((parts[0], int(parts[1]), int(parts[2])))
+    return out
+
+
+def first_attempt() -> bool:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ.get("GEMINI_JOB_ATTEMPT",
+                                                                                       "0") == "0"
+
+
+def install(ckpt, text: str) -> None:
+    faults = parse(text)
+    if not faults or not first_attempt():
+        return
+    local = ckpt.rank % ckpt.ppm
+
+    def mine(kind: str, iteration: int) -> bool:
+        if kind == "lose":
+            return local == 0 and (kind, ckpt.machine, iteration) in faults
+        return (kind, ckpt.rank, iteration) in faults
+
+    def die(why: str) -> None:
+        ckpt.event("fault", what=why)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def before_update(iteration: int) -> None:
+        due = [f for f in faults if (f[0] in ("kill", "lose") and f[2] == iteration)
+               or (f[0] == "corrupt-kill" and f[2] == iteration - 1)]
+        if not due:
+            return
+        ckpt.wait()
+        dist.barrier(group=ckpt.groups.control)
+        if mine("kill", iteration):
+            die("killed mid-iteration")
+        if mine("lose", iteration):
+            ckpt.event("lose-me", iteration=iteration, machine=ckpt.machine)
+            time.sleep(3600)  # the agent kills this machine now
+        if mine("corrupt-kill", iteration - 1):  # the peers have it: a bit flips in this machine's copy
+            path = ckpt.store.paths(iteration - 1, ckpt.rank)[0]
+            raw = bytearray(path.read_bytes())
+            raw[len(raw) // 3] ^= 0xFF
+            path.write_bytes(bytes(raw))
+            die("corrupted its stored shard")
+
+    def before_commit(iteration: int) -> None:
+        if mine("kill-write", iteration):
+            die("killed while writing a checkpoint")
+
+    ckpt.add_hook("before_update", before_update)
+    ckpt.add_hook("before_commit", before_commit)

@@ -1,0 +1,163 @@
+"""Moving checkpoint bytes between ranks: length-prefixed messages, tags, and one long-lived receiver per peer.
+
+All checkpoint traffic uses gloo process groups of the runtime's own, beside the training job's (which may be
+NCCL): one group per direction between a pair of ranks, since in gloo sends and receives between one pair over one
+connection do not overlap while a real NIC is full duplex, and a third for the runtime's own control messages
+(what every machine holds, barriers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+TAG_BASE = 10_000  # checkpoint traffic tags: TAG_BASE + (checkpoint sequence number % 100) * 1000 + message index
+MAX_CHUNKS = 990
+
+
+class Progress:
+    """A counter other threads can wait on (bytes copied, spans released...)."""
+
+    def __init__(self):
+        self.value = 0.0
+        self.cond = threading.Condition()
+
+    def set(self, value: float) -> None:
+        with self.cond:
+            self.value = value
+            self.cond.notify_all()
+
+    def add(self, n: float = 1) -> None:
+        with self.cond:
+            self.value += n
+            self.cond.notify_all()
+
+    def wait_for(self, value: float) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.value >= value)
+
+
+def pin_thread(cores) -> None:
+    """Run the calling thread, and the threads it starts from now on, on these cores (None or empty: leave it)."""
+    if cores:
+        os.sched_setaffinity(0, set(cores))
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The runtime's gloo groups: ``up`` (lower rank sends to higher), ``down`` and ``control``."""
+    up: object
+    down: object
+    control: object
+
+    @classmethod
+    def create(cls, timeout_s: float) -> "Groups":
+        """Collective: every rank of the job calls it, in the same order."""
+        t = timedelta(seconds=timeout_s)
+        return cls(*(dist.new_group(backend="gloo", timeout=t) for _ in range(3)))
+
+    def between(self, src: int, dst: int):
+        return self.up if src < dst else self.down
+
+
+def tag(seq: int, index: int) -> int:
+    """The tag of message ``index`` of the ``seq``-th checkpoint between two ranks."""
+    return TAG_BASE + (seq % 100) * 1000 + index
+
+
+def chunk_bounds(size: int, chunk: int) -> list[tuple[int, int]]:
+    """Byte ranges of the chunks of a ``size``-byte shard (one empty chunk for an empty shard)."""
+    return [(a, min(a + chunk, size)) for a in range(0, size, chunk)] or [(0, 0)]
+
+
+def isend_bytes(payload: bytes, dst: int, group, tags: tuple[int, int]) -> list:
+    """Start sending bytes, their length first (tags: length, bytes); returns the works."""
+    blob = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+    size = torch.tensor([blob.numel()], dtype=torch.int64)
+    return [dist.isend(size, dst, group=group, tag=tags[0]), dist.isend(blob, dst, group=group, tag=tags[1])]
+
+
+def recv_bytes(src: int, group, tags: tuple[int, int]) -> bytes:
+    """Receive what :func:`isend_bytes` sent."""
+    n = torch.empty(1, dtype=torch.int64)
+    dist.recv(n, src, group=group, tag=tags[0])
+    buf = torch.empty(int(n.item()), dtype=torch.uint8)
+    dist.recv(buf, src, group=group, tag=tags[1])
+    return buf.numpy().tobytes()
+
+
+def send_shard(data: bytes, manifest: dict, dst: int, group, tag_: int) -> list:
+    """Start sending a stored shard (its manifest, a newline, its bytes), length first; returns the works."""
+    return isend_bytes(json.dumps(manifest).encode() + b"\n" + data, dst, group, (tag_, tag_ + 1000))
+
+
+def recv_shard(src: int, group, tag_: int) -> tuple[bytes, dict]:
+    """Receive what :func:`send_shard` sent: (bytes, manifest)."""
+    head, _, body = recv_bytes(src, group, (tag_, tag_ + 1000)).partition(b"\n")
+    return body, json.loads(head)
+
+
+class Receiver:
+    """Receives, one after the other, the checkpoints one peer sends this rank, and stores them in this machine's
+    store. Its receive is posted before the peer sends (a gloo send waits for the receiver to post), so a peer whose
+    iteration starts a little earlier than ours is not held back. A header with a negative size ends it
+    (:func:`stop`)."""
+
+    def __init__(self, rank: int, src: int, store, groups: Groups, host_cores=None):
+        self.rank, self.src, self.store, self.groups, self.host_cores = rank, src, store, groups, host_cores
+        self.stored = Progress()  # checkpoints stored
+        self.done_at: dict[int, float] = {}  # seq -> when it was stored (perf_counter)
+        self.data_at: dict[int, float] = {}  # seq -> when its last chunk arrived
+        self.cpu: dict[int, float] = {}  # seq -> CPU seconds spent receiving and storing it
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._loop, daemon=True, name=f"gemini-recv-{src}")
+        self.thread.start()
+
+    def _loop(self) -> None:
+        pin_thread(self.host_cores)
+        g = self.groups.between(self.src, self.rank)
+        seq = 0
+        try:
+            while True:
+                header = torch.empty(3, dtype=torch.int64)
+                dist.recv(header, self.src, group=g, tag=tag(seq, 0))
+                c0 = time.thread_time()
+                iteration, size, chunk = (int(x) for x in header.tolist())
+                if size < 0:
+                    return
+                slot = self.store.slot(iteration, self.src, size)
+                body = slot.tensor
+                bounds = chunk_bounds(size, chunk)
+                # one chunk's receive at a time (posting them all at once was tried: no gain beyond the noise)
+                for k, (a, b) in enumerate(bounds):
+                    dist.recv(body[a:b], self.src, group=g, tag=tag(seq, 1 + k))
+                self.data_at[seq] = time.perf_counter()
+                last = 1 + len(bounds)
+                meta = json.loads(recv_bytes(self.src, g, (tag(seq, last), tag(seq, last + 1))))
+                slot.commit(meta)
+                del slot, body  # unmapped once its tensor is gone
+                self.done_at[seq] = time.perf_counter()
+                self.cpu[seq] = time.thread_time() - c0
+                seq += 1
+                self.stored.set(seq)
+        except BaseException as e:  # noqa: BLE001 - reported by the checkpoint that waits for it
+            self.errors.append(e)
+            self.stored.set(math.inf)
+
+
+def stop(rank: int, groups: Groups, send_to: list[int], seq: int, receivers: list[Receiver]) -> None:
+    """End the peers' receivers (this rank sends no more checkpoints) and wait for ours to end."""
+    works = [dist.isend(torch.tensor([-1, -1, -1], dtype=torch.int64), dst, group=groups.between(rank, dst),
+                        tag=tag(seq, 0)) for dst in send_to]
+    for w in works:
+        w.wait()
+    for r in receivers:
+        r.thread.join()

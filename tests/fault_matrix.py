@@ -1,0 +1,96 @@
+"""The fault matrix, run on an example training script through the public API (imported by test_faults_*.py).
+
+Four machines x one process, group placement with m = 2 ({0,1}, {2,3}), a CPU-memory checkpoint every iteration and
+a DCP checkpoint every 5, launched by the project's agent (real torchrun agents and workers, killed with SIGKILL).
+Every scenario must finish with final parameters bitwise identical to the failure-free run.
+"""
+
+import filecmp
+from pathlib import Path
+
+import pytest
+
+from runtime.agent import Job, default_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+ITERS = 10
+
+
+def run_job(tmp_path_factory, script, name, faults=""):
+    work = tmp_path_factory.mktemp(name)
+    plan = default_plan(work / "plan.json", machines=4, ppm=1, replicas=2, interval=1, persist=5)
+    job = Job(plan, work, [str(ROOT / script), "--iters", str(ITERS)], faults=faults)
+    try:
+        res = job.run(timeout=300)
+    finally:
+        job.cleanup()
+    assert res.ok, f"{name}: {res.root_cause}; exit codes {res.returncodes}; logs {res.logs}"
+    return res
+
+
+def assert_identical(res, baseline):
+    for r in range(4):
+        a = baseline.out_dir / f"final-rank-{r:05d}.bin"
+        b = res.out_dir / f"final-rank-{r:05d}.bin"
+        assert filecmp.cmp(a, b, shallow=False), f"rank {r}: final parameters differ"
+
+
+def tiers(res):
+    return {e["rank"]: (e["tier"], e["iteration"]) for e in res.records("recovered")}
+
+
+@pytest.fixture(scope="module")
+def script(request):
+    """The example the importing test module runs (its SCRIPT)."""
+    return request.module.SCRIPT
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, script):
+    return run_job(tmp_path_factory, script, "baseline")
+
+
+def test_baseline_trains_and_persists(baseline):
+    assert {e["rank"] for e in baseline.records("done")} == {0, 1, 2, 3}
+    its = [e["iteration"] for e in baseline.records("iteration") if e["rank"] == 0]
+    assert its == list(range(1, ITERS + 1))
+    assert not baseline.records("recovered")
+    assert (baseline.out_dir.parent / "durable" / "step-00000010" / "COMPLETE").exists()
+
+
+def test_kill_one_worker_mid_iteration(tmp_path_factory, baseline, script):
+    res = run_job(tmp_path_factory, script, "kill", "kill:2:6")
+    assert res.records("fault")
+    assert tiers(res) == {r: ("local", 5) for r in range(4)}  # software failure: every rank from its own memory
+    assert_identical(res, baseline)
+
+
+def test_lose_a_whole_machine_and_replace_it(tmp_path_factory, baseline, script):
+    res = run_job(tmp_path_factory, script, "lose", "lose:3:6")
+    assert [e["machine"] for e in res.records("machine-lost")] == [3]
+    t = tiers(res)
+    assert t[3] == ("peer", 5)  # the replacement's state came from machine 2's memory
+    assert all(t[r] == ("local", 5) for r in (0, 1, 2))
+    assert_identical(res, baseline)
+
+
+def test_kill_while_writing_a_checkpoint(tmp_path_factory, baseline, script):
+    res = run_job(tmp_path_factory, script, "write", "kill-write:1:6")
+    t = tiers(res)
+    assert {it for _, it in t.values()} == {5}  # iteration 6's shard of rank 1 was never committed
+    assert_identical(res, baseline)
+
+
+def test_corrupted_shard_is_detected_and_fetched_from_a_peer(tmp_path_factory, baseline, script):
+    res = run_job(tmp_path_factory, script, "corrupt", "corrupt-kill:0:6")
+    t = tiers(res)
+    assert t[0] == ("peer", 6)  # machine 0's copy fails its checksum; machine 1 holds a good one
+    assert t[1] == ("local", 6)
+    assert_identical(res, baseline)
+
+
+def test_lose_a_whole_replica_group_falls_back_to_storage(tmp_path_factory, baseline, script):
+    res = run_job(tmp_path_factory, script, "group", "lose:0:8,lose:1:8")
+    assert sorted(e["machine"] for e in res.records("machine-lost")) == [0, 1]
+    assert tiers(res) == {r: ("storage", 5) for r in range(4)}  # every copy of ranks 0-1 is gone: DCP at 5
+    assert_identical(res, baseline)

@@ -1,0 +1,71 @@
+"""The agent: it runs any entry point, ties ranks to machines, names a failed job's root cause within seconds, and
+does not retry an error that repeats; its command line refuses bad input in one line."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from runtime.agent import Job, default_plan, root_cause
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+FAILING = textwrap.dedent("""
+    import os, torch.distributed as dist
+    dist.init_process_group("gloo")
+    assert dist.get_rank() == int(os.environ["GEMINI_MACHINE_ID"]) * 1 + int(os.environ["LOCAL_RANK"])
+    if dist.get_rank() == 1:
+        raise ValueError("bad batch size 0 in the user's config")
+    dist.barrier()
+""")
+
+
+def test_a_failing_script_is_reported_by_its_root_cause_and_not_retried(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING)
+    plan = default_plan(tmp_path / "plan.json", 2, 1)
+    lines = []
+    job = Job(plan, tmp_path / "job", [str(script)], max_restarts=4)
+    try:
+        res = job.run(timeout=120, echo=lines.append)
+    finally:
+        job.cleanup()
+    assert not res.ok
+    assert res.root_cause == "ValueError: bad batch size 0 in the user's config (rank 1, machine 1)"
+    assert lines[0] == "job attempt 0 failed: " + res.root_cause
+    assert lines[-1] == "the same error as the attempt before: not retrying"
+    assert len(res.records("job-restart")) == 1  # tried twice, not max_restarts + 1 times
+    assert res.wall_s < 60
+
+
+def test_root_cause_reads_the_first_exception_of_a_machine_log(tmp_path):
+    log = tmp_path / "m.log"
+    log.write_text(textwrap.dedent("""
+        W1125 torch/distributed/run.py: something
+        [rank3]: Traceback (most recent call last):
+        [rank3]:   File "train.py", line 9, in <module>
+        [rank3]: runtime.plan.PlanError: plan.json: $.cluster.machines: 0 is less than the minimum of 1
+        Traceback (most recent call last):
+        torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+        Root Cause (first observed failure):
+          rank      : 3 (local_rank: 1)
+    """))
+    assert root_cause(log) == ("runtime.plan.PlanError: plan.json: $.cluster.machines: 0 is less than the minimum "
+                               "of 1", 3)
+    (tmp_path / "quiet.log").write_text("all good\n")
+    assert root_cause(tmp_path / "quiet.log") is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--machines", "0", "--", "x.py"], "need 1 <= --machines"),
+    (["--machines", "2"], "no entry point"),
+    (["--plan", "/nonexistent/plan.json", "--", "x.py"], "cannot read plan"),
+    (["--fault", "explode:1:2", "--", "x.py"], "expected KIND:WHO:ITERATION"),
+])
+def test_agent_command_line_mistakes_are_one_line(tmp_path, args, message):
+    r = subprocess.run([sys.executable, "-m", "runtime.agent", "--workdir", str(tmp_path / "w"), *args],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 3  # argparse's usage line, then the error

@@ -1,0 +1,218 @@
+"""The Checkpointer's API in a one-rank job (gloo, in this process): what it restores, from which tier, and the
+mistakes it refuses; the store's privacy; the schedule registry."""
+
+import errno
+import os
+import stat
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from runtime import Checkpointer, ConfigError, PlanError, StoreError
+from runtime import plan as plan_mod, schedules
+from runtime.store import ShardStore
+
+
+@pytest.fixture
+def world1():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class Counter:
+    def __init__(self):
+        self.seen, self.name = 0, "loader"
+
+    def state_dict(self):
+        return {"seen": self.seen, "name": self.name, "weights": torch.arange(3.0) * self.seen}
+
+    def load_state_dict(self, s):
+        self.seen, self.name = s["seen"], s["name"]
+        assert torch.equal(s["weights"], torch.arange(3.0) * self.seen)
+
+
+def make(seed: int, opt_kind: str = "sgd"):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    mesh = init_device_mesh("cpu", (1,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt_kind == "sgd" else \
+        torch.optim.Adam(model.parameters(), lr=0.01)
+    return model, opt
+
+
+def train(model, opt, ckpt, its, counter=None, start=0):
+    for it in range(start + 1, start + its + 1):
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(it))
+        model(x).square().sum().backward()
+        ckpt.after_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if counter:
+            counter.seen += 1
+        ckpt.after_step(it)
+
+
+def snapshot(model, opt):
+    params = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    state = {(i, k): v.to_local().clone() if hasattr(v, "to_local") else v
+             for i, s in enumerate(opt.state.values()) for k, v in s.items()}
+    return params, state
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(torch.as_tensor(x[k]), torch.as_tensor(y[k])), k
+
+
+@pytest.mark.parametrize("opt_kind, schedule", [("sgd", "naive"), ("adam", "blocking"), ("sgd", "gemini")])
+def test_a_new_process_resumes_from_memory_bit_for_bit(world1, tmp_path, opt_kind, schedule):
+    plan = plan_mod.default(1, 1, replicas=1, persist=100, schedule=schedule)
+    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
+    model, opt = make(0, opt_kind)
+    counter = Counter()
+    ckpt = Checkpointer(plan, model, opt, extra={"loader": counter}, **kw)
+    assert ckpt.recover() == 0
+    train(model, opt, ckpt, 4, counter)
+    ckpt.close()
+    before = snapshot(model, opt)
+    lr = opt.param_groups[0]["lr"]
+
+    model2, opt2 = make(1, opt_kind)  # another initialisation: everything must come from the checkpoint
+    counter2 = Counter()
+    ckpt2 = Checkpointer(plan, model2, opt2, extra={"loader": counter2}, **kw)
+    assert ckpt2.recover() == 4  # close() took the last checkpoint too
+    assert_same(before, snapshot(model2, opt2))
+    assert counter2.seen == 4 and opt2.param_groups[0]["lr"] == lr
+    train(model2, opt2, ckpt2, 2, counter2, start=4)
+    ckpt2.close()
+
+    # the same six iterations in one go give the same parameters
+    model3, opt3 = make(0, opt_kind)
+    ckpt3 = Checkpointer(plan, model3, opt3, **dict(kw, store_root=tmp_path / "other"))
+    ckpt3.recover()
+    train(model3, opt3, ckpt3, 6)
+    ckpt3.close()
+    assert_same(snapshot(model2, opt2)[:1], snapshot(model3, opt3)[:1])
+
+
+def test_the_durable_tier_is_read_without_unpickling_objects(world1, tmp_path, monkeypatch):
+    plan = plan_mod.default(1, 1, replicas=1, persist=2)
+    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
+    model, opt = make(0)
+    ckpt = Checkpointer(plan, model, opt, extra={"loader": Counter()}, **kw)
+    ckpt.recover()
+    train(model, opt, ckpt, 4)
+    before = snapshot(model, opt)
+    ckpt.close()
+    ShardStore(tmp_path / "shm", "node").wipe()  # this machine's memory is gone
+
+    real_load = torch.load
+
+    def weights_only(*a, **k):  # DCP reads its tensor records with the restricted unpickler; nothing else is read
+        assert k.get("weights_only") is True, "the durable tier unpickled something beyond tensors"
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", weights_only)
+    model2, opt2 = make(1)
+    ckpt2 = Checkpointer(plan, model2, opt2, extra={"loader": Counter()}, **kw)
+    assert ckpt2.recover() == 4
+    assert_same(before, snapshot(model2, opt2))
+    ckpt2.close()
+
+
+def test_loop_mistakes_are_refused(world1, tmp_path):
+    plan = plan_mod.default(1, 1, replicas=1, persist=100)
+    model, opt = make(0)
+    ckpt = Checkpointer(plan, model, opt, store_root=tmp_path / "shm", durable_dir=tmp_path / "d", profile_iters=0)
+    ckpt.recover()
+    with pytest.raises(ValueError, match="expected iteration 1"):
+        ckpt.after_step(2)
+    train(model, opt, ckpt, 1)
+    model(torch.ones(1, 4)).sum().backward()  # iteration 2 starts: iteration 1's checkpoint is being copied out
+    opt.step()  # ...and the update ran without after_backward()
+    with pytest.raises(RuntimeError, match="after_backward"):
+        ckpt.after_step(2)
+    with pytest.raises(ValueError, match="unknown hook point"):
+        ckpt.add_hook("somewhere", print)
+
+
+def test_start_up_mistakes_are_one_line_errors(world1, tmp_path):
+    model, opt = make(0)
+    with pytest.raises(PlanError, match="2 machines x 1 processes, this job has 1 x 1"):
+        Checkpointer(plan_mod.default(2, 1), model, opt, store_root=tmp_path / "s", durable_dir=tmp_path / "d")
+    with pytest.raises(ConfigError, match="no plan"):
+        Checkpointer(None, model, opt)
+    with pytest.raises(ConfigError, match="state_dict"):
+        Checkpointer(plan_mod.default(1, 1, replicas=1), model, opt, extra={"x": 3})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="cannot create"):
+        Checkpointer(plan_mod.default(1, 1, replicas=1), model, opt, store_root=tmp_path / "s",
+                     durable_dir=tmp_path / "file" / "d")
+    with pytest.raises(PlanError, match="cannot read plan"):
+        Checkpointer(tmp_path / "missing.json", model, opt)
+
+
+def test_without_process_group_the_checkpointer_says_so():
+    assert not dist.is_initialized()
+    with pytest.raises(ConfigError, match="init_process_group"):
+        Checkpointer("plan.json", nn.Linear(1, 1), None)
+
+
+def test_store_is_private_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        store = ShardStore(tmp_path / "root", 3)
+        store.put(1, 0, b"abc", {"entries": [], "size": 3, "sha256": __import__("hashlib").sha256(b"abc").hexdigest()})
+        slot = store.slot(2, 0, 8)
+        slot.commit({"entries": [], "size": 8, "sha256": ""})
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "root", *(tmp_path / "root").rglob("*")]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o700 if p.is_dir() else 0o600), f"{p}: {oct(mode)}"
+    (tmp_path / "open").mkdir(mode=0o777)
+    os.chmod(tmp_path / "open", 0o777)
+    ShardStore(tmp_path / "open", 0)  # a root open to others is closed
+    assert stat.S_IMODE((tmp_path / "open").stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a folder to another user")
+def test_a_store_root_of_another_user_is_refused(tmp_path):
+    (tmp_path / "theirs").mkdir()
+    os.chown(tmp_path / "theirs", 65534, 65534)
+    with pytest.raises(StoreError, match="belongs to another user"):
+        ShardStore(tmp_path / "theirs", 0)
+
+
+def test_a_full_memory_is_a_clear_error_not_a_crash(tmp_path, monkeypatch):
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    store = ShardStore(tmp_path, 0)
+    with pytest.raises(StoreError, match="no room for a .* shard"):
+        store.slot(1, 0, 1 << 20)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_schedule_registry():
+    assert set(schedules.SCHEDULES) == {"blocking", "naive", "gemini"}
+    with pytest.raises(ValueError, match="network priorities"):
+        schedules.get("priority")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        schedules.get("nope")
+    bounds = [(a, a + 10) for a in range(0, 100, 10)]
+    spans = {"spans": [{"start_s": 0.1, "end_s": 0.2, "bytes": 60}, {"start_s": 0.5, "end_s": 0.6, "bytes": 40}]}
+    rel = schedules.get("gemini").releases(bounds, spans, 1, 2)  # 2 ranks per machine: 30 and 20 bytes each
+    assert [(r, off, idx) for r, off, idx, _ in rel] == [(0, 0.1, [0, 1, 2]), (0, 0.5, [3, 4]),
+                                                         (0, "backward", [5, 6, 7, 8, 9])]
+    assert schedules.get("naive").releases(bounds, {}, 1, 1) == [(0, 0.0, list(range(10)), None)]

@@ -1,0 +1,21 @@
+"""The fault matrix on the MLP example: SGD with Nesterov momentum, a step LR schedule, dropout and a shuffling data
+loader, whose scheduler, loader position and RNG state go through the Checkpointer's ``extra`` state; nothing in
+the runtime is specific to the first example."""
+
+import json
+
+from fault_matrix import *  # noqa: F401,F403 - the matrix's tests and fixtures run here
+from fault_matrix import ITERS
+
+SCRIPT = "examples/mlp/train.py"
+
+
+def test_extra_state_is_in_the_durable_checkpoint(baseline):
+    step = baseline.out_dir.parent / "durable" / f"step-{ITERS:08d}"
+    meta = json.loads((step / "state-rank-00002.json").read_text())
+    extra = meta["skeleton"]["extra"]
+    assert extra["loader"] == {"epoch": 0, "pos": 16 * ITERS}  # rank 2 read ITERS batches of 16
+    assert extra["sched"]["last_epoch"] == ITERS
+    assert [e["name"] for e in meta["extra"]["entries"]] == ["extra/rng/cpu"]
+    # SGD's momentum, not Adam's moments
+    assert any(k.endswith("momentum_buffer") for k in json.dumps(meta["skeleton"]["optim"]).split('"'))
