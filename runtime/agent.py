@@ -245,7 +245,7 @@ class Job:
         """Lose machines (kill them, wipe their memory), stop the others, and start the job again."""
         for m in lost:
             self._kill(m)
-            shutil.rmtree(self.store_root / f"machine-{m:04d}", ignore_errors=True)
+            shutil.rmtree(self.store_root / self.job_name / f"machine-{m:04d}", ignore_errors=True)
             with self.lock:
                 self.events.append({"msg": "machine-lost", "machine": m, "t": time.time()})
         for m in range(self.n):

@@ -39,6 +39,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -68,10 +70,18 @@ def _env_path(value, env: str, default: str | None = None) -> Path | None:
     return Path(v) if v else None
 
 
-def default_store_root(job: str) -> Path:
-    """``/dev/shm/gemini-UID/JOB`` (a private temporary folder where there is no /dev/shm)."""
+def _run_id() -> str | None:
+    """torchrun's ``--rdzv-id``, unless torchrun made one up for this launch alone (standalone: a random UUID), which
+    a relaunch would not find again."""
+    rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return None if re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", rid) or rid in (
+        "", "none") else rid
+
+
+def default_store_root() -> Path:
+    """``/dev/shm/gemini-UID`` (under $TMPDIR or /tmp where there is no /dev/shm); jobs have folders inside."""
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
-    return base / f"gemini-{os.geteuid()}" / job
+    return base / f"gemini-{os.geteuid()}"
 
 
 class Checkpointer:
@@ -80,9 +90,9 @@ class Checkpointer:
     plan: a :class:`~runtime.plan.Plan`, a path to plan.json or its parsed dict (default: ``$GEMINI_PLAN``).
     model, optimizer: the FSDP2 model (``fully_shard``) and its optimizer, any kind.
     extra: ``{name: object}`` with ``state_dict()``/``load_state_dict()`` (per rank), checkpointed alongside.
-    store_root: where machines keep checkpoints in memory (default ``$GEMINI_STORE_ROOT``, else
-        ``/dev/shm/gemini-UID/JOB``); job: the name that tells jobs apart there (default ``$GEMINI_JOB``,
-        ``$TORCHELASTIC_RUN_ID`` or ``default``): a restart must use the same to find its checkpoints.
+    store_root: where machines keep checkpoints in memory, in ``ROOT/JOB/machine-NAME`` (default
+        ``$GEMINI_STORE_ROOT``, else ``/dev/shm/gemini-UID``); job: the name that tells jobs apart there (default
+        ``$GEMINI_JOB``, torchrun's ``--rdzv-id``, else ``default``): a relaunch must use the same to resume.
     durable_dir: DCP checkpoints, on storage every machine sees (default ``$GEMINI_DURABLE_DIR``, else
         ``./gemini-durable/JOB``).
     out_dir: where the profile and timings are written (default ``$GEMINI_OUT_DIR``; None: not written).
@@ -120,10 +130,10 @@ class Checkpointer:
                             f"{self.plan.processes_per_machine} processes, this job has "
                             f"{self.world // max(self.ppm, 1)} x {self.ppm}")
         self.machine = self.rank // self.ppm
-        self.job = job or os.environ.get("GEMINI_JOB") or os.environ.get("TORCHELASTIC_RUN_ID") or "default"
+        self.job = job or os.environ.get("GEMINI_JOB") or _run_id() or "default"
         if "/" in self.job or self.job in (".", ".."):
             raise ConfigError(f"job name {self.job!r} must not contain '/'")
-        root = _env_path(store_root, "GEMINI_STORE_ROOT") or default_store_root(self.job)
+        root = (_env_path(store_root, "GEMINI_STORE_ROOT") or default_store_root()) / self.job
         self.durable = _env_path(durable_dir, "GEMINI_DURABLE_DIR") or Path("gemini-durable") / self.job
         self.out_dir = _env_path(out_dir, "GEMINI_OUT_DIR")
         try:
@@ -136,8 +146,9 @@ class Checkpointer:
             raise ConfigError(f"cannot create {e.filename}: {e.strerror}") from None
         store_name = os.environ.get("GEMINI_MACHINE_ID", "node")  # the agent names machines; torchrun: one a host
         self.store = ShardStore(root, int(store_name) if store_name.isdigit() else store_name)
-        self.store.clean_partial()
         self.groups = Groups.create(timeout_s)
+        self._check_stores(store_name)
+        self.store.clean_partial()
         self.host_cores = sorted(host_cores) if host_cores else None
         self.send_to, self.recv_from = self.plan.peers(self.rank)
         self.schedule_dict = self.plan.schedule
@@ -170,6 +181,20 @@ class Checkpointer:
             from .testing import faults
 
             faults.install(self, os.environ["GEMINI_FAULT"])
+
+    def _check_stores(self, store_name: str) -> None:
+        """Two machines must not share a store folder (two torchrun nodes on one host without GEMINI_MACHINE_ID
+        would): their copies of one shard would overwrite each other."""
+        mine = (socket.gethostname(), str(self.store.dir.resolve()), self.machine)
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, mine, group=self.groups.control)
+        owner: dict[tuple[str, str], int] = {}
+        for host, folder, machine in everyone:
+            other = owner.setdefault((host, folder), machine)
+            if other != machine:
+                raise ConfigError(f"machines {other} and {machine} share the store folder {folder} on {host}: give "
+                                  "each node its own GEMINI_MACHINE_ID or GEMINI_STORE_ROOT (python -m runtime.agent "
+                                  "does), or run one node per host")
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def add_hook(self, point: str, fn: Callable[[int], None]) -> None:
@@ -256,7 +281,8 @@ class Checkpointer:
         per_machine = recovery.gather_inventory(self.store, self.groups.control, self.world, self.ppm)
         target, where = recovery.choose(per_machine, self.world, recovery.durable_iterations(self.durable))
         if target == 0:
-            self.event("start", tier="fresh", iteration=0)
+            self.event("start", tier="fresh", iteration=0, job=self.job, store=str(self.store.root),
+                       durable=str(self.durable))
         else:
             if where == "memory":
                 data, manifest, tier, source = recovery.fetch_from_memory(
