@@ -170,13 +170,17 @@ class _Job:
         self.capped = 0
         self.pending_failed: set[int] = set()  # machines lost and not yet replaced
         self.pending_tier: str | None = None
-        self.proc = env.process(self.run())
+        # Every failure is scheduled now, before any timeout of the job's own: SimPy fires events of equal time in
+        # the order they were scheduled, so a failure at the same instant as the end of the job (or of a recovery)
+        # interrupts it first and is counted, and failures at one instant are counted one after the other.
+        self.failures = [env.timeout(max(0.0, e.time_h * 3600)) for e in trace.events]
         env.process(self.inject())
+        self.proc = env.process(self.run())
 
     # -- SimPy processes -------------------------------------------------------------------------------------------
     def inject(self):
-        for event in self.trace.events:
-            yield self.env.timeout(max(0.0, event.time_h * 3600 - self.env.now))
+        for event, due in zip(self.trace.events, self.failures):
+            yield due
             if self.proc.is_alive:
                 self.proc.interrupt(event)
             if self.progress_cb:

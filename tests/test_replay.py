@@ -179,3 +179,20 @@ def test_placement_config_key_is_validated(tmp_path):
     f.write_text(text.replace("replicas = 2", "replicas = 2\nplacement = \"hash\""))
     with pytest.raises(config.UserError, match="recovery.placement"):
         config.load_config(f)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(times=st.lists(st.sampled_from([0.0, 0.5, 10.0, 10.0, 37.25]), min_size=1, max_size=12),
+       extra=st.sampled_from([0.0, 0.0, 1e-9, 3.0]), name=st.sampled_from(list(strategies.STRATEGIES)),
+       seed=st.integers(0, 3))
+def test_every_row_of_a_trace_reaches_the_replay(tmp_path_factory, times, extra, name, seed):
+    """Failures replayed == failures in the trace, for any trace: rows at the same instant, a row at the job's last
+    instant (the default duration is the last failure's time), a row at time 0; read from CSV as a user writes it."""
+    rows = "".join(f"{t},hardware,1,row {i}\n" for i, t in enumerate(sorted(times)))
+    header = f"# duration_hours: {max(times) + extra}\n" if extra else ""
+    path = tmp_path_factory.mktemp("t") / "trace.csv"
+    path.write_text(header + "time_hours,kind,machines,note\n" + rows)
+    trace = traces.load_trace(path)
+    r = replay(trace, PAPER, name, seed=seed)
+    assert r.failures == len(times) == len(r.outcomes)
+    assert r.useful_s + r.wasted_s == pytest.approx(r.horizon_s, abs=1e-6 * r.horizon_s + 1e-6)
