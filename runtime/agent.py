@@ -162,7 +162,8 @@ class Job:
                    GEMINI_MACHINE_GENERATION=str(gen), GEMINI_JOB_ATTEMPT=str(self.job_attempt),
                    GEMINI_PLAN=str(self.plan_path), GEMINI_STORE_ROOT=str(self.store_root),
                    GEMINI_DURABLE_DIR=str(self.durable.resolve()), GEMINI_OUT_DIR=str(self.out.resolve()),
-                   GEMINI_JOB=self.job_name,
+                   GEMINI_JOB=self.job_name, GEMINI_HOST_RANKS=str(self.n * self.ppm),
+                   GEMINI_HOST_RANK_BASE=str(m * self.ppm),  # every machine on this host shares its GPUs
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         prefix, local = [], []
         if self.netns is not None:  # this machine's processes live in its namespace, behind its limited NIC

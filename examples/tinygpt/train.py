@@ -27,6 +27,7 @@ from torch.distributed.fsdp import fully_shard
 
 from model import ModelConfig, TinyGPT, batch  # beside this script
 from runtime import Checkpointer  # gemini
+from runtime.distributed import init as init_distributed
 from runtime.profiler import probe
 from runtime.state import write_shard
 from runtime.transport import pin_thread
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--out-dir", help="final parameters, profile and timings (default: $GEMINI_OUT_DIR)")
     ap.add_argument("--accel-ms", type=float, default=0.0, help="emulated accelerator: each block's forward waits "
                     "this many ms more, its backward twice as many, with the CPU free (default 0: off)")
+    ap.add_argument("--backend", default=None, help="auto (default, or $GEMINI_BACKEND), nccl, gloo, cpu")
     ap.add_argument("--no-checkpoint", action="store_true", help="train without checkpoints (a baseline)")
     ap.add_argument("--profile-iters", type=int, default=20, help="iterations recorded in profile.json")
     ap.add_argument("--probe", action="store_true", help="measure network and copy bandwidth (probe.json)")
@@ -60,12 +62,7 @@ def main() -> None:
     torch.set_num_threads(1)
     pin_thread(cores(args.host_cores))  # threads started from here on (gloo's, the checkpoint's): host cores
 
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = init_distributed(args.backend)  # NCCL, or gloo on the GPU when ranks share one, or gloo on the CPU
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = ModelConfig(dim=args.dim, layers=args.layers, batch=args.batch, seq=args.seq, accel_ms=args.accel_ms)
     torch.manual_seed(args.seed)
