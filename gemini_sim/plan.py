@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import datetime, timezone
 from importlib import metadata, resources
 from pathlib import Path
@@ -114,7 +115,9 @@ def write(data: dict, path) -> None:
     validate(data, "plan to write")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)  # atomic: a reader sees the old plan or the new one, never half of one
 
 
 def make(*, machines: int, processes_per_machine: int, placement_strategy: str, holders, schedule: str,

@@ -112,3 +112,4 @@ def default(machines: int, processes_per_machine: int, replicas: int = 2, interv
     ``interval`` iterations, a durable one every ``persist``."""
     return Plan.of(contract.default(machines, processes_per_machine, replicas=replicas, interval=interval,
                                     persist=persist, schedule=schedule), "default plan")
+

@@ -69,3 +69,20 @@ def test_agent_command_line_mistakes_are_one_line(tmp_path, args, message):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) <= 3  # argparse's usage line, then the error
+
+
+def test_default_plan_command(tmp_path):
+    from runtime.plan import Plan
+
+    r = subprocess.run([sys.executable, "-m", "runtime", "plan", "--machines", "3", "--procs", "2", "-o",
+                        str(tmp_path / "plan.json")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.machines == 3 and plan.processes_per_machine == 2
+    assert plan.data["placement"]["strategy"] == "mixed" and plan.holders[0] == [0, 1]  # 2 does not divide 3
+    for bad, message in ((["--machines", "2", "--procs", "1", "--replicas", "3"], "--replicas <= --machines"),
+                         (["--machines", "1", "--procs", "1", "--schedule", "priority"], "network priorities")):
+        r = subprocess.run([sys.executable, "-m", "runtime", "plan", *bad, "-o", str(tmp_path / "x.json")],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "x.json").exists()
