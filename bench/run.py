@@ -27,9 +27,10 @@ def best_of(fn, repeats=3):
 
 
 def bench_replay_year():
-    from gemini_sim import config, strategies
-    from gemini_sim.replay import replay
-    from gemini_sim.synthetic import SyntheticSpec, generate
+    from gemini_sim.cluster import config
+    from gemini_sim.replay import policies as strategies
+    from gemini_sim.replay.engine import replay
+    from gemini_sim.failures.synthetic import SyntheticSpec, generate
 
     llama = config.load_preset("llama3-405b")
     trace = generate(SyntheticSpec("poisson", mtbf_hours=54 * 24 / 419 * 2048, days=365, machines=2048, seed=0))
@@ -43,7 +44,7 @@ def bench_replay_year():
 
 
 def bench_placement_exact():
-    from gemini_sim import placement, recovery
+    from gemini_sim.placement import layouts as placement, survival as recovery
 
     def run():
         recovery.ring_safe.cache_clear()  # cold: no counts carried over between repeats
@@ -59,7 +60,8 @@ def bench_placement_exact():
 def bench_interleave():
     import dataclasses
 
-    from gemini_sim import config, interleave
+    from gemini_sim.cluster import config
+    from gemini_sim import interleave
 
     paper = config.load_preset("gemini-paper")
     rows = []

@@ -10,8 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from . import config, report, strategies, synthetic, traces
-from .errors import UserError
+from gemini_sim.cluster import config
+from gemini_sim import report
+from gemini_sim.replay import policies as strategies
+from gemini_sim.failures import synthetic, traces
+from gemini_sim.errors import UserError
 
 # Llama 3 405B: 419 unexpected interruptions in 54 days on 2,048 machines (arXiv:2407.21783) -> per-machine MTBF.
 DEFAULT_MTBF_HOURS = round(54 * 24 / 419 * 2048)
@@ -25,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_preset_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", default="gemini-paper", help=f"bundled preset: {', '.join(config.preset_names())}")
-    g.add_argument("--config", metavar="FILE", help="your own preset TOML (same format as gemini_sim/presets/)")
+    g.add_argument("--config", metavar="FILE", help="your own preset TOML (same format as gemini_sim/cluster/presets/)")
     p.add_argument("--replicas", type=int, help="override the preset's checkpoint replicas in CPU memory (m)")
 
 
@@ -77,7 +80,7 @@ def cmd_replay(args) -> int:
     preset = _preset(args)
     names = strategies.parse_names(args.strategies)
     trace_list = _traces(args, preset)
-    from .replay import replay_all
+    from gemini_sim.replay.engine import replay_all
 
     reports = []
     out = Path(args.out) if args.out else None
@@ -142,7 +145,7 @@ def _parse_range(text: str, what: str) -> list[int]:
 
 
 def _placement_rows(args, strategy: str, ks: list[int]):
-    from . import placement, recovery
+    from gemini_sim.placement import layouts as placement, survival as recovery
 
     pl = placement.build(strategy, args.machines, args.replicas, seed=args.seed,
                          domains=args.domains or args.replicas)
@@ -154,7 +157,7 @@ def _placement_rows(args, strategy: str, ks: list[int]):
 
 
 def cmd_placement(args) -> int:
-    from . import placement
+    from gemini_sim.placement import layouts as placement
 
     if args.machines < 1:
         raise UserError(f"--machines must be >= 1, got {args.machines}")
@@ -200,7 +203,7 @@ def cmd_placement(args) -> int:
 def _plot_placement(args, ks: list[int], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from . import placement
+    from gemini_sim.placement import layouts as placement
 
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
@@ -218,10 +221,11 @@ def _plot_placement(args, ks: list[int], path: Path) -> None:
 
 
 def cmd_interleave(args) -> int:
-    from . import interleave, workload
+    from gemini_sim import interleave
+    from gemini_sim.cluster import workload
 
     if args.setup:
-        from . import validate
+        from gemini_sim import calibration as validate
 
         if args.profile or args.config:
             raise UserError("--setup brings its own cluster and profile; drop --profile/--config")
@@ -274,7 +278,7 @@ def cmd_interleave(args) -> int:
 
 def _export_plan(args, preset, cfg, res) -> None:
     """The plan that runs exactly this simulated configuration (for the runtime)."""
-    from . import interleave, optimizer, plan as plan_mod
+    from gemini_sim import interleave, optimize as optimizer, plan as plan_mod
 
     predicted = {"iteration_time_s": res.iteration_time_s, "baseline_iteration_time_s": res.baseline_iteration_time_s,
                  "overhead_pct": res.overhead_pct, "checkpoint_complete_s": res.checkpoint_complete_s}
@@ -285,7 +289,7 @@ def _export_plan(args, preset, cfg, res) -> None:
 
 
 def cmd_validate(args) -> int:
-    from . import validate
+    from gemini_sim import calibration as validate
 
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
@@ -307,7 +311,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from . import optimizer, plan as plan_mod, workload
+    from gemini_sim import optimize as optimizer, plan as plan_mod
+    from gemini_sim.cluster import workload
 
     action = args.action or []
     if action and action[0] in ("validate", "show"):
@@ -336,10 +341,10 @@ def cmd_plan(args) -> int:
     from tqdm import tqdm
 
     names = args.schedules.split(",") if args.schedules else None
-    from .interleave import SCHEDULES
+    from gemini_sim.interleave import SCHEDULES
     for s in names or []:
         if s not in SCHEDULES:
-            from .errors import unknown_name
+            from gemini_sim.errors import unknown_name
             raise unknown_name("schedule", s, SCHEDULES)
     total = len(names or SCHEDULES) * 4
     with tqdm(total=total, desc="plan", unit="sim", disable=not sys.stderr.isatty() or None, leave=False) as bar:
@@ -370,7 +375,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from . import sweep
+    from gemini_sim import sweeps as sweep
 
     rows, ran, skipped = sweep.run_sweep(args.spec, args.out, args.scheduler, args.workers,
                                          progress=sys.stderr.isatty())
@@ -402,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fit)
 
-    from . import placement as placement_mod
+    from gemini_sim.placement import layouts as placement_mod
 
     p = sub.add_parser("placement", help="probability of recovering from CPU memory after k failures")
     p.add_argument("--machines", type=int, required=True, metavar="N")
@@ -420,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE", help="plot probability against k for every strategy")
     p.set_defaults(func=cmd_placement)
 
-    from .interleave import SCHEDULES
+    from gemini_sim.interleave import SCHEDULES
 
     p = sub.add_parser("interleave", help="play an iteration with checkpoint traffic under a schedule")
     _add_preset_args(p)
@@ -442,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_interleave)
 
     p = sub.add_parser("validate", help="compare the simulator's predictions with a runtime calibration run")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="written by make calibrate (see gemini_sim/validate.py)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="written by make calibrate (see gemini_sim/calibration.py)")
     p.add_argument("--warmup", type=int, default=3, help="iterations dropped at the start of each run (default 3)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_validate)

@@ -32,13 +32,13 @@ import networkx as nx
 import numpy as np
 import simpy
 
-from . import placement as placement_mod
-from . import topology
-from .config import GBPS, Preset
-from .errors import UserError, unknown_name
-from .netsim import Network, merge_intervals
-from .strategies import placement_options
-from .workload import Timeline, ring_bytes_per_machine, zero3
+from gemini_sim.placement import layouts as placement_mod
+from gemini_sim.cluster import topology
+from gemini_sim.cluster.config import GBPS, Preset
+from gemini_sim.errors import UserError, unknown_name
+from gemini_sim.network.flows import Network, merge_intervals
+from gemini_sim.replay.policies import placement_options
+from gemini_sim.cluster.workload import Timeline, ring_bytes_per_machine, zero3
 
 TRAIN, CKPT = 0, 1  # flow classes when checkpoint traffic yields
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jsonschema
 
-from .errors import UserError, load_user_json
+from gemini_sim.errors import UserError, load_user_json
 
 SCHEMA_VERSION = 1
 # The vocabulary the simulator and the runtime share. Schedules, by the rule a plan's runtime follows for each:
@@ -158,7 +158,7 @@ def default(machines: int, processes_per_machine: int, replicas: int = 2, interv
             schedule: str = "naive", chunk_bytes: int = 1 << 20) -> dict:
     """A plan without a simulation: GEMINI's placement (``auto``), a checkpoint every ``interval`` iterations and a
     durable one every ``persist``, chunks of ``chunk_bytes`` through a two-chunk staging buffer."""
-    from . import placement
+    from gemini_sim.placement import layouts as placement
 
     strategy = placement.resolve(placement.AUTO, machines, replicas)
     pl = placement.build(strategy, machines, replicas)

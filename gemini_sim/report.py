@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .config import Preset
-from .replay import ReplayResult
-from .traces import KINDS, Trace
+from gemini_sim.cluster.config import Preset
+from gemini_sim.replay.engine import ReplayResult
+from gemini_sim.failures.traces import KINDS, Trace
 
 COMPONENTS = (("lost_s", "lost progress"), ("retrieval_s", "retrieval"), ("stall_s", "checkpoint stalls"),
               ("restart_s", "restart/replace"))

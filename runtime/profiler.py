@@ -12,7 +12,7 @@ Between collectives the rank computes: those gaps become compute ops named after
 (``forward``, ``backward``, ``optimizer``).
 
 The profile holds the first ``iterations`` iterations of the run (20 by default); iteration times are seconds from
-the iteration's start. Format: see ``gemini_sim/workload.py``.
+the iteration's start. Format: see ``gemini_sim/cluster/workload.py``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import load_example
-from gemini_sim import plan as plan_mod, workload
+from gemini_sim import plan as plan_mod
+from gemini_sim.cluster import workload
 from runtime import netns
 from runtime.agent import Job, default_plan
 from runtime.plan import PlanError

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from gemini_sim import config
-from gemini_sim.config import GBPS
+from gemini_sim.cluster import config
+from gemini_sim.cluster.config import GBPS
 from gemini_sim.errors import UserError
 
 MINIMAL = """

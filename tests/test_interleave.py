@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from gemini_sim import config, interleave, workload
-from gemini_sim.config import GBPS
+from gemini_sim.cluster import config, workload
+from gemini_sim import interleave
+from gemini_sim.cluster.config import GBPS
 from gemini_sim.errors import UserError
 from gemini_sim.interleave import InterleaveConfig, simulate
 

@@ -3,7 +3,7 @@ import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gemini_sim.netsim import Network, maxmin
+from gemini_sim.network.flows import Network, maxmin
 
 
 def run_flows(capacity, flows, priorities=None):

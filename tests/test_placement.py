@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gemini_sim import comm, config, placement, recovery, topology
+from gemini_sim.placement import linkload as comm, layouts as placement, survival as recovery
+from gemini_sim.cluster import config, topology
 from gemini_sim.errors import UserError
 
 STRATS = list(placement.STRATEGIES)

@@ -5,9 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gemini_sim import config, optimizer, placement, plan
+from gemini_sim.cluster import config
+from gemini_sim import optimize as optimizer, plan
+from gemini_sim.placement import layouts as placement
 from gemini_sim.errors import UserError
-from gemini_sim.synthetic import SyntheticSpec, generate
+from gemini_sim.failures.synthetic import SyntheticSpec, generate
 
 PAPER = config.load_preset("gemini-paper")
 
@@ -147,7 +149,7 @@ failures = [2, 3]
 
 
 def test_sweep_reports_failed_cells_and_skips_done(tmp_path):
-    from gemini_sim import sweep
+    from gemini_sim import sweeps as sweep
 
     spec = tmp_path / "s.toml"
     spec.write_text(SPEC)
@@ -166,7 +168,7 @@ def test_sweep_reports_failed_cells_and_skips_done(tmp_path):
 
 
 def test_sweep_spec_errors(tmp_path):
-    from gemini_sim import sweep
+    from gemini_sim import sweeps as sweep
 
     spec = tmp_path / "s.toml"
     for text, needle in [('kind = "x"\n[grid]\na=[1]', "key 'kind'"),
@@ -181,7 +183,9 @@ def test_sweep_spec_errors(tmp_path):
 def test_one_vocabulary_for_simulator_plan_and_runtime():
     """Schedules, tiers and the 'auto' placement rule are defined once, in the Plan's module, and every side uses
     them: the simulator's schedule registry, the schema's enums, the replay's tiers, the runtime's registry."""
-    from gemini_sim import interleave, placement, replay
+    from gemini_sim import interleave
+    from gemini_sim.placement import layouts as placement
+    from gemini_sim.replay import engine as replay
     from gemini_sim import plan as contract
     from runtime import schedules as runtime_schedules
 

@@ -6,10 +6,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import TRACES
-from gemini_sim import config, strategies, traces
-from gemini_sim.replay import replay
-from gemini_sim.synthetic import SyntheticSpec, generate
-from gemini_sim.traces import FailureEvent, Trace
+from gemini_sim.cluster import config
+from gemini_sim.replay import policies as strategies
+from gemini_sim.failures import traces
+from gemini_sim.replay.engine import replay
+from gemini_sim.failures.synthetic import SyntheticSpec, generate
+from gemini_sim.failures.traces import FailureEvent, Trace
 
 PAPER = config.load_preset("gemini-paper")
 
@@ -174,7 +176,7 @@ def test_replay_uses_the_configured_placement_under_rack_failures():
 
 
 def test_placement_config_key_is_validated(tmp_path):
-    text = (config.resources.files("gemini_sim.presets") / "gemini-paper.toml").read_text()
+    text = (config.resources.files("gemini_sim.cluster.presets") / "gemini-paper.toml").read_text()
     f = tmp_path / "p.toml"
     f.write_text(text.replace("replicas = 2", "replicas = 2\nplacement = \"hash\""))
     with pytest.raises(config.UserError, match="recovery.placement"):

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gemini_sim import synthetic
+from gemini_sim.failures import synthetic
 from gemini_sim.errors import UserError
-from gemini_sim.synthetic import SyntheticSpec, fit_trace, generate
+from gemini_sim.failures.synthetic import SyntheticSpec, fit_trace, generate
 
 
 def test_seeded_and_reproducible():

@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import TRACES
-from gemini_sim import traces
+from gemini_sim.failures import traces
 from gemini_sim.errors import UserError
 
 GOOD = "time_hours,kind,machines,note\n1.5,hardware,1,a\n2,software,2,\"b, with comma\"\n"

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from gemini_sim import interleave, plan as plan_mod, validate, workload
-from gemini_sim.config import GBPS
+from gemini_sim import interleave, plan as plan_mod, calibration as validate
+from gemini_sim.cluster import workload
+from gemini_sim.cluster.config import GBPS
 
 
 NET = 25e6  # bytes/s of every NIC in the hand-made set-up (200 Mbit/s)

@@ -37,8 +37,8 @@ import dataclasses
 from dataclasses import dataclass
 from statistics import median
 
-from .config import Preset
-from .errors import UserError, load_user_json
+from gemini_sim.cluster.config import Preset
+from gemini_sim.errors import UserError, load_user_json
 
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
 OPTIMIZER_BYTES_PER_PARAM = 32  # Adam reads and writes master weights, m, v and reads the gradient (fp32)

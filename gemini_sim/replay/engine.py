@@ -30,12 +30,12 @@ from typing import Callable
 import numpy as np
 import simpy
 
-from . import placement as placement_mod
-from .config import Preset
-from .plan import TIERS
-from .recovery import burst_sampler
-from .strategies import Policy, Tier, placement_options, policy as make_policy
-from .traces import Trace
+from gemini_sim.placement import layouts as placement_mod
+from gemini_sim.cluster.config import Preset
+from gemini_sim.plan import TIERS
+from gemini_sim.placement.survival import burst_sampler
+from gemini_sim.replay.policies import Policy, Tier, placement_options, policy as make_policy
+from gemini_sim.failures.traces import Trace
 
 TIER_ORDER = TIERS  # the Plan's vocabulary: local memory, a peer's memory, durable storage
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from . import topology
-from .config import GBPS
-from .placement import Placement
+from gemini_sim.cluster import topology
+from gemini_sim.cluster.config import GBPS
+from gemini_sim.placement.layouts import Placement
 
 
 @dataclass(frozen=True)

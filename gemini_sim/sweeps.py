@@ -25,7 +25,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError, load_user_toml
+from gemini_sim.errors import UserError, load_user_toml
 
 KINDS = {
     "replay": {"required": ("preset", "trace", "strategy"), "optional": ("seed",)},
@@ -74,8 +74,9 @@ def cell_id(params: dict) -> str:
 def run_cell(kind: str, params: dict, options: dict, base: str = ".") -> dict:
     """Run one cell and return its metrics. Runs on a Dask worker: imports stay inside."""
     if kind == "replay":
-        from . import config, synthetic, traces
-        from .replay import replay
+        from gemini_sim.cluster import config
+        from gemini_sim.failures import synthetic, traces
+        from gemini_sim.replay.engine import replay
 
         preset = config.load_preset(params["preset"])
         trace_name = params["trace"]
@@ -94,7 +95,7 @@ def run_cell(kind: str, params: dict, options: dict, base: str = ".") -> dict:
                 "gpu_hours_wasted": d["gpu_hours_wasted"], "effective_fraction": d["effective_training_fraction"],
                 **d["components"]}
     if kind == "placement":
-        from . import placement, recovery
+        from gemini_sim.placement import layouts as placement, survival as recovery
 
         n, m, k = int(params["machines"]), int(params["replicas"]), int(params["failures"])
         pl = placement.build(params["strategy"], n, m, seed=int(params.get("seed", 0)),
@@ -113,7 +114,8 @@ def run_cell(kind: str, params: dict, options: dict, base: str = ".") -> dict:
             out["ci95_low"], out["ci95_high"] = r.ci95
         return out
     if kind == "interleave":
-        from . import config, interleave
+        from gemini_sim.cluster import config
+        from gemini_sim import interleave
 
         preset = config.load_preset(params["preset"])
         cfg = interleave.InterleaveConfig(schedule=params["schedule"], replicas=params.get("replicas"),

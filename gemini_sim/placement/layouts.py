@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UserError, unknown_name
+from gemini_sim.errors import UserError, unknown_name
 
 
 @dataclass(frozen=True)

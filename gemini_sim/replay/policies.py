@@ -3,7 +3,7 @@
 A policy is one or two *tiers* of checkpoints. A tier takes a snapshot every ``interval_s`` of wall time; the
 snapshot stalls training for ``stall_s`` and becomes usable for recovery ``complete_s`` after it was taken.
 The memory tier (if any) holds ``replicas`` copies in CPU memory; the remote tier is persistent storage.
-On a failure the replay recovers from the cheapest tier that still has the state (see :mod:`gemini_sim.replay`).
+On a failure the replay recovers from the cheapest tier that still has the state (see :mod:`gemini_sim.replay.engine`).
 
 The strategies (figures from the GEMINI paper, SOSP 2023, unless noted):
 
@@ -26,8 +26,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import Preset
-from .errors import unknown_name
+from gemini_sim.cluster.config import Preset
+from gemini_sim.errors import unknown_name
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def memory_policy(p: Preset, interval_s: float, complete_s: float, stall_s: floa
     ``interval_s``, each usable ``complete_s`` after it starts and stalling training ``stall_s``; remote storage
     every ``gemini_persist_interval_hours`` from CPU memory. The optimizer fills these in from the interleaving
     simulation."""
-    from . import placement
+    from gemini_sim.placement import layouts as placement
 
     m, n = p.recovery.replicas, p.cluster.machines
     strategy = placement.resolve(p.recovery.placement, n, m)

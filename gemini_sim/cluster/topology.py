@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import networkx as nx
 
-from .config import ClusterConfig, StorageConfig
-from .errors import UserError
+from gemini_sim.cluster.config import ClusterConfig, StorageConfig
+from gemini_sim.errors import UserError
 
 
 def machine(i: int) -> str:

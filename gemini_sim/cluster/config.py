@@ -1,7 +1,7 @@
 """Cluster, model and recovery configuration: TOML presets read into frozen dataclasses.
 
 A preset file has four tables, ``[cluster]``, ``[model]``, ``[storage]`` and ``[recovery]``; see
-``gemini_sim/presets/*.toml``. Every key is checked: an unknown key or an impossible value raises
+``gemini_sim/cluster/presets/*.toml``. Every key is checked: an unknown key or an impossible value raises
 :class:`~gemini_sim.errors.UserError` naming the file and the key.
 
 Checkpoint size. A checkpoint holds what training cannot recompute: the fp32 master weights and Adam's two fp32
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import UserError, load_user_toml, unknown_name
+from gemini_sim.errors import UserError, load_user_toml, unknown_name
 
 GBPS = 1e9 / 8  # bytes per second in one Gbit/s
 
@@ -197,7 +197,7 @@ def _check_consistency(where: str, p: Preset) -> None:
         raise UserError(f"{where}: key 'model.mfu' must be at most 1, got {p.model.mfu}")
     if p.cluster.machines_per_rack > p.cluster.machines:
         raise UserError(f"{where}: key 'cluster.machines_per_rack' exceeds 'cluster.machines'")
-    from . import placement
+    from gemini_sim.placement import layouts as placement
 
     if p.recovery.placement != "auto" and p.recovery.placement not in placement.STRATEGIES:
         raise UserError(f"{where}: key 'recovery.placement' must be 'auto' or one of "
@@ -213,7 +213,7 @@ def _check_consistency(where: str, p: Preset) -> None:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("gemini_sim.presets").iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name[:-5] for p in resources.files("gemini_sim.cluster.presets").iterdir() if p.name.endswith(".toml"))
 
 
 def load_config(path: str | Path) -> Preset:
@@ -225,5 +225,5 @@ def load_preset(name: str) -> Preset:
     """Read a bundled preset by name (``gemini-paper``, ``opt-175b``, ``llama3-405b``...)."""
     if name not in preset_names():
         raise unknown_name("preset", name, preset_names())
-    text = resources.files("gemini_sim.presets").joinpath(f"{name}.toml").read_text()
+    text = resources.files("gemini_sim.cluster.presets").joinpath(f"{name}.toml").read_text()
     return preset_from_dict(tomllib.loads(text), f"preset {name}")

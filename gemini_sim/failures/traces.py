@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError, read_user_file
+from gemini_sim.errors import UserError, read_user_file
 
 KINDS = ("hardware", "software", "network", "unknown")
 COLUMNS = ("time_hours", "kind", "machines", "note")

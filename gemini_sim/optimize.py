@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from . import interleave, placement as placement_mod, plan as plan_mod, recovery
-from .config import Preset
-from .errors import UserError
-from .replay import replay
-from .strategies import memory_policy, placement_options
-from .traces import Trace
-from .workload import Timeline
+from gemini_sim import interleave, plan as plan_mod
+from gemini_sim.placement import layouts as placement_mod, survival as recovery
+from gemini_sim.cluster.config import Preset
+from gemini_sim.errors import UserError
+from gemini_sim.replay.engine import replay
+from gemini_sim.replay.policies import memory_policy, placement_options
+from gemini_sim.failures.traces import Trace
+from gemini_sim.cluster.workload import Timeline
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ TABLE_HEADERS = ["placement", "m", "schedule", "interval", "overhead", "mem GB",
 
 
 def plot_pareto(result: OptimizeResult, ax=None, title: str = ""):
-    from .report import _figure
+    from gemini_sim.report import _figure
 
     fig, ax = _figure(ax, (7, 4.5))
     cands = result.candidates

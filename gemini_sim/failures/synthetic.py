@@ -1,6 +1,6 @@
 """Seeded synthetic failure traces and fits of failure models to real traces.
 
-Every generator takes a ``numpy.random.Generator`` seed and returns a :class:`~gemini_sim.traces.Trace` marked
+Every generator takes a ``numpy.random.Generator`` seed and returns a :class:`~gemini_sim.failures.traces.Trace` marked
 ``synthetic``. ``mtbf_hours`` is always the mean time between failures of ONE machine; a job on N machines sees
 failures N times as often.
 
@@ -18,8 +18,8 @@ import numpy as np
 from scipy import stats
 from scipy.special import gamma as gamma_fn
 
-from .errors import UserError, unknown_name
-from .traces import KINDS, FailureEvent, Trace
+from gemini_sim.errors import UserError, unknown_name
+from gemini_sim.failures.traces import KINDS, FailureEvent, Trace
 
 LLAMA3_MIX = {"hardware": 289, "software": 56, "network": 35, "unknown": 39}
 

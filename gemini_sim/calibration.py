@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
-from .config import Preset, preset_from_dict
-from .errors import UserError, load_user_json
-from .workload import Timeline, from_profile, load_profile
+from gemini_sim.cluster.config import Preset, preset_from_dict
+from gemini_sim.errors import UserError, load_user_json
+from gemini_sim.cluster.workload import Timeline, from_profile, load_profile
 
 SCHEDULE_DIRS = ("blocking", "naive", "gemini", "priority")
 
@@ -185,11 +185,11 @@ def _rel(pred: float | None, meas: float | None) -> float | None:
 
 def compare(run_dir, warmup: int = 3) -> dict:
     """Predicted vs measured for every schedule run in ``run_dir``."""
-    from . import interleave, plan as plan_mod
+    from gemini_sim import interleave, plan as plan_mod
 
     d = Path(run_dir)
     if not (d / "baseline").is_dir():
-        raise UserError(f"{d}: not a calibration run directory (no baseline/); see gemini_sim/validate.py")
+        raise UserError(f"{d}: not a calibration run directory (no baseline/); see gemini_sim/calibration.py")
     rotation = d / "rotation"
     baseline_run = measured(d / "baseline", warmup)
     # with a rotation, every schedule side by side in one job: the fair comparison on a noisy host

@@ -27,8 +27,8 @@ from functools import lru_cache
 import networkx as nx
 import numpy as np
 
-from .errors import UserError
-from .placement import Placement, structure
+from gemini_sim.errors import UserError
+from gemini_sim.placement.layouts import Placement, structure
 
 BRUTE_FORCE_LIMIT = 200_000  # largest C(N, k) enumerated for placements with no counting method
 
@@ -184,7 +184,7 @@ def _is_structured(p: Placement) -> bool:
     """Domain-aware placements are mixed layouts in another order; check rather than trust the label."""
     if p.strategy != "domain-aware":
         return True
-    from .placement import mixed
+    from gemini_sim.placement.layouts import mixed
 
     order = p.options.get("order")
     if order is None:
