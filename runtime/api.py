@@ -267,11 +267,34 @@ class Checkpointer:
                     raise StateError(f"{k!r}: the checkpoint's {loc.dtype} {list(loc.shape)} does not fit this rank's "
                                      f"{dst.dtype} {list(dst.shape)}")
         state = unflatten(skeleton, merged)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if not self._restored_in_place(live, state):
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
         for name, obj in self.extra.items():
             if name not in state.get("extra", {}):
                 raise StateError(f"the checkpoint has no extra state {name!r}")
             obj.load_state_dict(state["extra"][name])
+
+    def _restored_in_place(self, live: dict, state: dict) -> bool:
+        """Finish a restore whose tensors were all copied into the live parameters, buffers and optimizer state
+        (what ``get_state_dict`` returns for FSDP2 modules and torch's optimizers): only the optimizer's
+        hyperparameters are left to set, which is all ``set_state_dict`` would add, at the cost of loading every
+        tensor again. False (nothing changed) where that does not hold: ``set_state_dict`` does it instead."""
+        storages = self._live_storages() | {b.untyped_storage().data_ptr() for b in self.model.buffers()}
+        if any(local(t).untyped_storage().data_ptr() not in storages
+               for k, t in live.items() if not k.startswith("extra/")):
+            return False
+        groups = state["optim"].get("param_groups", [])
+        opt_state = state["optim"].get("state", {})
+        if len(groups) != len(self.optimizer.param_groups) or any(
+                not isinstance(v, torch.Tensor) for st in opt_state.values() for v in st.values()):
+            return False  # a non-tensor value in the optimizer's state: its owner is set by set_state_dict
+        for mine, saved in zip(self.optimizer.param_groups, groups):
+            if len(mine["params"]) != len(saved.get("params", ())):
+                return False
+        for mine, saved in zip(self.optimizer.param_groups, groups):
+            mine.update({k: v for k, v in saved.items() if k != "params"})
+        return True
 
     # -- recovery ------------------------------------------------------------------------------------------------
     def recover(self) -> int:

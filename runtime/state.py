@@ -118,7 +118,8 @@ def pack(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, dict]:
 
 
 def unpack(data: bytes | bytearray | memoryview, manifest: dict) -> dict[str, torch.Tensor]:
-    """The tensors :func:`pack` (or a checkpoint) wrote, as new CPU tensors."""
+    """The tensors :func:`pack` (or a checkpoint) wrote, as new CPU tensors (views of one private copy of
+    ``data``)."""
     buf = bytearray(data)
     out = {}
     for e in manifest["entries"]:
@@ -129,7 +130,10 @@ def unpack(data: bytes | bytearray | memoryview, manifest: dict) -> dict[str, to
             raise StateError(f"entry {e['name']!r} lies outside the shard's {len(buf)} bytes")
         raw = torch.frombuffer(buf, dtype=torch.uint8, offset=e["offset"], count=e["nbytes"]) if e["nbytes"] else \
             torch.empty(0, dtype=torch.uint8)
-        out[e["name"]] = raw.view(DTYPES[e["dtype"]]).reshape(e["shape"]).clone()
+        if e["nbytes"] % DTYPES[e["dtype"]].itemsize or e["offset"] % DTYPES[e["dtype"]].itemsize:
+            out[e["name"]] = raw.clone().view(DTYPES[e["dtype"]]).reshape(e["shape"])  # unaligned: its own copy
+        else:
+            out[e["name"]] = raw.view(DTYPES[e["dtype"]]).reshape(e["shape"])
     return out
 
 
