@@ -65,15 +65,15 @@ def bench_interleave():
 
     paper = config.load_preset("gemini-paper")
     rows = []
-    slice_default = interleave.SLICE
+    slice_default = interleave.model.SLICE
     for machines, target, full in ((16, 1.0, True), (128, 10.0, True), (128, None, False)):
         preset = dataclasses.replace(paper, cluster=dataclasses.replace(paper.cluster, machines=machines))
-        interleave.SLICE = 10 ** 9 if full else slice_default  # full: every machine's flows simulated
+        interleave.model.SLICE = 10 ** 9 if full else slice_default  # full: every machine's flows simulated
         try:
             secs, res = best_of(lambda: interleave.simulate(preset, interleave.InterleaveConfig(schedule="gemini"),
                                                             find_interval=False), repeats=2)
         finally:
-            interleave.SLICE = slice_default
+            interleave.model.SLICE = slice_default
         ev = res.sim_events
         how = "all machines simulated" if full else f"symmetric {res.simulated_machines}-machine slice"
         rows.append((f"interleave: one simulated iteration + profile, gemini schedule, {machines} machines, {how} "

@@ -93,7 +93,7 @@ def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, pro
     if ppm < 1:
         raise UserError(f"processes per machine must be >= 1, got {ppm}")
     schedules = list(schedules or interleave.SCHEDULES)
-    placements = list(placements or placement_mod.STRATEGIES)
+    placements = list(placements or placement_mod.PLACEMENTS)
     shard_gb = preset.checkpoint_bytes_per_machine / 1e9
     fit = max(1, min(n, int(preset.cluster.cpu_memory_gb // shard_gb))) if shard_gb > 0 else n
     replica_options = sorted(set(replicas or range(1, min(4, fit) + 1)))
@@ -154,7 +154,7 @@ def plan_for(preset: Preset, pl, sim: interleave.InterleaveResult, schedule: str
     """The plan that runs a simulated configuration: placement ``pl``, ``schedule`` every ``interval`` iterations
     (gemini: the simulation's idle spans), persisting at the preset's GEMINI interval."""
     persist = max(1, round(preset.storage.gemini_persist_interval_hours * 3600 / sim.baseline_iteration_time_s))
-    chunk = int(min(buffer_bytes / 2, preset.checkpoint_bytes_per_machine))
+    chunk = int(interleave.chunk_size(buffer_bytes, preset.checkpoint_bytes_per_machine))
     gemini = schedule == "gemini"
     return plan_mod.make(machines=preset.cluster.machines, processes_per_machine=ppm, placement_strategy=pl.strategy,
                          holders=pl.holders, schedule=schedule, chunk_bytes=max(1, chunk),
@@ -212,9 +212,9 @@ TABLE_HEADERS = ["placement", "m", "schedule", "interval", "overhead", "mem GB",
 
 
 def plot_pareto(result: OptimizeResult, ax=None, title: str = ""):
-    from gemini_sim.report import _figure
+    from gemini_sim.report import figure
 
-    fig, ax = _figure(ax, (7, 4.5))
+    fig, ax = figure(ax, (7, 4.5))
     cands = result.candidates
     sc = ax.scatter([c.overhead_pct for c in cands], [c.wasted_hours for c in cands],
                     c=[c.memory_gb_per_machine for c in cands], cmap="viridis", s=22, alpha=0.8)

@@ -72,7 +72,7 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _figure(ax, size):
+def figure(ax, size):
     """The axes to draw on: the caller's, or a new figure's. Returns (figure, axes)."""
     if ax is not None:
         return ax.figure, ax
@@ -82,7 +82,7 @@ def _figure(ax, size):
 
 def plot_breakdown(results: list[ReplayResult], ax=None, title: str = ""):
     """Stacked bars: wasted hours per strategy, split into components."""
-    fig, ax = _figure(ax, (7, 4))
+    fig, ax = figure(ax, (7, 4))
     names = [r.strategy for r in results]
     bottom = np.zeros(len(results))
     for key, label in COMPONENTS:
@@ -107,7 +107,7 @@ def cumulative_wasted(result: ReplayResult) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_cumulative(results: list[ReplayResult], ax=None, title: str = ""):
-    fig, ax = _figure(ax, (7, 4))
+    fig, ax = figure(ax, (7, 4))
     for r in results:
         t, w = cumulative_wasted(r)
         ax.step(t, w, where="post", label=r.strategy)
@@ -120,7 +120,7 @@ def plot_cumulative(results: list[ReplayResult], ax=None, title: str = ""):
 
 def plot_trace(trace: Trace, ax=None):
     """Failures over time: one marker per failure, by kind, height = machines lost."""
-    fig, ax = _figure(ax, (7, 2.8))
+    fig, ax = figure(ax, (7, 2.8))
     for kind in KINDS:
         ev = [e for e in trace.events if e.kind == kind]
         if ev:
@@ -136,7 +136,7 @@ def plot_trace(trace: Trace, ax=None):
 
 def plot_gantt(result, machines: int = 4, ax=None, title: str = ""):
     """Gantt chart of simulated iterations: compute, training collectives and checkpoint traffic per machine."""
-    fig, ax = _figure(ax, (11, 1.0 + 0.9 * min(machines, result.machines)))
+    fig, ax = figure(ax, (11, 1.0 + 0.9 * min(machines, result.machines)))
     run, tl = result.run, result.timeline
     per = len(tl.ops)
     compute = [(a, b - a) for i, a, b in run.op_spans if tl.ops[i % per].stream == "compute" and b > a]
@@ -162,7 +162,7 @@ def plot_gantt(result, machines: int = 4, ax=None, title: str = ""):
 
 def plot_link_utilization(result, machine: int = 0, ax=None):
     """Share of machine ``machine``'s NIC (egress) bandwidth in use over time."""
-    fig, ax = _figure(ax, (9, 2.5))
+    fig, ax = figure(ax, (9, 2.5))
     log = result.run.link_rate_log
     link = next((r.links[0] for r in result.run.records if r.tag and r.tag[0] == "train" and r.tag[2] == machine),
                 None)

@@ -82,10 +82,10 @@ def run_cell(kind: str, params: dict, options: dict, base: str = ".") -> dict:
         trace_name = params["trace"]
         seed = int(params.get("seed", 0))
         if str(trace_name).startswith("synthetic:"):
-            spec = synthetic.SyntheticSpec(trace_name.split(":", 1)[1], float(options.get("mtbf_hours", 6335)),
-                                           float(options.get("days", 30)), preset.cluster.machines, seed,
-                                           burst_size=min(4, preset.cluster.machines))
-            trace = synthetic.generate(spec)
+            trace = synthetic.for_cluster(trace_name.split(":", 1)[1], preset.cluster.machines,
+                                          preset.cluster.machines_per_rack, seed=seed,
+                                          mtbf_hours=float(options.get("mtbf_hours", synthetic.DEFAULT_MTBF_HOURS)),
+                                          days=float(options.get("days", 30)))
         else:
             path = Path(trace_name)
             trace = traces.load_trace(path if path.is_absolute() else Path(base) / path)

@@ -147,7 +147,7 @@ def test_symmetric_slice_matches_the_full_cluster(monkeypatch):
     preset = small(machines=48, layers=3)
     sliced = {s: simulate(preset, InterleaveConfig(schedule=s), find_interval=False) for s in ("naive", "gemini")}
     assert all(r.simulated_machines == 16 for r in sliced.values())
-    monkeypatch.setattr(interleave, "SLICE", 10 ** 6)
+    monkeypatch.setattr(interleave.model, "SLICE", 10 ** 6)  # where symmetric_slice reads it
     for s, a in sliced.items():
         b = simulate(preset, InterleaveConfig(schedule=s), find_interval=False)
         assert b.simulated_machines == 48

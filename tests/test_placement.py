@@ -10,7 +10,7 @@ from gemini_sim.placement import linkload as comm, layouts as placement, surviva
 from gemini_sim.cluster import config, topology
 from gemini_sim.errors import UserError
 
-STRATS = list(placement.STRATEGIES)
+STRATS = list(placement.PLACEMENTS)
 
 
 def build_any(name, n, m, seed=0, domains=None):
@@ -39,7 +39,7 @@ def test_definitions_small():
 @pytest.mark.parametrize("name, n, m", list(valid_cases()))
 def test_every_placement_is_valid_and_balanced(name, n, m):
     p = build_any(name, n, m)
-    placement.validate(p)
+    placement.check(p)
     assert all(hs[0] == i and len(set(hs)) == m for i, hs in enumerate(p.holders))
     assert sorted(len(x) for x in p.stored_on()) == [m] * n
 

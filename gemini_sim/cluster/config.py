@@ -185,11 +185,11 @@ def preset_from_dict(data: dict, where: str = "<config>") -> Preset:
     parts = {s: _build(where, s, data.get(s, {}), cls) for s, cls in _SECTIONS.items()}
     name = data.get("name", Path(where).stem)
     preset = Preset(name=str(name), **parts)
-    _check_consistency(where, preset)
+    check_consistency(where, preset)
     return preset
 
 
-def _check_consistency(where: str, p: Preset) -> None:
+def check_consistency(where: str, p: Preset) -> None:
     if p.recovery.replicas > p.cluster.machines:
         raise UserError(f"{where}: key 'recovery.replicas' ({p.recovery.replicas}) exceeds "
                         f"'cluster.machines' ({p.cluster.machines})")
@@ -199,9 +199,9 @@ def _check_consistency(where: str, p: Preset) -> None:
         raise UserError(f"{where}: key 'cluster.machines_per_rack' exceeds 'cluster.machines'")
     from gemini_sim.placement import layouts as placement
 
-    if p.recovery.placement != "auto" and p.recovery.placement not in placement.STRATEGIES:
+    if p.recovery.placement != "auto" and p.recovery.placement not in placement.PLACEMENTS:
         raise UserError(f"{where}: key 'recovery.placement' must be 'auto' or one of "
-                        f"{', '.join(placement.STRATEGIES)}, got {p.recovery.placement!r}")
+                        f"{', '.join(placement.PLACEMENTS)}, got {p.recovery.placement!r}")
     if p.recovery.placement == "group" and p.cluster.machines % p.recovery.replicas:
         raise UserError(f"{where}: key 'recovery.placement' is 'group' but 'cluster.machines' "
                         f"({p.cluster.machines}) is not a multiple of 'recovery.replicas' ({p.recovery.replicas})")

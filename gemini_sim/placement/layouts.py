@@ -1,6 +1,6 @@
 """Placement of checkpoint replicas: for every machine, the set of machines whose CPU memory holds its checkpoint.
 
-Strategies live in a registry (:data:`STRATEGIES`); each is a pure function ``(machines, replicas, **options)`` that
+Strategies live in a registry (:data:`PLACEMENTS`); each is a pure function ``(machines, replicas, **options)`` that
 returns a :class:`Placement`. Definitions follow the GEMINI paper (SOSP 2023, section on placement).
 """
 
@@ -168,7 +168,7 @@ def domain_aware(machines: int, replicas: int, domains: int | None = None,
                      {"domain_of": tuple(domain_of), "order": tuple(order)})
 
 
-STRATEGIES: dict[str, Callable[..., Placement]] = {
+PLACEMENTS: dict[str, Callable[..., Placement]] = {
     "group": group, "mixed": mixed, "ring": ring, "random": random, "domain-aware": domain_aware,
 }
 
@@ -188,15 +188,15 @@ def build(strategy: str, machines: int, replicas: int, **options) -> Placement:
     """Build and validate a placement (``auto`` is resolved first). Options: ``seed`` (random), ``domains`` or
     ``domain_of`` (domain-aware)."""
     strategy = resolve(strategy, machines, replicas)
-    if strategy not in STRATEGIES:
-        raise unknown_name("placement strategy", strategy, STRATEGIES)
+    if strategy not in PLACEMENTS:
+        raise unknown_name("placement strategy", strategy, PLACEMENTS)
     accepted = {"random": {"seed"}, "domain-aware": {"domains", "domain_of"}}.get(strategy, set())
-    p = STRATEGIES[strategy](machines, replicas, **{k: v for k, v in options.items() if k in accepted})
-    validate(p)
+    p = PLACEMENTS[strategy](machines, replicas, **{k: v for k, v in options.items() if k in accepted})
+    check(p)
     return p
 
 
-def validate(p: Placement) -> None:
+def check(p: Placement) -> None:
     """Every machine holds its own checkpoint first, plus exactly m-1 distinct peers; every machine stores m."""
     if len(p.holders) != p.machines:
         raise UserError(f"placement {p.strategy}: {len(p.holders)} holder sets for {p.machines} machines")

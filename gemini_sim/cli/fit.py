@@ -1,0 +1,26 @@
+"""``gemini-sim fit``: Fit failure models to a trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from gemini_sim.failures import synthetic, traces
+
+HELP = "fit Poisson and Weibull failure models to a trace"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", nargs="+", action="extend", required=True, metavar="FILE")
+    p.add_argument("--machines", type=int, help="machines of the traced run (for the per-machine MTBF)")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    fits = [synthetic.fit_trace(traces.load_trace(p), args.machines) for p in args.trace]
+    if args.json:
+        print(json.dumps([f.as_dict() for f in fits] if len(fits) > 1 else fits[0].as_dict(), indent=2))
+    else:
+        for f in fits:
+            print("\n".join(f.lines()))
+    return 0

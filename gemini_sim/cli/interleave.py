@@ -1,0 +1,102 @@
+"""``gemini-sim interleave``: Play an iteration with checkpoint traffic under a schedule."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from gemini_sim import report
+from gemini_sim.cli.common import add_preset_args, preset_of
+from gemini_sim.errors import UserError
+
+HELP = "play an iteration with checkpoint traffic under a schedule"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from gemini_sim.interleave import SCHEDULES
+
+    add_preset_args(p)
+    p.add_argument("--schedule", default="gemini", help=f"one of: {', '.join(SCHEDULES)}")
+    p.add_argument("--profile", metavar="FILE", help="use a measured timeline (profile JSON) instead of ZeRO-3's")
+    p.add_argument("--interval", type=int, default=1, help="iterations per checkpoint (default 1)")
+    p.add_argument("--buffer-mb", type=float, default=1024, help="GPU staging buffer, two chunks (default 1024)")
+    p.add_argument("--jitter", type=float, default=0.0, help="compute spans vary by +-this fraction (default 0)")
+    p.add_argument("--threshold", type=float, default=1.0, help="overhead limit for the min interval, %% (default 1)")
+    p.add_argument("--oversubscription", type=float, default=1.0, help="leaf/spine oversubscription (default 1)")
+    p.add_argument("--span-fill", type=float, default=1.0, help="gemini: fill at most this fraction of each idle "
+                   "span (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="FILE", help="Gantt chart of the simulated iteration(s)")
+    p.add_argument("--setup", metavar="RUN_DIR", help="simulate a measured runtime set-up (its probe.json and "
+                   "profile.json) instead of a preset")
+    p.add_argument("--export-plan", metavar="PLAN.json", help="write the plan that runs this configuration")
+
+
+def run(args) -> int:
+    from gemini_sim import interleave
+    from gemini_sim.cluster import workload
+
+    if args.setup:
+        from gemini_sim import calibration as validate
+
+        if args.profile or args.config:
+            raise UserError("--setup brings its own cluster and profile; drop --profile/--config")
+        preset, timeline, _ = validate.setup_preset(args.setup, replicas=args.replicas or 2)
+    else:
+        preset = preset_of(args)
+        timeline = None
+    if args.profile:
+        timeline = workload.from_profile(workload.load_profile(args.profile))
+        if timeline.machines != preset.cluster.machines:
+            raise UserError(f"{args.profile}: profile has {timeline.machines} machines but the preset has "
+                            f"{preset.cluster.machines}; use --config with a matching cluster")
+    if args.buffer_mb <= 0:
+        raise UserError(f"--buffer-mb must be > 0, got {args.buffer_mb}")
+    if args.threshold <= 0:
+        raise UserError(f"--threshold must be > 0, got {args.threshold}")
+    if args.oversubscription < 1:
+        raise UserError(f"--oversubscription must be >= 1, got {args.oversubscription}")
+    cfg = interleave.InterleaveConfig(schedule=args.schedule, replicas=args.replicas,
+                                      buffer_bytes=args.buffer_mb * 2 ** 20, jitter=args.jitter, seed=args.seed,
+                                      interval=args.interval, oversubscription=args.oversubscription,
+                                      span_fill=args.span_fill)
+    res = interleave.simulate(preset, cfg, timeline, threshold_pct=args.threshold)
+    if args.export_plan:
+        _export_plan(args, preset, cfg, res)
+    if args.plot:
+        path = Path(args.plot)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report.plot_gantt(res).savefig(path, dpi=120)
+    if args.json:
+        print(json.dumps(res.as_dict(), indent=2))
+        return 0
+    d = res.as_dict()
+    k = d["min_interval_iters"]
+    print(f"{preset.name}: {res.machines} machines, m={res.replicas}, schedule {res.schedule}, "
+          f"{d['checkpoint_gb_per_machine']:.1f} GB per machine per checkpoint, timeline {d['timeline']}")
+    print(report.format_table(["metric", "value"], [
+        ["iteration time (s)", f"{res.iteration_time_s:.4f}"],
+        ["baseline iteration time (s)", f"{res.baseline_iteration_time_s:.4f}"],
+        ["overhead", f"{res.overhead_pct:.3f}%"],
+        ["checkpoint time (s)", f"{res.checkpoint_time_s:.3f}"],
+        ["checkpoint complete at (s)", f"{res.checkpoint_complete_s:.3f}"],
+        [f"min interval with overhead <= {args.threshold:g}% (iters)", k if k is not None else "none up to 32"],
+        ["NIC idle time left per iteration (s)", f"{res.idle_network_s:.3f} of {res.baseline_idle_network_s:.3f}"],
+    ], align="lr"))
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _export_plan(args, preset, cfg, res) -> None:
+    """The plan that runs exactly this simulated configuration (for the runtime)."""
+    from gemini_sim import interleave, optimize as optimizer, plan as plan_mod
+
+    predicted = {"iteration_time_s": res.iteration_time_s, "baseline_iteration_time_s": res.baseline_iteration_time_s,
+                 "overhead_pct": res.overhead_pct, "checkpoint_complete_s": res.checkpoint_complete_s}
+    d = optimizer.plan_for(preset, interleave.build_placement(preset, cfg), res, cfg.schedule, cfg.interval,
+                           cfg.buffer_bytes, preset.cluster.gpus_per_machine, predicted, cfg.span_fill,
+                           config_sha256=plan_mod.sha256_of(args.config) if args.config else "")
+    plan_mod.write(d, args.export_plan)

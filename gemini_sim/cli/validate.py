@@ -1,0 +1,40 @@
+"""``gemini-sim validate``: Compare the simulator's predictions with a runtime calibration run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from gemini_sim import report
+from gemini_sim.errors import UserError
+
+HELP = "compare the simulator's predictions with a runtime calibration run"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="written by make calibrate (see gemini_sim/calibration.py)")
+    p.add_argument("--warmup", type=int, default=3, help="iterations dropped at the start of each run (default 3)")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    from gemini_sim import calibration as validate
+
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    res = validate.compare(args.run_dir, warmup=args.warmup)
+    validate.write_json(res, Path(args.run_dir) / "validate.json")
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    b = res["baseline"]
+    print(f"{res['run_dir']}: {res['machines']} machines x {res['processes_per_machine']} ranks, NIC "
+          f"{res['network_mbit_s']:.0f} Mbit/s (measured), {res['checkpoint_mb_per_machine']:.1f} MB checkpoint "
+          f"per machine")
+    print(f"baseline iteration (no checkpoint): measured {b['measured']:.4f} s, predicted {b['predicted']:.4f} s "
+          f"({100 * b['rel_error']:+.1f}%; collectives fitted to the profile; ideal rings with logical bytes: "
+          f"{b['predicted_unfitted']:.4f} s, {100 * b['rel_error_unfitted']:+.1f}%)")
+    print(report.format_table(*validate.table(res)))
+    print(f"wrote {Path(args.run_dir) / 'validate.json'}")
+    return 0

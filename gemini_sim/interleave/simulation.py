@@ -1,0 +1,142 @@
+"""The public entry point: :func:`simulate` plays an interval without and with a checkpoint under a schedule, and
+searches the smallest checkpoint interval whose overhead stays under a threshold.
+
+A checkpoint every K iterations (the interval) is played as K iterations back to back with one checkpoint whose
+sends may spread over all K; its period is the later of the K iterations' end and the checkpoint's completion (the
+next checkpoint cannot start before), and the overhead is that period against K baseline iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from gemini_sim.cluster.config import Preset
+from gemini_sim.cluster.workload import Timeline, zero3
+from gemini_sim.errors import UserError
+from gemini_sim.interleave.model import (InterleaveConfig, IterationRun, _Cluster, _mean_idle, _simulate,
+                                         build_placement, symmetric_slice)
+from gemini_sim.interleave.planner import _spans_of, plan_gemini
+
+
+@dataclass(frozen=True)
+class InterleaveResult:
+    schedule: str
+    preset: str
+    machines: int
+    replicas: int
+    interval: int
+    iteration_time_s: float
+    baseline_iteration_time_s: float
+    checkpoint_time_s: float  # from the first chunk's copy to the last byte on the last replica
+    checkpoint_complete_s: float  # from the start of the interval's first iteration
+    min_interval_iters: int | None  # smallest interval with overhead under the threshold (None: none up to max)
+    overhead_threshold_pct: float
+    idle_network_s: float  # mean over machines of NIC idle time left in the iteration
+    baseline_idle_network_s: float
+    checkpoint_bytes_per_machine: float
+    sim_events: int
+    flows: int
+    simulated_machines: int  # < machines when a symmetric slice stood in for the cluster
+    run: IterationRun = field(repr=False, compare=False)
+    baseline: IterationRun = field(repr=False, compare=False)
+    timeline: Timeline = field(repr=False, compare=False)
+    spans: tuple = field(default=(), repr=False, compare=False)  # gemini: (start, end, bytes) of machine 0
+
+    @property
+    def overhead_pct(self) -> float:
+        return 100 * (self.iteration_time_s / self.baseline_iteration_time_s - 1)
+
+    def as_dict(self) -> dict:
+        return {"schedule": self.schedule, "preset": self.preset, "machines": self.machines,
+                "replicas": self.replicas, "interval_iters": self.interval, "iteration_time_s": self.iteration_time_s,
+                "baseline_iteration_time_s": self.baseline_iteration_time_s, "overhead_pct": self.overhead_pct,
+                "checkpoint_time_s": self.checkpoint_time_s, "checkpoint_complete_s": self.checkpoint_complete_s,
+                "min_interval_iters": self.min_interval_iters,
+                "overhead_threshold_pct": self.overhead_threshold_pct,
+                "idle_network_s": self.idle_network_s, "baseline_idle_network_s": self.baseline_idle_network_s,
+                "checkpoint_gb_per_machine": self.checkpoint_bytes_per_machine / 1e9,
+                "timeline": self.timeline.source, "simulated_machines": self.simulated_machines,
+                "sim_events": self.sim_events, "flows": self.flows}
+
+
+def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timeline: Timeline | None = None,
+             threshold_pct: float = 1.0, find_interval: bool = True, max_interval: int = 32) -> InterleaveResult:
+    """Simulate ``cfg.interval`` iterations without and with one checkpoint under ``cfg.schedule``."""
+    timeline = timeline or zero3(preset)
+    if timeline.machines != preset.cluster.machines:
+        raise UserError(f"the timeline is for {timeline.machines} machines but the preset has "
+                        f"{preset.cluster.machines}")
+    replicas = cfg.replicas or preset.recovery.replicas
+    if not 1 <= replicas <= preset.cluster.machines:
+        raise UserError(f"replicas ({replicas}) must be between 1 and machines ({preset.cluster.machines})")
+    full, preset = preset, symmetric_slice(preset, cfg)
+    # The profile GEMINI plans with: one iteration without checkpoint traffic, with other jitter draws than the run.
+    profile = _simulate(preset, timeline, dataclasses.replace(cfg, seed=cfg.seed + 1), with_checkpoint=False,
+                        iterations=1, full=full)
+    cluster = _Cluster(preset, cfg.oversubscription)
+    pl = build_placement(preset, cfg)
+
+    plans: dict = {}
+
+    def run_with(k: int) -> tuple[IterationRun, IterationRun]:
+        c = dataclasses.replace(cfg, interval=k)
+        plan = (plan_gemini(full.checkpoint_bytes_per_machine, profile, cluster, pl, c)
+                if cfg.schedule == "gemini" else None)
+        plans[k] = plan
+        base = _simulate(preset, timeline, c, with_checkpoint=False, full=full) if (cfg.jitter or k > 1) else profile
+        return _simulate(preset, timeline, c, plan, full=full), base
+
+    run, base = run_with(cfg.interval)
+    min_k = None
+    if find_interval and cfg.schedule == "blocking":
+        # One stall per checkpoint, amortized over the interval: closed form from the measured stall.
+        stall = run.iteration_s * cfg.interval - base.iteration_s * cfg.interval
+        need = math.ceil(100 * stall / (threshold_pct * base.iteration_s) - 1e-9) if threshold_pct > 0 else 0
+        min_k = max(1, need) if threshold_pct > 0 and need <= max_interval else None
+    elif find_interval:
+        min_k = _min_interval(run_with, threshold_pct, max_interval)
+    return InterleaveResult(
+        schedule=cfg.schedule, preset=full.name, machines=full.cluster.machines, replicas=replicas,
+        interval=cfg.interval, iteration_time_s=run.iteration_s, baseline_iteration_time_s=base.iteration_s,
+        checkpoint_time_s=(run.checkpoint_complete_s - run.checkpoint_start_s) if run.checkpoint_start_s is not None
+        else 0.0,
+        checkpoint_complete_s=run.checkpoint_complete_s or 0.0, min_interval_iters=min_k,
+        overhead_threshold_pct=threshold_pct,
+        idle_network_s=_mean_idle(run, cluster, run.iteration_s * cfg.interval) / cfg.interval,
+        baseline_idle_network_s=_mean_idle(base, cluster, base.iteration_s * cfg.interval) / cfg.interval,
+        checkpoint_bytes_per_machine=full.checkpoint_bytes_per_machine, simulated_machines=preset.cluster.machines,
+        sim_events=run.sim_events + profile.sim_events, flows=run.flows, run=run, baseline=base,
+        timeline=timeline, spans=_spans_of(plans.get(cfg.interval), profile, cluster, pl, timeline))
+
+
+def _overhead(pair) -> float:
+    run, base = pair
+    return 100 * (run.iteration_s / base.iteration_s - 1)
+
+
+def _min_interval(run_with, threshold_pct: float, kmax: int) -> int | None:
+    """Smallest interval K (iterations per checkpoint) whose overhead is under the threshold, by doubling and then
+    bisection (overhead falls as K grows); None when even ``kmax`` is not enough."""
+    cache: dict[int, bool] = {}
+
+    def ok(k: int) -> bool:
+        if k not in cache:
+            cache[k] = _overhead(run_with(k)) <= threshold_pct
+        return cache[k]
+
+    if ok(1):
+        return 1
+    lo, hi = 1, 2
+    while hi < kmax and not ok(hi):
+        lo, hi = hi, min(2 * hi, kmax)
+    if not ok(hi):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
