@@ -126,8 +126,8 @@ class _Iteration:
     """``cfg.interval`` iterations of the timeline back to back (op j of iteration r is ``r * len(ops) + j``), with
     one checkpoint (of the state before the first update) when ``with_checkpoint``."""
 
-    def __init__(self, preset: Preset, timeline: Timeline, cfg: InterleaveConfig, plan=None, with_checkpoint=True,
-                 iterations: int | None = None, full: Preset | None = None):
+    def __init__(self, preset: Preset, timeline: Timeline, cfg: InterleaveConfig, placement, plan=None,
+                 with_checkpoint=True, iterations: int | None = None, full: Preset | None = None):
         self.preset, self.tl, self.cfg = preset, timeline, cfg
         full = full or preset
         self.shard_bytes = full.checkpoint_bytes_per_machine
@@ -150,7 +150,7 @@ class _Iteration:
         self.update_gate = self.d2h_done  # what the first optimizer update waits for
         self.ckpt_start: float | None = None
         self.flows = 0
-        self.placement = build_placement(preset, cfg)
+        self.placement = placement  # built once by the caller (build_placement) for every run it simulates
         self.plan = plan
         self.with_checkpoint = with_checkpoint
         self.updates = [r * per + timeline.update for r in range(self.k)]
@@ -282,8 +282,9 @@ def build_placement(preset: Preset, cfg: InterleaveConfig):
     return placement_mod.build(strategy, preset.cluster.machines, replicas, **placement_options(preset))
 
 
-def _simulate(preset, timeline, cfg, plan=None, with_checkpoint=True, iterations=None, full=None) -> IterationRun:
-    return _Iteration(preset, timeline, cfg, plan, with_checkpoint, iterations, full).run()
+def _simulate(preset, timeline, cfg, placement, plan=None, with_checkpoint=True, iterations=None,
+              full=None) -> IterationRun:
+    return _Iteration(preset, timeline, cfg, placement, plan, with_checkpoint, iterations, full).run()
 
 
 SLICE = 16  # machines simulated when a larger cluster is symmetric

@@ -73,10 +73,10 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
         raise UserError(f"replicas ({replicas}) must be between 1 and machines ({preset.cluster.machines})")
     full, preset = preset, symmetric_slice(preset, cfg)
     # The profile GEMINI plans with: one iteration without checkpoint traffic, with other jitter draws than the run.
-    profile = _simulate(preset, timeline, dataclasses.replace(cfg, seed=cfg.seed + 1), with_checkpoint=False,
+    pl = build_placement(preset, cfg)  # once, for the profile, every interval tried and the plan
+    profile = _simulate(preset, timeline, dataclasses.replace(cfg, seed=cfg.seed + 1), pl, with_checkpoint=False,
                         iterations=1, full=full)
     cluster = _Cluster(preset, cfg.oversubscription)
-    pl = build_placement(preset, cfg)
 
     plans: dict = {}
 
@@ -85,8 +85,9 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
         plan = (plan_gemini(full.checkpoint_bytes_per_machine, profile, cluster, pl, c)
                 if cfg.schedule == "gemini" else None)
         plans[k] = plan
-        base = _simulate(preset, timeline, c, with_checkpoint=False, full=full) if (cfg.jitter or k > 1) else profile
-        return _simulate(preset, timeline, c, plan, full=full), base
+        base = _simulate(preset, timeline, c, pl, with_checkpoint=False, full=full) if (cfg.jitter or k > 1) \
+            else profile
+        return _simulate(preset, timeline, c, pl, plan, full=full), base
 
     run, base = run_with(cfg.interval)
     min_k = None
