@@ -45,6 +45,7 @@ from statistics import median
 
 from gemini_sim.cluster.config import Preset, preset_from_dict
 from gemini_sim.errors import UserError, load_user_json
+from gemini_sim.plan import check_format
 from gemini_sim.cluster.workload import Timeline, from_profile, load_profile
 
 SCHEDULE_DIRS = ("blocking", "naive", "gemini", "priority")
@@ -54,7 +55,7 @@ def _timings(d: Path) -> list[dict]:
     files = sorted(d.glob("timings-rank-*.json"))
     if not files:
         raise UserError(f"{d}: no timings-rank-*.json (did the runtime run finish?)")
-    return [load_user_json(f, "runtime timings") for f in files]
+    return [check_format(load_user_json(f, "runtime timings"), "gemini-sim-timings", str(f)) for f in files]
 
 
 def setup_preset(setup_dir, replicas: int = 2) -> tuple[Preset, Timeline, dict]:
@@ -64,7 +65,7 @@ def setup_preset(setup_dir, replicas: int = 2) -> tuple[Preset, Timeline, dict]:
         if not (d / name).is_file():
             raise UserError(f"{d}: missing {name}; run the runtime with --probe (make calibrate does)")
     profile = load_profile(d / "profile.json")
-    probe = load_user_json(d / "probe.json", "probe")
+    probe = check_format(load_user_json(d / "probe.json", "probe"), "gemini-sim-probe", str(d / "probe.json"))
     ranks = _timings(d)
     n, ppm = profile["machines"], profile.get("processes_per_machine", 1)
     if len(ranks) != n * ppm:
@@ -231,7 +232,8 @@ def compare(run_dir, warmup: int = 3) -> dict:
     plain = interleave.simulate(preset, interleave.InterleaveConfig(schedule="naive"),
                                 from_profile(profile), find_interval=False)  # logical bytes on ideal rings
     fitted = sims[0].baseline_iteration_time_s  # the same for every schedule: no checkpoint
-    probe = load_user_json(d / "baseline" / "probe.json", "probe")
+    probe = check_format(load_user_json(d / "baseline" / "probe.json", "probe"), "gemini-sim-probe",
+                         str(d / "baseline" / "probe.json"))
     return {
         "run_dir": str(d), "machines": preset.cluster.machines,
         "processes_per_machine": preset.cluster.gpus_per_machine,

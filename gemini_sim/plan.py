@@ -26,8 +26,29 @@ SCHEDULES = tuple(RULES)
 TIERS = ("local", "peer", "storage")
 
 
-def schema(version: int = SCHEMA_VERSION) -> dict:
-    return json.loads(resources.files("gemini_sim.schema").joinpath(f"plan-v{version}.schema.json").read_text())
+FORMATS = {"gemini-sim-profile": "profile", "gemini-sim-timings": "timings", "gemini-sim-probe": "probe"}
+
+
+def schema(version: int = SCHEMA_VERSION, name: str = "plan") -> dict:
+    """The JSON Schema of a contract: ``plan`` (this module), or the runtime's ``profile``, ``timings`` and
+    ``probe`` formats (gemini_sim/schema/NAME-vVERSION.schema.json)."""
+    return json.loads(resources.files("gemini_sim.schema").joinpath(f"{name}-v{version}.schema.json").read_text())
+
+
+def check_format(data, fmt: str, where: str) -> dict:
+    """Check a runtime file (``fmt``: one of :data:`FORMATS`, e.g. ``gemini-sim-timings``) against its schema;
+    a one-line :class:`UserError` naming the JSON path otherwise. Returns ``data``."""
+    name = FORMATS[fmt]
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise UserError(f"{where}: not a gemini-sim {name} (key 'format' must be '{fmt}')")
+    version = data.get("version")
+    if version != 1:
+        raise UserError(f"{where}: {name} version {version!r} is not supported (expected 1)")
+    errors = sorted(jsonschema.Draft202012Validator(schema(version, name)).iter_errors(data),
+                    key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
+    if errors:
+        raise UserError(f"{where}: {_path(errors[0])}: {errors[0].message}")
+    return data
 
 
 def sha256_of(path) -> str:

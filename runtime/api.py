@@ -494,7 +494,8 @@ class Checkpointer:
         self.event("done", iterations=self.iteration)
 
     def _write_timings(self) -> None:
-        stats: dict = {k: sum(v) / len(v) for k, v in self.timings.items() if v}
+        stats: dict = {"format": "gemini-sim-timings", "version": 1}  # gemini_sim/schema/timings-v1.schema.json
+        stats.update({k: sum(v) / len(v) for k, v in self.timings.items() if v})
         tensors, _ = self.capture()
         stats["shard_bytes"] = sum(e["nbytes"] for e in entries_of(tensors)[0])
         stats["params"] = sum(p.numel() for p in self.model.parameters())  # DTensor numel: the whole model's

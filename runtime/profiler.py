@@ -190,7 +190,8 @@ def probe(ckpt, path: Path | None = None) -> dict | None:
             b.copy_(a)
             best = min(best, time.perf_counter() - t)
         os.sched_setaffinity(0, before)
-        result = {"network_bytes_per_s": sorted(rates)[len(rates) // 2], "network_samples": rates,
+        result = {"format": "gemini-sim-probe", "version": 1,  # gemini_sim/schema/probe-v1.schema.json
+                  "network_bytes_per_s": sorted(rates)[len(rates) // 2], "network_samples": rates,
                   "copy_bytes_per_s": a.numel() / best, "probe_bytes": nbytes}
         path = Path(path) if path else (ckpt.out_dir / "probe.json" if ckpt.out_dir else None)
         if path:

@@ -63,6 +63,12 @@ def test_runtime_writes_a_profile_the_simulator_reads(run_dir):
     assert len(per_rank) == 4
     probe = json.loads((base / "probe.json").read_text())
     assert probe["network_bytes_per_s"] > 0 and probe["copy_bytes_per_s"] > 0
+    # every file the runtime wrote is what its schema (gemini_sim/schema/) says
+    plan_mod.check_format(probe, "gemini-sim-probe", "probe.json")
+    for f in per_rank:
+        plan_mod.check_format(json.loads(f.read_text()), "gemini-sim-profile", f.name)
+    for f in [*base.glob("timings-rank-*.json"), *(run_dir / "rotation").glob("timings-rank-*.json")]:
+        plan_mod.check_format(json.loads(f.read_text()), "gemini-sim-timings", f.name)
 
 
 def test_plans_come_from_the_profile(run_dir):

@@ -115,7 +115,8 @@ def test_profile_round_trip_and_errors(tmp_path):
     for bad, needle in [({"format": "x"}, "not a gemini-sim profile"),
                         ({**profile_of(ops), "version": 9}, "version 9"),
                         (profile_of([{**ops[1], "name": "shuffle"}]), "name must be one of"),
-                        (profile_of([{**ops[0], "end_s": -1}]), "end_s is before start_s")]:
+                        (profile_of([{**ops[0], "start_s": 0.5, "end_s": 0.25}]), "end_s is before start_s"),
+                        (profile_of([{**ops[0], "end_s": -1}]), "end_s: -1 is less than the minimum of 0")]:
         f.write_text(json.dumps(bad))
         with pytest.raises(UserError, match=needle):
             workload.load_profile(f)

@@ -2,11 +2,13 @@
 `gemini-sim validate`, on hand-made run directories whose numbers are known."""
 
 import json
+import re
 
 import pytest
 
 from gemini_sim import interleave, plan as plan_mod, calibration as validate
 from gemini_sim.cluster import workload
+from gemini_sim.errors import UserError
 from gemini_sim.cluster.config import GBPS
 
 
@@ -49,11 +51,12 @@ def profile(machines=2, slow_one=True):
 def setup_dir(path, machines=2, shard=2_000_000):
     path.mkdir(parents=True, exist_ok=True)
     (path / "profile.json").write_text(json.dumps(profile(machines)))
-    (path / "probe.json").write_text(json.dumps({"network_bytes_per_s": NET, "copy_bytes_per_s": 2e9}))
+    (path / "probe.json").write_text(json.dumps({"format": "gemini-sim-probe", "version": 1,
+                                                 "network_bytes_per_s": NET, "copy_bytes_per_s": 2e9}))
     for r in range(machines):
         its = [{"iteration": i, "iteration_s": 1.45, "cpu_s": 0.5 + 0.01 * r} for i in range(1, 11)]
         (path / f"timings-rank-{r:05d}.json").write_text(json.dumps(
-            {"shard_bytes": shard, "params": shard * machines // 12, "schedule": "naive", "checkpointing": False,
+            {"format": "gemini-sim-timings", "version": 1, "shard_bytes": shard, "params": shard * machines // 12, "schedule": "naive", "checkpointing": False,
              "iterations": its}))
     return path
 
@@ -110,7 +113,7 @@ def fake_measurements(d, schedule, iteration_s, complete_s, machines=2, cpu_s=No
                for i in range(1, 11)]
         cks = [{"iteration": i, "complete_s": complete_s} for i in range(1, 10)]
         (d / f"timings-rank-{r:05d}.json").write_text(json.dumps(
-            {"shard_bytes": 2_000_000, "params": 166_666, "schedule": schedule, "checkpointing": True,
+            {"format": "gemini-sim-timings", "version": 1, "shard_bytes": 2_000_000, "params": 166_666, "schedule": schedule, "checkpointing": True,
              "iterations": its, "checkpoints": cks}))
 
 
@@ -172,7 +175,7 @@ def rotation_dir(d, overheads, machines=2, block=3):
                             "schedule": name, "block_pos": pos})
     for k in range(machines):
         (d / f"timings-rank-{k:05d}.json").write_text(json.dumps(
-            {"shard_bytes": 2_000_000, "params": 166_666, "schedule": "gemini", "checkpointing": True,
+            {"format": "gemini-sim-timings", "version": 1, "shard_bytes": 2_000_000, "params": 166_666, "schedule": "gemini", "checkpointing": True,
              "iterations": its, "checkpoints": []}))
     return d
 
@@ -206,3 +209,29 @@ def test_validate_reports_the_paired_overhead_of_a_rotation(tmp_path):
     assert ov["ci95"] == pytest.approx(3.182446 * (2 / 3) ** 0.5 / 2, rel=1e-5)
     text = cli("validate", str(run), "--warmup", "0")
     assert text.returncode == 0 and f"2.0% ±{ov['ci95']:.1f}" in text.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.pop("iterations"), "'iterations' is a required property"),
+    (lambda t: t["iterations"][0].update(iteration_s="fast"), "$.iterations[0].iteration_s: 'fast' is not of type"),
+    (lambda t: t.update(version=2), "timings version 2 is not supported"),
+    (lambda t: t.pop("format"), "not a gemini-sim timings"),
+])
+def test_a_malformed_timings_file_is_a_one_line_error(tmp_path, change, message):
+    run = tmp_path / "run"
+    base = setup_dir(run / "baseline")
+    t = json.loads((base / "timings-rank-00000.json").read_text())
+    change(t)
+    (base / "timings-rank-00000.json").write_text(json.dumps(t))
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        validate.setup_preset(base)
+    assert "\n" not in str(e.value)
+
+
+def test_a_probe_without_a_positive_bandwidth_is_refused(tmp_path):
+    base = setup_dir(tmp_path / "baseline")
+    (base / "probe.json").write_text(json.dumps({"format": "gemini-sim-probe", "version": 1,
+                                                 "network_bytes_per_s": 0, "copy_bytes_per_s": 2e9}))
+    with pytest.raises(UserError, match=r"\$\.network_bytes_per_s: 0 is less than or equal to the minimum of 0"):
+        validate.setup_preset(base)
+

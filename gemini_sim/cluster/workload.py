@@ -128,12 +128,9 @@ def load_profile(path) -> dict:
 
 
 def _validate_profile(data, where: str) -> None:
-    if not isinstance(data, dict) or data.get("format") != "gemini-sim-profile":
-        raise UserError(f"{where}: not a gemini-sim profile (key 'format' must be 'gemini-sim-profile')")
-    if data.get("version") != 1:
-        raise UserError(f"{where}: profile version {data.get('version')!r} is not supported (expected 1)")
-    if not isinstance(data.get("machines"), int) or data["machines"] < 1:
-        raise UserError(f"{where}: key 'machines' must be an integer >= 1")
+    from gemini_sim.plan import check_format
+
+    check_format(data, "gemini-sim-profile", where)  # gemini_sim/schema/profile-v1.schema.json
     its = data.get("iterations")
     if not isinstance(its, list) or not its:
         raise UserError(f"{where}: key 'iterations' must be a non-empty list")
