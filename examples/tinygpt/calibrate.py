@@ -18,13 +18,13 @@ this file) as the training job, run by the project's agent:
    thread to the rest, standing in for the host CPU (train.py's --compute-cores and --host-cores): on a GPU machine checkpoint copies and
    TCP cost host CPU, not GPU time. Off by default: on a 2-core host one core for the compute of 4 ranks and one
    for all their network work saturates the latter, and the prediction of naive's checkpoint time then misses by
-   20-30% (README, "Closing the loop"), while gemini's overhead was not measurably lower.
+   20-30% (docs/runtime.md, "Closing the loop"), while gemini's overhead was not measurably lower.
    The compute itself is by default an emulated accelerator (``--accel-ms``, see runtime/model.py): each block
    waits as a host thread waits on a GPU kernel, leaving the CPU to the checkpoint's copies, hashes and TCP, as a
    GPU machine's host CPU is (model.py). ``--accel-ms 0 --batch 4 --seq 256`` computes on the CPU for real.
    The default is 2 machines: each emulated machine then has one of this 2-core host's cores to itself, as a real
    one has its own CPU; with more machines than cores, one machine's checkpoint work takes CPU time from the
-   others' collectives, which a real cluster does not do (README, "Closing the loop", has both).
+   others' collectives, which a real cluster does not do (docs/runtime.md, "Closing the loop", has both).
 4. ``gemini-sim validate OUT_DIR`` prints predicted against measured iteration time, checkpoint completion time and
    overhead per schedule, with the relative errors (OUT_DIR/validate.json).
 
