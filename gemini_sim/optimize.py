@@ -16,7 +16,7 @@ from gemini_sim.placement import layouts as placement_mod, survival as recovery
 from gemini_sim.cluster.config import Preset
 from gemini_sim.errors import UserError
 from gemini_sim.replay.engine import replay
-from gemini_sim.replay.policies import memory_policy, placement_options
+from gemini_sim.replay.policies import memory_policy
 from gemini_sim.failures.traces import Trace
 from gemini_sim.cluster.workload import Timeline
 
@@ -176,7 +176,7 @@ def _placement(preset: Preset, c: Candidate):
     strategy = "group" if c.placement == "none" else c.placement
     if c.replicas == 1:
         return placement_mod.build("group", preset.cluster.machines, 1)
-    return placement_mod.build(strategy, preset.cluster.machines, c.replicas, **placement_options(preset))
+    return placement_mod.for_preset(preset, c.replicas, strategy)
 
 
 def _score(preset, trace, m, sched, k, strategy, sim, max_overhead, seed, prob: float) -> Candidate:

@@ -24,7 +24,6 @@ from gemini_sim.cluster import topology
 from gemini_sim.cluster.config import GBPS, Preset
 from gemini_sim.errors import UserError, unknown_name
 from gemini_sim.network.flows import Network, merge_intervals
-from gemini_sim.replay.policies import placement_options
 from gemini_sim.cluster.workload import Timeline, ring_bytes_per_machine
 
 
@@ -277,9 +276,7 @@ class _Iteration:
 
 
 def build_placement(preset: Preset, cfg: InterleaveConfig):
-    replicas = cfg.replicas or preset.recovery.replicas
-    strategy = placement_mod.resolve(preset.recovery.placement, preset.cluster.machines, replicas)
-    return placement_mod.build(strategy, preset.cluster.machines, replicas, **placement_options(preset))
+    return placement_mod.for_preset(preset, cfg.replicas)
 
 
 def _simulate(preset, timeline, cfg, placement, plan=None, with_checkpoint=True, iterations=None,

@@ -196,6 +196,16 @@ def build(strategy: str, machines: int, replicas: int, **options) -> Placement:
     return p
 
 
+def for_preset(preset, replicas: int | None = None, strategy: str | None = None) -> Placement:
+    """The placement a preset's cluster gets: ``strategy`` (default the preset's ``recovery.placement``; ``auto``
+    resolved) with ``replicas`` copies (default the preset's), failure domains = the cluster's racks."""
+    n = preset.cluster.machines
+    m = replicas or preset.recovery.replicas
+    per_rack = preset.cluster.machines_per_rack
+    racks = -(-n // per_rack) if per_rack else preset.recovery.replicas
+    return build(resolve(strategy or preset.recovery.placement, n, m), n, m, domains=min(racks, n), seed=0)
+
+
 def check(p: Placement) -> None:
     """Every machine holds its own checkpoint first, plus exactly m-1 distinct peers; every machine stores m."""
     if len(p.holders) != p.machines:

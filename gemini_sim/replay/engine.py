@@ -34,7 +34,7 @@ from gemini_sim.placement import layouts as placement_mod
 from gemini_sim.cluster.config import Preset
 from gemini_sim.plan import TIERS
 from gemini_sim.placement.survival import burst_sampler
-from gemini_sim.replay.policies import Policy, Tier, placement_options, policy as make_policy
+from gemini_sim.replay.policies import Policy, Tier, policy as make_policy
 from gemini_sim.failures.traces import Trace
 
 TIER_ORDER = TIERS  # the Plan's vocabulary: local memory, a peer's memory, durable storage
@@ -159,7 +159,7 @@ class _Job:
             for clock in self.clocks.values():
                 if math.isfinite(clock.tier.interval_s):
                     clock.debt = float(self.rng.uniform(0, clock.tier.interval_s))
-        self.placement = (placement_mod.build(pol.placement, self.n, pol.replicas, **placement_options(preset))
+        self.placement = (placement_mod.for_preset(preset, pol.replicas, pol.placement)
                           if pol.placement and pol.replicas > 1 else None)
         per_rack = preset.cluster.machines_per_rack
         self.rack_of = tuple(i // per_rack for i in range(self.n)) if per_rack else None

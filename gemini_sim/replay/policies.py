@@ -108,7 +108,7 @@ def memory_policy(p: Preset, interval_s: float, complete_s: float, stall_s: floa
 
     m, n = p.recovery.replicas, p.cluster.machines
     strategy = placement.resolve(p.recovery.placement, n, m)
-    placement.build(strategy, n, m, **placement_options(p))  # validates m against N
+    placement.for_preset(p, m, strategy)  # validates m against N
     persist = p.storage.gemini_persist_interval_hours * 3600
     return Policy(name, remote=Tier(persist, complete_s + p.remote_write_s, 0.0),
                   memory=Tier(interval_s, complete_s, stall_s), replicas=m, placement=strategy,
@@ -116,13 +116,6 @@ def memory_policy(p: Preset, interval_s: float, complete_s: float, stall_s: floa
                   retrieve_remote_s=p.remote_write_s,
                   description=f"CPU memory x{m} ({strategy}) every {interval_s / t_iter:.0f} iteration(s), "
                               f"remote every {p.storage.gemini_persist_interval_hours:g} h")
-
-
-def placement_options(p: Preset) -> dict:
-    """Options a placement strategy takes from the preset: failure domains are the cluster's racks."""
-    per_rack = p.cluster.machines_per_rack
-    racks = -(-p.cluster.machines // per_rack) if per_rack else p.recovery.replicas
-    return {"domains": min(racks, p.cluster.machines), "seed": 0}
 
 
 STRATEGIES: dict[str, Callable[[Preset, float], Policy]] = {
