@@ -180,7 +180,7 @@ def test_cli_placement(cli, tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (("--machines", 4, "--replicas", 5, "--failures", 1), "--replicas must be between"),
-    (("--machines", 4, "--replicas", 2, "--failures", 5), "exceeds --machines"),
+    (("--machines", 4, "--replicas", 2, "--failures", 5), "outside >= 0 and <= 4"),
     (("--machines", 5, "--replicas", 2, "--failures", 2, "--strategy", "group"), "multiple of replicas"),
     (("--machines", 5, "--replicas", 2, "--failures", 2, "--strategy", "hash"), "unknown placement strategy"),
     (("--machines", 5, "--replicas", 2, "--failures", "3-1"), "empty"),

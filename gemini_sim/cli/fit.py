@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from gemini_sim.cli import inputs
 from gemini_sim.failures import synthetic, traces
 
 HELP = "fit Poisson and Weibull failure models to a trace"
@@ -12,7 +13,7 @@ HELP = "fit Poisson and Weibull failure models to a trace"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", nargs="+", action="extend", required=True, metavar="FILE")
-    p.add_argument("--machines", type=int, help="machines of the traced run (for the per-machine MTBF)")
+    p.add_argument("--machines", type=inputs.MACHINES, help="machines of the traced run (for the per-machine MTBF)")
     p.add_argument("--json", action="store_true")
 
 

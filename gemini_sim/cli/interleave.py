@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from gemini_sim.cli import inputs
 from gemini_sim import report
 from gemini_sim.cli.common import add_preset_args, preset_of
 from gemini_sim.errors import UserError
@@ -19,14 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_preset_args(p)
     p.add_argument("--schedule", default="gemini", help=f"one of: {', '.join(SCHEDULES)}")
     p.add_argument("--profile", metavar="FILE", help="use a measured timeline (profile JSON) instead of ZeRO-3's")
-    p.add_argument("--interval", type=int, default=1, help="iterations per checkpoint (default 1)")
-    p.add_argument("--buffer-mb", type=float, default=1024, help="GPU staging buffer, two chunks (default 1024)")
-    p.add_argument("--jitter", type=float, default=0.0, help="compute spans vary by +-this fraction (default 0)")
-    p.add_argument("--threshold", type=float, default=1.0, help="overhead limit for the min interval, %% (default 1)")
-    p.add_argument("--oversubscription", type=float, default=1.0, help="leaf/spine oversubscription (default 1)")
-    p.add_argument("--span-fill", type=float, default=1.0, help="gemini: fill at most this fraction of each idle "
+    p.add_argument("--interval", type=inputs.whole(1, 10_000), default=1, help="iterations per checkpoint (default 1)")
+    p.add_argument("--buffer-mb", type=inputs.number(0, 1e9, lo_open=True), default=1024, help="GPU staging buffer, two chunks (default 1024)")
+    p.add_argument("--jitter", type=inputs.number(0, 0.99), default=0.0, help="compute spans vary by +-this fraction (default 0)")
+    p.add_argument("--threshold", type=inputs.PERCENT, default=1.0, help="overhead limit for the min interval, %% (default 1)")
+    p.add_argument("--oversubscription", type=inputs.number(1, 1e6), default=1.0, help="leaf/spine oversubscription (default 1)")
+    p.add_argument("--span-fill", type=inputs.number(0, 1, lo_open=True), default=1.0, help="gemini: fill at most this fraction of each idle "
                    "span (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=inputs.SEED, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", metavar="FILE", help="Gantt chart of the simulated iteration(s)")
     p.add_argument("--setup", metavar="RUN_DIR", help="simulate a measured runtime set-up (its probe.json and "

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from gemini_sim.cli import inputs
 from gemini_sim import report
-from gemini_sim.cli.common import parse_range
 from gemini_sim.cluster import config
 from gemini_sim.errors import UserError
 
@@ -17,15 +17,15 @@ HELP = "probability of recovering from CPU memory after k failures"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from gemini_sim.placement import layouts as placement_mod
 
-    p.add_argument("--machines", type=int, required=True, metavar="N")
-    p.add_argument("--replicas", type=int, required=True, metavar="M")
+    p.add_argument("--machines", type=inputs.MACHINES, required=True, metavar="N")
+    p.add_argument("--replicas", type=inputs.REPLICAS, required=True, metavar="M")
     p.add_argument("--strategy", default="mixed", help=f"one of: {', '.join(placement_mod.PLACEMENTS)}")
     p.add_argument("--failures", required=True, metavar="K", help="K, or a range like 1-8 for a table")
-    p.add_argument("--domains", type=int, metavar="D", help="failure domains (D blocks of consecutive machines); "
+    p.add_argument("--domains", type=inputs.whole(1, 1_000_000), metavar="D", help="failure domains (D blocks of consecutive machines); "
                    "used by domain-aware (default: M) and by --bursts")
     p.add_argument("--bursts", action="store_true", help="failures take whole domains (Monte Carlo)")
-    p.add_argument("--samples", type=int, default=20000, help="Monte Carlo samples (default 20000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=inputs.whole(1, 10_000_000), default=20000, help="Monte Carlo samples (default 20000)")
+    p.add_argument("--seed", type=inputs.SEED, default=0)
     p.add_argument("--preset", help="also check the CPU memory the placement needs on this preset")
     p.add_argument("--config", metavar="FILE", help="like --preset, from your TOML file")
     p.add_argument("--json", action="store_true")
@@ -47,11 +47,12 @@ def _placement_rows(args, strategy: str, ks: list[int]):
 def run(args) -> int:
     from gemini_sim.placement import layouts as placement
 
-    if args.machines < 1:
-        raise UserError(f"--machines must be >= 1, got {args.machines}")
     if args.replicas < 1 or args.replicas > args.machines:
         raise UserError(f"--replicas must be between 1 and --machines ({args.machines}), got {args.replicas}")
-    ks = parse_range(args.failures, "--failures")
+    try:  # K or A-B, bounded before the range is built
+        ks = inputs.int_range(0, args.machines)(args.failures)
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"--failures: {e}") from None
     if ks[-1] > args.machines:
         raise UserError(f"--failures ({ks[-1]}) exceeds --machines ({args.machines})")
     if args.bursts and not args.domains:

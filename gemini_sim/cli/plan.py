@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from gemini_sim.cli import inputs
 from gemini_sim import report
 from gemini_sim.cli.common import add_preset_args, add_trace_args, preset_of, traces_of
 from gemini_sim.errors import UserError
@@ -19,9 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_trace_args(p, required=False)
     add_preset_args(p)
     p.add_argument("--profile", metavar="FILE", help="measured timeline (profile JSON) for the interleaving model")
-    p.add_argument("--max-overhead", type=float, default=1.0, help="iteration overhead limit in %% (default 1)")
+    p.add_argument("--max-overhead", type=inputs.PERCENT, default=1.0, help="iteration overhead limit in %% (default 1)")
     p.add_argument("--schedules", help="comma-separated schedules to consider (default all)")
-    p.add_argument("--processes-per-machine", type=int, help="ranks per machine (default: GPUs per machine)")
+    p.add_argument("--processes-per-machine", type=inputs.whole(1, 1024), help="ranks per machine (default: GPUs per machine)")
     p.add_argument("-o", "--output", metavar="PLAN.json")
     p.add_argument("--plot", metavar="FILE", help="plot the candidates and the Pareto front")
     p.add_argument("--json", action="store_true")

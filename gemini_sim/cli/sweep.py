@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gemini_sim.cli import inputs
 
 HELP = "run a grid of replays / placements / interleavings on Dask"
 
@@ -13,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", metavar="SPEC.toml")
     p.add_argument("--out", default="out/sweep", help="output folder (default out/sweep)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (default: a local cluster)")
-    p.add_argument("--workers", type=int, help="local cluster workers (default: up to 2)")
+    p.add_argument("--workers", type=inputs.whole(1, 256), help="local cluster workers (default: up to 2)")
 
 
 def run(args) -> int:

@@ -6,23 +6,21 @@ import argparse
 import json
 from pathlib import Path
 
+from gemini_sim.cli import inputs
 from gemini_sim import report
-from gemini_sim.errors import UserError
 
 HELP = "compare the simulator's predictions with a runtime calibration run"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="written by make calibrate (see gemini_sim/calibration.py)")
-    p.add_argument("--warmup", type=int, default=3, help="iterations dropped at the start of each run (default 3)")
+    p.add_argument("--warmup", type=inputs.whole(0, 1_000_000), default=3, help="iterations dropped at the start of each run (default 3)")
     p.add_argument("--json", action="store_true")
 
 
 def run(args) -> int:
     from gemini_sim import calibration as validate
 
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
     res = validate.compare(args.run_dir, warmup=args.warmup)
     validate.write_json(res, Path(args.run_dir) / "validate.json")
     if args.json:

@@ -28,6 +28,8 @@ LLAMA3_MIX = {"hardware": 289, "software": 56, "network": 35, "unknown": 39}
 DEFAULT_WEIBULL_SHAPE = 0.75
 
 
+MAX_FAILURES = 1_000_000  # expected failures in one synthetic trace (a million-failure replay takes minutes)
+
 # Llama 3 405B: 419 unexpected interruptions in 54 days on 2,048 machines (arXiv:2407.21783) -> per-machine MTBF.
 DEFAULT_MTBF_HOURS = round(54 * 24 / 419 * 2048)
 
@@ -52,6 +54,11 @@ class SyntheticSpec:
                 raise UserError(f"synthetic trace: '{key.replace('_', '-')}' must be a positive number, got {value}")
         if self.machines < 1:
             raise UserError(f"synthetic trace: machines must be >= 1, got {self.machines}")
+        expected = self.days * 24 * self.machines / self.mtbf_hours
+        if expected > MAX_FAILURES:  # checked before any array is sized by it
+            raise UserError(f"synthetic trace: {self.days:g} days of {self.machines} machines with a per-machine MTBF "
+                            f"of {self.mtbf_hours:g} h is about {expected:.3g} failures; at most {MAX_FAILURES:,} "
+                            "(raise --mtbf-hours or lower --days)")
         if not 0 <= self.burst_probability <= 1:
             raise UserError(f"synthetic trace: burst probability must be in [0, 1], got {self.burst_probability}")
         if not 1 <= self.burst_size <= self.machines:
