@@ -44,10 +44,7 @@ def check_format(data, fmt: str, where: str) -> dict:
     version = data.get("version")
     if version != 1:
         raise UserError(f"{where}: {name} version {version!r} is not supported (expected 1)")
-    errors = sorted(jsonschema.Draft202012Validator(schema(version, name)).iter_errors(data),
-                    key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
-    if errors:
-        raise UserError(f"{where}: {_path(errors[0])}: {errors[0].message}")
+    _against_schema(data, schema(version, name), where)
     return data
 
 
@@ -69,6 +66,14 @@ def _path(error: jsonschema.ValidationError) -> str:
     return out
 
 
+def _against_schema(data, sch: dict, where: str) -> None:
+    """A one-line :class:`UserError` for the shallowest schema violation, naming its JSON path."""
+    errors = sorted(jsonschema.Draft202012Validator(sch).iter_errors(data),
+                    key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
+    if errors:
+        raise UserError(f"{where}: {_path(errors[0])}: {errors[0].message}")
+
+
 def validate(data, where: str = "plan") -> dict:
     """Validate parsed JSON against the schema and the plan's own consistency rules; return it."""
     if not isinstance(data, dict):
@@ -81,11 +86,7 @@ def validate(data, where: str = "plan") -> dict:
                         f"({SCHEMA_VERSION}); upgrade gemini-sim")
     if version < 1:
         raise UserError(f"{where}: $.schema_version: unknown version {version}")
-    validator = jsonschema.Draft202012Validator(schema(version))
-    errors = sorted(validator.iter_errors(data), key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
-    if errors:
-        e = errors[0]
-        raise UserError(f"{where}: {_path(e)}: {e.message}")
+    _against_schema(data, schema(version), where)
     _check_consistency(data, where)
     return data
 

@@ -14,7 +14,6 @@ from . import schedules
 from .plan import PlanError, default
 
 
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime plan", description="Write the default plan (GEMINI's "
                                  "placement) for a job that has no plan from `gemini-sim plan` yet.")
@@ -36,7 +35,6 @@ def main(argv=None) -> int:
     if out.is_dir() or not out.parent.is_dir():
         ap.error(f"cannot write {out}: " + ("it is a folder" if out.is_dir() else "its folder does not exist"))
     try:
-        schedules.get(args.schedule)
         plan = default(args.machines, args.procs, replicas, args.interval, max(args.persist, args.interval),
                        args.schedule)
         contract.write(plan.data, out)

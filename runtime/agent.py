@@ -126,10 +126,10 @@ class Job:
         self.durable = self.work / "durable"
         self.out = Path(out_dir) if out_dir else self.work / "out"
         self.faults, self.max_restarts = faults, max_restarts
-        if faults:
-            from .testing.faults import parse
+        from .testing.faults import parse
 
-            parse(faults)  # a malformed fault is an error now, not in every worker
+        # a malformed fault is an error now, not in every worker; 'lose' faults are the agent's to carry out
+        self.to_lose = {who for kind, who, _ in parse(faults) if kind == "lose"}
         self.python, self.job_name, self.extra_env = python, job_name, dict(env or {})
         self.port = 0
         self.launch_id = f"{os.getpid()}-{time.time_ns()}"  # tags every process of this job, for cleanup
@@ -139,7 +139,6 @@ class Job:
         self.lock = threading.Lock()
         self.job_attempt = 0  # bumped whenever the agent restarts the job on a new machine set
         self.waiting: set[int] = set()  # machines paused at a 'lose' fault, waiting to be killed
-        self.to_lose = {int(f.split(":")[1]) for f in faults.split(",") if f.startswith("lose:")}
         self.causes: list[str] = []
         # netns: False (localhost), True (the namespaces of `make netns-up`) or the tag of another set-up
         self.netns = None if netns is False else int(netns is not True and netns)

@@ -54,7 +54,7 @@ from .pipeline import InFlight, Link
 from .plan import Plan, PlanError
 from .profiler import Recorder
 from .state import StateError, entries_of, flatten, local, unflatten, unpack
-from .store import ShardStore
+from .store import ShardStore, write_atomic
 from .transport import Groups, Progress, Receiver, stop
 
 log = logging.getLogger("runtime")
@@ -76,6 +76,11 @@ def _run_id() -> str | None:
     rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
     return None if re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", rid) or rid in (
         "", "none") else rid
+
+
+def _anchored(schedule: dict) -> bool:
+    """Does the schedule open spans when this rank's own collectives end (gemini with ``after_collectives``)?"""
+    return any("after_collectives" in s for s in schedule.get("spans", []))
 
 
 def default_store_root() -> Path:
@@ -147,7 +152,7 @@ class Checkpointer:
         store_name = os.environ.get("GEMINI_MACHINE_ID", "node")  # the agent names machines; torchrun: one a host
         self.store = ShardStore(root, int(store_name) if store_name.isdigit() else store_name)
         self.groups = Groups.create(timeout_s)
-        self._check_stores(store_name)
+        self._check_stores()
         self.store.clean_partial()
         self.host_cores = sorted(host_cores) if host_cores else None
         self.send_to, self.recv_from = self.plan.peers(self.rank)
@@ -156,9 +161,10 @@ class Checkpointer:
         self.checkpointing = bool(checkpoint)
         self.iteration = 0  # the last iteration whose after_step ran (or that recover() resumed from)
         self._hooks: dict[str, list[Callable[[int], None]]] = {h: [] for h in HOOKS}
-        self._receivers: list[Receiver] | None = None  # posted once, before any peer sends
+        self._link_obj: Link | None = None  # made at the first checkpoint: the peers' receivers are posted then
         self._inflight: InFlight | None = None
-        self._pending: int | None = None  # naive/gemini: the iteration whose checkpoint goes out in the next one
+        # naive/gemini: (iteration, its captured state) whose checkpoint goes out in the next iteration
+        self._pending: tuple[int, tuple] | None = None
         self._seq = 0
         self._began = False  # the current iteration has begun (its pending checkpoint started)
         self._t0 = self._c0 = 0.0
@@ -170,9 +176,7 @@ class Checkpointer:
         self.checkpoints: list[dict] = []  # one record per checkpoint
         self.collectives = Progress()
         self.recorder = Recorder(profile_iters, self.collectives)
-        self._anchored = self.schedule.defer_hash and any(
-            "after_collectives" in s for s in self.schedule_dict.get("spans", []))
-        if profile_iters or self._anchored:
+        if profile_iters or _anchored(self.schedule_dict):
             self.recorder.install()
         self._handles = [model.register_forward_pre_hook(self._on_forward, prepend=True),  # before FSDP's gather
                          model.register_forward_hook(lambda *_: self.recorder.phase("backward"))]
@@ -182,7 +186,7 @@ class Checkpointer:
 
             faults.install(self, os.environ["GEMINI_FAULT"])
 
-    def _check_stores(self, store_name: str) -> None:
+    def _check_stores(self) -> None:
         """Two machines must not share a store folder (two torchrun nodes on one host without GEMINI_MACHINE_ID
         would): their copies of one shard would overwrite each other."""
         mine = (socket.gethostname(), str(self.store.dir.resolve()), self.machine)
@@ -310,7 +314,7 @@ class Checkpointer:
             if where == "memory":
                 data, manifest, tier, source = recovery.fetch_from_memory(
                     self.plan, self.store, self.groups, self.rank, self.world, self.ppm, target, per_machine)
-                tensors, skeleton = unpack(data, manifest), manifest["extra"]
+                tensors, skeleton = unpack(data, manifest), manifest["skeleton"]
             else:
                 template, _ = flatten(self._state())
                 tensors, skeleton = recovery.load_durable(recovery.step_dir(self.durable, target), template,
@@ -371,8 +375,11 @@ class Checkpointer:
                                "being copied out: the checkpoint may mix two iterations")
         if not self._began:
             self._begin(iteration)
-        if self.recorder.end() and self.out_dir:
-            self._write_profile()
+        if self.recorder.end():  # the profiling window is complete
+            if self.out_dir:
+                self._write_profile()
+            if not _anchored(self.schedule_dict):  # nothing needs collectives counted: off the training's path
+                self.recorder.uninstall()
         if self.checkpointing and iteration % self.plan.interval == 0:
             if self.schedule.blocking:  # training waits while the whole checkpoint is copied out and sent
                 self._start(iteration, time.perf_counter(), released_in=iteration, iteration_start=self._t0)
@@ -400,22 +407,21 @@ class Checkpointer:
         """Between iterations: run another schedule from now on (a plan's ``schedule`` object), or none (None:
         no checkpoints). The checkpoint in flight completes; one not yet started is dropped."""
         if schedule is not None:
-            sched = schedules.get(schedule["name"])
-            Plan.of(dict(self.plan.data, schedule=schedule), "schedule")  # validated like a plan's
+            self.plan.with_schedule(schedule)  # validated like a plan's
         self._stall += self.wait()
         self._pending = None
         self.checkpointing = schedule is not None
         if schedule is not None:
-            self.schedule_dict, self.schedule = schedule, sched
+            self.schedule_dict, self.schedule = schedule, schedules.get(schedule["name"])
+            if _anchored(schedule):  # its spans open when this rank's collectives end: count them
+                self.recorder.install()
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _link(self) -> Link:
-        if self._receivers is None:
-            self._receivers = [Receiver(self.rank, src, self.store, self.groups, self.host_cores)
-                               for src in self.recv_from]
-            self._link_obj = Link(self.rank, self.store, self.groups, self.send_to, self._receivers,
-                                  self.collectives, self.host_cores,
-                                  on_commit=lambda it: self._fire("before_commit", it))
+        if self._link_obj is None:  # receives posted once, before any peer sends
+            receivers = [Receiver(self.rank, src, self.store, self.groups, self.host_cores) for src in self.recv_from]
+            self._link_obj = Link(self.rank, self.store, self.groups, self.send_to, receivers, self.collectives,
+                                  self.host_cores, on_commit=lambda it: self._fire("before_commit", it))
         return self._link_obj
 
     def _start(self, iteration: int, release_at: float, released_in: int, iteration_start: float | None = None,
@@ -481,8 +487,8 @@ class Checkpointer:
             self._pending = None
             self.wait()
             self.checkpoints[-1]["at_close"] = True
-        if self._receivers is not None:
-            stop(self.rank, self.groups, self.send_to, self._seq, self._receivers)
+        if self._link_obj is not None:
+            stop(self.rank, self.groups, self.send_to, self._seq, self._link_obj.receivers)
         if self.recorder.iterations and len(self.recorder.iterations) < self.recorder.limit and self.out_dir:
             self._write_profile()  # a run shorter than the profiling window: what it has
         self.recorder.uninstall()
@@ -496,8 +502,7 @@ class Checkpointer:
     def _write_timings(self) -> None:
         stats: dict = {"format": "gemini-sim-timings", "version": 1}  # gemini_sim/schema/timings-v1.schema.json
         stats.update({k: sum(v) / len(v) for k, v in self.timings.items() if v})
-        tensors, _ = self.capture()
-        stats["shard_bytes"] = sum(e["nbytes"] for e in entries_of(tensors)[0])
+        stats["shard_bytes"] = sum(e["nbytes"] for e in entries_of(flatten(self._state())[0])[0])
         stats["params"] = sum(p.numel() for p in self.model.parameters())  # DTensor numel: the whole model's
         stats["schedule"] = self.schedule.name
         stats["checkpointing"] = self.checkpointing
@@ -507,10 +512,7 @@ class Checkpointer:
         stats["device"] = torch.cuda.get_device_name(p.device) if p is not None and p.is_cuda else "cpu"
         stats["iterations"] = self.iterations
         stats["checkpoints"] = self.checkpoints
-        path = self.out_dir / f"timings-rank-{self.rank:05d}.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(stats))
-        os.replace(tmp, path)
+        write_atomic(self.out_dir / f"timings-rank-{self.rank:05d}.json", json.dumps(stats))
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -518,6 +520,3 @@ class Checkpointer:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None:
             self.close()
-
-
-

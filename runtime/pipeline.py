@@ -46,7 +46,7 @@ class Link:
 class InFlight:
     """One checkpoint of one rank: copy-out, sends to peers, and the peers' sends to us."""
 
-    def __init__(self, link: Link, iteration: int, entries: list[dict], views: list[torch.Tensor], extra: dict,
+    def __init__(self, link: Link, iteration: int, entries: list[dict], views: list[torch.Tensor], skeleton,
                  schedule: Schedule, plan_schedule: dict, interval: int, ppm: int, seq: int, release_at: float,
                  released_in: int, iteration_start: float | None = None):
         self.link = link
@@ -59,7 +59,7 @@ class InFlight:
         self.schedule = schedule
         self.plan_schedule = plan_schedule
         self.release_at = release_at  # perf_counter of the iteration start the schedule's times count from
-        self.entries, self.views, self.extra = entries, views, extra
+        self.entries, self.views, self.skeleton = entries, views, skeleton
         self.size = sum(e["nbytes"] for e in entries)
         chunk = max(1, int(plan_schedule["chunk_bytes"]))
         self.chunk = max(chunk, math.ceil(self.size / MAX_CHUNKS))
@@ -128,7 +128,7 @@ class InFlight:
             while not (self._opened(r, offset, after) or self.backward.value > r):  # at the latest: backward's end
                 time.sleep(0.002)
         digest = hashlib.sha256(self.slot.view()).hexdigest()
-        self.manifest = {"entries": self.entries, "size": self.size, "sha256": digest, "extra": self.extra}
+        self.manifest = {"entries": self.entries, "size": self.size, "sha256": digest, "skeleton": self.skeleton}
         t0 = time.perf_counter()
         if link.on_commit:
             link.on_commit(self.iteration)

@@ -10,13 +10,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gemini_sim import plan as contract
-from gemini_sim.errors import UserError
+from gemini_sim.errors import load_user_json
 
 from . import schedules
 
 
 class PlanError(ValueError):
     """The plan cannot be run here (one line)."""
+
+
+def _one_line(fn, *args, prefix: str = ""):
+    """``fn(*args)``, its ValueError (the contract's UserError among them) turned into a :class:`PlanError`."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise PlanError(f"{prefix}{e}") from None
 
 
 @dataclass(frozen=True)
@@ -27,23 +35,13 @@ class Plan:
     @classmethod
     def load(cls, path) -> "Plan":
         """Read and validate a plan file; a bad one is a one-line :class:`PlanError`."""
-        try:
-            data = contract.read(path)
-        except UserError as e:
-            raise PlanError(str(e)) from None
-        return cls.of(data, str(path))
+        return cls.of(_one_line(load_user_json, path, "plan"), str(path))
 
     @classmethod
     def of(cls, data: dict, source: str = "plan") -> "Plan":
-        """A plan from parsed JSON (validated here)."""
-        try:
-            contract.validate(data, source)
-        except UserError as e:
-            raise PlanError(str(e)) from None
-        try:
-            schedules.get(data["schedule"]["name"])
-        except ValueError as e:
-            raise PlanError(f"{source}: {e}") from None
+        """A plan from parsed JSON, validated against the contract and what the runtime runs."""
+        _one_line(contract.validate, data, source)
+        _one_line(schedules.get, data["schedule"]["name"], prefix=f"{source}: ")
         return cls(data, source)
 
     @classmethod
@@ -112,4 +110,3 @@ def default(machines: int, processes_per_machine: int, replicas: int = 2, interv
     ``interval`` iterations, a durable one every ``persist``."""
     return Plan.of(contract.default(machines, processes_per_machine, replicas=replicas, interval=interval,
                                     persist=persist, schedule=schedule), "default plan")
-

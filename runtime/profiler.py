@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from .transport import Progress
+from .store import write_atomic
+from .transport import Progress, pin_thread
 
 WRAPPED = {"all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",
            "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
@@ -148,9 +151,7 @@ class Recorder:
 
     def write(self, path: Path, machines: int, ppm: int, source: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.profile(machines, ppm, source)))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(self.profile(machines, ppm, source)))
 
 
 def probe(ckpt, path: Path | None = None) -> dict | None:
@@ -159,12 +160,6 @@ def probe(ckpt, path: Path | None = None) -> dict | None:
     runtime's own groups), and the rate at which rank 0 copies memory on the checkpoint's cores (the stand-in for the
     GPU-to-CPU copy when training on CPU). Rank 0 writes ``probe.json`` (``path``, default in the Checkpointer's
     out_dir) and returns it; the others return None."""
-    import os
-
-    import torch
-
-    from .transport import pin_thread
-
     nbytes, reps = 8 << 20, 3
     rates = []
     other = ckpt.ppm if ckpt.world > ckpt.ppm else None
@@ -196,6 +191,6 @@ def probe(ckpt, path: Path | None = None) -> dict | None:
         path = Path(path) if path else (ckpt.out_dir / "probe.json" if ckpt.out_dir else None)
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result))
+            write_atomic(path, json.dumps(result))
     dist.barrier(group=ckpt.groups.control)
     return result

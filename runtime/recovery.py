@@ -10,15 +10,14 @@ there). Otherwise every rank loads the durable checkpoint (tier ``storage``).
 Durable checkpoints are standard DCP checkpoints (``dcp.save`` of ``{"model": ..., "optim": ...}`` as
 ``get_state_dict`` returns them), beside two files per rank: the state's skeleton as JSON (learning rates, a loader's
 position: runtime/state.py) and the user's extra tensors as raw bytes (they are per rank, DCP's keys are global).
-Loading asks DCP for tensors only and takes everything else from the JSON, so nothing is ever unpickled; a ``COMPLETE`` marker written by rank 0 after every rank finished makes one
-count.
+Loading asks DCP for tensors only and takes everything else from the JSON, so nothing is ever unpickled. A
+``COMPLETE`` marker, written by rank 0 after every rank finished, makes one count.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from .state import pack, unpack
+from .store import write_atomic
 from .transport import recv_shard, send_shard
 
 INVENTORY_SLOTS = 64
@@ -114,6 +114,11 @@ def dcp_key(key: str) -> str:
     return ".".join(part[1:] if part.startswith("#") else part for part in key.split("/"))
 
 
+def _rank_files(path: Path, rank: int) -> tuple[Path, Path]:
+    """This rank's own part of a durable checkpoint: the extra state's bytes and the skeleton with their manifest."""
+    return Path(path) / f"state-rank-{rank:05d}.bin", Path(path) / f"state-rank-{rank:05d}.json"
+
+
 def save_durable(path: Path, state: dict, extra: dict, skeleton, rank: int, group) -> None:
     """A standard DCP checkpoint of ``state`` (``{"model": ..., "optim": ...}`` as ``get_state_dict`` returns them:
     plain DCP code loads it), and this rank's own part beside it: the skeleton as JSON and the extra state's tensors
@@ -121,11 +126,9 @@ def save_durable(path: Path, state: dict, extra: dict, skeleton, rank: int, grou
     path = Path(path)
     dcp.save(state, checkpoint_id=str(path), process_group=group)
     data, manifest = pack(extra)
-    for name, blob in ((f"state-rank-{rank:05d}.bin", data),
-                       (f"state-rank-{rank:05d}.json", json.dumps({"skeleton": skeleton, "extra": manifest}).encode())):
-        tmp = path / (name + ".tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, path / name)
+    bin_path, json_path = _rank_files(path, rank)
+    write_atomic(bin_path, data)
+    write_atomic(json_path, json.dumps({"skeleton": skeleton, "extra": manifest}))
     dist.barrier(group=group)
     if rank == 0:
         (path / COMPLETE).write_text("")  # DCP writes .metadata before every rank has finished its files
@@ -136,8 +139,9 @@ def load_durable(path: Path, template: dict, rank: int, group=None) -> tuple[dic
     loaded in place; only tensors are asked of DCP, so nothing is unpickled), the extra state from this rank's file.
     Returns the tensors and this rank's skeleton."""
     path = Path(path)
-    meta = json.loads((path / f"state-rank-{rank:05d}.json").read_text())
-    data = (path / f"state-rank-{rank:05d}.bin").read_bytes()
+    bin_path, json_path = _rank_files(path, rank)
+    meta = json.loads(json_path.read_text())
+    data = bin_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta["extra"]["sha256"]:
         raise RuntimeError(f"{path}: this rank's state file fails its checksum")
     shared = {k: v for k, v in template.items() if not k.startswith("extra/")}

@@ -141,14 +141,12 @@ def write_shard(stem, tensors: Mapping[str, torch.Tensor]) -> None:
     """Write tensors as ``STEM.bin`` (raw bytes) and ``STEM.json`` (the manifest), each atomically: a rank's final
     parameters, say, to compare runs bit for bit or to read back with :func:`unpack`."""
     import json
-    import os
     from pathlib import Path
+
+    from .store import write_atomic
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    data, manifest = pack({k: local(v) for k, v in tensors.items()})
-    for suffix, blob in ((".bin", data), (".json", json.dumps(manifest).encode())):
-        path = stem.with_name(stem.name + suffix)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
+    data, manifest = pack(tensors)
+    write_atomic(stem.with_name(stem.name + ".bin"), data)
+    write_atomic(stem.with_name(stem.name + ".json"), json.dumps(manifest))

@@ -64,15 +64,23 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.fchmod(fd, PRIVATE_FILE)
+        os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
     finally:
         os.close(fd)
+
+
+def write_atomic(path, data: bytes | str, mode: int = 0o644) -> None:
+    """Write a file whole or not at all: to ``PATH.tmp``, then renamed (every file the runtime writes goes so)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _write_file(tmp, data.encode() if isinstance(data, str) else data, mode)
+    os.replace(tmp, path)
 
 
 class ShardStore:
@@ -130,16 +138,14 @@ class ShardStore:
         bin_path, _ = self.paths(iteration, rank)
         private_dir(bin_path.parent)
         tmp = bin_path.with_name(bin_path.name + ".tmp")
-        _write_private(tmp, data)
+        _write_file(tmp, data, PRIVATE_FILE)
         self._commit(tmp, iteration, rank, manifest)
 
     def _commit(self, tmp: Path, iteration: int, rank: int, manifest: dict) -> None:
         bin_path, json_path = self.paths(iteration, rank)
         os.replace(tmp, bin_path)
         meta = dict(manifest, iteration=iteration, rank=rank)
-        tmp = json_path.with_name(json_path.name + ".tmp")
-        _write_private(tmp, json.dumps(meta).encode())
-        os.replace(tmp, json_path)  # the manifest is committed last
+        write_atomic(json_path, json.dumps(meta), PRIVATE_FILE)  # the manifest is committed last
 
     def get(self, iteration: int, rank: int) -> tuple[bytes, dict] | None:
         """The shard's bytes and manifest if it is complete and intact, else None."""

@@ -56,7 +56,8 @@ def setup_dir(path, machines=2, shard=2_000_000):
     for r in range(machines):
         its = [{"iteration": i, "iteration_s": 1.45, "cpu_s": 0.5 + 0.01 * r} for i in range(1, 11)]
         (path / f"timings-rank-{r:05d}.json").write_text(json.dumps(
-            {"format": "gemini-sim-timings", "version": 1, "shard_bytes": shard, "params": shard * machines // 12, "schedule": "naive", "checkpointing": False,
+            {"format": "gemini-sim-timings", "version": 1,
+             "shard_bytes": shard, "params": shard * machines // 12, "schedule": "naive", "checkpointing": False,
              "iterations": its}))
     return path
 
@@ -113,7 +114,8 @@ def fake_measurements(d, schedule, iteration_s, complete_s, machines=2, cpu_s=No
                for i in range(1, 11)]
         cks = [{"iteration": i, "complete_s": complete_s} for i in range(1, 10)]
         (d / f"timings-rank-{r:05d}.json").write_text(json.dumps(
-            {"format": "gemini-sim-timings", "version": 1, "shard_bytes": 2_000_000, "params": 166_666, "schedule": schedule, "checkpointing": True,
+            {"format": "gemini-sim-timings", "version": 1,
+             "shard_bytes": 2_000_000, "params": 166_666, "schedule": schedule, "checkpointing": True,
              "iterations": its, "checkpoints": cks}))
 
 
@@ -175,7 +177,8 @@ def rotation_dir(d, overheads, machines=2, block=3):
                             "schedule": name, "block_pos": pos})
     for k in range(machines):
         (d / f"timings-rank-{k:05d}.json").write_text(json.dumps(
-            {"format": "gemini-sim-timings", "version": 1, "shard_bytes": 2_000_000, "params": 166_666, "schedule": "gemini", "checkpointing": True,
+            {"format": "gemini-sim-timings", "version": 1,
+             "shard_bytes": 2_000_000, "params": 166_666, "schedule": "gemini", "checkpointing": True,
              "iterations": its, "checkpoints": []}))
     return d
 
@@ -234,4 +237,3 @@ def test_a_probe_without_a_positive_bandwidth_is_refused(tmp_path):
                                                  "network_bytes_per_s": 0, "copy_bytes_per_s": 2e9}))
     with pytest.raises(UserError, match=r"\$\.network_bytes_per_s: 0 is less than or equal to the minimum of 0"):
         validate.setup_preset(base)
-

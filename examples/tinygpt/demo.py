@@ -1,6 +1,7 @@
-"""`make runtime-demo`: 4 machines x 2 processes on CPU train a small GPT with FSDP2 (train.py beside this file), checkpoint to CPU memory every
-iteration with group placement (m = 2), lose a whole machine half-way, and recover its state from its peer's memory.
-Then it checks that the final parameters are bitwise identical to a run without failures."""
+"""`make runtime-demo`: 4 machines x 2 processes on CPU train a small GPT with FSDP2 (train.py beside this file),
+checkpoint to CPU memory every iteration with group placement (m = 2), lose a whole machine half-way, and recover
+its state from its peer's memory. Then it checks that the final parameters are bitwise identical to a run without
+failures."""
 
 from __future__ import annotations
 

@@ -21,11 +21,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="gemini", help=f"one of: {', '.join(SCHEDULES)}")
     p.add_argument("--profile", metavar="FILE", help="use a measured timeline (profile JSON) instead of ZeRO-3's")
     p.add_argument("--interval", type=inputs.whole(1, 10_000), default=1, help="iterations per checkpoint (default 1)")
-    p.add_argument("--buffer-mb", type=inputs.number(0, 1e9, lo_open=True), default=1024, help="GPU staging buffer, two chunks (default 1024)")
-    p.add_argument("--jitter", type=inputs.number(0, 0.99), default=0.0, help="compute spans vary by +-this fraction (default 0)")
-    p.add_argument("--threshold", type=inputs.PERCENT, default=1.0, help="overhead limit for the min interval, %% (default 1)")
-    p.add_argument("--oversubscription", type=inputs.number(1, 1e6), default=1.0, help="leaf/spine oversubscription (default 1)")
-    p.add_argument("--span-fill", type=inputs.number(0, 1, lo_open=True), default=1.0, help="gemini: fill at most this fraction of each idle "
+    p.add_argument("--buffer-mb", type=inputs.number(0, 1e9, lo_open=True), default=1024,
+                   help="GPU staging buffer, two chunks (default 1024)")
+    p.add_argument("--jitter", type=inputs.number(0, 0.99), default=0.0,
+                   help="compute spans vary by +-this fraction (default 0)")
+    p.add_argument("--threshold", type=inputs.PERCENT, default=1.0,
+                   help="overhead limit for the min interval, %% (default 1)")
+    p.add_argument("--oversubscription", type=inputs.number(1, 1e6), default=1.0,
+                   help="leaf/spine oversubscription (default 1)")
+    p.add_argument("--span-fill", type=inputs.number(0, 1, lo_open=True), default=1.0,
+                   help="gemini: fill at most this fraction of each idle "
                    "span (default 1)")
     p.add_argument("--seed", type=inputs.SEED, default=0)
     p.add_argument("--json", action="store_true")

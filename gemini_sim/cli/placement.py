@@ -21,10 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=inputs.REPLICAS, required=True, metavar="M")
     p.add_argument("--strategy", default="mixed", help=f"one of: {', '.join(placement_mod.PLACEMENTS)}")
     p.add_argument("--failures", required=True, metavar="K", help="K, or a range like 1-8 for a table")
-    p.add_argument("--domains", type=inputs.whole(1, 1_000_000), metavar="D", help="failure domains (D blocks of consecutive machines); "
+    p.add_argument("--domains", type=inputs.whole(1, 1_000_000), metavar="D",
+                   help="failure domains (D blocks of consecutive machines); "
                    "used by domain-aware (default: M) and by --bursts")
     p.add_argument("--bursts", action="store_true", help="failures take whole domains (Monte Carlo)")
-    p.add_argument("--samples", type=inputs.whole(1, 10_000_000), default=20000, help="Monte Carlo samples (default 20000)")
+    p.add_argument("--samples", type=inputs.whole(1, 10_000_000), default=20000,
+                   help="Monte Carlo samples (default 20000)")
     p.add_argument("--seed", type=inputs.SEED, default=0)
     p.add_argument("--preset", help="also check the CPU memory the placement needs on this preset")
     p.add_argument("--config", metavar="FILE", help="like --preset, from your TOML file")

@@ -20,9 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_trace_args(p, required=False)
     add_preset_args(p)
     p.add_argument("--profile", metavar="FILE", help="measured timeline (profile JSON) for the interleaving model")
-    p.add_argument("--max-overhead", type=inputs.PERCENT, default=1.0, help="iteration overhead limit in %% (default 1)")
+    p.add_argument("--max-overhead", type=inputs.PERCENT, default=1.0,
+                   help="iteration overhead limit in %% (default 1)")
     p.add_argument("--schedules", help="comma-separated schedules to consider (default all)")
-    p.add_argument("--processes-per-machine", type=inputs.whole(1, 1024), help="ranks per machine (default: GPUs per machine)")
+    p.add_argument("--processes-per-machine", type=inputs.whole(1, 1024),
+                   help="ranks per machine (default: GPUs per machine)")
     p.add_argument("-o", "--output", metavar="PLAN.json")
     p.add_argument("--plot", metavar="FILE", help="plot the candidates and the Pareto front")
     p.add_argument("--json", action="store_true")

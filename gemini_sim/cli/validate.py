@@ -14,7 +14,8 @@ HELP = "compare the simulator's predictions with a runtime calibration run"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="written by make calibrate (see gemini_sim/calibration.py)")
-    p.add_argument("--warmup", type=inputs.whole(0, 1_000_000), default=3, help="iterations dropped at the start of each run (default 3)")
+    p.add_argument("--warmup", type=inputs.whole(0, 1_000_000), default=3,
+                   help="iterations dropped at the start of each run (default 3)")
     p.add_argument("--json", action="store_true")
 
 

@@ -213,7 +213,8 @@ def check_consistency(where: str, p: Preset) -> None:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("gemini_sim.cluster.presets").iterdir() if p.name.endswith(".toml"))
+    folder = resources.files("gemini_sim.cluster.presets")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
 def load_config(path: str | Path) -> Preset:

@@ -33,6 +33,7 @@ MAX_FAILURES = 1_000_000  # expected failures in one synthetic trace (a million-
 # Llama 3 405B: 419 unexpected interruptions in 54 days on 2,048 machines (arXiv:2407.21783) -> per-machine MTBF.
 DEFAULT_MTBF_HOURS = round(54 * 24 / 419 * 2048)
 
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     model: str  # poisson | weibull | burst

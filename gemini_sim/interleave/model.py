@@ -35,6 +35,7 @@ def chunk_size(buffer_bytes: float, shard_bytes: float) -> float:
     whole shard."""
     return min(buffer_bytes / 2, shard_bytes)
 
+
 @dataclass(frozen=True)
 class InterleaveConfig:
     schedule: str = "gemini"
