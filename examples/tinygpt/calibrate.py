@@ -15,10 +15,10 @@ this file) as the training job, run by the project's agent:
    iteration (OUT_DIR/rotation/): side by side, so that the host's noise (10% from run to run on a shared 2-core
    VM) hits every schedule alike.
    With ``--accel-cores K`` every run pins training's compute to K cores, standing in for the GPUs, and every other
-   thread to the rest, standing in for the host CPU (train.py's --compute-cores and --host-cores): on a GPU
-   machine checkpoint copies and TCP cost host CPU, not GPU time. Off by default: on a 2-core host one core for the
-   compute of 4 ranks and one for all their network work saturates the latter, and the prediction of naive's checkpoint time then misses by
-   20-30% (docs/runtime.md, "Closing the loop"), while gemini's overhead was not measurably lower.
+   thread to the rest, standing in for the host CPU (train.py's --compute-cores and --host-cores): on a GPU machine
+   checkpoint copies and TCP cost host CPU, not GPU time. Off by default: on a 2-core host one core for the compute
+   of 4 ranks and one for all their network work saturates the latter, and the prediction of naive's checkpoint time
+   then misses by 20-30% (docs/runtime.md, "Closing the loop"), while gemini's overhead was not measurably lower.
    The compute itself is by default an emulated accelerator (``--accel-ms``, see runtime/model.py): each block
    waits as a host thread waits on a GPU kernel, leaving the CPU to the checkpoint's copies, hashes and TCP, as a
    GPU machine's host CPU is (model.py). ``--accel-ms 0 --batch 4 --seq 256`` computes on the CPU for real.
