@@ -1,6 +1,6 @@
 """Does the simulator predict the runtime? Measured set-up in, predictions and relative errors out.
 
-A **run directory** (what ``make calibrate`` / ``python -m runtime.calibrate`` writes)::
+A **run directory** (what ``make calibrate`` / ``python examples/tinygpt/calibrate.py`` writes)::
 
     RUN_DIR/baseline/            the runtime without checkpoints: the set-up's measurements
         profile.json             its timeline (gemini-sim profile format, see workload.py)
@@ -33,7 +33,7 @@ overhead is the mean over rounds of each round's paired overhead (:func:`paired_
 half-width of its 95% confidence interval (``9.1% ±2.3``): the host drifts within a run too. The extra CPU per
 iteration and rank (``CPU +/iter/rank``) is the median process CPU time of an iteration (every thread: training,
 gloo's, the checkpoint's) minus the baseline's: what checkpointing costs the host, which the simulator does not
-model (runs pin training to cores of its own for this reason, see runtime/calibrate.py).
+model (runs pin training to cores of its own for this reason, see examples/tinygpt/calibrate.py).
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ this file) as the training job, run by the project's agent:
    checkpoint copies and TCP cost host CPU, not GPU time. Off by default: on a 2-core host one core for the compute
    of 4 ranks and one for all their network work saturates the latter, and the prediction of naive's checkpoint time
    then misses by 20-30% (docs/runtime.md, "Closing the loop"), while gemini's overhead was not measurably lower.
-   The compute itself is by default an emulated accelerator (``--accel-ms``, see runtime/model.py): each block
-   waits as a host thread waits on a GPU kernel, leaving the CPU to the checkpoint's copies, hashes and TCP, as a
-   GPU machine's host CPU is (model.py). ``--accel-ms 0 --batch 4 --seq 256`` computes on the CPU for real.
+   The compute itself is by default an emulated accelerator (``--accel-ms``, see model.py beside this file): each
+   block waits as a host thread waits on a GPU kernel, leaving the CPU to the checkpoint's copies, hashes and TCP, as
+   a GPU machine's host CPU is. ``--accel-ms 0 --batch 4 --seq 256`` computes on the CPU for real.
    The default is 2 machines: each emulated machine then has one of this 2-core host's cores to itself, as a real
    one has its own CPU; with more machines than cores, one machine's checkpoint work takes CPU time from the
    others' collectives, which a real cluster does not do (docs/runtime.md, "Closing the loop", has both).
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--accel-ms", type=float, default=100.0,
                     help="emulated accelerator: every block's forward waits this many ms more, its backward twice "
                     "as many, with the CPU free for the checkpoint (default 100; 0: compute on the CPU for real, "
-                    "then use e.g. --batch 4 --seq 256; see runtime/model.py)")
+                    "then use e.g. --batch 4 --seq 256; see model.py beside this file)")
     args = ap.parse_args(argv)
     try:
         compute, host = split_cores(args.accel_cores)

@@ -4,7 +4,7 @@
 and its backward twice as many, spent *waiting* (as a host thread waits on a GPU kernel), with the CPU free for
 other threads. Training computes exactly what it would without it; only the time changes. On a GPU machine the
 checkpoint's copies, hashes and TCP run on the host CPU beside the GPU's compute; training on the CPU itself they
-would compete with it instead (see runtime/calibrate.py).
+would compete with it instead (see calibrate.py beside this file).
 """
 
 from __future__ import annotations
