@@ -38,13 +38,13 @@ model (runs pin training to cores of its own for this reason, see examples/tinyg
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
 from gemini_sim.cluster.config import Preset, preset_from_dict
-from gemini_sim.errors import UserError, load_user_json
+from gemini_sim.errors import UserError
+from gemini_sim.files import load_json
 from gemini_sim.plan import check_format
 from gemini_sim.cluster.workload import Timeline, from_profile, load_profile
 
@@ -55,7 +55,7 @@ def _timings(d: Path) -> list[dict]:
     files = sorted(d.glob("timings-rank-*.json"))
     if not files:
         raise UserError(f"{d}: no timings-rank-*.json (did the runtime run finish?)")
-    return [check_format(load_user_json(f, "runtime timings"), "gemini-sim-timings", str(f)) for f in files]
+    return [check_format(load_json(f, "runtime timings"), "gemini-sim-timings", str(f)) for f in files]
 
 
 def setup_preset(setup_dir, replicas: int = 2) -> tuple[Preset, Timeline, dict]:
@@ -65,7 +65,7 @@ def setup_preset(setup_dir, replicas: int = 2) -> tuple[Preset, Timeline, dict]:
         if not (d / name).is_file():
             raise UserError(f"{d}: missing {name}; run the runtime with --probe (make calibrate does)")
     profile = load_profile(d / "profile.json")
-    probe = check_format(load_user_json(d / "probe.json", "probe"), "gemini-sim-probe", str(d / "probe.json"))
+    probe = check_format(load_json(d / "probe.json", "probe"), "gemini-sim-probe", str(d / "probe.json"))
     ranks = _timings(d)
     n, ppm = profile["machines"], profile.get("processes_per_machine", 1)
     if len(ranks) != n * ppm:
@@ -232,7 +232,7 @@ def compare(run_dir, warmup: int = 3) -> dict:
     plain = interleave.simulate(preset, interleave.InterleaveConfig(schedule="naive"),
                                 from_profile(profile), find_interval=False)  # logical bytes on ideal rings
     fitted = sims[0].baseline_iteration_time_s  # the same for every schedule: no checkpoint
-    probe = check_format(load_user_json(d / "baseline" / "probe.json", "probe"), "gemini-sim-probe",
+    probe = check_format(load_json(d / "baseline" / "probe.json", "probe"), "gemini-sim-probe",
                          str(d / "baseline" / "probe.json"))
     return {
         "run_dir": str(d), "machines": preset.cluster.machines,
@@ -266,7 +266,3 @@ def table(result: dict) -> tuple[list[str], list[list]]:
                      f"{ov['measured']:.1f}%" + (f" ±{ov['ci95']:.1f}" if ov.get("ci95") is not None else ""),
                      f"{ov['predicted']:.1f}%", _s(r.get("extra_cpu_s"))])
     return headers, rows
-
-
-def write_json(result: dict, path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")

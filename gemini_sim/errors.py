@@ -17,32 +17,17 @@ def unknown_name(what: str, name: str, valid) -> UserError:
     return UserError(f"unknown {what} '{name}'; valid: {', '.join(sorted(valid))}")
 
 
-def read_user_file(path, what: str) -> str:
-    """Read a file the user named; a missing or unreadable file is a one-line :class:`UserError`."""
-    from pathlib import Path
-
-    try:
-        return Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise UserError(f"{path}: cannot read {what} ({reason})") from None
-
-
-def load_user_json(path, what: str):
-    """Read and parse a JSON file the user named; errors are one line with the position."""
-    import json
-
-    try:
-        return json.loads(read_user_file(path, what))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-
-
-def load_user_toml(path, what: str) -> dict:
-    """Read and parse a TOML file the user named; errors are one line."""
-    import tomllib
-
-    try:
-        return tomllib.loads(read_user_file(path, what))
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: invalid TOML: {exc}") from None
+def name_list(text: str | None, valid, what: str) -> list[str]:
+    """A comma-separated list of names from a registry: all of ``valid`` when ``text`` is None; an empty or
+    repeated name, or one not in ``valid``, is an error (``--strategies ,`` is a mistake, not "all")."""
+    if text is None:
+        return list(valid)
+    names = [s.strip() for s in text.split(",")]
+    for n in names:
+        if not n:
+            raise UserError(f"empty {what} name in {text!r}; give names like {','.join(list(valid)[:2])}")
+        if n not in valid:
+            raise unknown_name(what, n, valid)
+        if names.count(n) > 1:
+            raise UserError(f"{what} {n!r} is named twice in {text!r}")
+    return names

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import datetime, timezone
 from importlib import metadata, resources
 from pathlib import Path
 
 import jsonschema
 
-from gemini_sim.errors import UserError, load_user_json
+from gemini_sim.errors import UserError
+from gemini_sim.files import load_json, write_json
 
 SCHEMA_VERSION = 1
 # The vocabulary the simulator and the runtime share. Schedules, by the rule a plan's runtime follows for each:
@@ -42,7 +42,7 @@ def check_format(data, fmt: str, where: str) -> dict:
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise UserError(f"{where}: not a gemini-sim {name} (key 'format' must be '{fmt}')")
     version = data.get("version")
-    if version != 1:
+    if type(version) is not int or version != 1:
         raise UserError(f"{where}: {name} version {version!r} is not supported (expected 1)")
     _against_schema(data, schema(version, name), where)
     return data
@@ -130,16 +130,12 @@ def _check_consistency(d: dict, where: str) -> None:
 
 
 def read(path) -> dict:
-    return validate(load_user_json(path, "plan"), str(path))
+    return validate(load_json(path, "plan"), str(path))
 
 
 def write(data: dict, path) -> None:
     validate(data, "plan to write")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)  # atomic: a reader sees the old plan or the new one, never half of one
+    write_json(path, data)  # atomic: a reader sees the old plan or the new one, never half of one
 
 
 def make(*, machines: int, processes_per_machine: int, placement_strategy: str, holders, schedule: str,

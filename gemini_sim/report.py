@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -65,11 +63,6 @@ def replay_report(trace: Trace, preset: Preset, results: list[ReplayResult], see
         "seed": seed,
         "strategies": [r.as_dict() for r in results],
     }
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def figure(ax, size):

@@ -20,12 +20,14 @@ output skips every cell already done; failed cells are tried again.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
 from pathlib import Path
 
-from gemini_sim.errors import UserError, load_user_toml
+from gemini_sim.errors import UserError
+from gemini_sim.files import load_toml, output_dir, save_figure, write_atomic
 
 KINDS = {
     "replay": {"required": ("preset", "trace", "strategy"), "optional": ("seed",)},
@@ -36,7 +38,7 @@ OPTIONS = {"days", "mtbf_hours", "threshold", "samples", "bursts"}
 
 
 def load_spec(path) -> dict:
-    spec = load_user_toml(path, "sweep spec")
+    spec = load_toml(path, "sweep spec")
     for key in spec:
         if key not in ("kind", "grid", "options"):
             raise UserError(f"{path}: unknown key '{key}'; valid: kind, grid, options")
@@ -161,22 +163,19 @@ def write_results(path: Path, rows: list[dict]) -> None:
             if k not in fields:
                 fields.append(k)
     fields = [f for f in fields if f not in ("status", "error")] + ["status", "error"]
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    os.replace(tmp, path)  # never leave a half-written table
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(path, text.getvalue())  # never leave a half-written table
 
 
 def run_sweep(spec_path, out_dir, scheduler: str | None = None, workers: int | None = None,
               progress: bool = False) -> tuple[list[dict], int, int]:
     """Run the cells not done yet; return (all rows, cells run now, cells skipped)."""
+    out = output_dir(out_dir, "--out")
     spec = load_spec(spec_path)
     kind, options = spec["kind"], spec.get("options", {})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.csv"
     todo = cells(spec)
     keys = sorted(spec["grid"])
@@ -262,4 +261,4 @@ def _plot(kind: str, rows: list[dict], path: Path) -> None:
         ax.set_ylabel(f"mean {metric}")
     ax.legend(fontsize=7)
     ax.set_title(f"sweep: {kind}, {len(ok)} cells")
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gemini_sim.files import load_json
 from gemini_sim import plan as contract
-from gemini_sim.errors import load_user_json
 
 from . import schedules
 
@@ -35,7 +35,7 @@ class Plan:
     @classmethod
     def load(cls, path) -> "Plan":
         """Read and validate a plan file; a bad one is a one-line :class:`PlanError`."""
-        return cls.of(_one_line(load_user_json, path, "plan"), str(path))
+        return cls.of(_one_line(load_json, path, "plan"), str(path))
 
     @classmethod
     def of(cls, data: dict, source: str = "plan") -> "Plan":

@@ -2,6 +2,7 @@
 mistakes it refuses; the store's privacy; the schedule registry."""
 
 import errno
+import json
 import os
 import stat
 
@@ -159,6 +160,15 @@ def test_start_up_mistakes_are_one_line_errors(world1, tmp_path):
                      durable_dir=tmp_path / "file" / "d")
     with pytest.raises(PlanError, match="cannot read plan"):
         Checkpointer(tmp_path / "missing.json", model, opt)
+    good = json.dumps(plan_mod.default(1, 1, replicas=1).data)
+    for bad, needle in [(good.replace('"replicas": 1', '"replicas": NaN'), "NaN is not allowed"),
+                        (good.replace('{', '{"schema_version": 1, ', 1), "duplicate key 'schema_version'"),
+                        ("[" * 50_000, "nested more than"),
+                        (good.replace('"replicas": 1', '"replicas": 1e400'), "out of range")]:
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(PlanError, match=needle) as exc:
+            Checkpointer(tmp_path / "bad.json", model, opt)
+        assert "\n" not in str(exc.value)
 
 
 def test_without_process_group_the_checkpointer_says_so():

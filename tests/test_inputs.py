@@ -73,3 +73,15 @@ def test_any_numeric_flag_value_gives_a_result_or_one_line(tmp_path_factory, cas
     if r.returncode == 2:
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("gemini-sim: error:"), (argv, r.stderr[-500:])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["replay", "--synthetic", "poisson", "--strategies", ","], "empty strategy name in ','"),
+    (["replay", "--synthetic", "poisson", "--strategies", ""], "empty strategy name"),
+    (["replay", "--synthetic", "poisson", "--strategies", "gemini,gemini"], "'gemini' is named twice"),
+    (["replay", "--synthetic", "poisson", "--strategies", "gemni"], "unknown strategy 'gemni'"),
+    (["plan", "--synthetic", "poisson", "-o", "/tmp/never.json", "--schedules", "gemini,"], "empty schedule name"),
+])
+def test_name_lists_refuse_empty_and_repeated_names(cli, argv, needle):
+    rc, _, err = cli(*argv, check_rc=2)
+    assert needle in err and len(err.strip().splitlines()) == 1

@@ -24,6 +24,15 @@ def test_parse_and_round_trip():
     assert again.events == t.events and again.duration_h == t.duration_h
 
 
+def test_a_byte_order_mark_is_dropped(tmp_path):
+    f = tmp_path / "bom.csv"
+    f.write_bytes("\ufefftime_hours,kind,machines,note\n1,hardware,1,a\n".encode())
+    assert [e.time_h for e in traces.load_trace(f).events] == [1.0]
+    f.write_bytes(b"time_hours,kind,machines,note\n1,hardware,1,\xff\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        traces.load_trace(f)
+
+
 @pytest.mark.parametrize("text, where", [
     ("time_hours,kind,machines,note\n1,hardware,1,a\nabc,hardware,1,b\n", "bad.csv:3: field 'time_hours'"),
     ("time_hours,kind,machines,note\n5,hardware,1,a\n4,hardware,1,b\n", "bad.csv:3: field 'time_hours'"),
@@ -36,6 +45,17 @@ def test_parse_and_round_trip():
     ("# duration_hours: 3\n", "bad.csv: empty trace"),
     ("time_hours,kind,machines,note\n", "bad.csv: empty trace"),
     ("# duration_hours: 1\ntime_hours,kind,machines,note\n5,hardware,1,a\n", "field 'duration_hours'"),
+    ("# duration_hours: nan\ntime_hours,kind,machines,note\n5,hardware,1,a\n", "bad.csv:1: field 'duration_hours'"),
+    ("# duration_hours: inf\ntime_hours,kind,machines,note\n5,hardware,1,a\n", "bad.csv:1: field 'duration_hours'"),
+    ("# source: x\n# machines: -3\ntime_hours,kind,machines,note\n5,hardware,1,a\n", "bad.csv:2: field 'machines'"),
+    ("# machines: 1e3\ntime_hours,kind,machines,note\n5,hardware,1,a\n", "bad.csv:1: field 'machines'"),
+    ("time_hours,kind,machines,note\n1,hardware,1,a,extra\n", "bad.csv:2: field 'note': row has 5 fields"),
+    ("time_hours,kind,machines,note\n1,hardware,1\n", "bad.csv:2: field 'note': row has 3 fields"),
+    ("time_hours,kind,machines,note,rack\n1,hardware,1,a,3\n", "bad.csv:1: unexpected or repeated column 'rack'"),
+    ("time_hours,kind,machines,note,note\n1,hardware,1,a,b\n", "repeated column 'note'"),
+    ("time_hours,kind,machines,note\n1e300,hardware,1,a\n", "bad.csv:2: field 'time_hours'"),
+    ("time_hours,kind,machines,note\n1,hardware,99999999999,a\n", "bad.csv:2: field 'machines'"),
+    ('time_hours,kind,machines,note\n1,hardware,1,"unclosed\n', "bad.csv:2: malformed CSV"),
 ])
 def test_malformed_traces_name_file_line_field(tmp_path, text, where):
     f = tmp_path / "bad.csv"

@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # the disk, not the user: one line, and exit code 1
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"gemini-sim: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("gemini-sim: interrupted", file=sys.stderr)
         return 130

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from gemini_sim import files
 from gemini_sim.cli import inputs
 from gemini_sim.failures import synthetic, traces
 
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     fits = [synthetic.fit_trace(traces.load_trace(p), args.machines) for p in args.trace]
     if args.json:
-        print(json.dumps([f.as_dict() for f in fits] if len(fits) > 1 else fits[0].as_dict(), indent=2))
+        print(files.dumps([f.as_dict() for f in fits] if len(fits) > 1 else fits[0].as_dict()))
     else:
         for f in fits:
             print("\n".join(f.lines()))

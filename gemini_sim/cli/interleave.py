@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from gemini_sim.cli import inputs
-from gemini_sim import report
+from gemini_sim import files, report
 from gemini_sim.cli.common import add_preset_args, preset_of
 from gemini_sim.errors import UserError
 
@@ -25,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU staging buffer, two chunks (default 1024)")
     p.add_argument("--jitter", type=inputs.number(0, 0.99), default=0.0,
                    help="compute spans vary by +-this fraction (default 0)")
-    p.add_argument("--threshold", type=inputs.PERCENT, default=1.0,
+    p.add_argument("--threshold", type=inputs.number(0, 1e6, lo_open=True), default=1.0,
                    help="overhead limit for the min interval, %% (default 1)")
     p.add_argument("--oversubscription", type=inputs.number(1, 1e6), default=1.0,
                    help="leaf/spine oversubscription (default 1)")
@@ -44,6 +42,10 @@ def run(args) -> int:
     from gemini_sim import interleave
     from gemini_sim.cluster import workload
 
+    if args.plot:
+        files.output_file(args.plot, "--plot", files.FIGURE_SUFFIXES)
+    if args.export_plan:
+        files.output_file(args.export_plan, "--export-plan")
     if args.setup:
         from gemini_sim import calibration as validate
 
@@ -58,12 +60,6 @@ def run(args) -> int:
         if timeline.machines != preset.cluster.machines:
             raise UserError(f"{args.profile}: profile has {timeline.machines} machines but the preset has "
                             f"{preset.cluster.machines}; use --config with a matching cluster")
-    if args.buffer_mb <= 0:
-        raise UserError(f"--buffer-mb must be > 0, got {args.buffer_mb}")
-    if args.threshold <= 0:
-        raise UserError(f"--threshold must be > 0, got {args.threshold}")
-    if args.oversubscription < 1:
-        raise UserError(f"--oversubscription must be >= 1, got {args.oversubscription}")
     cfg = interleave.InterleaveConfig(schedule=args.schedule, replicas=args.replicas,
                                       buffer_bytes=args.buffer_mb * 2 ** 20, jitter=args.jitter, seed=args.seed,
                                       interval=args.interval, oversubscription=args.oversubscription,
@@ -72,11 +68,9 @@ def run(args) -> int:
     if args.export_plan:
         _export_plan(args, preset, cfg, res)
     if args.plot:
-        path = Path(args.plot)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        report.plot_gantt(res).savefig(path, dpi=120)
+        files.save_figure(report.plot_gantt(res), args.plot)
     if args.json:
-        print(json.dumps(res.as_dict(), indent=2))
+        print(files.dumps(res.as_dict()))
         return 0
     d = res.as_dict()
     k = d["min_interval_iters"]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from gemini_sim.cli import inputs
-from gemini_sim import report
+from gemini_sim import files, report
 from gemini_sim.cluster import config
 from gemini_sim.errors import UserError
 
@@ -61,6 +60,8 @@ def run(args) -> int:
         raise UserError("--bursts needs --domains D (failures take whole domains)")
     if args.domains is not None and not 1 <= args.domains <= args.machines:
         raise UserError(f"--domains must be between 1 and --machines ({args.machines}), got {args.domains}")
+    if args.plot:
+        files.output_file(args.plot, "--plot", files.FIGURE_SUFFIXES)
     pl, rows = _placement_rows(args, args.strategy, ks)
     memory = None
     if args.preset or args.config:
@@ -70,7 +71,7 @@ def run(args) -> int:
         _plot_placement(args, ks, Path(args.plot))
     if args.json:
         objs = [r.as_dict() | ({"memory_gb_per_machine": memory} if memory is not None else {}) for r in rows]
-        print(json.dumps(objs[0] if len(objs) == 1 and "-" not in args.failures else objs, indent=2))
+        print(files.dumps(objs[0] if len(objs) == 1 and "-" not in args.failures else objs))
         return 0
     if len(rows) == 1 and "-" not in args.failures:
         r = rows[0]
@@ -107,5 +108,4 @@ def _plot_placement(args, ks: list[int], path: Path) -> None:
     ax.set_ylabel("P(recover from CPU memory)")
     ax.set_title(f"N={args.machines}, m={args.replicas}" + (" (domain bursts)" if args.bursts else ""))
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    files.save_figure(fig, path)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from gemini_sim.cli import inputs
-from gemini_sim import report
+from gemini_sim import files, report
 from gemini_sim.cli.common import add_preset_args, add_trace_args, preset_of, traces_of
-from gemini_sim.errors import UserError
+from gemini_sim.errors import UserError, name_list
 
 HELP = "optimize a plan (-o FILE), or 'plan validate FILE' / 'plan show FILE'"
 
@@ -49,6 +47,9 @@ def run(args) -> int:
         raise UserError(f"unknown plan action {action[0]!r}; use 'validate FILE', 'show FILE', or options to optimize")
     if not args.output:
         raise UserError("give -o PLAN.json for the plan to write")
+    files.output_file(args.output, "-o")
+    if args.plot:
+        files.output_file(args.plot, "--plot", files.FIGURE_SUFFIXES)
     preset = preset_of(args)
     if args.trace and len(args.trace) > 1:
         raise UserError("plan takes one --trace")
@@ -56,17 +57,12 @@ def run(args) -> int:
         args.synthetic = "poisson"  # Llama 3's failure rate by default, labelled synthetic in the output
     (trace,) = traces_of(args, preset)
     timeline = workload.from_profile(workload.load_profile(args.profile)) if args.profile else None
-    if args.processes_per_machine is not None and args.processes_per_machine < 1:
-        raise UserError(f"--processes-per-machine must be >= 1, got {args.processes_per_machine}")
     from tqdm import tqdm
 
-    names = args.schedules.split(",") if args.schedules else None
     from gemini_sim.interleave import SCHEDULES
-    for s in names or []:
-        if s not in SCHEDULES:
-            from gemini_sim.errors import unknown_name
-            raise unknown_name("schedule", s, SCHEDULES)
-    total = len(names or SCHEDULES) * 4
+
+    names = name_list(args.schedules, SCHEDULES, "schedule")
+    total = len(names) * 4
     with tqdm(total=total, desc="plan", unit="sim", disable=not sys.stderr.isatty() or None, leave=False) as bar:
         res = optimizer.optimize(
             preset, trace, args.max_overhead, processes_per_machine=args.processes_per_machine, schedules=names,
@@ -76,11 +72,10 @@ def run(args) -> int:
             trace_sha256=plan_mod.sha256_of(args.trace[0]) if args.trace else "")
     plan_mod.write(res.plan, args.output)
     if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        optimizer.plot_pareto(res, title=f"Plan candidates: {preset.name}, trace {trace.name}").savefig(args.plot,
-                                                                                                         dpi=120)
+        files.save_figure(optimizer.plot_pareto(res, title=f"Plan candidates: {preset.name}, trace {trace.name}"),
+                          args.plot)
     if args.json:
-        print(json.dumps({"best": res.best.as_dict(), "pareto": [c.as_dict() for c in res.pareto],
+        print(files.dumps({"best": res.best.as_dict(), "pareto": [c.as_dict() for c in res.pareto],
                           "candidates": len(res.candidates), "plan": str(args.output)}, indent=2))
         return 0
     print(f"{len(res.candidates)} candidates for {preset.name} on {'SYNTHETIC ' if trace.synthetic else ''}"

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from gemini_sim import report
+from gemini_sim import files, report
+from gemini_sim.errors import UserError
 from gemini_sim.cli.common import add_preset_args, add_trace_args, preset_of, progress_bar, traces_of
 from gemini_sim.replay import policies as strategies
 
@@ -23,13 +22,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    out = files.output_dir(args.out, "--out") if args.out else None
     preset = preset_of(args)
     names = strategies.parse_names(args.strategies)
     trace_list = traces_of(args, preset)
+    stems = [t.name for t in trace_list]
+    if out and len(stems) > 1 and len(set(stems)) < len(stems):
+        twice = next(s for s in stems if stems.count(s) > 1)
+        raise UserError(f"--out {args.out}: two traces are named {twice!r}; their reports would overwrite each other")
     from gemini_sim.replay.engine import replay_all
 
-    reports = []
-    out = Path(args.out) if args.out else None
+    reports, written = [], []
     for trace in trace_list:
         with progress_bar(len(trace.events) * len(names), sys.stderr.isatty()) as bar:
             results = replay_all(trace, preset, names, args.seed, bar.update)
@@ -37,19 +40,21 @@ def run(args) -> int:
         reports.append(rep)
         if out:
             stem = trace.name if len(trace_list) > 1 else "replay"
-            report.write_json(out / f"{stem}.json", rep)
-            report.plot_breakdown(results, title=f"Wasted time: {trace.name} on {preset.name}").savefig(
-                out / f"{stem}-breakdown.png", dpi=120)
-            report.plot_cumulative(results, title=f"Cumulative wasted time: {trace.name} on {preset.name}").savefig(
-                out / f"{stem}-cumulative.png", dpi=120)
-            report.plot_trace(trace).savefig(out / f"{stem}-trace.png", dpi=120)
+            outputs = {f"{stem}.json": lambda p: files.write_json(p, rep),
+                       f"{stem}-breakdown.png": lambda p: files.save_figure(report.plot_breakdown(
+                           results, title=f"Wasted time: {trace.name} on {preset.name}"), p),
+                       f"{stem}-cumulative.png": lambda p: files.save_figure(report.plot_cumulative(
+                           results, title=f"Cumulative wasted time: {trace.name} on {preset.name}"), p),
+                       f"{stem}-trace.png": lambda p: files.save_figure(report.plot_trace(trace), p)}
+            for name, write in outputs.items():
+                files.write_reporting(write, out / name, written)
         if not args.json:
             print("\n".join(report.header_lines(trace, preset)))
             print()
             print(report.replay_table(results))
             print()
     if args.json:
-        print(json.dumps(reports[0] if len(reports) == 1 else {"runs": reports}, indent=2))
+        print(files.dumps(reports[0] if len(reports) == 1 else {"runs": reports}))
     elif out:
         print(f"wrote {out}/ (JSON report and plots)")
     return 0

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from gemini_sim.cli import inputs
-from gemini_sim import report
+from gemini_sim import files, report
 
 HELP = "compare the simulator's predictions with a runtime calibration run"
 
@@ -23,9 +22,9 @@ def run(args) -> int:
     from gemini_sim import calibration as validate
 
     res = validate.compare(args.run_dir, warmup=args.warmup)
-    validate.write_json(res, Path(args.run_dir) / "validate.json")
+    files.write_json(Path(args.run_dir) / "validate.json", res)
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(files.dumps(res))
         return 0
     b = res["baseline"]
     print(f"{res['run_dir']}: {res['machines']} machines x {res['processes_per_machine']} ranks, NIC "

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from gemini_sim.errors import UserError, load_user_toml, unknown_name
+from gemini_sim.errors import UserError, unknown_name
+from gemini_sim.files import load_toml
 
 GBPS = 1e9 / 8  # bytes per second in one Gbit/s
 
@@ -128,15 +129,17 @@ class Preset:
 
 _SECTIONS = {"cluster": ClusterConfig, "model": ModelConfig, "storage": StorageConfig, "recovery": RecoveryConfig}
 
-# (minimum, strict) for numeric fields: strict means the value must be > minimum, else >= minimum.
+# (minimum, strict, maximum) for numeric fields: strict means the value must be > minimum, else >= minimum. The
+# maxima are far beyond any real machine or model, and keep every derived size (chunks, events, seconds) bounded.
 _BOUNDS = {
-    "machines": (1, False), "gpus_per_machine": (1, False), "gpu_memory_gb": (0, True),
-    "gpu_peak_tflops": (0, True), "cpu_memory_gb": (0, True), "network_gbps": (0, True), "pcie_gbps": (0, True),
-    "machines_per_rack": (0, False), "parameters": (0, True), "layers": (1, False), "hidden": (1, False),
-    "seq_len": (1, False), "global_batch_tokens": (0, True), "mfu": (0, True), "bytes_per_param": (0, True),
-    "iteration_time_s": (0, False), "remote_gbps": (0, True), "strawman_interval_hours": (0, True),
-    "gemini_persist_interval_hours": (0, True), "restart_s": (0, False), "replace_s": (0, False),
-    "replicas": (1, False),
+    "machines": (1, False, 1_000_000), "gpus_per_machine": (1, False, 1024), "gpu_memory_gb": (1e-3, False, 1e6),
+    "gpu_peak_tflops": (1e-3, False, 1e7), "cpu_memory_gb": (1e-3, False, 1e7), "network_gbps": (1e-3, False, 1e6),
+    "pcie_gbps": (1e-3, False, 1e6), "machines_per_rack": (0, False, 1_000_000), "parameters": (1, False, 1e15),
+    "layers": (1, False, 100_000), "hidden": (1, False, 10_000_000), "seq_len": (1, False, 100_000_000),
+    "global_batch_tokens": (1, False, 1e13), "mfu": (1e-4, False, 1), "bytes_per_param": (0.1, False, 1024),
+    "iteration_time_s": (0, False, 1e6), "remote_gbps": (1e-6, False, 1e6), "strawman_interval_hours": (1e-3, False, 1e6),
+    "gemini_persist_interval_hours": (1e-3, False, 1e6), "restart_s": (0, False, 1e7), "replace_s": (0, False, 1e7),
+    "replicas": (1, False, 1000),
 }
 
 
@@ -151,9 +154,11 @@ def _check_value(where: str, key: str, value, ftype):
         raise UserError(f"{where}: key '{key}' must be an integer, got {value!r}")
     if not math.isfinite(value):
         raise UserError(f"{where}: key '{key}' must be finite, got {value!r}")
-    lo, strict = _BOUNDS.get(key.rsplit(".", 1)[-1], (None, False))
+    lo, strict, hi = _BOUNDS.get(key.rsplit(".", 1)[-1], (None, False, None))
     if lo is not None and (value <= lo if strict else value < lo):
-        raise UserError(f"{where}: key '{key}' must be {'>' if strict else '>='} {lo}, got {value!r}")
+        raise UserError(f"{where}: key '{key}' must be {'>' if strict else '>='} {lo:g}, got {value!r}")
+    if hi is not None and value > hi:
+        raise UserError(f"{where}: key '{key}' must be <= {hi:g}, got {value!r}")
     return int(value) if ftype is int else float(value)
 
 
@@ -193,8 +198,6 @@ def check_consistency(where: str, p: Preset) -> None:
     if p.recovery.replicas > p.cluster.machines:
         raise UserError(f"{where}: key 'recovery.replicas' ({p.recovery.replicas}) exceeds "
                         f"'cluster.machines' ({p.cluster.machines})")
-    if p.model.mfu > 1:
-        raise UserError(f"{where}: key 'model.mfu' must be at most 1, got {p.model.mfu}")
     if p.cluster.machines_per_rack > p.cluster.machines:
         raise UserError(f"{where}: key 'cluster.machines_per_rack' exceeds 'cluster.machines'")
     from gemini_sim.placement import layouts as placement
@@ -219,7 +222,7 @@ def preset_names() -> list[str]:
 
 def load_config(path: str | Path) -> Preset:
     """Read a user's TOML file."""
-    return preset_from_dict(load_user_toml(path, "config"), str(path))
+    return preset_from_dict(load_toml(path, "config"), str(path))
 
 
 def load_preset(name: str) -> Preset:

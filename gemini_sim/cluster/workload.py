@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from statistics import median
 
 from gemini_sim.cluster.config import Preset
-from gemini_sim.errors import UserError, load_user_json
+from gemini_sim.errors import UserError
+from gemini_sim.files import load_json
 
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
 OPTIMIZER_BYTES_PER_PARAM = 32  # Adam reads and writes master weights, m, v and reads the gradient (fp32)
@@ -122,7 +123,7 @@ def zero3(preset: Preset) -> Timeline:
 
 
 def load_profile(path) -> dict:
-    data = load_user_json(path, "profile")
+    data = load_json(path, "profile")
     _validate_profile(data, str(path))
     return data
 

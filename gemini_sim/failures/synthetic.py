@@ -12,6 +12,7 @@ Kinds are drawn from a category mix. The default mix is Llama 3 405B's 419 unexp
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,9 +132,9 @@ class FitReport:
     rate_per_hour: float  # maximum-likelihood Poisson rate: failures / duration
     rate_ci95: tuple[float, float]  # exact (chi-square) interval for the Poisson rate
     exponential_ks_pvalue: float
-    weibull_shape: float
-    weibull_scale_h: float
-    weibull_ks_pvalue: float
+    weibull_shape: float | None  # None when the gaps are (nearly) all equal: the shape is then unbounded
+    weibull_scale_h: float | None
+    weibull_ks_pvalue: float | None
     per_machine_mtbf_h: float | None  # needs the machine count of the run
     warning: str = ""
 
@@ -147,7 +148,8 @@ class FitReport:
             f"  Poisson rate   {self.rate_per_hour:.4g}/h (95% CI {lo:.3g}-{hi:.3g}), job MTBF "
             f"{1 / self.rate_per_hour:.4g} h, KS p={self.exponential_ks_pvalue:.3f}",
             f"  Weibull        shape {self.weibull_shape:.3g}, scale {self.weibull_scale_h:.4g} h, "
-            f"KS p={self.weibull_ks_pvalue:.3f}",
+            f"KS p={self.weibull_ks_pvalue:.3f}" if self.weibull_shape is not None
+            else "  Weibull        no fit (the gaps between failures are all equal)",
         ]
         if self.per_machine_mtbf_h:
             out.append(f"  per-machine MTBF {self.per_machine_mtbf_h:.4g} h")
@@ -168,15 +170,24 @@ def fit_trace(trace: Trace, machines: int | None = None) -> FitReport:
     lo = stats.chi2.ppf(0.025, 2 * n) / 2 / trace.duration_h
     hi = stats.chi2.ppf(0.975, 2 * (n + 1)) / 2 / trace.duration_h
     ks_exp = stats.kstest(gaps, "expon", args=(0, gaps.mean())).pvalue
-    shape, _, scale = stats.weibull_min.fit(gaps, floc=0)
-    ks_wb = stats.kstest(gaps, "weibull_min", args=(shape, 0, scale)).pvalue
-    machines = machines or trace.source_machines
-    warning = ""
+    notes = []
     if n < 20:
-        warning = (f"only {n} failures: the fit is weak (KS p-values computed with fitted parameters are "
-                   f"optimistic, and the interval on the rate is wide)")
-    return FitReport(trace.name, n, trace.duration_h, rate, (lo, hi), float(ks_exp), float(shape), float(scale),
-                     float(ks_wb), machines / rate if machines else None, warning)
+        notes.append(f"only {n} failures: the fit is weak (KS p-values computed with fitted parameters are "
+                     f"optimistic, and the interval on the rate is wide)")
+    shape = scale = ks_wb = None
+    if np.ptp(gaps) > 1e-9 * gaps.mean():  # equal gaps: the Weibull likelihood grows without bound in the shape
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fitted, _, fitted_scale = stats.weibull_min.fit(gaps, floc=0)
+            p_wb = stats.kstest(gaps, "weibull_min", args=(fitted, 0, fitted_scale)).pvalue
+        shape, scale, ks_wb = float(fitted), float(fitted_scale), float(p_wb)
+        if caught:
+            notes.append("the Weibull fit is numerically unreliable (gaps nearly equal)")
+    else:
+        notes.append("the gaps between failures are all equal, so no Weibull shape fits them")
+    machines = machines or trace.source_machines
+    return FitReport(trace.name, n, trace.duration_h, rate, (lo, hi), float(ks_exp), shape, scale, ks_wb,
+                     machines / rate if machines else None, "; ".join(notes))
 
 
 def for_cluster(model: str, machines: int, machines_per_rack: int | None = None, *,

@@ -22,11 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gemini_sim.errors import UserError, read_user_file
+from gemini_sim.errors import UserError
+from gemini_sim.files import read_text
 
 KINDS = ("hardware", "software", "network", "unknown")
 COLUMNS = ("time_hours", "kind", "machines", "note")
 METADATA = {"duration_hours": float, "machines": int, "source": str, "synthetic": str}
+MAX_HOURS = 1e9  # times and durations; a century is 876,600 hours
+MAX_MACHINES = 1_000_000  # per failure row and per trace, as for --machines
 
 # Which kinds take the machine's memory with them. A software crash or a network fault kills the job's processes,
 # but the machine, and the checkpoints in its CPU memory, are still there; a hardware fault or an unknown cause
@@ -91,6 +94,33 @@ def _fail(path, line: int, field_name: str, problem: str):
     raise UserError(f"{path}:{line}: field '{field_name}': {problem}")
 
 
+def _metadata(path, line: int, key: str, text: str):
+    kind = METADATA[key]
+    if kind is str:
+        return text
+    try:
+        value = kind(text)
+    except ValueError:
+        _fail(path, line, key, f"bad metadata value {text!r}")
+    if kind is float and not (math.isfinite(value) and 0 < value <= MAX_HOURS):
+        _fail(path, line, key, f"must be a number > 0 and <= {MAX_HOURS:g}, got {text!r}")
+    if kind is int and not 1 <= value <= MAX_MACHINES:
+        _fail(path, line, key, f"must be a whole number from 1 to {MAX_MACHINES:,}, got {text!r}")
+    return value
+
+
+def _rows(lines: list[str], path, first_line: int):
+    """csv rows; a malformed line (an unclosed quote, a huge field) is a one-line error."""
+    reader = csv.reader(lines, strict=True)
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise UserError(f"{path}:{first_line + reader.line_num - 1}: malformed CSV: {exc}") from None
+
+
 def parse_trace(text: str, path: str = "<trace>") -> Trace:
     """Parse the CSV text of a trace; ``path`` is used in error messages and as the trace's name."""
     lines = text.splitlines()
@@ -106,34 +136,36 @@ def parse_trace(text: str, path: str = "<trace>") -> Trace:
         if ":" in body:
             key, value = (x.strip() for x in body.split(":", 1))
             if key in METADATA:
-                try:
-                    meta[key] = METADATA[key](value)
-                except ValueError:
-                    _fail(path, start + 1, key, f"bad metadata value {value!r}")
+                meta[key] = _metadata(path, start + 1, key, value)
     else:
         raise UserError(f"{path}: empty trace (no header line '{','.join(COLUMNS)}')")
 
-    reader = csv.reader(lines[start:])
+    reader = _rows(lines[start:], path, start + 1)
     header = [h.strip() for h in next(reader)]
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise UserError(f"{path}:{start + 1}: missing column '{missing[0]}' (header must be {','.join(COLUMNS)})")
+    extra = [h for h in header if h not in COLUMNS] + [h for i, h in enumerate(header) if h in header[:i]]
+    if extra:
+        raise UserError(f"{path}:{start + 1}: unexpected or repeated column {extra[0]!r} (header must be "
+                        f"{','.join(COLUMNS)})")
     col = {c: header.index(c) for c in COLUMNS}
     events: list[FailureEvent] = []
     last = 0.0
     for offset, row in enumerate(reader, start=start + 2):
         if not row or all(not x.strip() for x in row) or row[0].lstrip().startswith("#"):
             continue
-        if len(row) < len(header):
-            _fail(path, offset, COLUMNS[len(row)] if len(row) < 4 else "note",
-                  f"row has {len(row)} fields, header has {len(header)}")
+        if len(row) != len(header):
+            _fail(path, offset, header[len(row)] if len(row) < len(header) else "note",
+                  f"row has {len(row)} fields, header has {len(header)}"
+                  + (" (quote a note that contains commas)" if len(row) > len(header) else ""))
         t_raw, kind, m_raw = row[col["time_hours"]].strip(), row[col["kind"]].strip(), row[col["machines"]].strip()
         try:
             t = float(t_raw)
         except ValueError:
             _fail(path, offset, "time_hours", f"not a number: {t_raw!r}")
-        if not math.isfinite(t) or t < 0:
-            _fail(path, offset, "time_hours", f"must be a finite number >= 0, got {t_raw!r}")
+        if not (math.isfinite(t) and 0 <= t <= MAX_HOURS):
+            _fail(path, offset, "time_hours", f"must be a number from 0 to {MAX_HOURS:g}, got {t_raw!r}")
         if t < last:
             _fail(path, offset, "time_hours", f"time goes backwards ({t_raw} h after {last:g} h)")
         if kind not in KINDS:
@@ -142,8 +174,8 @@ def parse_trace(text: str, path: str = "<trace>") -> Trace:
             m = int(m_raw)
         except ValueError:
             _fail(path, offset, "machines", f"not an integer: {m_raw!r}")
-        if m < 1:
-            _fail(path, offset, "machines", f"must be >= 1, got {m}")
+        if not 1 <= m <= MAX_MACHINES:
+            _fail(path, offset, "machines", f"must be a whole number from 1 to {MAX_MACHINES:,}, got {m_raw!r}")
         last = t
         events.append(FailureEvent(t, kind, m, row[col["note"]].strip()))
     if not events:
@@ -157,4 +189,4 @@ def parse_trace(text: str, path: str = "<trace>") -> Trace:
 
 
 def load_trace(path: str | Path) -> Trace:
-    return parse_trace(read_user_file(path, "trace"), str(path))
+    return parse_trace(read_text(path, "trace"), str(path))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from gemini_sim.cluster.config import Preset
-from gemini_sim.errors import unknown_name
+from gemini_sim.errors import name_list, unknown_name
 
 
 @dataclass(frozen=True)
@@ -128,12 +128,8 @@ STRATEGIES: dict[str, Callable[[Preset, float], Policy]] = {
 
 
 def parse_names(text: str | None) -> list[str]:
-    """Comma-separated strategy names (all when empty), validated against the registry."""
-    names = [s.strip() for s in (text or "").split(",") if s.strip()] or list(STRATEGIES)
-    for n in names:
-        if n not in STRATEGIES:
-            raise unknown_name("strategy", n, STRATEGIES)
-    return names
+    """Comma-separated strategy names (all when None), validated against the registry."""
+    return name_list(text, STRATEGIES, "strategy")
 
 
 def policy(name: str, preset: Preset, mtbf_s: float) -> Policy:
