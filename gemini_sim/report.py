@@ -136,9 +136,7 @@ def plot_gantt(result, machines: int = 4, ax=None, title: str = ""):
     shown = list(range(min(machines, result.machines)))
     rows = []
     for m in shown:
-        train = [(r.start, r.end - r.start) for r in run.records if r.tag and r.tag[0] == "train" and r.tag[2] == m]
-        d2h = [(r.start, r.end - r.start) for r in run.records if r.tag and r.tag[0] == "d2h" and r.tag[1] == m]
-        net = [(r.start, r.end - r.start) for r in run.records if r.tag and r.tag[0] == "ckpt" and r.tag[1] == m]
+        train, d2h, net = ([(a, b - a) for a, b in run.spans(kind, m)] for kind in ("train", "d2h", "ckpt"))
         rows += [(f"m{m} compute", compute, "tab:green"), (f"m{m} collectives", train, "tab:blue"),
                  (f"m{m} ckpt GPU->CPU", d2h, "tab:orange"), (f"m{m} ckpt send", net, "tab:red")]
     for y, (label, bars, color) in enumerate(reversed(rows)):
@@ -157,10 +155,15 @@ def plot_link_utilization(result, machine: int = 0, ax=None):
     """Share of machine ``machine``'s NIC (egress) bandwidth in use over time."""
     fig, ax = figure(ax, (9, 2.5))
     log = result.run.link_rate_log
-    link = next((r.links[0] for r in result.run.records if r.tag and r.tag[0] == "train" and r.tag[2] == machine),
-                None)
-    if link is None:
+    if not log:  # large simulations do not keep the rate log (RATE_LOG_MACHINES)
+        ax.text(0.5, 0.5, "no rate log (large simulation)", ha="center", transform=ax.transAxes)
         return fig
+    t = result.run.table
+    mine = t["first"][(t["owner"] == machine) & (t["kind"] == result.run.kinds.index("train"))] \
+        if "train" in result.run.kinds else []
+    if not len(mine):
+        return fig
+    link = result.run.links[int(mine[0])]
     cap = max(tot.get(link, 0) for _, tot in log) or 1.0
     t = [x for x, _ in log]
     u = [tot.get(link, 0.0) / cap for _, tot in log]

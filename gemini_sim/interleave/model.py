@@ -69,13 +69,44 @@ class IterationRun:
     iteration_s: float  # period / iterations: the mean iteration time including checkpoint stalls
     update_start_s: float  # the first update
     op_spans: list  # (op index, start, end)
-    records: list  # network FlowRecords
+    table: dict  # every finished network flow: Network.finished()
+    kinds: list  # names of the table's kind column: "train", "d2h", "ckpt"
+    links: list  # the table's first-link column indexes this list
     link_rate_log: list
     checkpoint_start_s: float | None = None
     checkpoint_complete_s: float | None = None
     d2h_complete_s: float | None = None
     sim_events: int = 0
     flows: int = 0
+    _busy: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def spans(self, kind: str | None = None, owner: int | None = None) -> list[tuple[float, float]]:
+        """(start, end) of the finished flows of ``kind`` owned by ``owner`` (None: any)."""
+        t = self.table
+        sel = np.ones(len(t["start"]), dtype=bool)
+        if kind is not None:
+            sel &= t["kind"] == (self.kinds.index(kind) if kind in self.kinds else -1)
+        if owner is not None:
+            sel &= t["owner"] == owner
+        return list(zip(t["start"][sel].tolist(), t["end"][sel].tolist()))
+
+    def busy_all(self, kind: str | None = None):
+        """Merged busy intervals of every link as the first link of flows (of ``kind``, or any): arrays (link
+        index, start, end) sorted by link and start. For a machine's NIC egress: when it was sending."""
+        if kind not in self._busy:
+            t = self.table
+            sel = slice(None) if kind is None else t["kind"] == (self.kinds.index(kind) if kind in self.kinds else -1)
+            self._busy[kind] = merge_intervals(t["first"][sel], t["start"][sel], t["end"][sel])
+        return self._busy[kind]
+
+    def busy(self, link, kind: str | None = None) -> list[tuple[float, float]]:
+        """When ``link`` carried flows that start on it (of ``kind``, or any): merged (start, end) intervals."""
+        g, a, b = self.busy_all(kind)
+        if "links" not in self._busy:
+            self._busy["links"] = {x: k for k, x in enumerate(self.links)}
+        index = self._busy["links"].get(link, -1)
+        lo, hi = np.searchsorted(g, index, "left"), np.searchsorted(g, index, "right")
+        return list(zip(a[lo:hi].tolist(), b[lo:hi].tolist()))
 
 
 class _Progress:
@@ -135,7 +166,8 @@ class _Iteration:
         self.k = iterations or cfg.interval
         self.env = simpy.Environment()
         self.cluster = _Cluster(preset, cfg.oversubscription)
-        self.net = Network(self.env, self.cluster.capacity)
+        self._paths: dict = {}
+        self.net = Network(self.env, self.cluster.capacity, rate_log=preset.cluster.machines <= RATE_LOG_MACHINES)
         self.n = preset.cluster.machines
         per = len(timeline.ops)
         total = per * self.k
@@ -191,9 +223,15 @@ class _Iteration:
         per = ring_bytes_per_machine(op, self.ring_n)
         if per <= 0:
             return
-        flows = [(self.cluster.path(i, (i + 1) % self.n), per, ("train", idx, i)) for i in range(self.n)]
-        self.flows += len(flows)
-        yield simpy.AllOf(self.env, self.net.transfer_many(flows, TRAIN))
+        ring = self._group("ring", lambda: [self.cluster.path(i, (i + 1) % self.n) for i in range(self.n)])
+        self.flows += ring.count
+        yield self.net.transfer_group(ring, per, TRAIN, "train")
+
+    def _group(self, key, paths):
+        """The network's incidence of a group of paths, built once per key."""
+        if key not in self._paths:
+            self._paths[key] = self.net.paths(paths())
+        return self._paths[key]
 
     # -- checkpoint pipeline (shared by every schedule) -----------------------------------------------------------
     @property
@@ -236,7 +274,7 @@ class _Iteration:
             if self.ckpt_start is None:
                 self.ckpt_start = self.env.now
             self.flows += 1
-            yield self.net.transfer([("pcie", i)], size, TRAIN, ("d2h", i))
+            yield self.net.transfer_group(self._group(("pcie", i), lambda: [[("pcie", i)]]), size, TRAIN, "d2h", i)
             copied.level_at = copied.level_at + size
             copied.wake()
         copied.level_at = math.inf  # all of it is in CPU memory (no rounding left over)
@@ -254,10 +292,10 @@ class _Iteration:
             for size in sizes:
                 while copied.level_at < sent + size * (1 - 1e-9):  # wait until the bytes are in CPU memory
                     yield copied.wait()
-                flows = [(self.cluster.path(i, p), size, ("ckpt", i, p)) for p in peers]
-                self.flows += len(flows)
-                if flows:
-                    yield simpy.AllOf(self.env, self.net.transfer_many(flows, cls))
+                if peers:
+                    group = self._group(("peers", i), lambda: [self.cluster.path(i, p) for p in peers])
+                    self.flows += group.count
+                    yield self.net.transfer_group(group, size, cls, "ckpt", i)
                 sent += size
         done.succeed()
 
@@ -268,11 +306,13 @@ class _Iteration:
         spans = {i: (a, b) for i, a, b in self.spans}
         train_end = spans[self.updates[-1]][1]
         complete = None
+        table = self.net.finished()
         if self.with_checkpoint:
-            complete = max(r.end for r in self.net.records if r.tag and r.tag[0] in ("ckpt", "d2h"))
+            kinds = [self.net.kinds.index(k) for k in ("ckpt", "d2h") if k in self.net.kinds]
+            complete = float(table["end"][np.isin(table["kind"], kinds)].max())
         period = max(train_end, complete or 0.0)
-        return IterationRun(period / self.k, spans[self.updates[0]][0], self.spans, self.net.records,
-                            self.net.link_rate_log, self.ckpt_start, complete, getattr(self, "d2h_complete", None),
+        return IterationRun(period / self.k, spans[self.updates[0]][0], self.spans, table, list(self.net.kinds),
+                            self.net.links, self.net.link_rate_log, self.ckpt_start, complete, getattr(self, "d2h_complete", None),
                             self.net.reallocations, self.flows)
 
 
@@ -286,6 +326,7 @@ def _simulate(preset, timeline, cfg, placement, plan=None, with_checkpoint=True,
 
 
 SLICE = 16  # machines simulated when a larger cluster is symmetric
+RATE_LOG_MACHINES = 64  # simulations of at most this many machines keep every link's rate over time (for plots)
 
 
 def symmetric_slice(preset: Preset, cfg: InterleaveConfig) -> Preset:
@@ -310,10 +351,9 @@ def _mean_idle(run: IterationRun, cluster: _Cluster, until: float) -> float:
     """Mean over machines of the time in [0, until) during which the machine's NIC sent nothing."""
     if cluster.n < 2:
         return until
-    total = 0.0
-    for i in range(cluster.n):
-        link = cluster.nic_out(i)
-        busy = merge_intervals((r.start, min(r.end, until)) for r in run.records
-                               if link in r.links and r.start < until)
-        total += until - sum(b - a for a, b in busy)
-    return total / cluster.n
+    at = {link: k for k, link in enumerate(run.links)}
+    nics = np.array([at[cluster.nic_out(i)] for i in range(cluster.n)])
+    g, a, b = run.busy_all()
+    mine = np.isin(g, nics)
+    busy = np.clip(np.minimum(b[mine], until) - a[mine], 0.0, None).sum()
+    return until - busy / cluster.n

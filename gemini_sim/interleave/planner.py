@@ -6,13 +6,11 @@ import math
 
 from gemini_sim.cluster.workload import Timeline
 from gemini_sim.interleave.model import InterleaveConfig, IterationRun, _Cluster, chunk_size
-from gemini_sim.network.flows import merge_intervals
 
 
 def idle_spans(run: IterationRun, link, until: float) -> list[tuple[float, float]]:
     """Spans in [0, until) in which no training flow used ``link``."""
-    busy = merge_intervals((r.start, r.end) for r in run.records
-                           if link in r.links and r.tag and r.tag[0] == "train")
+    busy = run.busy(link, "train")
     spans, t = [], 0.0
     for a, b in busy:
         if a >= until:
