@@ -3,7 +3,9 @@ import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gemini_sim.network.flows import Network, maxmin
+import numpy as np
+
+from gemini_sim.network.flows import Network, fill, maxmin, merge_intervals
 
 
 def run_flows(capacity, flows, priorities=None):
@@ -86,3 +88,61 @@ def test_conservation_and_capacity(caps, flows):
     # Work conservation: with one link, all bytes leave by (start of first + total bytes / capacity) if no gaps.
     if len(caps) == 1 and all(s == 0 for s, _, _ in flows):
         assert max(ends) == pytest.approx(sum(size for *_, size in flows) / caps[0], rel=1e-9)
+
+
+@settings(max_examples=150, deadline=None)
+@given(caps=st.lists(st.floats(0.1, 100), min_size=1, max_size=6),
+       paths=st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=4, unique=True), min_size=1, max_size=12))
+def test_fill_is_max_min_fair(caps, paths):
+    """The definition, checked directly: rates fit the capacities, and every flow crosses a saturated link on which
+    no flow gets more than it does (its bottleneck); a flow without links is unbounded."""
+    paths = [sorted({link % len(caps) for link in p}) for p in paths]
+    flow_of = np.array([f for f, p in enumerate(paths) for _ in p], dtype=np.intp)
+    link_of = np.array([link for p in paths for link in p], dtype=np.intp)
+    rates = fill(flow_of, link_of, len(paths), np.array(caps))
+    load = np.bincount(link_of, weights=rates[flow_of], minlength=len(caps))
+    assert np.all(load <= np.array(caps) * (1 + 1e-9))
+    for f, p in enumerate(paths):
+        if not p:
+            assert rates[f] == np.inf
+            continue
+        assert any(load[link] >= caps[link] * (1 - 1e-9)
+                   and all(rates[g] <= rates[f] * (1 + 1e-9) for g, q in enumerate(paths) if link in q)
+                   for link in p), (f, rates, load)
+
+
+@settings(max_examples=60, deadline=None)
+@given(caps=st.lists(st.floats(0.5, 10), min_size=1, max_size=4),
+       groups=st.lists(st.tuples(st.floats(0, 2), st.lists(st.tuples(st.lists(st.integers(0, 3), min_size=1, max_size=3,
+                                                                              unique=True), st.floats(0.1, 5)),
+                                                         min_size=1, max_size=4)), min_size=1, max_size=4))
+def test_a_group_ends_when_its_flows_would_end_one_by_one(caps, groups):
+    """A group of flows behaves exactly like its flows started separately at the same instant: it ends when the
+    last of them would."""
+    capacity = {i: c for i, c in enumerate(caps)}
+    groups = [(s, [(sorted({l % len(caps) for l in links}), size) for links, size in flows]) for s, flows in groups]
+    single, _ = run_flows(capacity, [(s, links, size) for s, flows in groups for links, size in flows])
+    env = simpy.Environment()
+    net = Network(env, capacity)
+    ends = {}
+
+    def one(g, start, flows):
+        yield env.timeout(start)
+        yield net.transfer_group(net.paths([links for links, _ in flows]), [size for _, size in flows])
+        ends[g] = env.now
+
+    for g, (s, flows) in enumerate(groups):
+        env.process(one(g, s, flows))
+    env.run()
+    k = 0
+    for g, (s, flows) in enumerate(groups):
+        assert ends[g] == pytest.approx(max(single[k:k + len(flows)]), rel=1e-9, abs=1e-12)
+        k += len(flows)
+    t = net.finished()
+    assert len(t["end"]) == k and np.all(t["end"] >= t["start"])
+
+
+def test_merge_intervals_per_group():
+    g, a, b = merge_intervals(np.array([1, 0, 1, 1, 0]), np.array([0.0, 5, 1, 4, 0]), np.array([2.0, 6, 3, 5, 1]))
+    assert list(zip(g.tolist(), a.tolist(), b.tolist())) == [(0, 0.0, 1.0), (0, 5.0, 6.0), (1, 0.0, 3.0),
+                                                              (1, 4.0, 5.0)]

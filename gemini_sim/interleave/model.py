@@ -158,7 +158,7 @@ class _Iteration:
     one checkpoint (of the state before the first update) when ``with_checkpoint``."""
 
     def __init__(self, preset: Preset, timeline: Timeline, cfg: InterleaveConfig, placement, plan=None,
-                 with_checkpoint=True, iterations: int | None = None, full: Preset | None = None):
+                 with_checkpoint=True, iterations: int | None = None, full: Preset | None = None, record=True):
         self.preset, self.tl, self.cfg = preset, timeline, cfg
         full = full or preset
         self.shard_bytes = full.checkpoint_bytes_per_machine
@@ -167,7 +167,8 @@ class _Iteration:
         self.env = simpy.Environment()
         self.cluster = _Cluster(preset, cfg.oversubscription)
         self._paths: dict = {}
-        self.net = Network(self.env, self.cluster.capacity, rate_log=preset.cluster.machines <= RATE_LOG_MACHINES)
+        self.net = Network(self.env, self.cluster.capacity, record=record,
+                           rate_log=record and preset.cluster.machines <= RATE_LOG_MACHINES)
         self.n = preset.cluster.machines
         per = len(timeline.ops)
         total = per * self.k
@@ -308,8 +309,7 @@ class _Iteration:
         complete = None
         table = self.net.finished()
         if self.with_checkpoint:
-            kinds = [self.net.kinds.index(k) for k in ("ckpt", "d2h") if k in self.net.kinds]
-            complete = float(table["end"][np.isin(table["kind"], kinds)].max())
+            complete = max(self.net.last_end.get(k, 0.0) for k in ("ckpt", "d2h"))
         period = max(train_end, complete or 0.0)
         return IterationRun(period / self.k, spans[self.updates[0]][0], self.spans, table, list(self.net.kinds),
                             self.net.links, self.net.link_rate_log, self.ckpt_start, complete, getattr(self, "d2h_complete", None),
@@ -321,8 +321,9 @@ def build_placement(preset: Preset, cfg: InterleaveConfig):
 
 
 def _simulate(preset, timeline, cfg, placement, plan=None, with_checkpoint=True, iterations=None,
-              full=None) -> IterationRun:
-    return _Iteration(preset, timeline, cfg, placement, plan, with_checkpoint, iterations, full).run()
+              full=None, record=True) -> IterationRun:
+    """One run; ``record=False`` keeps no flow table (only the times the interval search needs)."""
+    return _Iteration(preset, timeline, cfg, placement, plan, with_checkpoint, iterations, full, record).run()
 
 
 SLICE = 16  # machines simulated when a larger cluster is symmetric

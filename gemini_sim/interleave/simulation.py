@@ -80,16 +80,16 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
 
     plans: dict = {}
 
-    def run_with(k: int) -> tuple[IterationRun, IterationRun]:
+    def run_with(k: int, record: bool = False) -> tuple[IterationRun, IterationRun]:
         c = dataclasses.replace(cfg, interval=k)
         plan = (plan_gemini(full.checkpoint_bytes_per_machine, profile, cluster, pl, c)
                 if cfg.schedule == "gemini" else None)
         plans[k] = plan
-        base = _simulate(preset, timeline, c, pl, with_checkpoint=False, full=full) if (cfg.jitter or k > 1) \
-            else profile
-        return _simulate(preset, timeline, c, pl, plan, full=full), base
+        base = _simulate(preset, timeline, c, pl, with_checkpoint=False, full=full, record=record) \
+            if (cfg.jitter or k > 1) else profile
+        return _simulate(preset, timeline, c, pl, plan, full=full, record=record), base
 
-    run, base = run_with(cfg.interval)
+    run, base = run_with(cfg.interval, record=True)
     min_k = None
     if find_interval and cfg.schedule == "blocking":
         # One stall per checkpoint, amortized over the interval: closed form from the measured stall.

@@ -90,6 +90,7 @@ class Network:
         self.record = record
         self.rate_log = rate_log
         self.kinds: list[str] = []  # kind names; flows carry their index
+        self.last_end: dict[str, float] = {}  # kind -> when its last flow ended (kept even without ``record``)
         self.reallocations = 0
         self.link_rate_log: list[tuple[float, dict]] = []  # (time, {link: total rate}) at every change
         # The active flows, one entry per flow in each array, and their link incidences.
@@ -247,6 +248,8 @@ class Network:
         with np.errstate(divide="ignore", invalid="ignore"):
             finished = (a["rem"] <= np.maximum(1e-9 * a["size"], EPS)) | ((a["rate"] > 0) & (a["rem"] / a["rate"] < 1e-12))
         if finished.any():
+            for k in np.unique(a["kind"][finished]).tolist():
+                self.last_end[self.kinds[k]] = self.env.now
             if self.record:
                 done = {c: a[c][finished] for c in _COLUMNS}
                 done["end"] = np.full(int(finished.sum()), self.env.now)
