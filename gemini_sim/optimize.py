@@ -118,15 +118,15 @@ def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, pro
                                                               find_interval=False)
             if progress:
                 progress(1)
-    probs: dict = {}  # (strategy, m) -> P(recover | 2 failures): the same for every schedule and interval
+    built: dict = {}  # (strategy, m) -> (placement, P(recover | 2 failures)): built once for every schedule, k
     for (m, sched, k), sim in sims.items():
         layouts = ["none"] if m == 1 else [p for p in placements if not (p == "group" and n % m)]
         for strategy in layouts:
-            if (strategy, m) not in probs:
-                pl = _placement(preset, Candidate(strategy, m, sched, k, 0, 0, 0, 0, 0, 0, 0, True))
-                probs[(strategy, m)] = recovery.probability(pl, min(2, n), samples=4000, seed=seed).probability
-            cands.append(_score(preset, trace, m, sched, k, strategy, sim, max_overhead_pct, seed,
-                                probs[(strategy, m)]))
+            if (strategy, m) not in built:
+                pl = _placement(preset, strategy, m)
+                built[(strategy, m)] = pl, recovery.probability(pl, min(2, n), samples=4000, seed=seed).probability
+            pl, prob = built[(strategy, m)]
+            cands.append(_score(preset, trace, m, sched, k, strategy, sim, max_overhead_pct, seed, prob, pl))
     feasible = [c for c in cands if c.feasible]
     if not feasible:
         low = min(cands, key=lambda c: c.overhead_pct)
@@ -135,7 +135,7 @@ def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, pro
                         f"m={low.replicas})")
     best = min(feasible, key=lambda c: c.rank)
     sim = sims[(best.replicas, best.schedule, best.interval_iters)]
-    pl = _placement(preset, best)
+    pl = built[(best.placement, best.replicas)][0]
     predicted = {"wasted_hours": best.wasted_hours, "gpu_hours_wasted": best.gpu_hours_wasted,
                  "overhead_pct": best.overhead_pct, "iteration_time_s": sim.iteration_time_s,
                  "baseline_iteration_time_s": sim.baseline_iteration_time_s,
@@ -172,14 +172,13 @@ def _blocking_every(first: interleave.InterleaveResult, k: int) -> interleave.In
                                checkpoint_complete_s=(k - 1) * base + first.checkpoint_complete_s)
 
 
-def _placement(preset: Preset, c: Candidate):
-    strategy = "group" if c.placement == "none" else c.placement
-    if c.replicas == 1:
+def _placement(preset: Preset, strategy: str, replicas: int):
+    if replicas == 1:
         return placement_mod.build("group", preset.cluster.machines, 1)
-    return placement_mod.for_preset(preset, c.replicas, strategy)
+    return placement_mod.for_preset(preset, replicas, strategy)
 
 
-def _score(preset, trace, m, sched, k, strategy, sim, max_overhead, seed, prob: float) -> Candidate:
+def _score(preset, trace, m, sched, k, strategy, sim, max_overhead, seed, prob: float, pl) -> Candidate:
     shard_gb = preset.checkpoint_bytes_per_machine / 1e9
     memory = m * shard_gb
     p = preset.with_replicas(m)
@@ -189,7 +188,7 @@ def _score(preset, trace, m, sched, k, strategy, sim, max_overhead, seed, prob: 
     period = k * t_iter
     stall = k * (sim.iteration_time_s - t_iter)
     pol = memory_policy(p, period + stall, max(sim.checkpoint_complete_s, 1e-9), stall, t_iter,
-                        name=f"{sched}/{strategy}/m{m}/k{k}")
+                        name=f"{sched}/{strategy}/m{m}/k{k}", layout=pl)
     runs = [replay(trace, p, pol, seed=seed + i, random_phase=True) for i in range(PHASES)]
     wasted = sum(r.wasted_hours for r in runs) / PHASES
     gpu_hours = sum(r.gpu_hours_wasted for r in runs) / PHASES

@@ -30,7 +30,6 @@ from typing import Callable
 import numpy as np
 import simpy
 
-from gemini_sim.placement import layouts as placement_mod
 from gemini_sim.cluster.config import Preset
 from gemini_sim.plan import TIERS
 from gemini_sim.placement.survival import burst_sampler
@@ -159,8 +158,7 @@ class _Job:
             for clock in self.clocks.values():
                 if math.isfinite(clock.tier.interval_s):
                     clock.debt = float(self.rng.uniform(0, clock.tier.interval_s))
-        self.placement = (placement_mod.for_preset(preset, pol.replicas, pol.placement)
-                          if pol.placement and pol.replicas > 1 else None)
+        self.placement = pol.placement if pol.replicas > 1 else None
         per_rack = preset.cluster.machines_per_rack
         self.rack_of = tuple(i // per_rack for i in range(self.n)) if per_rack else None
         self.progress_cb = progress

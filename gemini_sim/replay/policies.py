@@ -28,6 +28,8 @@ from typing import Callable
 
 from gemini_sim.cluster.config import Preset
 from gemini_sim.errors import name_list, unknown_name
+from gemini_sim.placement import layouts as placement
+from gemini_sim.placement.layouts import Placement
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Policy:
     remote: Tier
     memory: Tier | None = None
     replicas: int = 1  # copies in CPU memory; 1 means the local copy only
-    placement: str | None = None
+    placement: Placement | None = None  # where the copies live: built once here, used by every replay
     retrieve_local_s: float = 0.0
     retrieve_peer_s: float = 0.0
     retrieve_remote_s: float = 0.0
@@ -99,22 +101,22 @@ def gemini(p: Preset, mtbf_s: float) -> Policy:
 
 
 def memory_policy(p: Preset, interval_s: float, complete_s: float, stall_s: float, t_iter: float,
-                  name: str = "gemini") -> Policy:
+                  name: str = "gemini", layout: Placement | None = None) -> Policy:
     """In-memory checkpoints on the machine and its m-1 peers (the preset's replicas and placement) every
     ``interval_s``, each usable ``complete_s`` after it starts and stalling training ``stall_s``; remote storage
     every ``gemini_persist_interval_hours`` from CPU memory. The optimizer fills these in from the interleaving
-    simulation."""
-    from gemini_sim.placement import layouts as placement
-
+    simulation, and may pass the ``layout`` it built already (else it is built from the preset)."""
     m, n = p.recovery.replicas, p.cluster.machines
-    strategy = placement.resolve(p.recovery.placement, n, m)
-    placement.for_preset(p, m, strategy)  # validates m against N
+    if layout is None:
+        layout = placement.for_preset(p, m, placement.resolve(p.recovery.placement, n, m))  # checks m against N
+    elif (layout.machines, layout.replicas) != (n, m):
+        raise ValueError(f"placement for {layout.machines} machines x {layout.replicas} does not fit {n} x {m}")
     persist = p.storage.gemini_persist_interval_hours * 3600
     return Policy(name, remote=Tier(persist, complete_s + p.remote_write_s, 0.0),
-                  memory=Tier(interval_s, complete_s, stall_s), replicas=m, placement=strategy,
+                  memory=Tier(interval_s, complete_s, stall_s), replicas=m, placement=layout,
                   retrieve_local_s=p.gpu_to_cpu_s, retrieve_peer_s=p.peer_transfer_s + p.gpu_to_cpu_s,
                   retrieve_remote_s=p.remote_write_s,
-                  description=f"CPU memory x{m} ({strategy}) every {interval_s / t_iter:.0f} iteration(s), "
+                  description=f"CPU memory x{m} ({layout.strategy}) every {interval_s / t_iter:.0f} iteration(s), "
                               f"remote every {p.storage.gemini_persist_interval_hours:g} h")
 
 
