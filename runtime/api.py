@@ -177,7 +177,7 @@ class Checkpointer:
         self.collectives = Progress()
         self.recorder = Recorder(profile_iters, self.collectives)
         if profile_iters or _anchored(self.schedule_dict):
-            self.recorder.install()
+            self.recorder.install(self.model)
         self._handles = [model.register_forward_pre_hook(self._on_forward, prepend=True),  # before FSDP's gather
                          model.register_forward_hook(lambda *_: self.recorder.phase("backward"))]
         self._closed = False
@@ -414,7 +414,7 @@ class Checkpointer:
         if schedule is not None:
             self.schedule_dict, self.schedule = schedule, schedules.get(schedule["name"])
             if _anchored(schedule):  # its spans open when this rank's collectives end: count them
-                self.recorder.install()
+                self.recorder.install(self.model)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _link(self) -> Link:
@@ -469,7 +469,8 @@ class Checkpointer:
     def _write_profile(self) -> None:
         n = self.world // self.ppm
         src = f"runtime rank {self.rank}, {n} x {self.ppm} ranks, {dist.get_backend()}, schedule " \
-              f"{self.schedule.name}" + ("" if self.checkpointing else " (no checkpoint)")
+              f"{self.schedule.name}" + ("" if self.checkpointing else " (no checkpoint)") + \
+              f", collectives seen by {self.recorder.mechanism}"
         self.recorder.write(self.out_dir / f"profile-rank-{self.rank:05d}.json", n, self.ppm, src)
         if self.rank == 0:
             self.recorder.write(self.out_dir / "profile.json", n, self.ppm, src)

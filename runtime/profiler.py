@@ -1,15 +1,20 @@
 """Record this rank's iteration timeline and write it in gemini-sim's profile format (version 1).
 
-Every collective that training issues goes through ``torch.distributed`` (FSDP2 calls ``all_gather_into_tensor``
-and ``reduce_scatter_tensor`` up to torch 2.11, ``all_gather_single`` and ``reduce_scatter_single`` later);
-:func:`Recorder.install` wraps whichever of those entry points this torch has (and ``all_reduce``), while profiling
-or while a ``gemini`` schedule anchors its spans to collectives, and :func:`Recorder.uninstall` puts them back.
-Each call on the training thread is timed from start to end, with the size of its result (all-gather), its input
-(reduce-scatter) or its tensor (all-reduce). The wrapped call always completes before it returns (an ``async_op``
-request is served synchronously), so a collective's span on the timeline is its real duration on this rank. The
-recorder also counts the collectives that have ended, for ever: the ``gemini`` schedule anchors its spans to them.
-Between collectives the rank computes: those gaps become compute ops named after the phase they fall in
-(``forward``, ``backward``, ``optimizer``).
+How collectives are seen. FSDP2 lets its user supply the all-gather and the reduce-scatter it runs
+(``FSDPModule.set_custom_all_gather`` / ``set_custom_reduce_scatter``, public since torch 2.9): :meth:`Recorder.install`
+gives every FSDP module of the model a timed pair (:class:`_TimedAllGather`, :class:`_TimedReduceScatter`) that runs
+the same collective through the public ``torch.distributed`` API. While the recorder serves (profiling, or a
+``gemini`` schedule anchoring its spans to collectives), each call completes before it returns (an ``async_op``
+request is served synchronously; on CUDA the collective's stream is synchronized), so its span on the timeline is its
+real duration on this rank, and the recorder counts the collectives that have ended, for ever: the ``gemini``
+schedule anchors its spans to them. Otherwise the pair passes the call through unchanged, asynchronous if asked.
+
+On a torch without these hooks (2.6 to 2.8), or a model with no FSDP2 module, the recorder falls back to wrapping
+the ``torch.distributed`` entry points FSDP calls (``all_gather_into_tensor``/``reduce_scatter_tensor``, or the
+``_single`` forms of later versions, and ``all_reduce``) while it serves, and puts them back after;
+:attr:`Recorder.mechanism` says which is in use. Each recorded call has the size of its result (all-gather), its
+input (reduce-scatter) or its tensor (all-reduce). Between collectives the rank computes: those gaps become compute
+ops named after the phase they fall in (``forward``, ``backward``, ``optimizer``).
 
 The profile holds the first ``iterations`` iterations of the run (20 by default); iteration times are seconds from
 the iteration's start. Format: see ``gemini_sim/cluster/workload.py``.
@@ -42,7 +47,9 @@ def _arg(args, kwargs, index: int, *names):
     return args[index] if len(args) > index else None
 
 
-def _nbytes(kind: str, args, kwargs) -> int:
+def _tensor_of(kind: str, args, kwargs) -> torch.Tensor:
+    """The tensor whose size a collective is recorded with: the result of an all-gather, the input of a
+    reduce-scatter, the tensor of an all-reduce."""
     if kind == "all_reduce":
         t = _arg(args, kwargs, 0, "tensor")
     elif kind == "all_gather":
@@ -51,7 +58,29 @@ def _nbytes(kind: str, args, kwargs) -> int:
         t = _arg(args, kwargs, 1, "input", "input_tensor")  # what is reduced and scattered
     if t is None:
         raise TypeError(f"cannot find the tensor of a {kind} call (torch.distributed changed its signature?)")
-    return int(t.numel() * t.element_size())
+    return t
+
+
+class _Comm:
+    """FSDP2's comm protocol (``allocate`` and ``__call__``), run through the public torch.distributed API."""
+
+    def __init__(self, rec: "Recorder"):
+        self.rec = rec
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(size, dtype=dtype, device=device)
+
+
+class _TimedAllGather(_Comm):
+    def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
+        run = functools.partial(dist.all_gather_into_tensor, output_tensor, input_tensor, group=group)
+        return self.rec.collective("all_gather", output_tensor, run, async_op)
+
+
+class _TimedReduceScatter(_Comm):
+    def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
+        run = functools.partial(dist.reduce_scatter_tensor, output_tensor, input_tensor, op=op, group=group)
+        return self.rec.collective("reduce_scatter", input_tensor, run, async_op)
 
 
 class Recorder:
@@ -64,10 +93,53 @@ class Recorder:
         self._mark = 0.0  # end of the last recorded op (perf_counter)
         self._t0 = 0.0
         self.collectives = collectives or Progress()  # training collectives completed so far (all iterations)
+        self.serving = False  # collectives are timed and counted
+        self.mechanism = "none"  # "fsdp2-comm" (supported hooks) or "wrapped" (fallback), once installed
+        self._fsdp: list = []
+        self._originals: dict = {}
 
-    # -- wrapping ----------------------------------------------------------------------------------------------
-    def install(self) -> None:
-        self._originals = getattr(self, "_originals", {})
+    # -- seeing collectives ------------------------------------------------------------------------------------
+    def install(self, model: torch.nn.Module | None = None) -> None:
+        """Time and count training collectives from now on (see the module docstring)."""
+        if self.mechanism == "none" and model is not None:
+            modules = [m for m in model.modules() if callable(getattr(m, "set_custom_all_gather", None))]
+            try:
+                for m in modules:
+                    m.set_custom_all_gather(_TimedAllGather(self))
+                    m.set_custom_reduce_scatter(_TimedReduceScatter(self))
+                self._fsdp = modules
+            except (ValueError, RuntimeError):  # e.g. several parameter groups per module: not supported there
+                self._fsdp = []
+            self.mechanism = "fsdp2-comm" if self._fsdp else "wrapped"
+        elif self.mechanism == "none":
+            self.mechanism = "wrapped"
+        if self.mechanism == "wrapped":
+            self._wrap_all()
+        self.serving = True
+
+    def uninstall(self) -> None:
+        """Stop timing: the FSDP comms pass calls through; wrapped functions are put back."""
+        self.serving = False
+        for attr, original in self._originals.items():
+            setattr(dist, attr, original)
+        self._originals = {}
+
+    def collective(self, kind: str, tensor: torch.Tensor, run, async_op: bool = False):
+        """Run one of FSDP's collectives: timed and counted while serving, else passed through."""
+        if not self.serving or threading.get_ident() != self.thread:
+            return run(async_op=async_op)
+        t = time.perf_counter()
+        if self.recording():
+            self.compute_until(t)
+        run()
+        if tensor.is_cuda:  # the collective ran on the current stream: wait for it to finish
+            torch.cuda.current_stream(tensor.device).synchronize()
+        if self.recording():
+            self._add("collective", kind, t, time.perf_counter(), int(tensor.numel() * tensor.element_size()))
+        self.collectives.set(self.collectives.value + 1)  # checkpoint sends anchored to collective ends wait on it
+        return None  # served synchronously: FSDP treats a None work as complete
+
+    def _wrap_all(self) -> None:
         for attr, kind in WRAPPED.items():
             original = getattr(dist, attr, None)
             if original is None or getattr(original, "_gemini_wrapped", False):
@@ -75,27 +147,14 @@ class Recorder:
             self._originals[attr] = original
             setattr(dist, attr, self._wrap(original, kind))
 
-    def uninstall(self) -> None:
-        for attr, original in getattr(self, "_originals", {}).items():
-            setattr(dist, attr, original)
-        self._originals = {}
-
     def _wrap(self, original, kind: str):
         rec = self
 
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
-            if threading.get_ident() != rec.thread:
-                return original(*args, **kwargs)
-            kwargs.pop("async_op", None)
-            t = time.perf_counter()
-            if rec.recording():
-                rec.compute_until(t)
-            original(*args, **kwargs)
-            if rec.recording():
-                rec._add("collective", kind, t, time.perf_counter(), _nbytes(kind, args, kwargs))
-            rec.collectives.set(rec.collectives.value + 1)  # checkpoint sends anchored to collective ends wait on it
-            return None  # served synchronously: FSDP treats a None work as complete
+            async_op = kwargs.pop("async_op", False)
+            return rec.collective(kind, _tensor_of(kind, args, kwargs),
+                                  lambda async_op=False: original(*args, async_op=async_op, **kwargs), async_op)
 
         wrapper._gemini_wrapped = True
         return wrapper

@@ -226,3 +226,39 @@ def test_schedule_registry():
     assert [(r, off, idx) for r, off, idx, _ in rel] == [(0, 0.1, [0, 1, 2]), (0, 0.5, [3, 4]),
                                                          (0, "backward", [5, 6, 7, 8, 9])]
     assert schedules.get("naive").releases(bounds, {}, 1, 1) == [(0, 0.0, list(range(10)), None)]
+
+
+def test_collectives_are_profiled_through_fsdp2_comm_hooks(world1, tmp_path):
+    """On a torch with FSDP2's custom-comm hooks the recorder times FSDP's collectives through them, and the
+    torch.distributed functions stay untouched."""
+    from torch.distributed.fsdp import FSDPModule
+
+    originals = {name: getattr(dist, name) for name in ("all_gather_into_tensor", "reduce_scatter_tensor",
+                                                         "all_reduce")}
+    model, opt = make(0)
+    ckpt = Checkpointer(plan_mod.default(1, 1, replicas=1), model, opt, store_root=tmp_path / "shm",
+                        durable_dir=tmp_path / "d", out_dir=tmp_path / "out", profile_iters=3)
+    hooks = hasattr(FSDPModule, "set_custom_all_gather")
+    assert ckpt.recorder.mechanism == ("fsdp2-comm" if hooks else "wrapped")
+    if hooks:
+        assert all(getattr(dist, name) is fn for name, fn in originals.items())
+    train(model, opt, ckpt, 3)  # (one rank: FSDP gathers nothing; test_calibrate checks the recorded collectives)
+    ckpt.close()
+    assert len(ckpt.recorder.iterations) == 3 and not ckpt.recorder.serving
+    assert all(getattr(dist, name) is fn for name, fn in originals.items())
+
+
+def test_the_fallback_wraps_and_restores_torch_distributed(world1):
+    from runtime.profiler import Recorder
+
+    original = dist.all_reduce
+    rec = Recorder(2)
+    rec.install(None)  # no FSDP2 module: the fallback
+    assert rec.mechanism == "wrapped" and dist.all_reduce is not original
+    rec.begin(1)
+    t = torch.ones(8)
+    dist.all_reduce(t)
+    rec.end()
+    assert [op["bytes"] for op in rec.iterations[0]["ops"] if op["kind"] == "collective"] == [32]
+    rec.uninstall()
+    assert dist.all_reduce is original

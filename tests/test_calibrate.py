@@ -42,6 +42,9 @@ def test_runtime_writes_a_profile_the_simulator_reads(run_dir):
     base = run_dir / "baseline"
     prof = workload.load_profile(base / "profile.json")  # validated
     assert prof["machines"] == 4 and prof["processes_per_machine"] == 1
+    from torch.distributed.fsdp import FSDPModule  # the supported hooks where this torch has them
+
+    assert prof["source"].endswith("fsdp2-comm" if hasattr(FSDPModule, "set_custom_all_gather") else "wrapped")
     assert [it["iteration"] for it in prof["iterations"]] == list(range(1, PROFILE + 1))
     timings = json.loads((base / "timings-rank-00000.json").read_text())
     total_params = timings["params"]  # the whole model's
