@@ -4,12 +4,24 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean runtime-demo calibrate netns-up netns-down
+.PHONY: run test bench clean runtime-demo calibrate netns-up netns-down gpu-wheels
+
+# OFFLINE=1: a machine with its own torch (and numpy, scipy, networkx, matplotlib) that reaches no registry, the
+# GPU machine: the venv sees the system's packages and installs the rest from wheels/ (made by make gpu-wheels).
+OFFLINE  ?=
+GPU_PY   ?= 3.12
+GPU_PKGS := "setuptools>=77" simpy==4.1.2 tqdm==4.70.1 jsonschema==4.26.0 dask==2026.8.0 distributed==2026.8.0 \
+            pytest==9.2.0 pytest-xdist==3.8.0 hypothesis==6.170.15 nbmake==1.5.5 ipykernel==7.4.0
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(if $(OFFLINE),--system-site-packages) $(VENV)
+ifeq ($(OFFLINE),)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+else
+	$(BIN)/python -m pip install --quiet --no-index --find-links wheels $(GPU_PKGS)
+	$(BIN)/python -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
+endif
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -43,3 +55,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis
+
+# Wheels for OFFLINE=1 (see above), for Python $(GPU_PY); carry wheels/ to that machine with the working tree.
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --python-version $(GPU_PY) --only-binary=:all: \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d wheels $(GPU_PKGS)

@@ -48,7 +48,7 @@ class InFlight:
 
     def __init__(self, link: Link, iteration: int, entries: list[dict], views: list[torch.Tensor], skeleton,
                  schedule: Schedule, plan_schedule: dict, interval: int, ppm: int, seq: int, release_at: float,
-                 released_in: int, iteration_start: float | None = None):
+                 released_in: int, iteration_start: float | None = None, ready=None):
         self.link = link
         self.iteration = iteration
         self.seq = seq  # checkpoints this rank sent before this one: tags the messages
@@ -66,6 +66,11 @@ class InFlight:
         self.bounds = chunk_bounds(self.size, self.chunk)
         self.slot = None  # where the local copy goes in the store (the copier opens it); the sender sends from it
         self.copied = Progress()  # bytes in CPU memory
+        self.device = next((v.device for v in views if v.is_cuda), None)
+        self.cuda = self.device is not None  # device tensors: copied on a side stream (runtime/device.py)
+        self.ready = ready  # CUDA event: the state as of the optimizer step; the copies start after it
+        self.enqueued = threading.Event()  # every device copy is queued; last_event is the last one's
+        self.last_event = None
         self.committed = threading.Event()  # local copy in the store
         self.interval = interval if schedule.defer_hash else 1
         self.starts = [release_at]  # start of every iteration its traffic may use (perf_counter)
@@ -100,6 +105,7 @@ class InFlight:
         except BaseException as e:  # noqa: BLE001 - reported to the training thread by wait()
             self.errors.append(e)
             self.copied.set(math.inf)
+            self.enqueued.set()
             self.committed.set()
         self.cpu.append(time.thread_time() - c0)
         self.ends.append(time.perf_counter())
@@ -112,16 +118,24 @@ class InFlight:
         for k, v in enumerate(self.views):
             spans.append((pos, pos + v.numel(), k))
             pos += v.numel()
-        j = 0
+        pieces, j = [], 0  # per chunk: (destination slice, source view) for every tensor it crosses
         for a, b in self.bounds:
+            chunk = []
             while a < b:
                 while spans[j][1] <= a:
                     j += 1
                 s0, s1, k = spans[j]
                 end = min(b, s1)
-                out[a:end].copy_(self.views[k][a - s0:end - s0])
+                chunk.append((out[a:end], self.views[k][a - s0:end - s0]))
                 a = end
-            self.copied.set(b)
+            pieces.append(chunk)
+        if self.cuda:
+            self._copy_from_device(pieces)
+        else:
+            for (_, b), chunk in zip(self.bounds, pieces):
+                for dst, src in chunk:
+                    dst.copy_(src)
+                self.copied.set(b)
         self.copied_at = time.perf_counter()
         if self.schedule.defer_hash:  # hashing and the store's file cost host CPU: in the first idle span
             r, offset, _, after = self.releases[0]
@@ -135,6 +149,20 @@ class InFlight:
         self.slot.commit(self.manifest)
         link.write_s.append(time.perf_counter() - t0)
         self.committed.set()
+
+    def _copy_from_device(self, pieces) -> None:
+        """Queue every chunk's device-to-host copy on the side stream, then mark each chunk copied as its event
+        completes (the sender waits for that)."""
+        from . import device
+
+        if not self.slot.page_locked:
+            self.slot.page_locked = device.page_lock(self.slot.tensor)
+        events = []
+        self.last_event = device.copy_out(self.slot.tensor, pieces, self.ready, lambda k, ev: events.append(ev))
+        self.enqueued.set()
+        for (_, b), ev in zip(self.bounds, events):
+            ev.synchronize()
+            self.copied.set(b)
 
     def _opened(self, r: int, offset, after) -> bool:
         """Has this release opened?"""
@@ -213,6 +241,14 @@ class InFlight:
         self.backward.add(1)
 
     def wait_copied(self) -> None:
+        """Before an update that overwrites the state: on the CPU, until the copy is in the store; on CUDA, the
+        training stream waits on the last copy's event (the host does not block)."""
+        if self.cuda:
+            self.enqueued.wait()
+            self._raise()
+            if self.last_event is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.last_event)
+            return
         self.copied.wait_for(self.size)
         self.committed.wait()
         self._raise()

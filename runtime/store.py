@@ -238,6 +238,7 @@ class Slot:
         mem = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) if size else None
         self.tensor = torch.frombuffer(mem, dtype=torch.uint8, count=size) if size else \
             torch.empty(0, dtype=torch.uint8)
+        self.page_locked = False  # registered with CUDA for device copies (runtime/device.py), once per slot
 
     def reopen(self, iteration: int, tmp: Path) -> None:
         """The same file and mapping, now for another iteration's shard (the file was moved to ``tmp``)."""
@@ -262,4 +263,9 @@ class Slot:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.page_locked:
+            from .device import page_unlock
+
+            page_unlock(self.tensor)
+            self.page_locked = False
         self.tensor = None

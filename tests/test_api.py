@@ -15,6 +15,7 @@ from torch.distributed.fsdp import fully_shard
 
 from runtime import Checkpointer, ConfigError, PlanError, StoreError
 from runtime import plan as plan_mod, schedules
+from runtime.state import unpack
 from runtime.store import ShardStore
 
 
@@ -37,10 +38,10 @@ class Counter:
         assert torch.equal(s["weights"], torch.arange(3.0) * self.seen)
 
 
-def make(seed: int, opt_kind: str = "sgd"):
+def make(seed: int, opt_kind: str = "sgd", device: str = "cpu"):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    mesh = init_device_mesh("cpu", (1,))
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).to(device)
+    mesh = init_device_mesh(device, (1,))
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt_kind == "sgd" else \
@@ -48,9 +49,9 @@ def make(seed: int, opt_kind: str = "sgd"):
     return model, opt
 
 
-def train(model, opt, ckpt, its, counter=None, start=0):
+def train(model, opt, ckpt, its, counter=None, start=0, device="cpu"):
     for it in range(start + 1, start + its + 1):
-        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(it))
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(it)).to(device)
         model(x).square().sum().backward()
         ckpt.after_backward()
         opt.step()
@@ -262,3 +263,63 @@ def test_the_fallback_wraps_and_restores_torch_distributed(world1):
     assert [op["bytes"] for op in rec.iterations[0]["ops"] if op["kind"] == "collective"] == [32]
     rec.uninstall()
     assert dist.all_reduce is original
+
+
+# --- on a GPU (skipped without CUDA; run on the GPU machine) ----------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def world1_cuda():
+    dist.init_process_group("cpu:gloo,cuda:gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@needs_cuda
+@pytest.mark.parametrize("schedule", ["naive", "blocking", "gemini"])
+def test_gpu_state_goes_to_page_locked_memory_and_back_bit_for_bit(world1_cuda, tmp_path, schedule):
+    """Device tensors are copied on the side stream into the page-locked store, and a new process's model on the
+    GPU gets them back exactly."""
+    plan = plan_mod.default(1, 1, replicas=1, persist=100, schedule=schedule)
+    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
+    model, opt = make(0, "adam", "cuda")
+    ckpt = Checkpointer(plan, model, opt, **kw)
+    ckpt.recover()
+    train(model, opt, ckpt, 4, device="cuda")
+    slots = list(ckpt.store._held.values())
+    assert slots and all(s.page_locked for s in slots)
+    ckpt.close()
+    before = snapshot(model, opt)
+    model2, opt2 = make(1, "adam", "cuda")
+    ckpt2 = Checkpointer(plan, model2, opt2, **kw)
+    assert ckpt2.recover() == 4
+    assert_same(before, snapshot(model2, opt2))
+    assert all(p.to_local().is_cuda for p in model2.parameters())
+    ckpt2.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_the_checkpoint_is_the_state_as_of_its_step(tmp_path, device):
+    """A checkpoint is copied while the next iteration trains, and that iteration's update waits for the copy (on a
+    GPU: the training stream waits on the copy's event, the host does not): what is stored is exactly the state as
+    of its own step."""
+    dist.init_process_group("gloo" if device == "cpu" else "cpu:gloo,cuda:gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    try:
+        plan = plan_mod.default(1, 1, replicas=1, persist=100, schedule="naive")
+        model, opt = make(0, "sgd", device)
+        ckpt = Checkpointer(plan, model, opt, store_root=tmp_path / "shm", durable_dir=tmp_path / "d",
+                            profile_iters=0)
+        train(model, opt, ckpt, 2, device=device)
+        params, state = snapshot(model, opt)
+        train(model, opt, ckpt, 1, start=2, device=device)  # checkpoint 2 is copied out while iteration 3 runs
+        ckpt.wait()
+        stored = unpack(*ckpt.store.get(2, 0))
+        assert stored.keys() >= {f"model/{n}" for n in params}
+        for name, p in params.items():
+            assert torch.equal(stored[f"model/{name}"], p.cpu()), name
+        assert not torch.equal(stored["model/0.weight"], snapshot(model, opt)[0]["0.weight"].cpu())  # it moved on
+        ckpt.close()
+    finally:
+        dist.destroy_process_group()
