@@ -23,6 +23,7 @@ import csv
 import io
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -35,6 +36,35 @@ KINDS = {
     "interleave": {"required": ("preset", "schedule"), "optional": ("replicas", "jitter", "seed", "interval")},
 }
 OPTIONS = {"days", "mtbf_hours", "threshold", "samples", "bursts"}
+MAX_CELLS = 100_000  # the grid's product, checked before any cell is built
+
+
+def _checks() -> dict:
+    """Every grid and option value's check: the command line's own (gemini_sim/cli/inputs.py) for numbers."""
+    from gemini_sim.cli import inputs
+
+    return {"machines": inputs.MACHINES, "replicas": inputs.REPLICAS, "failures": inputs.whole(0, 1_000_000),
+            "domains": inputs.whole(1, 1_000_000), "seed": inputs.SEED, "jitter": inputs.number(0, 0.99),
+            "interval": inputs.whole(1, 10_000), "days": inputs.DAYS, "mtbf_hours": inputs.HOURS,
+            "threshold": inputs.number(0, 1e6, lo_open=True), "samples": inputs.whole(1, 10_000_000)}
+
+
+def _check_value(path, key: str, value) -> None:
+    import argparse
+
+    check = _checks().get(key.rsplit(".", 1)[-1])
+    if key.endswith("bursts"):
+        if not isinstance(value, bool):
+            raise UserError(f"{path}: key '{key}' must be true or false, got {value!r}")
+    elif check is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{path}: key '{key}' must be a number, got {value!r}")
+        try:
+            check(repr(value))
+        except argparse.ArgumentTypeError as exc:
+            raise UserError(f"{path}: key '{key}': {exc}") from None
+    elif not isinstance(value, str) or not value:
+        raise UserError(f"{path}: key '{key}' must be a non-empty string, got {value!r}")
 
 
 def load_spec(path) -> dict:
@@ -54,12 +84,18 @@ def load_spec(path) -> dict:
             raise UserError(f"{path}: unknown key 'grid.{key}' for kind {kind}; valid: {', '.join(allowed)}")
         if not isinstance(values, list) or not values:
             raise UserError(f"{path}: key 'grid.{key}' must be a non-empty list")
+        for value in values:
+            _check_value(path, f"grid.{key}", value)
     for key in KINDS[kind]["required"]:
         if key not in grid:
             raise UserError(f"{path}: missing key 'grid.{key}' for kind {kind}")
-    for key in spec.get("options", {}):
+    for key, value in spec.get("options", {}).items():
         if key not in OPTIONS:
             raise UserError(f"{path}: unknown key 'options.{key}'; valid: {', '.join(sorted(OPTIONS))}")
+        _check_value(path, f"options.{key}", value)
+    size = math.prod(len(v) for v in grid.values())
+    if size > MAX_CELLS:
+        raise UserError(f"{path}: the grid has {size:,} cells; at most {MAX_CELLS:,}")
     return spec
 
 

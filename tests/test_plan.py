@@ -174,7 +174,17 @@ def test_sweep_spec_errors(tmp_path):
     for text, needle in [('kind = "x"\n[grid]\na=[1]', "key 'kind'"),
                          ('kind = "replay"\n[grid]\npreset=["gemini-paper"]', "missing key 'grid.trace'"),
                          ('kind = "placement"\n[grid]\nmachines=4', "must be a non-empty list"),
-                         ('kind = "placement"\n[grid]\nmachines=[4]\nflavour=[1]', "unknown key 'grid.flavour'")]:
+                         ('kind = "placement"\n[grid]\nmachines=[4]\nflavour=[1]', "unknown key 'grid.flavour'"),
+                         ('kind = "placement"\n[grid]\nmachines=[1000000000]', "'grid.machines': must be"),
+                         ('kind = "placement"\n[grid]\nmachines=[true]', "'grid.machines' must be a number"),
+                         ('kind = "placement"\n[grid]\nmachines=[nan]', "out of range"),
+                         ('kind = "placement"\n[grid]\nstrategy=[3]', "'grid.strategy' must be a non-empty str"),
+                         ('kind = "replay"\n[grid]\nseed=[-1]', "'grid.seed': must be >= 0"),
+                         ('kind = "replay"\n[grid]\npreset=["gemini-paper"]\ntrace=["t.csv"]\nstrategy=["gemini"]\n[options]\nsamples=0', "'options.samples'"),
+                         ('kind = "replay"\n[grid]\npreset=["gemini-paper"]\ntrace=["t.csv"]\nstrategy=["gemini"]\n[options]\nbursts=1', "true or false"),
+                         ('kind = "placement"\n[grid]\nmachines=[8]\nreplicas=[2]\nstrategy=["ring"]\nseed='
+                          + str(list(range(400))) + '\nfailures=' + str(list(range(400))),
+                          "160,000 cells; at most 100,000")]:
         spec.write_text(text)
         with pytest.raises(UserError, match=needle):
             sweep.load_spec(spec)
