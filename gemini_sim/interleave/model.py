@@ -132,6 +132,7 @@ class _Cluster:
     """Links and paths of the topology, plus one PCIe link per machine."""
 
     def __init__(self, preset: Preset, oversubscription: float):
+        self.oversubscription = oversubscription
         self.n = preset.cluster.machines
         g = topology.build(preset.cluster, preset.storage, oversubscription)
         self.capacity = {}
@@ -141,6 +142,7 @@ class _Cluster:
             self.capacity[("pcie", i)] = preset.cluster.pcie_gbps * GBPS
         self.graph = g
         self._paths: dict = {}
+        self.groups: dict = {}  # flow groups' incidences (Network.paths), valid for every Network on .capacity
 
     def path(self, i: int, j: int) -> tuple:
         key = (i, j)
@@ -158,15 +160,15 @@ class _Iteration:
     one checkpoint (of the state before the first update) when ``with_checkpoint``."""
 
     def __init__(self, preset: Preset, timeline: Timeline, cfg: InterleaveConfig, placement, plan=None,
-                 with_checkpoint=True, iterations: int | None = None, full: Preset | None = None, record=True):
+                 with_checkpoint=True, iterations: int | None = None, full: Preset | None = None, record=True,
+                 cluster: _Cluster | None = None):
         self.preset, self.tl, self.cfg = preset, timeline, cfg
         full = full or preset
         self.shard_bytes = full.checkpoint_bytes_per_machine
         self.ring_n = full.cluster.machines
         self.k = iterations or cfg.interval
         self.env = simpy.Environment()
-        self.cluster = _Cluster(preset, cfg.oversubscription)
-        self._paths: dict = {}
+        self.cluster = cluster or _Cluster(preset, cfg.oversubscription)  # built once by the caller, else here
         self.net = Network(self.env, self.cluster.capacity, record=record,
                            rate_log=record and preset.cluster.machines <= RATE_LOG_MACHINES)
         self.n = preset.cluster.machines
@@ -229,10 +231,10 @@ class _Iteration:
         yield self.net.transfer_group(ring, per, TRAIN, "train")
 
     def _group(self, key, paths):
-        """The network's incidence of a group of paths, built once per key."""
-        if key not in self._paths:
-            self._paths[key] = self.net.paths(paths())
-        return self._paths[key]
+        """The network's incidence of a group of paths, built once per key for the cluster."""
+        if key not in self.cluster.groups:
+            self.cluster.groups[key] = self.net.paths(paths())
+        return self.cluster.groups[key]
 
     # -- checkpoint pipeline (shared by every schedule) -----------------------------------------------------------
     @property
@@ -294,7 +296,7 @@ class _Iteration:
                 while copied.level_at < sent + size * (1 - 1e-9):  # wait until the bytes are in CPU memory
                     yield copied.wait()
                 if peers:
-                    group = self._group(("peers", i), lambda: [self.cluster.path(i, p) for p in peers])
+                    group = self._group(("peers", i, peers), lambda: [self.cluster.path(i, p) for p in peers])
                     self.flows += group.count
                     yield self.net.transfer_group(group, size, cls, "ckpt", i)
                 sent += size
@@ -321,9 +323,11 @@ def build_placement(preset: Preset, cfg: InterleaveConfig):
 
 
 def _simulate(preset, timeline, cfg, placement, plan=None, with_checkpoint=True, iterations=None,
-              full=None, record=True) -> IterationRun:
-    """One run; ``record=False`` keeps no flow table (only the times the interval search needs)."""
-    return _Iteration(preset, timeline, cfg, placement, plan, with_checkpoint, iterations, full, record).run()
+              full=None, record=True, cluster=None) -> IterationRun:
+    """One run; ``record=False`` keeps no flow table (only the times the interval search needs); ``cluster``:
+    the topology, built once by the caller for all its runs."""
+    return _Iteration(preset, timeline, cfg, placement, plan, with_checkpoint, iterations, full, record,
+                      cluster).run()
 
 
 SLICE = 16  # machines simulated when a larger cluster is symmetric

@@ -74,9 +74,9 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
     full, preset = preset, symmetric_slice(preset, cfg)
     # The profile GEMINI plans with: one iteration without checkpoint traffic, with other jitter draws than the run.
     pl = build_placement(preset, cfg)  # once, for the profile, every interval tried and the plan
+    cluster = _Cluster(preset, cfg.oversubscription)  # once too: its topology, paths and flow groups
     profile = _simulate(preset, timeline, dataclasses.replace(cfg, seed=cfg.seed + 1), pl, with_checkpoint=False,
-                        iterations=1, full=full)
-    cluster = _Cluster(preset, cfg.oversubscription)
+                        iterations=1, full=full, cluster=cluster)
 
     plans: dict = {}
 
@@ -85,9 +85,9 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
         plan = (plan_gemini(full.checkpoint_bytes_per_machine, profile, cluster, pl, c)
                 if cfg.schedule == "gemini" else None)
         plans[k] = plan
-        base = _simulate(preset, timeline, c, pl, with_checkpoint=False, full=full, record=record) \
-            if (cfg.jitter or k > 1) else profile
-        return _simulate(preset, timeline, c, pl, plan, full=full, record=record), base
+        base = _simulate(preset, timeline, c, pl, with_checkpoint=False, full=full, record=record,
+                         cluster=cluster) if (cfg.jitter or k > 1) else profile
+        return _simulate(preset, timeline, c, pl, plan, full=full, record=record, cluster=cluster), base
 
     run, base = run_with(cfg.interval, record=True)
     min_k = None
