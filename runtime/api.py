@@ -514,7 +514,7 @@ class Checkpointer:
         stats["device"] = torch.cuda.get_device_name(p.device) if p is not None and p.is_cuda else "cpu"
         stats["iterations"] = self.iterations
         stats["checkpoints"] = self.checkpoints
-        write_atomic(self.out_dir / f"timings-rank-{self.rank:05d}.json", json.dumps(stats))
+        write_atomic(self.out_dir / f"timings-rank-{self.rank:05d}.json", json.dumps(stats, allow_nan=False))
 
     def __enter__(self) -> "Checkpointer":
         return self

@@ -210,7 +210,7 @@ class Recorder:
 
     def write(self, path: Path, machines: int, ppm: int, source: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(self.profile(machines, ppm, source)))
+        write_atomic(path, json.dumps(self.profile(machines, ppm, source), allow_nan=False))
 
 
 def probe(ckpt, path: Path | None = None) -> dict | None:
@@ -250,6 +250,6 @@ def probe(ckpt, path: Path | None = None) -> dict | None:
         path = Path(path) if path else (ckpt.out_dir / "probe.json" if ckpt.out_dir else None)
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, json.dumps(result))
+            write_atomic(path, json.dumps(result, allow_nan=False))
     dist.barrier(group=ckpt.groups.control)
     return result
