@@ -86,6 +86,27 @@ def setup_preset(setup_dir, replicas: int = 2) -> tuple[Preset, Timeline, dict]:
     return preset, from_profile(profile, link_bytes_per_s=net), profile
 
 
+def host_cost(setup_dir, replicas: int) -> tuple[float | None, bool]:
+    """The host cost model's inputs for a measured set-up: (the CPU seconds one checkpoint costs a rank, whether
+    the checkpoint's threads share cores with training's). A checkpoint's CPU: its shard copied and hashed once,
+    sent to m-1 peers, and m-1 peers' shards received, at the probe's CPU cost per byte of each (None for a probe
+    without those figures)."""
+    d = Path(setup_dir)
+    probe = check_format(load_json(d / "probe.json", "probe"), "gemini-sim-probe", str(d / "probe.json"))
+    per = probe.get("host_cpu_s_per_byte")
+    if not per:
+        return None, False
+    shard = median(r["shard_bytes"] for r in _timings(d))  # one rank's
+    cpu = shard * (per["copy"] + per["hash"]) + shard * (replicas - 1) * (per["send"] + per["recv"])
+    return cpu, bool(probe.get("checkpoint_shares_training_cores", True))
+
+
+def host_cpu_s(setup_dir, replicas: int) -> float:
+    """InterleaveConfig.host_cpu_s for a measured set-up: the checkpoint's CPU where it shares training's cores."""
+    cpu, shared = host_cost(setup_dir, replicas)
+    return cpu if cpu is not None and shared else 0.0
+
+
 @dataclass(frozen=True)
 class Measured:
     schedule: str
@@ -207,7 +228,8 @@ def compare(run_dir, warmup: int = 3) -> dict:
         cfg = interleave.InterleaveConfig(schedule=plan["schedule"]["name"], replicas=plan["placement"]["replicas"],
                                           buffer_bytes=plan["schedule"]["buffer_bytes"],
                                           interval=plan["checkpoint"]["interval_iters"],
-                                          span_fill=plan["schedule"].get("span_fill", 1.0))
+                                          span_fill=plan["schedule"].get("span_fill", 1.0),
+                                          host_cpu_s=host_cpu_s(d / "baseline", plan["placement"]["replicas"]))
         sim = interleave.simulate(preset, cfg, timeline, find_interval=False)
         sims.append(sim)
         m = measured(rotation, warmup, name, rot) if rot else measured(sd, warmup)
@@ -224,6 +246,7 @@ def compare(run_dir, warmup: int = 3) -> dict:
                              "error_points": sim.overhead_pct - meas_over, "ci95": ci,
                              "rounds": paired.get(name, [])},
             "iterations": m.iterations, "checkpoints": m.checkpoints, "checkpoint_cpu_s": m.checkpoint_cpu_s,
+            "checkpoint_cpu_s_predicted": host_cost(d / "baseline", cfg.replicas)[0],
             "extra_cpu_s": None if m.iteration_cpu_s is None or base.iteration_cpu_s is None
             else m.iteration_cpu_s - base.iteration_cpu_s,
         })
@@ -257,12 +280,13 @@ def _s(x: float | None) -> str:
 
 def table(result: dict) -> tuple[list[str], list[list]]:
     headers = ["schedule", "iter meas (s)", "iter pred (s)", "error", "ckpt done meas (s)", "ckpt done pred (s)",
-               "error", "overhead meas", "overhead pred", "CPU +/iter/rank (s)"]
+               "error", "overhead meas", "overhead pred", "CPU +/iter/rank (s)", "ckpt CPU meas/pred (s)"]
     rows = []
     for r in result["schedules"]:
         it, ck, ov = r["iteration_s"], r["checkpoint_complete_s"], r["overhead_pct"]
         rows.append([r["schedule"], _s(it["measured"]), _s(it["predicted"]), _pct(it["rel_error"]),
                      _s(ck["measured"]), _s(ck["predicted"]), _pct(ck["rel_error"]),
                      f"{ov['measured']:.1f}%" + (f" ±{ov['ci95']:.1f}" if ov.get("ci95") is not None else ""),
-                     f"{ov['predicted']:.1f}%", _s(r.get("extra_cpu_s"))])
+                     f"{ov['predicted']:.1f}%", _s(r.get("extra_cpu_s")),
+                     f"{_s(r.get('checkpoint_cpu_s'))} / {_s(r.get('checkpoint_cpu_s_predicted'))}"])
     return headers, rows

@@ -23,6 +23,7 @@ the iteration's start. Format: see ``gemini_sim/cluster/workload.py``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import threading
@@ -213,40 +214,54 @@ class Recorder:
         write_atomic(path, json.dumps(self.profile(machines, ppm, source), allow_nan=False))
 
 
-def probe(ckpt, path: Path | None = None) -> dict | None:
+def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
     """Measure what the simulator needs to know about this set-up (collective: every rank calls it): the network's
     point-to-point bandwidth between machine 0 and machine 1 (rank 0 and its counterpart, each direction, over the
     runtime's own groups), and the rate at which rank 0 copies memory on the checkpoint's cores (the stand-in for the
-    GPU-to-CPU copy when training on CPU). Rank 0 writes ``probe.json`` (``path``, default in the Checkpointer's
-    out_dir) and returns it; the others return None."""
+    GPU-to-CPU copy when training on CPU). It also measures what a checkpoint costs the host: CPU seconds per byte
+    copied, hashed (SHA-256), sent and received (the process's CPU time, so gloo's own threads count), and whether
+    the checkpoint's threads share cores with training's (``compute_cores``: the cores of training's own thread;
+    None: not pinned, so shared). Rank 0 writes ``probe.json`` (``path``, default in the Checkpointer's out_dir)
+    and returns it; the others return None."""
     nbytes, reps = 8 << 20, 3
-    rates = []
+    rates, send_cpu, recv_cpu = [], [], []
     other = ckpt.ppm if ckpt.world > ckpt.ppm else None
     for src, dst in ((0, other), (other, 0)) if other is not None else ():
         for _ in range(reps):
             dist.barrier(group=ckpt.groups.control)
             t = time.perf_counter()
             g = ckpt.groups.between(src, dst)
+            c = time.process_time()
             if ckpt.rank == src:
                 dist.send(torch.ones(nbytes, dtype=torch.uint8), dst, group=g)
+                send_cpu.append((time.process_time() - c) / nbytes)
             elif ckpt.rank == dst:
                 dist.recv(torch.empty(nbytes, dtype=torch.uint8), src, group=g)
                 rates.append(nbytes / (time.perf_counter() - t))
+                recv_cpu.append((time.process_time() - c) / nbytes)
     result = None
     if ckpt.rank == 0 and rates:
         before = os.sched_getaffinity(0)
         pin_thread(ckpt.host_cores)  # alone, where the checkpoint's copier thread runs
         a = torch.ones(64 << 20, dtype=torch.uint8)
         b = torch.empty_like(a)
-        best = float("inf")
+        best = copy_cpu = hash_cpu = float("inf")
         for _ in range(5):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             b.copy_(a)
-            best = min(best, time.perf_counter() - t)
+            best, copy_cpu = min(best, time.perf_counter() - t), min(copy_cpu, time.process_time() - c)
+            c = time.process_time()
+            hashlib.sha256(memoryview(b.numpy())).hexdigest()
+            hash_cpu = min(hash_cpu, time.process_time() - c)
         os.sched_setaffinity(0, before)
+        shared = ckpt.host_cores is None or not compute_cores or bool(set(ckpt.host_cores) & set(compute_cores))
         result = {"format": "gemini-sim-probe", "version": 1,  # gemini_sim/schema/probe-v1.schema.json
                   "network_bytes_per_s": sorted(rates)[len(rates) // 2], "network_samples": rates,
-                  "copy_bytes_per_s": a.numel() / best, "probe_bytes": nbytes}
+                  "copy_bytes_per_s": a.numel() / best, "probe_bytes": nbytes,
+                  "host_cpu_s_per_byte": {"copy": copy_cpu / a.numel(), "hash": hash_cpu / a.numel(),
+                                          "send": sorted(send_cpu)[len(send_cpu) // 2],
+                                          "recv": sorted(recv_cpu)[len(recv_cpu) // 2]},
+                  "checkpoint_shares_training_cores": shared}
         path = Path(path) if path else (ckpt.out_dir / "probe.json" if ckpt.out_dir else None)
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)

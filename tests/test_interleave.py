@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import json
 
 import pytest
@@ -154,3 +155,24 @@ def test_symmetric_slice_matches_the_full_cluster(monkeypatch):
         assert b.simulated_machines == 48
         assert a.iteration_time_s == pytest.approx(b.iteration_time_s, rel=1e-9)
         assert a.checkpoint_complete_s == pytest.approx(b.checkpoint_complete_s, rel=1e-9)
+
+
+def test_host_cost_adds_the_checkpoints_cpu_spread_over_the_interval():
+    """The host cost model: a checkpoint's CPU on training's cores delays the interval by as much."""
+    preset = small()
+    base = simulate(preset, InterleaveConfig(schedule="gemini"))
+    for k in (1, 4):
+        r = simulate(preset, InterleaveConfig(schedule="gemini", interval=k, host_cpu_s=0.3), find_interval=False)
+        plain = simulate(preset, InterleaveConfig(schedule="gemini", interval=k), find_interval=False)
+        assert r.iteration_time_s == pytest.approx(plain.iteration_time_s + 0.3 / k, rel=1e-12)
+        assert r.checkpoint_complete_s == pytest.approx(plain.checkpoint_complete_s, rel=1e-12)
+    # the smallest interval under the budget grows with the host's cost: overhead(k) = 100 * 0.3 / k / t_iter
+    t = base.baseline_iteration_time_s
+    r = simulate(preset, InterleaveConfig(schedule="gemini", host_cpu_s=0.3), threshold_pct=1.0)
+    assert base.min_interval_iters == 1 and r.min_interval_iters == math.ceil(100 * 0.3 / t / 1.0)
+    b = simulate(preset, InterleaveConfig(schedule="blocking", host_cpu_s=0.3), threshold_pct=1.0)
+    b0 = simulate(preset, InterleaveConfig(schedule="blocking"), threshold_pct=1.0)
+    stall = b0.iteration_time_s - b0.baseline_iteration_time_s + 0.3
+    assert b.min_interval_iters == math.ceil(100 * stall / t / 1.0 - 1e-9)
+    with pytest.raises(UserError, match="host CPU"):
+        InterleaveConfig(host_cpu_s=float("nan"))

@@ -78,7 +78,7 @@ def main() -> None:
                         host_cores=cores(args.host_cores))
     start = ckpt.recover()  # gemini: 0, or the iteration it resumed from
     if args.probe:
-        probe(ckpt)
+        probe(ckpt, compute_cores=cores(args.compute_cores))
     rotation = [None if p == "none" else json.loads(Path(p).read_text())["schedule"]
                 for p in filter(None, args.rotate.split(","))]
     pin_thread(cores(args.compute_cores))  # training's own thread: the cores standing in for the accelerator

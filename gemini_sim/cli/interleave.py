@@ -52,9 +52,10 @@ def run(args) -> int:
         if args.profile or args.config:
             raise UserError("--setup brings its own cluster and profile; drop --profile/--config")
         preset, timeline, _ = validate.setup_preset(args.setup, replicas=args.replicas or 2)
+        host = validate.host_cpu_s(args.setup, args.replicas or 2)  # the host cost model (InterleaveConfig)
     else:
         preset = preset_of(args)
-        timeline = None
+        timeline, host = None, 0.0
     if args.profile:
         timeline = workload.from_profile(workload.load_profile(args.profile))
         if timeline.machines != preset.cluster.machines:
@@ -63,7 +64,7 @@ def run(args) -> int:
     cfg = interleave.InterleaveConfig(schedule=args.schedule, replicas=args.replicas,
                                       buffer_bytes=args.buffer_mb * 2 ** 20, jitter=args.jitter, seed=args.seed,
                                       interval=args.interval, oversubscription=args.oversubscription,
-                                      span_fill=args.span_fill)
+                                      span_fill=args.span_fill, host_cpu_s=host)
     res = interleave.simulate(preset, cfg, timeline, threshold_pct=args.threshold)
     if args.export_plan:
         _export_plan(args, preset, cfg, res)

@@ -46,6 +46,7 @@ class InterleaveConfig:
     interval: int = 1  # iterations per checkpoint: its sends may spread over that many iterations
     oversubscription: float = 1.0
     span_fill: float = 1.0  # gemini: fill at most this fraction of each idle span (headroom for timeline jitter)
+    host_cpu_s: float = 0.0  # CPU seconds one checkpoint costs a rank on the cores training runs on (host cost model)
 
     def __post_init__(self):
         from gemini_sim.interleave.schedules import SCHEDULES
@@ -60,6 +61,8 @@ class InterleaveConfig:
             raise UserError(f"interval must be >= 1 iteration, got {self.interval}")
         if not 0 < self.span_fill <= 1:
             raise UserError(f"span fill must be in (0, 1], got {self.span_fill}")
+        if not (math.isfinite(self.host_cpu_s) and self.host_cpu_s >= 0):
+            raise UserError(f"host CPU per checkpoint must be a finite number >= 0, got {self.host_cpu_s}")
 
 
 @dataclass

@@ -93,14 +93,15 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
     min_k = None
     if find_interval and cfg.schedule == "blocking":
         # One stall per checkpoint, amortized over the interval: closed form from the measured stall.
-        stall = run.iteration_s * cfg.interval - base.iteration_s * cfg.interval
+        stall = run.iteration_s * cfg.interval - base.iteration_s * cfg.interval + cfg.host_cpu_s
         need = math.ceil(100 * stall / (threshold_pct * base.iteration_s) - 1e-9) if threshold_pct > 0 else 0
         min_k = max(1, need) if threshold_pct > 0 and need <= max_interval else None
     elif find_interval:
-        min_k = _min_interval(run_with, threshold_pct, max_interval)
+        min_k = _min_interval(run_with, threshold_pct, max_interval, cfg)
     return InterleaveResult(
         schedule=cfg.schedule, preset=full.name, machines=full.cluster.machines, replicas=replicas,
-        interval=cfg.interval, iteration_time_s=run.iteration_s, baseline_iteration_time_s=base.iteration_s,
+        interval=cfg.interval, iteration_time_s=run.iteration_s + host_delay(cfg),
+        baseline_iteration_time_s=base.iteration_s,
         checkpoint_time_s=(run.checkpoint_complete_s - run.checkpoint_start_s) if run.checkpoint_start_s is not None
         else 0.0,
         checkpoint_complete_s=run.checkpoint_complete_s or 0.0, min_interval_iters=min_k,
@@ -112,19 +113,27 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
         timeline=timeline, spans=_spans_of(plans.get(cfg.interval), profile, cluster, pl, timeline))
 
 
-def _overhead(pair) -> float:
+def host_delay(cfg: InterleaveConfig) -> float:
+    """The host cost model: a checkpoint's CPU work on the cores training runs on (copy, hash, sends, receives:
+    ``cfg.host_cpu_s``) delays training by as much, spread over the interval's iterations. Measured on the runtime
+    (docs/runtime.md, "Closing the loop"): the iteration time each schedule adds beyond the network model matches the
+    checkpoint's CPU time. Zero where the checkpoint has cores of its own (``host_cpu_s = 0``)."""
+    return cfg.host_cpu_s / cfg.interval
+
+
+def _overhead(pair, cfg: InterleaveConfig) -> float:
     run, base = pair
-    return 100 * (run.iteration_s / base.iteration_s - 1)
+    return 100 * ((run.iteration_s + host_delay(cfg)) / base.iteration_s - 1)
 
 
-def _min_interval(run_with, threshold_pct: float, kmax: int) -> int | None:
+def _min_interval(run_with, threshold_pct: float, kmax: int, cfg: InterleaveConfig) -> int | None:
     """Smallest interval K (iterations per checkpoint) whose overhead is under the threshold, by doubling and then
     bisection (overhead falls as K grows); None when even ``kmax`` is not enough."""
     cache: dict[int, bool] = {}
 
     def ok(k: int) -> bool:
         if k not in cache:
-            cache[k] = _overhead(run_with(k)) <= threshold_pct
+            cache[k] = _overhead(run_with(k), dataclasses.replace(cfg, interval=k)) <= threshold_pct
         return cache[k]
 
     if ok(1):
