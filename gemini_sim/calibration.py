@@ -104,7 +104,7 @@ def host_cost(setup_dir, replicas: int) -> tuple[float | None, bool]:
 def host_cpu_s(setup_dir, replicas: int) -> float:
     """InterleaveConfig.host_cpu_s for a measured set-up: the checkpoint's CPU where it shares training's cores."""
     cpu, shared = host_cost(setup_dir, replicas)
-    return cpu if cpu is not None and shared else 0.0
+    return cpu if shared else 0.0  # shared is False without the probe figures
 
 
 @dataclass(frozen=True)
@@ -225,11 +225,12 @@ def compare(run_dir, warmup: int = 3) -> dict:
         if not (sd / "plan.json").is_file():
             continue
         plan = plan_mod.read(sd / "plan.json")
+        cpu, shared = host_cost(d / "baseline", plan["placement"]["replicas"])
         cfg = interleave.InterleaveConfig(schedule=plan["schedule"]["name"], replicas=plan["placement"]["replicas"],
                                           buffer_bytes=plan["schedule"]["buffer_bytes"],
                                           interval=plan["checkpoint"]["interval_iters"],
                                           span_fill=plan["schedule"].get("span_fill", 1.0),
-                                          host_cpu_s=host_cpu_s(d / "baseline", plan["placement"]["replicas"]))
+                                          host_cpu_s=cpu if shared else 0.0)
         sim = interleave.simulate(preset, cfg, timeline, find_interval=False)
         sims.append(sim)
         m = measured(rotation, warmup, name, rot) if rot else measured(sd, warmup)
@@ -246,7 +247,7 @@ def compare(run_dir, warmup: int = 3) -> dict:
                              "error_points": sim.overhead_pct - meas_over, "ci95": ci,
                              "rounds": paired.get(name, [])},
             "iterations": m.iterations, "checkpoints": m.checkpoints, "checkpoint_cpu_s": m.checkpoint_cpu_s,
-            "checkpoint_cpu_s_predicted": host_cost(d / "baseline", cfg.replicas)[0],
+            "checkpoint_cpu_s_predicted": cpu,
             "extra_cpu_s": None if m.iteration_cpu_s is None or base.iteration_cpu_s is None
             else m.iteration_cpu_s - base.iteration_cpu_s,
         })

@@ -61,7 +61,7 @@ def _unique_keys(pairs):
     return out
 
 
-def _depth_ok(text: str, limit: int) -> int | None:
+def _too_deep_at(text: str, limit: int) -> int | None:
     """The offset where brackets (outside strings) nest deeper than ``limit``, or None."""
     depth, in_string, escaped = 0, False, False
     for i, ch in enumerate(text):
@@ -85,7 +85,7 @@ def _depth_ok(text: str, limit: int) -> int | None:
 
 def parse_json(text: str, where: str):
     """Strict JSON (see the module docstring); ``where`` names the source in errors."""
-    too_deep = _depth_ok(text, MAX_DEPTH)
+    too_deep = _too_deep_at(text, MAX_DEPTH)
     if too_deep is not None:
         line = text.count("\n", 0, too_deep) + 1
         raise UserError(f"{where}: JSON nested more than {MAX_DEPTH} levels deep (line {line})")

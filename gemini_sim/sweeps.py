@@ -20,6 +20,7 @@ output skips every cell already done; failed cells are tried again.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import json
@@ -39,6 +40,7 @@ OPTIONS = {"days", "mtbf_hours", "threshold", "samples", "bursts"}
 MAX_CELLS = 100_000  # the grid's product, checked before any cell is built
 
 
+@functools.cache
 def _checks() -> dict:
     """Every grid and option value's check: the command line's own (gemini_sim/cli/inputs.py) for numbers."""
     from gemini_sim.cli import inputs

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from . import device, recovery, schedules
+from . import recovery, schedules
 from .pipeline import InFlight, Link
 from .plan import Plan, PlanError
 from .profiler import Recorder
@@ -428,10 +428,9 @@ class Checkpointer:
                state=None):
         tensors, skeleton = state or self.capture()
         entries, views = entries_of(tensors)
-        gpu = next((v.device for v in views if v.is_cuda), None)  # the copies wait for the work queued so far
         self._inflight = InFlight(self._link(), iteration, entries, views, skeleton, self.schedule,
                                   self.schedule_dict, self.plan.interval, self.ppm, self._seq, release_at,
-                                  released_in, iteration_start, ready=device.mark(gpu) if gpu else None).start()
+                                  released_in, iteration_start).start()
         self._seq += 1
         self._backward_done = False
 

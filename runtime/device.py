@@ -50,18 +50,16 @@ def page_unlock(tensor: torch.Tensor) -> None:
         torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
 
 
-def copy_out(out: torch.Tensor, pieces, ready, on_chunk) -> "torch.cuda.Event":
-    """Queue the copies of ``pieces`` (a list per chunk of ``(destination slice, source view)``) on the side stream
-    after ``ready``; return the event of the last one. ``on_chunk(k, event)`` gets each chunk's event."""
-    device = next(src.device for chunk in pieces for _, src in chunk if src.is_cuda)
+def copy_out(device: torch.device, pieces, ready) -> list:
+    """Queue the copies of ``pieces`` (a list per chunk of ``(destination slice, source view)``) on ``device``'s side
+    stream after the event ``ready``; return each chunk's completion event."""
     stream = side_stream(device)
     if ready is not None:
         stream.wait_event(ready)
-    event = None
+    events = []
     with torch.cuda.stream(stream):
-        for k, chunk in enumerate(pieces):
+        for chunk in pieces:
             for dst, src in chunk:
                 dst.copy_(src, non_blocking=True)
-            event = stream.record_event()
-            on_chunk(k, event)
-    return event
+            events.append(stream.record_event())
+    return events

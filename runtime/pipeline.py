@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from . import device
 from .schedules import Schedule
 from .transport import MAX_CHUNKS, Groups, Progress, Receiver, chunk_bounds, isend_bytes, pin_thread, tag
 
@@ -48,7 +49,7 @@ class InFlight:
 
     def __init__(self, link: Link, iteration: int, entries: list[dict], views: list[torch.Tensor], skeleton,
                  schedule: Schedule, plan_schedule: dict, interval: int, ppm: int, seq: int, release_at: float,
-                 released_in: int, iteration_start: float | None = None, ready=None):
+                 released_in: int, iteration_start: float | None = None):
         self.link = link
         self.iteration = iteration
         self.seq = seq  # checkpoints this rank sent before this one: tags the messages
@@ -66,9 +67,10 @@ class InFlight:
         self.bounds = chunk_bounds(self.size, self.chunk)
         self.slot = None  # where the local copy goes in the store (the copier opens it); the sender sends from it
         self.copied = Progress()  # bytes in CPU memory
+        # device tensors are copied on a side stream (runtime/device.py), after an event recorded here, on the
+        # training thread: the state as of the optimizer step
         self.device = next((v.device for v in views if v.is_cuda), None)
-        self.cuda = self.device is not None  # device tensors: copied on a side stream (runtime/device.py)
-        self.ready = ready  # CUDA event: the state as of the optimizer step; the copies start after it
+        self.ready = device.mark(self.device) if self.device is not None else None
         self.enqueued = threading.Event()  # every device copy is queued; last_event is the last one's
         self.last_event = None
         self.committed = threading.Event()  # local copy in the store
@@ -129,7 +131,7 @@ class InFlight:
                 chunk.append((out[a:end], self.views[k][a - s0:end - s0]))
                 a = end
             pieces.append(chunk)
-        if self.cuda:
+        if self.device is not None:
             self._copy_from_device(pieces)
         else:
             for (_, b), chunk in zip(self.bounds, pieces):
@@ -153,12 +155,10 @@ class InFlight:
     def _copy_from_device(self, pieces) -> None:
         """Queue every chunk's device-to-host copy on the side stream, then mark each chunk copied as its event
         completes (the sender waits for that)."""
-        from . import device
-
         if not self.slot.page_locked:
             self.slot.page_locked = device.page_lock(self.slot.tensor)
-        events = []
-        self.last_event = device.copy_out(self.slot.tensor, pieces, self.ready, lambda k, ev: events.append(ev))
+        events = device.copy_out(self.device, pieces, self.ready)
+        self.last_event = events[-1] if events else None
         self.enqueued.set()
         for (_, b), ev in zip(self.bounds, events):
             ev.synchronize()
@@ -243,7 +243,7 @@ class InFlight:
     def wait_copied(self) -> None:
         """Before an update that overwrites the state: on the CPU, until the copy is in the store; on CUDA, the
         training stream waits on the last copy's event (the host does not block)."""
-        if self.cuda:
+        if self.device is not None:
             self.enqueued.wait()
             self._raise()
             if self.last_event is not None:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from . import device
+
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 
@@ -264,8 +266,6 @@ class Slot:
             os.close(self.fd)
             self.fd = -1
         if self.page_locked:
-            from .device import page_unlock
-
-            page_unlock(self.tensor)
+            device.page_unlock(self.tensor)
             self.page_locked = False
         self.tensor = None

@@ -12,6 +12,7 @@ the NICs but not the host PCIe link. When chunks are released is the schedule's 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -83,12 +84,21 @@ class IterationRun:
     flows: int = 0
     _busy: dict = dataclasses.field(default_factory=dict, repr=False)
 
+    def _of_kind(self, kind: str) -> np.ndarray:
+        """Which rows of the table are flows of ``kind``."""
+        return self.table["kind"] == (self.kinds.index(kind) if kind in self.kinds else -1)
+
+    @functools.cached_property
+    def link_index(self) -> dict:
+        """Each link's index in :attr:`links` (the table's ``first`` column)."""
+        return {link: k for k, link in enumerate(self.links)}
+
     def spans(self, kind: str | None = None, owner: int | None = None) -> list[tuple[float, float]]:
         """(start, end) of the finished flows of ``kind`` owned by ``owner`` (None: any)."""
         t = self.table
         sel = np.ones(len(t["start"]), dtype=bool)
         if kind is not None:
-            sel &= t["kind"] == (self.kinds.index(kind) if kind in self.kinds else -1)
+            sel &= self._of_kind(kind)
         if owner is not None:
             sel &= t["owner"] == owner
         return list(zip(t["start"][sel].tolist(), t["end"][sel].tolist()))
@@ -98,16 +108,14 @@ class IterationRun:
         index, start, end) sorted by link and start. For a machine's NIC egress: when it was sending."""
         if kind not in self._busy:
             t = self.table
-            sel = slice(None) if kind is None else t["kind"] == (self.kinds.index(kind) if kind in self.kinds else -1)
+            sel = slice(None) if kind is None else self._of_kind(kind)
             self._busy[kind] = merge_intervals(t["first"][sel], t["start"][sel], t["end"][sel])
         return self._busy[kind]
 
     def busy(self, link, kind: str | None = None) -> list[tuple[float, float]]:
         """When ``link`` carried flows that start on it (of ``kind``, or any): merged (start, end) intervals."""
         g, a, b = self.busy_all(kind)
-        if "links" not in self._busy:
-            self._busy["links"] = {x: k for k, x in enumerate(self.links)}
-        index = self._busy["links"].get(link, -1)
+        index = self.link_index.get(link, -1)
         lo, hi = np.searchsorted(g, index, "left"), np.searchsorted(g, index, "right")
         return list(zip(a[lo:hi].tolist(), b[lo:hi].tolist()))
 
@@ -135,7 +143,6 @@ class _Cluster:
     """Links and paths of the topology, plus one PCIe link per machine."""
 
     def __init__(self, preset: Preset, oversubscription: float):
-        self.oversubscription = oversubscription
         self.n = preset.cluster.machines
         g = topology.build(preset.cluster, preset.storage, oversubscription)
         self.capacity = {}
@@ -317,8 +324,8 @@ class _Iteration:
             complete = max(self.net.last_end.get(k, 0.0) for k in ("ckpt", "d2h"))
         period = max(train_end, complete or 0.0)
         return IterationRun(period / self.k, spans[self.updates[0]][0], self.spans, table, list(self.net.kinds),
-                            self.net.links, self.net.link_rate_log, self.ckpt_start, complete, getattr(self, "d2h_complete", None),
-                            self.net.reallocations, self.flows)
+                            self.net.links, self.net.link_rate_log, self.ckpt_start, complete,
+                            getattr(self, "d2h_complete", None), self.net.reallocations, self.flows)
 
 
 def build_placement(preset: Preset, cfg: InterleaveConfig):
@@ -359,8 +366,7 @@ def _mean_idle(run: IterationRun, cluster: _Cluster, until: float) -> float:
     """Mean over machines of the time in [0, until) during which the machine's NIC sent nothing."""
     if cluster.n < 2:
         return until
-    at = {link: k for k, link in enumerate(run.links)}
-    nics = np.array([at[cluster.nic_out(i)] for i in range(cluster.n)])
+    nics = np.array([run.link_index[cluster.nic_out(i)] for i in range(cluster.n)])
     g, a, b = run.busy_all()
     mine = np.isin(g, nics)
     busy = np.clip(np.minimum(b[mine], until) - a[mine], 0.0, None).sum()

@@ -73,7 +73,12 @@ class Paths:
         return len(self.first)
 
 
-_COLUMNS = ("start", "end", "size", "first", "cls", "kind", "owner")
+_COLUMNS = ("start", "end", "size", "first", "cls", "kind", "owner")  # of a finished flow
+_ACTIVE = ("start", "size", "first", "cls", "kind", "owner", "rem", "rate", "group")  # of a flow in flight
+
+
+def _empty(columns) -> dict[str, np.ndarray]:
+    return {c: np.zeros(0, dtype=float if c in ("start", "end", "size", "rem", "rate") else np.intp) for c in columns}
 
 
 class Network:
@@ -94,10 +99,7 @@ class Network:
         self.reallocations = 0
         self.link_rate_log: list[tuple[float, dict]] = []  # (time, {link: total rate}) at every change
         # The active flows, one entry per flow in each array, and their link incidences.
-        self._a = {c: np.zeros(0, dtype=float if c in ("start", "end", "size") else np.intp) for c in _COLUMNS}
-        self._a["rem"] = np.zeros(0)
-        self._a["rate"] = np.zeros(0)
-        self._a["group"] = np.zeros(0, dtype=np.intp)
+        self._a = _empty(_ACTIVE)
         self._inc_flow = np.zeros(0, dtype=np.intp)
         self._inc_link = np.zeros(0, dtype=np.intp)
         self._new: list = []  # groups started at this instant, not yet in the arrays
@@ -143,7 +145,7 @@ class Network:
         self._next_group += 1
         k = int(keep.sum())
         self._groups[group] = [k, done]
-        self._new.append(({"start": np.full(k, self.env.now), "end": np.zeros(k), "size": sizes[keep].copy(),
+        self._new.append(({"start": np.full(k, self.env.now), "size": sizes[keep].copy(),
                            "first": paths.first[keep], "cls": np.full(k, cls, dtype=np.intp),
                            "kind": np.full(k, self.kinds.index(kind), dtype=np.intp), "owner": owners[keep],
                            "rem": sizes[keep].copy(), "rate": np.zeros(k), "group": np.full(k, group, dtype=np.intp)},
@@ -161,7 +163,7 @@ class Network:
         """Every finished flow (when ``record``): arrays ``start``, ``end``, ``size``, ``first`` (index of its first
         link in :attr:`links`), ``cls``, ``kind`` (index in :attr:`kinds`) and ``owner``, in order of completion."""
         if not self._done:
-            return {c: np.zeros(0, dtype=float if c in ("start", "end", "size") else np.intp) for c in _COLUMNS}
+            return _empty(_COLUMNS)
         return {c: np.concatenate([d[c] for d in self._done]) for c in _COLUMNS}
 
     # -- internals ---------------------------------------------------------------------------------------------
@@ -246,14 +248,14 @@ class Network:
         self._advance()
         a = self._a
         with np.errstate(divide="ignore", invalid="ignore"):
-            finished = (a["rem"] <= np.maximum(1e-9 * a["size"], EPS)) | ((a["rate"] > 0) & (a["rem"] / a["rate"] < 1e-12))
+            finished = (a["rem"] <= np.maximum(1e-9 * a["size"], EPS)) | \
+                ((a["rate"] > 0) & (a["rem"] / a["rate"] < 1e-12))
         if finished.any():
             for k in np.unique(a["kind"][finished]).tolist():
                 self.last_end[self.kinds[k]] = self.env.now
             if self.record:
-                done = {c: a[c][finished] for c in _COLUMNS}
-                done["end"] = np.full(int(finished.sum()), self.env.now)
-                self._done.append(done)
+                done = {c: a[c][finished] for c in _COLUMNS if c != "end"}
+                self._done.append(done | {"end": np.full(int(finished.sum()), self.env.now)})
             groups, counts = np.unique(a["group"][finished], return_counts=True)
             keep = ~finished
             new_index = np.cumsum(keep) - 1
