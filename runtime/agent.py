@@ -223,23 +223,43 @@ class Job:
                 pass
         p.wait()
 
-    def _cause(self, failed: list[int]) -> str | None:
-        """The root cause among the failed machines' logs, as one line: an exception a rank raised, else a worker
-        killed by a signal, else an error that only says another rank went away."""
+    def _cause(self, failed: list[int]) -> tuple[int, str, int, bool] | None:
+        """The root cause in the machines' logs, as (its kind, one line, machine, whether the rank is known). Kinds:
+        an exception a rank raised (0), a worker killed by a signal (1), an error that only says another rank went
+        away (2). Every machine's log is read, the failed ones first: a machine whose agent has not exited yet may
+        already hold the real cause."""
         found = []
-        for m in failed:
+        for m in failed + [m for m in range(self.n) if m not in failed]:
             log = self.work / f"machine-{m}.{self.generation[m]}.log"
             cause = root_cause(log)
             if cause:
                 text, rank = cause
                 rank_of = rank if rank is not None else "?"
                 found.append((2 if any(s in text for s in _SECONDARY) else 0,
-                              f"{text} (rank {rank_of}, machine {m})"))
-            else:
+                              f"{text} (rank {rank_of}, machine {m})", m, rank is not None))
+            elif m in failed:
                 sig = killed_by(log)
                 if sig:
-                    found.append((1, f"a worker of machine {m} was killed by {sig[1]} (rank {sig[0]})"))
-        return min(found)[1] if found else None
+                    found.append((1, f"a worker of machine {m} was killed by {sig[1]} (rank {sig[0]})", m, True))
+        return min(found, key=lambda f: f[0]) if found else None
+
+    def _settled_cause(self, failed: list[int], grace: float = 10.0) -> str:
+        """The root cause once the logs settle: while only errors that blame another rank are found, wait up to
+        ``grace`` seconds (or until every agent has exited) for the rank that really failed to write its
+        exception, and for its agent to name the rank."""
+        deadline = time.time() + grace
+        time.sleep(0.3)
+        while True:
+            found = self._cause(failed)
+            done = all(p.poll() is not None for p in self.procs.values())
+            named = found and (found[3] or self.procs[found[2]].poll() is not None)
+            if (found and found[0] <= 1 and named) or done or time.time() > deadline:
+                break
+            time.sleep(0.2)
+            failed = [m for m, p in self.procs.items() if p.poll() not in (None, 0)]
+        if found:
+            return found[1]
+        return f"the agent of machine {failed[0]} exited with code {self.procs[failed[0]].returncode}"
 
     def restart_job(self, lost: list[int], why: str) -> None:
         """Lose machines (kill them, wipe their memory), stop the others, and start the job again."""
@@ -279,9 +299,7 @@ class Job:
                     pending = set()
                 failed = [m for m, p in self.procs.items() if p.poll() not in (None, 0)]
                 if failed:
-                    time.sleep(0.3)  # let the machines' logs settle
-                    cause = self._cause(failed) or f"the agent of machine {failed[0]} exited with code " \
-                                                   f"{self.procs[failed[0]].returncode}"
+                    cause = self._settled_cause(failed)
                     if echo:
                         echo(f"job attempt {self.job_attempt} failed: {cause}")
                     repeated = bool(self.causes) and self.causes[-1] == cause

@@ -39,6 +39,28 @@ def test_a_failing_script_is_reported_by_its_root_cause_and_not_retried(tmp_path
     assert res.wall_s < 60
 
 
+BLAMES_THE_OTHER = textwrap.dedent("""
+    import os, time
+    if os.environ["GEMINI_MACHINE_ID"] == "0":
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:1453")  # what gloo says when a peer dies
+    time.sleep(3)  # the rank that really failed writes its exception late
+    raise ValueError("bad learning rate")
+""")
+
+
+def test_an_error_that_blames_another_rank_waits_for_the_real_cause(tmp_path):
+    script = tmp_path / "late.py"
+    script.write_text(BLAMES_THE_OTHER)
+    lines = []
+    job = Job(default_plan(tmp_path / "plan.json", 2, 1), tmp_path / "job", [str(script)], max_restarts=0)
+    try:
+        res = job.run(timeout=120, echo=lines.append)
+    finally:
+        job.cleanup()
+    assert res.root_cause == "ValueError: bad learning rate (rank 1, machine 1)"
+    assert lines == ["job attempt 0 failed: " + res.root_cause]
+
+
 def test_root_cause_reads_the_first_exception_of_a_machine_log(tmp_path):
     log = tmp_path / "m.log"
     log.write_text(textwrap.dedent("""
