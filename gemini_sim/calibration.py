@@ -18,8 +18,8 @@ A **run directory** (what ``make calibrate`` / ``python examples/tinygpt/calibra
                                  and iterations with their "block_pos"
 
 The simulated set-up (:func:`setup_preset`): the run's machines and processes, each NIC at the measured
-point-to-point bandwidth, the copy to CPU memory at the measured copy rate, checkpoint bytes per machine as the runtime
-reported them. The timeline is the profile's typical iteration, with each collective's effective bytes fitted to its
+point-to-point bandwidth, the copy to CPU memory at the measured copy rate (on a GPU: the measured GPU <-> CPU rates
+and compute's slowdown beside a copy, :func:`host_path`), checkpoint bytes per machine as the runtime reported them. The timeline is the profile's typical iteration, with each collective's effective bytes fitted to its
 measured duration (``from_profile(link_bytes_per_s=...)``): the baseline iteration is thus calibrated, and what the
 comparison tests is the prediction of what checkpoint traffic does to it.
 
@@ -75,15 +75,28 @@ def setup_preset(setup_dir, replicas: int = 2) -> tuple[Preset, Timeline, dict]:
     params = ranks[0]["params"]  # the model's parameter count (every rank reports it)
     preset = preset_from_dict({
         "name": f"runtime set-up ({d})",
-        "cluster": {"machines": n, "gpus_per_machine": ppm, "gpu": "cpu-rank", "gpu_memory_gb": 1.0,
-                    "gpu_peak_tflops": 1.0, "cpu_memory_gb": 1e3, "network_gbps": net * 8 / 1e9,
-                    "pcie_gbps": ppm * float(probe["copy_bytes_per_s"]) * 8 / 1e9},
+        "cluster": {"machines": n, "gpus_per_machine": ppm, "gpu_memory_gb": 1.0, "gpu_peak_tflops": 1.0,
+                    "cpu_memory_gb": 1e3, "network_gbps": net * 8 / 1e9, **host_path(probe, ppm)},
         "model": {"name": "runtime TinyGPT", "parameters": float(params), "layers": 1, "hidden": 1, "seq_len": 1,
                   "global_batch_tokens": 1.0, "mfu": 0.5, "bytes_per_param": shard / params},
         "storage": {"remote_gbps": 1.0},
         "recovery": {"replicas": replicas},
     }, str(d))
     return preset, from_profile(profile, link_bytes_per_s=net), profile
+
+
+def host_path(probe: dict, ppm: int) -> dict:
+    """The ``[cluster]`` keys of a measured set-up's copy path, per machine of ``ppm`` ranks. On a GPU (the probe
+    has ``d2h_bytes_per_s``): each rank's copies at its device's measured GPU <-> CPU rates, shared by the ranks on
+    one device (``ranks_per_device``: several emulated machines on one GPU split its PCIe link), and compute's
+    measured slowdown beside a copy. On CPU ranks: the copy to CPU memory at the measured memory-copy rate."""
+    gbit = 8 / 1e9
+    if "d2h_bytes_per_s" not in probe:
+        return {"gpu": "cpu-rank", "pcie_gbps": ppm * float(probe["copy_bytes_per_s"]) * gbit}
+    share = ppm / probe.get("ranks_per_device", 1)
+    return {"gpu": probe.get("device") or "gpu", "pcie_gbps": share * probe["d2h_bytes_per_s"] * gbit,
+            "h2d_gbps": share * probe["h2d_bytes_per_s"] * gbit,
+            "copy_slowdown": float(probe.get("copy_compute_slowdown", 0.0))}
 
 
 def host_cost(setup_dir, replicas: int) -> tuple[float | None, bool]:
@@ -219,12 +232,12 @@ def compare(run_dir, warmup: int = 3) -> dict:
     base = measured(rotation, warmup, "none", rot) if rot else baseline_run
     preset, timeline, profile = setup_preset(d / "baseline")  # each plan's replicas go in its InterleaveConfig
     paired = paired_overheads(rotation, warmup, rot) if rot else {}
-    rows, sims = [], []
+    rows, sims, plans = [], [], {}
     for name in SCHEDULE_DIRS:
         sd = d / name
         if not (sd / "plan.json").is_file():
             continue
-        plan = plan_mod.read(sd / "plan.json")
+        plan = plans[name] = plan_mod.read(sd / "plan.json")
         cpu, shared = host_cost(d / "baseline", plan["placement"]["replicas"])
         cfg = interleave.InterleaveConfig(schedule=plan["schedule"]["name"], replicas=plan["placement"]["replicas"],
                                           buffer_bytes=plan["schedule"]["buffer_bytes"],
@@ -267,8 +280,32 @@ def compare(run_dir, warmup: int = 3) -> dict:
                      "predicted_unfitted": plain.baseline_iteration_time_s,
                      "rel_error_unfitted": _rel(plain.baseline_iteration_time_s, base.iteration_s)},
         "schedules": rows, "measured_in": "rotation" if rot else "separate runs",
+        "choice": optimizer_choice(d / "baseline", preset, timeline, plans, rows),
         "baseline_run_iteration_s": baseline_run.iteration_s,
     }
+
+
+def optimizer_choice(setup_dir, preset: Preset, timeline: Timeline, plans: dict, rows: list[dict]) -> dict:
+    """The schedule ``gemini-sim plan --setup`` picks for this set-up among those measured (their replicas,
+    placement, staging buffer and span fill; a checkpoint every iteration; failures at Llama 3's rate, synthetic),
+    against the one measured cheapest (the lowest measured overhead), and how far apart they are as measured."""
+    from gemini_sim import optimize
+    from gemini_sim.failures import synthetic
+
+    first = next(iter(plans.values()))
+    m, strategy = first["placement"]["replicas"], first["placement"]["strategy"]
+    fill = plans["gemini"]["schedule"].get("span_fill") if "gemini" in plans else None
+    trace = synthetic.for_cluster("poisson", preset.cluster.machines, preset.cluster.machines_per_rack)
+    res = optimize.optimize(preset.with_replicas(m), trace, 100.0, schedules=list(plans), placements=[strategy],
+                            replicas=[m], timeline=timeline, buffer_bytes=first["schedule"]["buffer_bytes"],
+                            max_interval=1, host_cpu_s=lambda r: host_cpu_s(setup_dir, r), span_fill=fill)
+    measured_of = {r["schedule"]: r["overhead_pct"]["measured"] for r in rows}
+    best = min(measured_of, key=measured_of.get)
+    chosen = res.best.schedule
+    return {"chosen": chosen, "chosen_predicted_overhead_pct": res.best.overhead_pct,
+            "chosen_measured_overhead_pct": measured_of[chosen], "measured_best": best,
+            "measured_best_overhead_pct": measured_of[best], "gap_points": measured_of[chosen] - measured_of[best],
+            "trace": trace.name}
 
 
 def _pct(x: float | None) -> str:

@@ -85,7 +85,10 @@ PHASES = 4  # replays per candidate, each with the checkpoint cycles at a random
 def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, processes_per_machine: int | None = None,
              schedules=None, placements=None, replicas=None, timeline: Timeline | None = None,
              buffer_bytes: float = 1 << 30, seed: int = 0, max_interval: int = 16, progress=None,
-             config_sha256: str = "", trace_sha256: str = "") -> OptimizeResult:
+             config_sha256: str = "", trace_sha256: str = "", host_cpu_s=None, span_fill: float | None = None) -> OptimizeResult:
+    """``host_cpu_s(m)``: the CPU seconds a checkpoint with m replicas costs a rank on training's cores (the host cost
+    model of a measured set-up, calibration.host_cpu_s; None: nothing). ``span_fill``: the gemini schedule's (None:
+    1, the whole of each idle span)."""
     if max_overhead_pct < 0:
         raise UserError(f"--max-overhead must be >= 0, got {max_overhead_pct}")
     n = preset.cluster.machines
@@ -104,7 +107,9 @@ def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, pro
     sims: dict = {}
     for m in replica_options:
         for sched in schedules:
-            cfg = interleave.InterleaveConfig(schedule=sched, replicas=m, buffer_bytes=buffer_bytes, seed=seed)
+            cfg = interleave.InterleaveConfig(schedule=sched, replicas=m, buffer_bytes=buffer_bytes, seed=seed,
+                                              host_cpu_s=host_cpu_s(m) if host_cpu_s else 0.0,
+                                              span_fill=span_fill or 1.0)
             first = interleave.simulate(preset.with_replicas(m), cfg, timeline, threshold_pct=max(max_overhead_pct,
                                         1e-6), max_interval=max_interval)
             for k in _intervals(first, max_overhead_pct, max_interval):
@@ -143,7 +148,7 @@ def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, pro
                  "recovery_probability_k2": best.recovery_probability_k2, "trace": trace.name,
                  "trace_synthetic": trace.synthetic}
     the_plan = plan_for(preset, pl, sim, best.schedule, best.interval_iters, buffer_bytes, ppm, predicted,
-                        config_sha256=config_sha256, trace_sha256=trace_sha256)
+                        span_fill=span_fill, config_sha256=config_sha256, trace_sha256=trace_sha256)
     plan_mod.validate(the_plan, "optimized plan")
     return OptimizeResult(best, tuple(cands), tuple(pareto_front([c for c in cands if c.reason != "memory"])),
                           the_plan)

@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -214,6 +215,51 @@ class Recorder:
         write_atomic(path, json.dumps(self.profile(machines, ppm, source), allow_nan=False))
 
 
+def device_rates(device: torch.device, nbytes: int = 256 << 20, reps: int = 5) -> dict:
+    """The GPU half of the probe (rank 0, CUDA only): GPU -> page-locked CPU memory and back, in bytes/s (the best of
+    ``reps`` copies of ``nbytes``), and by how much a bf16 matrix-multiply loop slows while a GPU -> CPU copy runs
+    beside it on the checkpoint's side stream (the median of ``reps`` paired runs, timed with CUDA events on the
+    compute stream; 0 when it does not slow). ../shared/GPU.md measured 54.8 / 51.6 GB/s and 1.5% on an H100."""
+    from .device import side_stream
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def best(run) -> float:
+        out = float("inf")
+        for _ in range(reps):
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            run()
+            torch.cuda.synchronize(device)
+            out = min(out, time.perf_counter() - t)
+        return out
+
+    d2h = nbytes / best(lambda: host.copy_(src, non_blocking=True))
+    h2d = nbytes / best(lambda: src.copy_(host, non_blocking=True))
+    a = torch.randn(4096, 4096, dtype=torch.bfloat16, device=device)
+
+    def gemms(copies: int = 0) -> float:  # seconds of 50 matmuls on the current stream, beside ``copies`` copies
+        torch.cuda.synchronize(device)
+        if copies:
+            with torch.cuda.stream(side_stream(device)):
+                for _ in range(copies):
+                    host.copy_(src, non_blocking=True)
+        start = torch.cuda.current_stream(device).record_event(torch.cuda.Event(enable_timing=True))
+        for _ in range(50):
+            a @ a
+        end = torch.cuda.current_stream(device).record_event(torch.cuda.Event(enable_timing=True))
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3
+
+    gemms()  # warm-up: cuBLAS picks its kernel
+    alone = gemms()
+    copies = int(alone * 1.5 * d2h / nbytes) + 1  # enough copies to last longer than the matmuls
+    ratios = sorted(gemms(copies) / gemms() for _ in range(reps))
+    return {"device": torch.cuda.get_device_name(device), "d2h_bytes_per_s": d2h, "h2d_bytes_per_s": h2d,
+            "copy_compute_slowdown": min(0.99, max(0.0, ratios[len(ratios) // 2] - 1))}
+
+
 def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
     """Measure what the simulator needs to know about this set-up (collective: every rank calls it): the network's
     point-to-point bandwidth between machine 0 and machine 1 (rank 0 and its counterpart, each direction, over the
@@ -221,8 +267,9 @@ def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
     GPU-to-CPU copy when training on CPU). It also measures what a checkpoint costs the host: CPU seconds per byte
     copied, hashed (SHA-256), sent and received (the process's CPU time, so gloo's own threads count), and whether
     the checkpoint's threads share cores with training's (``compute_cores``: the cores of training's own thread;
-    None: not pinned, so shared). Rank 0 writes ``probe.json`` (``path``, default in the Checkpointer's out_dir)
-    and returns it; the others return None."""
+    None: not pinned, so shared). On a GPU it adds :func:`device_rates` and how many of the job's ranks share rank
+    0's GPU (``ranks_per_device``: the copies of ranks sharing a GPU share its PCIe link). Rank 0 writes
+    ``probe.json`` (``path``, default in the Checkpointer's out_dir) and returns it; the others return None."""
     nbytes, reps = 8 << 20, 3
     rates, send_cpu, recv_cpu = [], [], []
     other = ckpt.ppm if ckpt.world > ckpt.ppm else None
@@ -239,6 +286,13 @@ def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
                 dist.recv(torch.empty(nbytes, dtype=torch.uint8), src, group=g)
                 rates.append(nbytes / (time.perf_counter() - t))
                 recv_cpu.append((time.process_time() - c) / nbytes)
+    device = next(ckpt.model.parameters()).device
+    sharing = None
+    if device.type == "cuda":
+        where = [None] * ckpt.world
+        dist.all_gather_object(where, (socket.gethostname(), device.index if device.index is not None
+                                          else torch.cuda.current_device()), group=ckpt.groups.control)
+        sharing = where.count(where[0])
     result = None
     if ckpt.rank == 0 and rates:
         before = os.sched_getaffinity(0)
@@ -262,6 +316,8 @@ def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
                                           "send": sorted(send_cpu)[len(send_cpu) // 2],
                                           "recv": sorted(recv_cpu)[len(recv_cpu) // 2]},
                   "checkpoint_shares_training_cores": shared}
+        if sharing:
+            result.update(device_rates(device), ranks_per_device=sharing)
         path = Path(path) if path else (ckpt.out_dir / "probe.json" if ckpt.out_dir else None)
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -121,6 +121,15 @@ def test_validate_compares_every_schedule(run_dir):
             assert r[key]["rel_error"] == pytest.approx((r[key]["predicted"] - r[key]["measured"])
                                                         / r[key]["measured"])
     assert rows["blocking"]["overhead_pct"]["predicted"] > 0  # training waits for the whole checkpoint
+    # the optimizer's pick from the measured set-up, among the schedules measured, against the cheapest measured
+    c = res["choice"]
+    assert {c["chosen"], c["measured_best"]} <= set(rows)
+    assert c["measured_best_overhead_pct"] == min(r["overhead_pct"]["measured"] for r in rows.values())
+    assert c["gap_points"] == pytest.approx(rows[c["chosen"]]["overhead_pct"]["measured"]
+                                            - c["measured_best_overhead_pct"])
+    predicted = {s: r["overhead_pct"]["predicted"] for s, r in rows.items()}
+    if abs(predicted["blocking"] - predicted["gemini"]) > 1:  # the replay's waste follows the overhead here
+        assert c["chosen"] == min(predicted, key=predicted.get)
 
 
 def test_training_and_checkpoint_traffic_run_on_their_own_cores(run_dir):

@@ -79,6 +79,11 @@ def test_user_config_with_defaults(tmp_path):
     (("layers = 8\n", ""), "missing key 'model.layers'"),
     (("[cluster]", "[clutser]\nx=1\n[cluster]"), "unknown key 'clutser'"),
     (("cpu_memory_gb = 512", "cpu_memory_gb = 1"), "GB missing"),
+    (("[cluster]", "[cluster]\nmachine_type = \"p9.huge\""), "'cluster.machine_type': unknown machine type "
+                                                               "'p9.huge'; valid: h100-lent, hgx-h100"),
+    (("[cluster]", "[cluster]\nmachine_type = 3"), "'cluster.machine_type' must be a non-empty string"),
+    (("pcie_gbps = 200", "pcie_gbps = 200\ncopy_slowdown = 1"), "'cluster.copy_slowdown' must be <= 0.99"),
+    (("pcie_gbps = 200", "pcie_gbps = 200\nh2d_gbps = -1"), "'cluster.h2d_gbps' must be >= 0"),
 ])
 def test_bad_configs_name_the_key(tmp_path, edit, needle):
     f = tmp_path / "bad.toml"
@@ -87,6 +92,39 @@ def test_bad_configs_name_the_key(tmp_path, edit, needle):
         config.load_config(f)
     assert needle in str(exc.value) and str(f) in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+def test_a_machine_type_fills_the_cluster_keys_a_preset_leaves_out(tmp_path):
+    from gemini_sim.cluster.machines import MACHINE_TYPES
+
+    p5 = MACHINE_TYPES["p5.48xlarge"]
+    f = tmp_path / "p5.toml"
+    f.write_text(MINIMAL[MINIMAL.index("[model]"):] + "[cluster]\nmachine_type = 'p5.48xlarge'\nmachines = 4\n"
+                 "network_gbps = 800\n")
+    c = config.load_config(f).cluster
+    assert (c.machine_type, c.machines, c.gpus_per_machine, c.gpu) == ("p5.48xlarge", 4, 8, "H100-80GB")
+    assert c.network_gbps == 800  # the preset's own key wins over the type's 3200
+    # the H100's measured per-GPU host copies (../shared/GPU.md) times 8 GPUs
+    assert c.pcie_gbps == pytest.approx(8 * 54.8 * 8) and c.h2d == pytest.approx(8 * 51.6 * 8)
+    assert c.copy_slowdown == 0.015 and p5.pageable_d2h_gbps == pytest.approx(8 * 12.0 * 8)
+    for t in MACHINE_TYPES.values():  # every figure is sourced and passes the preset bounds
+        assert t.source and config.preset_from_dict({"cluster": {"machine_type": t.name, "machines": 2},
+                                                     "model": {"name": "m", "parameters": 1e6, "layers": 1,
+                                                               "hidden": 1, "seq_len": 1, "global_batch_tokens": 1,
+                                                               "mfu": 0.5},
+                                                     "storage": {"remote_gbps": 1}}).cluster.gpu == t.gpu
+    # without h2d_gbps the recovery copy runs at the GPU-to-CPU rate; with it, at its own
+    plain = config.load_config(_write(tmp_path, MINIMAL))
+    assert plain.cpu_to_gpu_s == plain.gpu_to_cpu_s
+    fast_back = config.load_config(_write(tmp_path, MINIMAL.replace("pcie_gbps = 200", "pcie_gbps = 200\n"
+                                                                                        "h2d_gbps = 400")))
+    assert fast_back.cpu_to_gpu_s == pytest.approx(plain.gpu_to_cpu_s / 2)
+
+
+def _write(tmp_path, text):
+    f = tmp_path / "preset.toml"
+    f.write_text(text)
+    return f
 
 
 def test_invalid_toml_and_missing_file(tmp_path):

@@ -3,12 +3,14 @@ import math
 import json
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from gemini_sim.cluster import config, workload
 from gemini_sim import interleave
 from gemini_sim.cluster.config import GBPS
 from gemini_sim.errors import UserError
 from gemini_sim.interleave import InterleaveConfig, simulate
+from gemini_sim.interleave.model import overlap
 
 PAPER = config.load_preset("gemini-paper")
 
@@ -176,3 +178,39 @@ def test_host_cost_adds_the_checkpoints_cpu_spread_over_the_interval():
     assert b.min_interval_iters == math.ceil(100 * stall / t / 1.0 - 1e-9)
     with pytest.raises(UserError, match="host CPU"):
         InterleaveConfig(host_cpu_s=float("nan"))
+
+
+@given(st.lists(st.floats(0, 100, allow_nan=False), max_size=16), st.lists(st.floats(0, 100, allow_nan=False),
+                                                                            max_size=16))
+@settings(max_examples=300, deadline=None)
+def test_overlap_of_two_interval_sets_is_the_brute_force_sum(a, b):
+    def disjoint(points):  # consecutive pairs of sorted points: intervals that do not overlap each other
+        p = sorted(points)
+        return [(p[i], p[i + 1]) for i in range(0, len(p) - 1, 2)]
+
+    xs, ys = disjoint(a), disjoint(b)
+    brute = sum(max(0.0, min(x1, y1) - max(x0, y0)) for x0, x1 in xs for y0, y1 in ys)
+    assert overlap(xs, ys) == pytest.approx(brute, abs=1e-9)
+    assert overlap(xs, ys) == pytest.approx(overlap(ys, xs), abs=1e-9)
+
+
+def test_copy_slowdown_lengthens_the_compute_that_ran_beside_the_copy():
+    """The GPU half of the cost model: compute slows by copy_slowdown while the GPU-to-CPU copy runs beside it."""
+    plain = small()
+    slowed = dataclasses.replace(plain, cluster=dataclasses.replace(plain.cluster, copy_slowdown=0.05))
+    for schedule, k in (("naive", 1), ("gemini", 1), ("gemini", 3)):
+        cfg = InterleaveConfig(schedule=schedule, interval=k)
+        a, b = simulate(plain, cfg, find_interval=False), simulate(slowed, cfg, find_interval=False)
+        copy_s = plain.gpu_to_cpu_s  # the whole shard over PCIe: the copy cannot overlap compute for longer
+        assert 0 < b.run.copy_overlap_s <= copy_s * (1 + 1e-9)
+        assert b.iteration_time_s == pytest.approx(a.iteration_time_s + 0.05 * b.run.copy_overlap_s / k, rel=1e-12)
+        assert b.checkpoint_complete_s == a.checkpoint_complete_s  # the network model itself is unchanged
+    # blocking copies while training waits: nothing overlaps, nothing slows
+    b = simulate(slowed, InterleaveConfig(schedule="blocking"), find_interval=False)
+    assert b.run.copy_overlap_s == 0
+    assert b.iteration_time_s == simulate(plain, InterleaveConfig(schedule="blocking"),
+                                          find_interval=False).iteration_time_s
+    # the interval search sees the slowdown too: a large one forces a longer interval
+    heavy = dataclasses.replace(plain, cluster=dataclasses.replace(plain.cluster, copy_slowdown=0.9))
+    assert simulate(plain, InterleaveConfig(schedule="naive"), threshold_pct=1.0).min_interval_iters < \
+        simulate(heavy, InterleaveConfig(schedule="naive"), threshold_pct=1.0).min_interval_iters

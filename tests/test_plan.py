@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemini_sim.cluster import config
-from gemini_sim import optimize as optimizer, plan
+from gemini_sim import interleave, optimize as optimizer, plan
 from gemini_sim.placement import layouts as placement
 from gemini_sim.errors import UserError
 from gemini_sim.failures.synthetic import SyntheticSpec, generate
@@ -112,6 +112,24 @@ def test_optimized_plan_is_valid_and_consistent(optimized):
     assert d["checkpoint"]["interval_iters"] == b.interval_iters
     assert d["provenance"]["predicted"]["overhead_pct"] == pytest.approx(b.overhead_pct)
     assert len(d["cluster"]["rank_to_machine"]) == 8 * PAPER.cluster.gpus_per_machine
+
+
+def test_the_host_cost_counts_in_every_candidate():
+    """A measured host cost per checkpoint (host_cpu_s(m)) adds its share to every candidate's overhead, so a
+    checkpoint every iteration that was free on the network alone may no longer fit the limit."""
+    trace = generate(SyntheticSpec("poisson", 2000, 10, 8, seed=1))
+    kw = dict(schedules=["gemini"], replicas=[2], placements=["group"], max_interval=4)
+    free = optimizer.optimize(small_preset(), trace, 1.0, **kw)
+    t = free.best.iteration_time_s
+    costly = optimizer.optimize(small_preset(), trace, 1.0, host_cpu_s=lambda m: 0.01 * t * m, **kw)
+    assert free.best.interval_iters == 1
+    for c in costly.candidates:  # 0.02 t per checkpoint, spread over its interval
+        plain = interleave.simulate(small_preset(), interleave.InterleaveConfig("gemini", replicas=2,
+                                                                                interval=c.interval_iters),
+                                    find_interval=False)
+        extra = 100 * 0.02 * t / c.interval_iters / plain.baseline_iteration_time_s
+        assert c.overhead_pct == pytest.approx(plain.overhead_pct + extra, rel=1e-9)
+    assert costly.best.interval_iters > 1 and costly.best.overhead_pct <= 1.0
 
 
 def test_infeasible_requests_are_clear_errors():

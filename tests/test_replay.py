@@ -99,9 +99,20 @@ def test_remote_fallback_rolls_back_past_memory_recoveries():
     evs = (FailureEvent(2.0, "software", 1), FailureEvent(2.5, "unknown", 16))
     r = replay(Trace("t", evs, 5), PAPER, "gemini")
     assert [o.tier for o in r.outcomes] == ["local", "storage"]
-    restart = PAPER.recovery.restart_s + PAPER.gpu_to_cpu_s
+    restart = PAPER.recovery.restart_s + PAPER.cpu_to_gpu_s
     trained_before = 2.5 * 3600 - restart - r.outcomes[0].lost_s
     assert r.outcomes[1].lost_s == pytest.approx(trained_before, abs=1e-6)
+
+
+def test_recovery_from_memory_copies_back_at_the_cpu_to_gpu_rate():
+    """Recovery copies the shard CPU -> GPU: a machine type whose H2D differs from its D2H (the H100 measured here:
+    51.6 vs 54.8 GB/s) recovers at its H2D rate, locally and after the peer's transfer."""
+    h100 = dataclasses.replace(PAPER, cluster=dataclasses.replace(PAPER.cluster, pcie_gbps=8 * 54.8 * 8,
+                                                                  h2d_gbps=8 * 51.6 * 8))
+    pol = strategies.STRATEGIES["gemini"](h100, 6335 * 3600)
+    back = h100.checkpoint_bytes_per_machine / (8 * 51.6e9)
+    assert pol.retrieve_local_s == pytest.approx(back)
+    assert pol.retrieve_peer_s == pytest.approx(h100.peer_transfer_s + back)
 
 
 def test_failure_during_recovery_starts_recovery_over():

@@ -253,3 +253,38 @@ def test_the_host_cost_comes_from_the_probe(tmp_path):
             cpu = 3e6 * (1e-10 + 2e-9) + 3e6 * (m - 1) * (3e-10 + 4e-10)
             assert validate.host_cost(d, m) == (pytest.approx(cpu), shared)
             assert validate.host_cpu_s(d, m) == (pytest.approx(cpu) if shared else 0.0)
+
+
+def test_a_gpu_probe_gives_the_simulator_its_copy_rates_and_slowdown(tmp_path):
+    """On a GPU the probe's measured GPU <-> CPU rates (not the CPU memory-copy rate) set the copy path, shared by
+    the ranks on one device; compute's slowdown beside a copy comes along."""
+    d = setup_dir(tmp_path / "s")
+    probe = json.loads((d / "probe.json").read_text())
+    gpu = {"device": "NVIDIA H100 80GB HBM3", "d2h_bytes_per_s": 54.8e9, "h2d_bytes_per_s": 51.6e9,
+           "copy_compute_slowdown": 0.015}
+    for sharing in (1, 2):
+        (d / "probe.json").write_text(json.dumps(probe | gpu | {"ranks_per_device": sharing}))
+        c = validate.setup_preset(d)[0].cluster
+        assert c.gpu == "NVIDIA H100 80GB HBM3" and c.copy_slowdown == 0.015
+        assert c.pcie_gbps == pytest.approx(54.8e9 * 8 / 1e9 / sharing)
+        assert c.h2d_gbps == pytest.approx(51.6e9 * 8 / 1e9 / sharing)
+    cpu = validate.setup_preset(setup_dir(tmp_path / "cpu"))[0].cluster
+    assert cpu.gpu == "cpu-rank" and cpu.pcie_gbps == pytest.approx(2e9 * 8 / 1e9) and cpu.copy_slowdown == 0
+    (d / "probe.json").write_text(json.dumps(probe | gpu | {"copy_compute_slowdown": 1.5}))
+    with pytest.raises(UserError, match="copy_compute_slowdown"):
+        validate.setup_preset(d)
+
+
+def test_plan_from_a_measured_setup(tmp_path, cli):
+    """gemini-sim plan --setup: the optimizer on the measured cluster, timeline and host costs; the plan fits it."""
+    from gemini_sim import plan as plan_mod
+
+    d = setup_dir(tmp_path / "s")
+    out = tmp_path / "plan.json"
+    rc, stdout, err = cli("plan", "--setup", d, "--schedules", "naive,gemini", "--replicas", "2", "--span-fill",
+                          "0.5", "-o", out)
+    p = plan_mod.read(out)
+    assert (p["cluster"]["machines"], p["cluster"]["processes_per_machine"]) == (2, 1)
+    assert p["schedule"]["name"] in ("naive", "gemini") and p["placement"]["replicas"] == 2
+    rc, stdout, err = cli("plan", "--setup", d, "--profile", d / "profile.json", "-o", out, check_rc=2)
+    assert "--setup brings its own cluster and profile" in err and "Traceback" not in err

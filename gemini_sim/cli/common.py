@@ -32,6 +32,37 @@ def preset_of(args) -> config.Preset:
     return preset
 
 
+def add_setup_args(p: argparse.ArgumentParser) -> None:
+    """A measured timeline or a whole measured set-up, instead of the preset's ZeRO-3 model (:func:`setup_of`)."""
+    p.add_argument("--profile", metavar="FILE", help="use a measured timeline (profile JSON) instead of ZeRO-3's")
+    p.add_argument("--setup", metavar="RUN_DIR", help="simulate a measured runtime set-up (its probe.json and "
+                   "profile.json, with the host's measured costs) instead of a preset")
+    p.add_argument("--span-fill", type=inputs.number(0, 1, lo_open=True), default=1.0,
+                   help="gemini: fill at most this fraction of each idle span (default 1)")
+
+
+def setup_of(args):
+    """(preset, timeline or None, host CPU per checkpoint as a function of the replicas or None) from --setup, else
+    from the preset (--preset/--config/--replicas) and --profile."""
+    from gemini_sim.cluster import workload
+
+    if args.setup:
+        from gemini_sim import calibration
+
+        if args.profile or args.config:
+            raise UserError("--setup brings its own cluster and profile; drop --profile/--config")
+        preset, timeline, _ = calibration.setup_preset(args.setup, replicas=args.replicas or 2)
+        return preset, timeline, lambda m: calibration.host_cpu_s(args.setup, m)
+    preset = preset_of(args)
+    if not args.profile:
+        return preset, None, None
+    timeline = workload.from_profile(workload.load_profile(args.profile))
+    if timeline.machines != preset.cluster.machines:
+        raise UserError(f"{args.profile}: profile has {timeline.machines} machines but the preset has "
+                        f"{preset.cluster.machines}; use --config with a matching cluster")
+    return preset, timeline, None
+
+
 def add_trace_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--trace", nargs="+", action="extend", metavar="FILE", help="failure trace CSV(s)")

@@ -6,8 +6,7 @@ import argparse
 
 from gemini_sim.cli import inputs
 from gemini_sim import files, report
-from gemini_sim.cli.common import add_preset_args, preset_of
-from gemini_sim.errors import UserError
+from gemini_sim.cli.common import add_preset_args, add_setup_args, setup_of
 
 HELP = "play an iteration with checkpoint traffic under a schedule"
 
@@ -17,7 +16,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_preset_args(p)
     p.add_argument("--schedule", default="gemini", help=f"one of: {', '.join(SCHEDULES)}")
-    p.add_argument("--profile", metavar="FILE", help="use a measured timeline (profile JSON) instead of ZeRO-3's")
     p.add_argument("--interval", type=inputs.whole(1, 10_000), default=1, help="iterations per checkpoint (default 1)")
     p.add_argument("--buffer-mb", type=inputs.number(0, 1e9, lo_open=True), default=1024,
                    help="GPU staging buffer, two chunks (default 1024)")
@@ -27,40 +25,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="overhead limit for the min interval, %% (default 1)")
     p.add_argument("--oversubscription", type=inputs.number(1, 1e6), default=1.0,
                    help="leaf/spine oversubscription (default 1)")
-    p.add_argument("--span-fill", type=inputs.number(0, 1, lo_open=True), default=1.0,
-                   help="gemini: fill at most this fraction of each idle "
-                   "span (default 1)")
     p.add_argument("--seed", type=inputs.SEED, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", metavar="FILE", help="Gantt chart of the simulated iteration(s)")
-    p.add_argument("--setup", metavar="RUN_DIR", help="simulate a measured runtime set-up (its probe.json and "
-                   "profile.json) instead of a preset")
+    add_setup_args(p)
     p.add_argument("--export-plan", metavar="PLAN.json", help="write the plan that runs this configuration")
 
 
 def run(args) -> int:
     from gemini_sim import interleave
-    from gemini_sim.cluster import workload
 
     if args.plot:
         files.output_file(args.plot, "--plot", files.FIGURE_SUFFIXES)
     if args.export_plan:
         files.output_file(args.export_plan, "--export-plan")
-    if args.setup:
-        from gemini_sim import calibration as validate
-
-        if args.profile or args.config:
-            raise UserError("--setup brings its own cluster and profile; drop --profile/--config")
-        preset, timeline, _ = validate.setup_preset(args.setup, replicas=args.replicas or 2)
-        host = validate.host_cpu_s(args.setup, args.replicas or 2)  # the host cost model (InterleaveConfig)
-    else:
-        preset = preset_of(args)
-        timeline, host = None, 0.0
-    if args.profile:
-        timeline = workload.from_profile(workload.load_profile(args.profile))
-        if timeline.machines != preset.cluster.machines:
-            raise UserError(f"{args.profile}: profile has {timeline.machines} machines but the preset has "
-                            f"{preset.cluster.machines}; use --config with a matching cluster")
+    preset, timeline, host_of = setup_of(args)
+    host = host_of(args.replicas or 2) if host_of else 0.0  # the host cost model (InterleaveConfig)
     cfg = interleave.InterleaveConfig(schedule=args.schedule, replicas=args.replicas,
                                       buffer_bytes=args.buffer_mb * 2 ** 20, jitter=args.jitter, seed=args.seed,
                                       interval=args.interval, oversubscription=args.oversubscription,

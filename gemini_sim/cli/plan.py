@@ -7,7 +7,7 @@ import sys
 
 from gemini_sim.cli import inputs
 from gemini_sim import files, report
-from gemini_sim.cli.common import add_preset_args, add_trace_args, preset_of, traces_of
+from gemini_sim.cli.common import add_preset_args, add_setup_args, add_trace_args, setup_of, traces_of
 from gemini_sim.errors import UserError, name_list
 
 HELP = "optimize a plan (-o FILE), or 'plan validate FILE' / 'plan show FILE'"
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", nargs="*", help="validate FILE | show FILE (default: optimize)")
     add_trace_args(p, required=False)
     add_preset_args(p)
-    p.add_argument("--profile", metavar="FILE", help="measured timeline (profile JSON) for the interleaving model")
+    add_setup_args(p)
     p.add_argument("--max-overhead", type=inputs.PERCENT, default=1.0,
                    help="iteration overhead limit in %% (default 1)")
     p.add_argument("--schedules", help="comma-separated schedules to consider (default all)")
@@ -30,7 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from gemini_sim import optimize as optimizer, plan as plan_mod
-    from gemini_sim.cluster import workload
 
     action = args.action or []
     if action and action[0] in ("validate", "show"):
@@ -50,13 +49,12 @@ def run(args) -> int:
     files.output_file(args.output, "-o")
     if args.plot:
         files.output_file(args.plot, "--plot", files.FIGURE_SUFFIXES)
-    preset = preset_of(args)
+    preset, timeline, host_of = setup_of(args)
     if args.trace and len(args.trace) > 1:
         raise UserError("plan takes one --trace")
     if not args.trace and not args.synthetic:
         args.synthetic = "poisson"  # Llama 3's failure rate by default, labelled synthetic in the output
     (trace,) = traces_of(args, preset)
-    timeline = workload.from_profile(workload.load_profile(args.profile)) if args.profile else None
     from tqdm import tqdm
 
     from gemini_sim.interleave import SCHEDULES
@@ -67,7 +65,7 @@ def run(args) -> int:
         res = optimizer.optimize(
             preset, trace, args.max_overhead, processes_per_machine=args.processes_per_machine, schedules=names,
             replicas=[args.replicas] if args.replicas else None, timeline=timeline, seed=args.seed,
-            progress=bar.update,
+            progress=bar.update, host_cpu_s=host_of, span_fill=args.span_fill,
             config_sha256=plan_mod.sha256_of(args.config) if args.config else "",
             trace_sha256=plan_mod.sha256_of(args.trace[0]) if args.trace else "")
     plan_mod.write(res.plan, args.output)

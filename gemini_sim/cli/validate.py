@@ -34,5 +34,9 @@ def run(args) -> int:
           f"({100 * b['rel_error']:+.1f}%; collectives fitted to the profile; ideal rings with logical bytes: "
           f"{b['predicted_unfitted']:.4f} s, {100 * b['rel_error_unfitted']:+.1f}%)")
     print(report.format_table(*validate.table(res)))
+    c = res["choice"]
+    print(f"the optimizer (gemini-sim plan --setup) picks {c['chosen']} (predicted overhead "
+          f"{c['chosen_predicted_overhead_pct']:.1f}%); measured cheapest: {c['measured_best']} "
+          f"({c['gap_points']:.1f} points below the pick as measured)")
     print(f"wrote {Path(args.run_dir) / 'validate.json'}")
     return 0

@@ -36,10 +36,18 @@ class ClusterConfig:
     network_gbps: float  # per machine, inter-machine
     pcie_gbps: float  # per machine, GPU <-> CPU memory (all GPUs of the machine together)
     machines_per_rack: int = 0  # 0: no rack structure (failure domains come with the placement study)
+    h2d_gbps: float = 0.0  # per machine, CPU memory -> GPU (recovery); 0: the same as pcie_gbps
+    copy_slowdown: float = 0.0  # fraction by which compute slows while a GPU-to-CPU copy runs beside it
+    machine_type: str = ""  # the machine type (machines.py) that filled the keys the preset left out
 
     @property
     def gpus(self) -> int:
         return self.machines * self.gpus_per_machine
+
+    @property
+    def h2d(self) -> float:
+        """CPU memory -> GPU, Gbit/s per machine."""
+        return self.h2d_gbps or self.pcie_gbps
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,11 @@ class Preset:
         return self.checkpoint_bytes_per_machine / (self.cluster.pcie_gbps * GBPS)
 
     @property
+    def cpu_to_gpu_s(self) -> float:
+        """Copy one machine's shard back from CPU memory to its GPUs (recovery from memory)."""
+        return self.checkpoint_bytes_per_machine / (self.cluster.h2d * GBPS)
+
+    @property
     def peer_transfer_s(self) -> float:
         """Send one machine's shard to one peer over the machine's NIC."""
         return self.checkpoint_bytes_per_machine / (self.cluster.network_gbps * GBPS)
@@ -139,7 +152,7 @@ _BOUNDS = {
     "global_batch_tokens": (1, False, 1e13), "mfu": (1e-4, False, 1), "bytes_per_param": (0.1, False, 1024),
     "iteration_time_s": (0, False, 1e6), "remote_gbps": (1e-6, False, 1e6), "strawman_interval_hours": (1e-3, False, 1e6),
     "gemini_persist_interval_hours": (1e-3, False, 1e6), "restart_s": (0, False, 1e7), "replace_s": (0, False, 1e7),
-    "replicas": (1, False, 1000),
+    "replicas": (1, False, 1000), "h2d_gbps": (0, False, 1e6), "copy_slowdown": (0, False, 0.99),
 }
 
 
@@ -169,6 +182,13 @@ def _build(where: str, section: str, table, cls):
     for key in table:
         if key not in fields:
             raise UserError(f"{where}: unknown key '{section}.{key}'; valid: {', '.join(fields)}")
+    if cls is ClusterConfig and "machine_type" in table:  # the type fills what the preset leaves out
+        from gemini_sim.cluster.machines import MACHINE_TYPES
+
+        name = _check_value(where, "cluster.machine_type", table["machine_type"], str)
+        if name not in MACHINE_TYPES:
+            raise UserError(f"{where}: key 'cluster.machine_type': {unknown_name('machine type', name, MACHINE_TYPES)}")
+        table = {**MACHINE_TYPES[name].cluster_keys(), **table}
     kwargs = {}
     for name, f in fields.items():
         if name in table:

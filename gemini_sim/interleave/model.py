@@ -82,6 +82,7 @@ class IterationRun:
     d2h_complete_s: float | None = None
     sim_events: int = 0
     flows: int = 0
+    copy_overlap_s: float = 0.0  # the longest time a machine's GPU-to-CPU copy ran beside training's compute
     _busy: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def _of_kind(self, kind: str) -> np.ndarray:
@@ -195,6 +196,7 @@ class _Iteration:
         self.update_gate = self.d2h_done  # what the first optimizer update waits for
         self.ckpt_start: float | None = None
         self.flows = 0
+        self.copying: list = [[] for _ in range(self.n)]  # per machine, (start, end) of its chunks' GPU-to-CPU copies
         self.placement = placement  # built once by the caller (build_placement) for every run it simulates
         self.plan = plan
         self.with_checkpoint = with_checkpoint
@@ -287,7 +289,9 @@ class _Iteration:
             if self.ckpt_start is None:
                 self.ckpt_start = self.env.now
             self.flows += 1
+            start = self.env.now
             yield self.net.transfer_group(self._group(("pcie", i), lambda: [[("pcie", i)]]), size, TRAIN, "d2h", i)
+            self.copying[i].append((start, self.env.now))
             copied.level_at = copied.level_at + size
             copied.wake()
         copied.level_at = math.inf  # all of it is in CPU memory (no rounding left over)
@@ -323,9 +327,29 @@ class _Iteration:
         if self.with_checkpoint:
             complete = max(self.net.last_end.get(k, 0.0) for k in ("ckpt", "d2h"))
         period = max(train_end, complete or 0.0)
+        per = len(self.tl.ops)
+        compute = [(a, b) for i, a, b in self.spans if self.tl.ops[i % per].stream == "compute"]
+        copy_overlap = max((overlap(c, compute) for c in self.copying if c), default=0.0)
         return IterationRun(period / self.k, spans[self.updates[0]][0], self.spans, table, list(self.net.kinds),
                             self.net.links, self.net.link_rate_log, self.ckpt_start, complete,
-                            getattr(self, "d2h_complete", None), self.net.reallocations, self.flows)
+                            getattr(self, "d2h_complete", None), self.net.reallocations, self.flows, copy_overlap)
+
+
+def overlap(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> float:
+    """Total time two sets of intervals overlap; within each set the intervals must not overlap each other (a
+    machine's copies run one after the other, compute is one stream)."""
+    if not xs or not ys:
+        return 0.0
+    x = np.asarray(xs, dtype=float)
+    y = np.asarray(sorted(ys), dtype=float)
+    before = np.concatenate(([0.0], np.cumsum(y[:, 1] - y[:, 0])))  # length of y's intervals before each one
+
+    def covered(t):  # how much of y lies before time t
+        k = np.searchsorted(y[:, 1], t)  # intervals 0..k-1 end by t
+        inside = np.clip(t - y[np.minimum(k, len(y) - 1), 0], 0.0, None) * (k < len(y))
+        return before[k] + inside
+
+    return float(np.sum(covered(x[:, 1]) - covered(x[:, 0])))
 
 
 def build_placement(preset: Preset, cfg: InterleaveConfig):

@@ -90,17 +90,18 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
         return _simulate(preset, timeline, c, pl, plan, full=full, record=record, cluster=cluster), base
 
     run, base = run_with(cfg.interval, record=True)
+    slowdown = full.cluster.copy_slowdown
     min_k = None
     if find_interval and cfg.schedule == "blocking":
         # One stall per checkpoint, amortized over the interval: closed form from the measured stall.
-        stall = run.iteration_s * cfg.interval - base.iteration_s * cfg.interval + cfg.host_cpu_s
+        stall = (run.iteration_s - base.iteration_s + host_delay(cfg, run, slowdown)) * cfg.interval
         need = math.ceil(100 * stall / (threshold_pct * base.iteration_s) - 1e-9) if threshold_pct > 0 else 0
         min_k = max(1, need) if threshold_pct > 0 and need <= max_interval else None
     elif find_interval:
-        min_k = _min_interval(run_with, threshold_pct, max_interval, cfg)
+        min_k = _min_interval(run_with, threshold_pct, max_interval, cfg, slowdown)
     return InterleaveResult(
         schedule=cfg.schedule, preset=full.name, machines=full.cluster.machines, replicas=replicas,
-        interval=cfg.interval, iteration_time_s=run.iteration_s + host_delay(cfg),
+        interval=cfg.interval, iteration_time_s=run.iteration_s + host_delay(cfg, run, slowdown),
         baseline_iteration_time_s=base.iteration_s,
         checkpoint_time_s=(run.checkpoint_complete_s - run.checkpoint_start_s) if run.checkpoint_start_s is not None
         else 0.0,
@@ -113,27 +114,34 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
         timeline=timeline, spans=_spans_of(plans.get(cfg.interval), profile, cluster, pl, timeline))
 
 
-def host_delay(cfg: InterleaveConfig) -> float:
-    """The host cost model: a checkpoint's CPU work on the cores training runs on (copy, hash, sends, receives:
-    ``cfg.host_cpu_s``) delays training by as much, spread over the interval's iterations. Measured on the runtime
-    (docs/runtime.md, "Closing the loop"): the iteration time each schedule adds beyond the network model matches the
-    checkpoint's CPU time. Zero where the checkpoint has cores of its own (``host_cpu_s = 0``)."""
-    return cfg.host_cpu_s / cfg.interval
+def host_delay(cfg: InterleaveConfig, run: IterationRun, copy_slowdown: float = 0.0) -> float:
+    """What checkpointing costs an iteration beyond the network model, spread over the interval's iterations:
+
+    - the host: a checkpoint's CPU work on the cores training runs on (copy, hash, sends, receives:
+      ``cfg.host_cpu_s``) delays training by as much. Measured on the runtime (docs/runtime.md, "Closing the
+      loop"): the iteration time each schedule adds beyond the network model matches the checkpoint's CPU time.
+      Zero where the checkpoint has cores of its own (``host_cpu_s = 0``);
+    - the GPU: compute runs ``copy_slowdown`` slower while a GPU-to-CPU copy runs beside it (the copy engines
+      share the GPU's memory bandwidth: 1.5% on an H100, gemini_sim/cluster/machines.py), so the compute that
+      overlapped the copy (``run.copy_overlap_s``, the worst machine) takes that fraction longer. A first-order
+      model: it assumes the slowed compute is on the iteration's critical path."""
+    return (cfg.host_cpu_s + copy_slowdown * run.copy_overlap_s) / cfg.interval
 
 
-def _overhead(pair, cfg: InterleaveConfig) -> float:
+def _overhead(pair, cfg: InterleaveConfig, copy_slowdown: float) -> float:
     run, base = pair
-    return 100 * ((run.iteration_s + host_delay(cfg)) / base.iteration_s - 1)
+    return 100 * ((run.iteration_s + host_delay(cfg, run, copy_slowdown)) / base.iteration_s - 1)
 
 
-def _min_interval(run_with, threshold_pct: float, kmax: int, cfg: InterleaveConfig) -> int | None:
+def _min_interval(run_with, threshold_pct: float, kmax: int, cfg: InterleaveConfig,
+                  copy_slowdown: float = 0.0) -> int | None:
     """Smallest interval K (iterations per checkpoint) whose overhead is under the threshold, by doubling and then
     bisection (overhead falls as K grows); None when even ``kmax`` is not enough."""
     cache: dict[int, bool] = {}
 
     def ok(k: int) -> bool:
         if k not in cache:
-            cache[k] = _overhead(run_with(k), dataclasses.replace(cfg, interval=k)) <= threshold_pct
+            cache[k] = _overhead(run_with(k), dataclasses.replace(cfg, interval=k), copy_slowdown) <= threshold_pct
         return cache[k]
 
     if ok(1):

@@ -87,7 +87,7 @@ def async_remote(p: Preset, mtbf_s: float) -> Policy:
     snap = p.gpu_to_cpu_s
     return Policy("async-remote", remote=Tier(interval, snap + p.remote_write_s, snap),
                   memory=Tier(interval, snap, 0.0), replicas=1,
-                  retrieve_local_s=p.gpu_to_cpu_s, retrieve_remote_s=p.remote_write_s,
+                  retrieve_local_s=p.cpu_to_gpu_s, retrieve_remote_s=p.remote_write_s,
                   description=f"CPU snapshot + background upload every {interval:.0f} s")
 
 
@@ -114,7 +114,7 @@ def memory_policy(p: Preset, interval_s: float, complete_s: float, stall_s: floa
     persist = p.storage.gemini_persist_interval_hours * 3600
     return Policy(name, remote=Tier(persist, complete_s + p.remote_write_s, 0.0),
                   memory=Tier(interval_s, complete_s, stall_s), replicas=m, placement=layout,
-                  retrieve_local_s=p.gpu_to_cpu_s, retrieve_peer_s=p.peer_transfer_s + p.gpu_to_cpu_s,
+                  retrieve_local_s=p.cpu_to_gpu_s, retrieve_peer_s=p.peer_transfer_s + p.cpu_to_gpu_s,
                   retrieve_remote_s=p.remote_write_s,
                   description=f"CPU memory x{m} ({layout.strategy}) every {interval_s / t_iter:.0f} iteration(s), "
                               f"remote every {p.storage.gemini_persist_interval_hours:g} h")
