@@ -50,7 +50,7 @@ MACHINE_TYPES: dict[str, MachineType] = {t.name: t for t in (
         "bf16 312 TFLOP/s (NVIDIA A100 datasheet). Host copies: our estimate of 25 GB/s per machine (8 GPUs behind 4 "
         "PCIe 4.0 switches), both directions; copy slowdown not measured (0)."),
     MachineType(
-        "p5.48xlarge", 8, "H100-80GB", 80, 989, 2048, 3200, 8 * _H100_D2H_GBPS, 8 * _H100_H2D_GBPS,
+        "p5.48xlarge", 8, "H100-80GB", 80, 989, 2 * 2 ** 40 / 1e9, 3200, 8 * _H100_D2H_GBPS, 8 * _H100_H2D_GBPS,
         _H100_COPY_SLOWDOWN, 8 * _H100_PAGEABLE_GBPS,
         "AWS p5.48xlarge (8 H100-80GB SXM, 2 TiB CPU memory, 3200 Gbps EFA: AWS instance page); H100 SXM dense "
         "bf16 989 TFLOP/s (NVIDIA datasheet). Host copies and copy slowdown: 8 x the H100 measured here "
