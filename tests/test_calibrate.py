@@ -246,3 +246,12 @@ def test_namespaces_come_back_right_after_down_and_a_failed_set_up_is_one_line(t
     err = capsys.readouterr().err
     assert err.strip() == "error: cannot set up the network namespaces: ip link add: File exists"
     assert netns.current(0) is None
+
+
+def test_the_model_builds_its_tensors_on_the_tokens_device():
+    """Every tensor the forward pass makes (the causal mask, the positions) lives where the tokens do: on a GPU a CPU
+    one would fail. The meta device stands in for the GPU here: it refuses CPU tensors the same way."""
+    cfg = ModelConfig(dim=16, layers=1, seq=8)
+    model = TinyGPT(cfg).to("meta")
+    out = model(torch.zeros(2, 8, dtype=torch.long, device="meta"))
+    assert out.shape == (2, 8, cfg.vocab) and out.device.type == "meta"

@@ -70,8 +70,8 @@ class TinyGPT(nn.Module):
 
     def forward(self, tokens):
         n = tokens.shape[1]
-        mask = torch.triu(torch.full((n, n), float("-inf")), diagonal=1)
-        x = self.emb(tokens) + self.pos(torch.arange(n))
+        mask = torch.triu(torch.full((n, n), float("-inf"), device=tokens.device), diagonal=1)
+        x = self.emb(tokens) + self.pos(torch.arange(n, device=tokens.device))
         for b in self.blocks:
             x = b(x, mask)
         return self.head(self.ln(x))
