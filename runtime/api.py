@@ -305,15 +305,19 @@ class Checkpointer:
         """Agree with every rank on the newest complete checkpoint, load it, return its iteration (0: fresh)."""
         dist.barrier(group=self.groups.control)  # every rank is up: the time below is recovery's alone
         t0 = time.perf_counter()
-        per_machine = recovery.gather_inventory(self.store, self.groups.control, self.world, self.ppm)
-        target, where = recovery.choose(per_machine, self.world, recovery.durable_iterations(self.durable))
+        while True:  # again only when a copy failed its checksum: it is gone from the next inventory
+            per_machine = recovery.gather_inventory(self.store, self.groups.control, self.world, self.ppm)
+            target, where = recovery.choose(per_machine, self.world, recovery.durable_iterations(self.durable))
+            fetched = recovery.fetch_from_memory(self.plan, self.store, self.groups, self.rank, self.world,
+                                                 self.ppm, target, per_machine) if where == "memory" else None
+            if where != "memory" or fetched is not None:
+                break
         if target == 0:
             self.event("start", tier="fresh", iteration=0, job=self.job, store=str(self.store.root),
                        durable=str(self.durable))
         else:
             if where == "memory":
-                data, manifest, tier, source = recovery.fetch_from_memory(
-                    self.plan, self.store, self.groups, self.rank, self.world, self.ppm, target, per_machine)
+                data, manifest, tier, source = fetched
                 tensors, skeleton = unpack(data, manifest), manifest["skeleton"]
             else:
                 template, _ = flatten(self._state())

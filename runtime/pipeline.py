@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import device
+from .state import checksum
 from .schedules import Schedule
 from .transport import MAX_CHUNKS, Groups, Progress, Receiver, chunk_bounds, isend_bytes, pin_thread, tag
 
@@ -143,8 +143,8 @@ class InFlight:
             r, offset, _, after = self.releases[0]
             while not (self._opened(r, offset, after) or self.backward.value > r):  # at the latest: backward's end
                 time.sleep(0.002)
-        digest = hashlib.sha256(self.slot.view()).hexdigest()
-        self.manifest = {"entries": self.entries, "size": self.size, "sha256": digest, "skeleton": self.skeleton}
+        self.manifest = {"entries": self.entries, "size": self.size, **checksum(self.slot.view()),
+                         "skeleton": self.skeleton}
         t0 = time.perf_counter()
         if link.on_commit:
             link.on_commit(self.iteration)

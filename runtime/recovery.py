@@ -5,7 +5,9 @@ runtime's gloo group). An iteration is *complete in memory* when every rank's sh
 The ranks resume from the newest iteration that is complete in memory or on durable storage, whichever is newer; from
 memory each rank takes its shard from its own machine if it is there (tier ``local``), else from the first machine in
 the plan's retrieval order that holds it (tier ``peer``, sent over the network by the rank with the same local rank
-there). Otherwise every rank loads the durable checkpoint (tier ``storage``).
+there). Otherwise every rank loads the durable checkpoint (tier ``storage``). The inventory lists committed shards of
+the right size without reading them; only the shards recovery uses are read and checksummed, once, and a copy that
+fails is dropped before anything is sent, after which every rank takes the inventory again.
 
 Durable checkpoints are standard DCP checkpoints (``dcp.save`` of ``{"model": ..., "optim": ...}`` as
 ``get_state_dict`` returns them), beside two files per rank: the state's skeleton as JSON (learning rates, a loader's
@@ -16,7 +18,6 @@ Loading asks DCP for tensors only and takes everything else from the JSON, so no
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from .state import pack, unpack
+from .state import pack, unpack, verify
 from .store import write_atomic
 from .transport import recv_shard, send_shard
 
@@ -85,19 +86,29 @@ def source_of(plan, it: int, rank: int, per_machine, ppm: int) -> int:
 
 
 def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: int,
-                      per_machine) -> tuple[bytes, dict, str, int]:
+                      per_machine) -> tuple[bytes, dict, str, int] | None:
     """This rank's shard of ``it`` from memory, serving the shards this machine holds for ranks of other machines
-    that need them: (bytes, manifest, tier, source machine)."""
+    that need them: (bytes, manifest, tier, source machine). Collective. Every rank first reads and checks the
+    shards it needs from its own machine (its own, those it serves); where any rank finds a copy that fails its
+    checksum, that copy is dropped and every rank returns None: the caller looks again (:func:`gather_inventory`)."""
     machine, local = divmod(rank, ppm)
     sources = {r: source_of(plan, it, r, per_machine, ppm) for r in range(world)}
-    works = []
-    for r, m in sources.items():  # one sender per shard: the rank with the same local rank on the source machine
-        if m == machine and r // ppm != machine and r % ppm == local:
-            data, manifest = store.get(it, r)
-            works += send_shard(data, manifest, r, groups.between(rank, r), 1)
+    # one sender per shard: the rank with the same local rank on the source machine
+    serve = [r for r, m in sources.items() if m == machine and r // ppm != machine and r % ppm == local]
     mine = sources[rank]
+    held = {r: store.get(it, r) for r in serve + ([rank] if mine == machine else [])}
+    bad = [r for r, got in held.items() if got is None]
+    for r in bad:
+        store.discard(it, r)
+    flag = torch.tensor([len(bad)], dtype=torch.int64)
+    dist.all_reduce(flag, group=groups.control)
+    if int(flag.item()):
+        return None
+    works = []
+    for r in serve:
+        works += send_shard(*held[r], r, groups.between(rank, r), 1)
     if mine == machine:
-        data, manifest = store.get(it, rank)
+        data, manifest = held[rank]
         tier = "local"
     else:
         src = mine * ppm + local
@@ -142,7 +153,7 @@ def load_durable(path: Path, template: dict, rank: int, group=None) -> tuple[dic
     bin_path, json_path = _rank_files(path, rank)
     meta = json.loads(json_path.read_text())
     data = bin_path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta["extra"]["sha256"]:
+    if not verify(data, meta["extra"]):
         raise RuntimeError(f"{path}: this rank's state file fails its checksum")
     shared = {k: v for k, v in template.items() if not k.startswith("extra/")}
     dcp.load({dcp_key(k): v for k, v in shared.items()}, checkpoint_id=str(path), process_group=group)

@@ -6,8 +6,9 @@ Layout::
     ROOT/machine-0003/iter-00000042/rank-00006.json   manifest: names, dtypes, shapes, offsets, size, sha256
 
 A shard is written atomically: bytes to ``*.bin.tmp``, rename, then the manifest to ``*.json.tmp``, rename. A shard
-counts only when its manifest exists and the bytes match its size and checksum; anything else (a half-written file
-from a worker killed mid-write, a corrupted byte) is ignored. No pickle is involved anywhere: tensors are rebuilt
+is listed (:meth:`ShardStore.inventory`) only when its manifest exists and the bytes have its size, so a half-written
+file from a worker killed mid-write is never listed; its checksum is checked whenever it is read (:meth:`get`), so a
+corrupted byte is caught before anything uses it (recovery then drops that copy and looks again). No pickle is involved anywhere: tensors are rebuilt
 from raw bytes with ``torch.frombuffer``.
 
 Checkpoints are written in place (:meth:`ShardStore.slot`): the ``*.bin.tmp`` file is mapped into the process and
@@ -18,7 +19,6 @@ become the next checkpoint's file, so their memory is not allocated and zeroed a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import device
+from .state import verify
 
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
@@ -157,20 +158,31 @@ class ShardStore:
             data = bin_path.read_bytes()
         except (OSError, ValueError):
             return None
-        if len(data) != manifest.get("size") or hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+        if not verify(data, manifest):
             return None
         return data, manifest
 
     def inventory(self) -> list[tuple[int, int]]:
-        """(iteration, rank) of every intact shard held here."""
+        """(iteration, rank) of every committed shard held here whose bytes have the manifest's size. Cheap: the
+        checksum is left to :meth:`get`, when the shard is read (hashing every held shard would cost recovery a pass
+        over all of them)."""
         out = []
         for d in sorted(self.dir.glob("iter-*")):
             it = int(d.name.split("-")[1])
             for j in sorted(d.glob("rank-*.json")):
                 rank = int(j.stem.split("-")[1])
-                if self.get(it, rank) is not None:
-                    out.append((it, rank))
+                try:
+                    size = json.loads(j.read_text()).get("size")
+                    if self.paths(it, rank)[0].stat().st_size == size:
+                        out.append((it, rank))
+                except (OSError, ValueError, AttributeError):
+                    continue
         return out
+
+    def discard(self, iteration: int, rank: int) -> None:
+        """Drop a shard (one whose checksum failed): its manifest first, so it is never listed again."""
+        for path in reversed(self.paths(iteration, rank)):
+            path.unlink(missing_ok=True)
 
     def iterations(self) -> list[int]:
         return sorted(int(d.name.split("-")[1]) for d in self.dir.glob("iter-*"))

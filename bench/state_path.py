@@ -1,0 +1,228 @@
+"""The runtime's checkpoint path against DCP, per rank state of a given size, on the GPU where there is one.
+
+    python bench/state_path.py --gib 1 8 [--out DIR]     (make bench runs it as the "state-path" section)
+
+For each size, on this host:
+
+- the runtime (examples/tinygpt/train.py under the project's agent, 2 machines x 1 rank, a checkpoint every
+  iteration to CPU memory and one peer, the default ``naive`` schedule). Four jobs: without checkpoints (the
+  baseline iteration), with them (training's stall per checkpoint: what ``after_step`` and the update waited for;
+  the time until the state is in this machine's CPU memory and until it is on the peer too; the probe's link
+  bandwidth and host-copy rate), and one that loses machine 1 (recovery: rank 0 from its own memory, rank 1 from the
+  peer's). On one GPU the two "machines" share it and talk gloo over loopback: the link the probe measures bounds
+  replication there, not a NIC;
+- DCP in one process on the same state, the same device: ``dcp.save`` + ``os.sync()``, ``dcp.async_save`` (until
+  it returns: training's stall; until its future is done and synced), ``dcp.load`` with the page cache warm, and
+  cold where this host lets us drop it (root: ``/proc/sys/vm/drop_caches``).
+
+Targets (issue 19): stall <= 1.3x the time the copy alone takes at the measured GPU-to-CPU rate (on CPU: the
+memory-copy rate); local recovery >= 40x faster than a cold ``dcp.load``; replication and peer recovery at >= 80%
+of the measured link; iteration overhead of checkpointing every iteration <= 2% (compute-bound model on the GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "examples" / "tinygpt" / "train.py"
+GiB = 2 ** 30
+
+
+def shape_for(state_bytes: float, world: int = 2) -> tuple[int, int]:
+    """(dim, layers) of a TinyGPT whose model + AdamW state is about ``state_bytes`` per rank of ``world``: 12 bytes
+    per parameter (fp32 weights and two moments), 12 dim^2 parameters per block."""
+    params = state_bytes * world / 12
+    dim = 512 if params < 2e7 else 1024 if params < 1e8 else 2048 if params < 8e8 else 4096
+    return dim, max(1, round(params / (12 * dim * dim)))
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) -> dict:
+    """The three agent jobs of one size; medians over the steady iterations (the first 3 dropped)."""
+    from runtime.agent import Job, default_plan
+
+    dim, layers = shape_for(gib * GiB)
+    plan = default_plan(work / "plan.json", 2, 1, replicas=2, interval=1, persist=10 ** 6)  # DCP measured apart
+    args = [str(TRAIN), "--iters", str(iters), "--dim", str(dim), "--layers", str(layers), "--batch", str(batch),
+            "--seq", str(seq), "--profile-iters", "0"]
+
+    def job(name: str, extra=(), faults: str = ""):
+        j = Job(plan, work / name, args + list(extra), faults=faults, out_dir=work / name / "out")
+        try:
+            res = j.run(timeout=3600)
+        finally:
+            j.cleanup()
+        if not res.ok:
+            raise RuntimeError(f"state-path job {name} failed: {res.root_cause} (logs in {work / name})")
+        ranks = [json.loads(p.read_text()) for p in sorted(res.out_dir.glob("timings-rank-*.json"))]
+        return res, ranks
+
+    _, plain = job("baseline", ["--no-checkpoint"])
+    _, ckpt = job("checkpoint", ["--probe"])
+    at = max(4, iters // 2)
+    killed, _ = job("kill", faults=f"kill:0:{at}")  # every rank back from its own machine's memory
+    lost, _ = job("lose", faults=f"lose:1:{at}")  # machine 1 replaced: its rank from machine 0's memory
+    steady = lambda rank: [i for i in rank["iterations"] if i["iteration"] > 3]
+    cks = [c for r in ckpt for c in r.get("checkpoints", []) if c["iteration"] > 3 and not c.get("at_close")]
+    probe = json.loads((work / "checkpoint" / "out" / "probe.json").read_text())
+    recovered = lambda res, tier: max((e["seconds"] for e in res.records("recovered") if e["tier"] == tier),
+                                      default=None)  # the slowest rank's: recovery ends with a barrier
+    return {
+        "dim": dim, "layers": layers, "params": ckpt[0]["params"], "shard_bytes": _median(r["shard_bytes"] for r in ckpt),
+        "device": ckpt[0].get("device", "cpu"), "backend": ckpt[0].get("backend", "gloo"),
+        "iteration_s": _median(i["iteration_s"] for r in plain for i in steady(r)),
+        "iteration_ckpt_s": _median(i["iteration_s"] for r in ckpt for i in steady(r)),
+        "stall_s": _median(i["stall_s"] + i.get("update_wait_s", 0.0) for r in ckpt for i in steady(r)),
+        "local_s": _median(c["copied_s"] for c in cks),
+        "replicated_s": _median(c["complete_s"] - c["start_s"] for c in cks),
+        "local_recovery_s": recovered(killed, "local"), "peer_recovery_s": recovered(lost, "peer"),
+        "link_bytes_per_s": probe["network_bytes_per_s"],
+        "copy_bytes_per_s": probe.get("d2h_bytes_per_s", probe["copy_bytes_per_s"]),
+        "h2d_bytes_per_s": probe.get("h2d_bytes_per_s", probe["copy_bytes_per_s"]),
+    }
+
+
+_DCP = r"""
+import json, os, shutil, sys, tempfile, time
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+nbytes, folder = int(sys.argv[1]), sys.argv[2]
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=0, world_size=1)
+pieces = 8
+state = {f"t{i}": torch.rand(nbytes // pieces // 4, device=device) for i in range(pieces)}
+out = {}
+
+def timed(fn):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    r = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, r
+
+def fresh(name):
+    path = os.path.join(folder, name)
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+out["save_fsync_s"] = timed(lambda: (dcp.save(state, checkpoint_id=fresh("save")), os.sync()))[0]
+t0 = time.perf_counter()
+stall, fut = timed(lambda: dcp.async_save(state, checkpoint_id=fresh("async")))
+fut.result()
+os.sync()
+out["async_stall_s"], out["async_total_s"] = stall, time.perf_counter() - t0
+target = {k: torch.empty_like(v) for k, v in state.items()}
+out["load_warm_s"] = timed(lambda: dcp.load(target, checkpoint_id=os.path.join(folder, "save")))[0]
+try:
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    out["load_cold_s"] = timed(lambda: dcp.load(target, checkpoint_id=os.path.join(folder, "save")))[0]
+except OSError:
+    out["load_cold_s"] = None  # not allowed here: only the warm figure
+assert all(torch.equal(target[k], state[k]) for k in state)
+out["torch"] = torch.__version__
+print(json.dumps(out))
+dist.destroy_process_group()
+"""
+
+
+def dcp_figures(nbytes: int, work: Path) -> dict:
+    """DCP on ``nbytes`` of state (8 tensors) on this host's device, in a process of its own."""
+    folder = Path(tempfile.mkdtemp(prefix="dcp-", dir=work))
+    r = subprocess.run([sys.executable, "-c", _DCP, str(nbytes), str(folder)], capture_output=True, text=True,
+                       timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"DCP bench failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def rows_for(gib: float, rt: dict, d: dict) -> list[tuple[str, str, str, str]]:
+    """The bench table's rows for one size: (what, measured, target, verdict)."""
+    shard = rt["shard_bytes"]
+    where = (f"{gib:g} GiB per rank ({shard / GiB:.2f} GiB measured: TinyGPT dim {rt['dim']} x {rt['layers']} layers, "
+             f"{rt['params'] / 1e6:.0f}M params, AdamW), 2 machines x 1 rank on {rt['device']} ({rt['backend']})")
+    copy_limit = shard / rt["copy_bytes_per_s"]
+    link_limit = shard / rt["link_bytes_per_s"]
+    cold = d["load_cold_s"]
+    overhead = 100 * (rt["iteration_ckpt_s"] / rt["iteration_s"] - 1)
+    verdict = lambda ok: "pass" if ok else "FAIL"
+    rows = [
+        (f"state path ({where}): training stall per checkpoint vs the copy alone at the measured "
+         f"{rt['copy_bytes_per_s'] / 1e9:.1f} GB/s", f"{rt['stall_s'] * 1e3:.1f} ms vs {copy_limit * 1e3:.1f} ms "
+         f"({rt['stall_s'] / copy_limit:.2f}x)", "<= 1.3x", verdict(rt["stall_s"] <= 1.3 * copy_limit)),
+        ("state path: until in local CPU memory / until also on the peer (link measured "
+         f"{rt['link_bytes_per_s'] * 8 / 1e9:.2f} Gbit/s: {link_limit * 1e3:.0f} ms for the shard)",
+         f"{rt['local_s'] * 1e3:.1f} ms / {rt['replicated_s'] * 1e3:.0f} ms ({100 * link_limit / rt['replicated_s']:.0f}%"
+         " of the link)", ">= 80% of the link", verdict(link_limit / rt["replicated_s"] >= 0.8)),
+        ("state path: recovery from local memory / from the peer's", f"{rt['local_recovery_s'] * 1e3:.0f} ms / "
+         f"{rt['peer_recovery_s'] * 1e3:.0f} ms (peer: {100 * link_limit / rt['peer_recovery_s']:.0f}% of the link)",
+         ">= 80% of the link (peer)", verdict(link_limit / rt["peer_recovery_s"] >= 0.8)),
+        (f"state path: DCP on the same state and device (torch {d['torch']}): save + fsync / async_save stall / "
+         "async_save total / load warm / load cold", f"{d['save_fsync_s']:.2f} / {d['async_stall_s']:.2f} / "
+         f"{d['async_total_s']:.2f} / {d['load_warm_s']:.2f} / " + (f"{cold:.2f} s" if cold is not None else
+                                                                      "not allowed here (not root)"), "-", "info"),
+        ("state path: local recovery vs cold dcp.load", f"{(cold or d['load_warm_s']) / rt['local_recovery_s']:.1f}x "
+         f"faster" + ("" if cold is not None else " (against a warm load)"), ">= 40x",
+         verdict((cold or d["load_warm_s"]) / rt["local_recovery_s"] >= 40)),
+        ("state path: iteration without / with a checkpoint every iteration", f"{rt['iteration_s']:.3f} s / "
+         f"{rt['iteration_ckpt_s']:.3f} s ({overhead:+.1f}%)", "<= 2% (compute-bound, GPU)",
+         verdict(overhead <= 2) if rt["device"] != "cpu" else "info (CPU: training and copies share the cores)"),
+    ]
+    return rows
+
+
+def measure(sizes, work: Path, iters: int, batch: int, seq: int) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for gib in sizes:
+        rt = runtime_figures(gib, work / f"{gib:g}gib", iters, batch, seq)
+        rows += rows_for(gib, rt, dcp_figures(int(gib * GiB), work))
+    return rows
+
+
+def default_sizes() -> list[float]:
+    import torch
+
+    return [1.0, 8.0] if torch.cuda.is_available() else [0.25]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gib", type=float, nargs="+", help="state per rank, GiB (default: 1 8 on a GPU, 0.25 on CPU)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--out", help="folder for the jobs' logs and results.json (default: a temporary one)")
+    args = ap.parse_args(argv)
+    if any(not (0 < g <= 64) for g in args.gib or []):
+        print("state_path.py: --gib must be in (0, 64]", file=sys.stderr)
+        return 2
+    work = Path(args.out or tempfile.mkdtemp(prefix="state-path-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = measure(args.gib or default_sizes(), work, args.iters, args.batch, args.seq)
+    (work / "results.json").write_text(json.dumps(rows, indent=1))
+    for r in rows:
+        print(" | ".join(r))
+    return 0
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
