@@ -267,8 +267,20 @@ def bench_calibration():
     return rows
 
 
+def bench_state_path():
+    """The checkpoint path against DCP per rank state size (bench/state_path.py; on a GPU: 1 and 8 GiB)."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import state_path
+
+    work = Path(tempfile.mkdtemp(prefix="gemini-state-path-"))
+    return state_path.measure(state_path.default_sizes(), work, iters=10, batch=8, seq=128)
+
+
 BENCHES = {"replay": bench_replay_year, "placement": bench_placement_exact, "interleave": bench_interleave,
-           "scale": bench_scale, "runtime": bench_runtime, "calibration": bench_calibration}
+           "scale": bench_scale, "runtime": bench_runtime, "state-path": bench_state_path,
+           "calibration": bench_calibration}
 SECTIONS: list[str] = []  # Markdown sections after the table (the scale table)
 
 

@@ -48,12 +48,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from . import recovery, schedules
 from .pipeline import InFlight, Link
 from .plan import Plan, PlanError
 from .profiler import Recorder
-from .state import StateError, entries_of, flatten, local, unflatten, unpack
+from .state import TENSOR, StateError, entries_of, flatten, local, unflatten, unpack
 from .store import ShardStore, write_atomic
 from .transport import Groups, Progress, Receiver, stop
 
@@ -243,8 +244,40 @@ class Checkpointer:
             out[k] = loc if loc.untyped_storage().data_ptr() in live else loc.clone()
         return out, skeleton
 
+    def _allocate_optimizer_state(self, tensors: dict[str, torch.Tensor], skeleton) -> None:
+        """Give a fresh optimizer room for the checkpoint's per-parameter state (empty tensors of its shapes, where
+        the parameters live, sharded like them), so that ``get_state_dict`` does not create that state with a
+        throwaway optimizer step, which cost most of a recovery on CPU. Nothing is done where the checkpoint's state
+        is not all tensors keyed by parameter name (``get_state_dict`` then creates it as before)."""
+        saved = (skeleton.get("optim", {}) if isinstance(skeleton, dict) else {}).get("state")
+        if self.optimizer.state or not isinstance(saved, dict):
+            return
+        params = dict(self.model.named_parameters())
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        if set(saved) - set(params) or any(not isinstance(v, dict) or TENSOR not in v
+                                           for st in saved.values() if isinstance(st, dict) for v in st.values()) \
+                or any(not isinstance(st, dict) for st in saved.values()):
+            return
+        for fqn, st in saved.items():
+            p = params[fqn]
+            if id(p) not in group_of:
+                return
+            shard = local(p)
+            on_device = group_of[id(p)].get("capturable") or group_of[id(p)].get("fused")
+            room = {}
+            for name, ref in st.items():
+                src = tensors[ref[TENSOR]]
+                where = shard.device if src.dim() or on_device else torch.device("cpu")
+                t = torch.empty(src.shape, dtype=src.dtype, device=where)
+                if isinstance(p, DTensor) and src.shape == shard.shape and src.dim():
+                    t = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                           stride=p.stride())
+                room[name] = t
+            self.optimizer.state[p] = room
+
     def _restore(self, tensors: dict[str, torch.Tensor], skeleton) -> None:
         """Load a checkpoint's tensors and skeleton into the model, the optimizer and the extra state."""
+        self._allocate_optimizer_state(tensors, skeleton)
         live, _ = flatten(self._state())  # optimizer state is created here if there is none yet
         missing = sorted(k for k in live if k not in tensors and not k.startswith("extra/"))
         if missing:

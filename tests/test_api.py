@@ -8,6 +8,7 @@ import stat
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -91,7 +92,12 @@ def test_a_new_process_resumes_from_memory_bit_for_bit(world1, tmp_path, opt_kin
     model2, opt2 = make(1, opt_kind)  # another initialisation: everything must come from the checkpoint
     counter2 = Counter()
     ckpt2 = Checkpointer(plan, model2, opt2, extra={"loader": counter2}, **kw)
+    steps = []
+    opt2.step = lambda *a, **k: steps.append(1)  # recovery gives the optimizer its state without a throwaway step
     assert ckpt2.recover() == 4  # close() took the last checkpoint too
+    del opt2.step
+    assert steps == []
+    assert all(isinstance(v, DTensor) for st in opt2.state.values() for v in st.values() if v.dim())
     assert_same(before, snapshot(model2, opt2))
     assert counter2.seen == 4 and opt2.param_groups[0]["lr"] == lr
     train(model2, opt2, ckpt2, 2, counter2, start=4)
