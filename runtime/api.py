@@ -350,8 +350,8 @@ class Checkpointer:
                        durable=str(self.durable))
         else:
             if where == "memory":
-                data, manifest, tier, source = fetched
-                tensors, skeleton = unpack(data, manifest), manifest["skeleton"]
+                data, manifest, tier, source = fetched  # a private mapping or a received buffer: ours
+                tensors, skeleton = unpack(data, manifest, own=True), manifest["skeleton"]
             else:
                 template, _ = flatten(self._state())
                 tensors, skeleton = recovery.load_durable(recovery.step_dir(self.durable, target), template,

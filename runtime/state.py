@@ -146,10 +146,13 @@ def pack(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, dict]:
     return data, {"entries": entries, "size": len(data), **checksum(data)}
 
 
-def unpack(data: bytes | bytearray | memoryview, manifest: dict) -> dict[str, torch.Tensor]:
+def unpack(data: bytes | bytearray | memoryview, manifest: dict, own: bool = False) -> dict[str, torch.Tensor]:
     """The tensors :func:`pack` (or a checkpoint) wrote, as new CPU tensors (views of one private copy of
-    ``data``)."""
-    buf = bytearray(data)
+    ``data``; ``own``: ``data`` is already the caller's private, writable buffer, such as
+    :meth:`ShardStore.get`'s mapping, and the tensors view it without a copy)."""
+    buf = data if own else bytearray(data)
+    if own and (not isinstance(buf, (bytearray, memoryview)) or getattr(buf, "readonly", False)):
+        raise ValueError("unpack(own=True) needs a writable buffer")
     out = {}
     for e in manifest["entries"]:
         if e["dtype"] not in DTYPES:

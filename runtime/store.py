@@ -150,12 +150,17 @@ class ShardStore:
         meta = dict(manifest, iteration=iteration, rank=rank)
         write_atomic(json_path, json.dumps(meta), PRIVATE_FILE)  # the manifest is committed last
 
-    def get(self, iteration: int, rank: int) -> tuple[bytes, dict] | None:
-        """The shard's bytes and manifest if it is complete and intact, else None."""
+    def get(self, iteration: int, rank: int) -> tuple[memoryview, dict] | None:
+        """The shard's bytes and manifest if it is complete and intact, else None. The bytes are a private
+        (copy-on-write) mapping of the stored file: nothing is copied to read them, and writing to them never
+        changes the store."""
         bin_path, json_path = self.paths(iteration, rank)
         try:
             manifest = json.loads(json_path.read_text())
-            data = bin_path.read_bytes()
+            with open(bin_path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                data = memoryview(mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
+                                            prot=mmap.PROT_READ | mmap.PROT_WRITE)) if size else memoryview(b"")
         except (OSError, ValueError):
             return None
         if not verify(data, manifest):

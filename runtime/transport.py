@@ -94,15 +94,24 @@ def recv_bytes(src: int, group, tags: tuple[int, int]) -> bytes:
     return buf.numpy().tobytes()
 
 
-def send_shard(data: bytes, manifest: dict, dst: int, group, tag_: int) -> list:
-    """Start sending a stored shard (its manifest, a newline, its bytes), length first; returns the works."""
-    return isend_bytes(json.dumps(manifest).encode() + b"\n" + data, dst, group, (tag_, tag_ + 1000))
+def send_shard(data, manifest: dict, dst: int, group, tag_: int) -> list:
+    """Start sending a stored shard: its manifest (length first), then its bytes (length first), each straight
+    from where it lies (a writable buffer, such as the store's mapping, is not copied); returns the works."""
+    head = isend_bytes(json.dumps(manifest).encode(), dst, group, (tag_, tag_ + 1000))
+    body = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+    size = torch.tensor([body.numel()], dtype=torch.int64)
+    return head + [dist.isend(size, dst, group=group, tag=tag_ + 2000),
+                   dist.isend(body, dst, group=group, tag=tag_ + 3000)]
 
 
-def recv_shard(src: int, group, tag_: int) -> tuple[bytes, dict]:
-    """Receive what :func:`send_shard` sent: (bytes, manifest)."""
-    head, _, body = recv_bytes(src, group, (tag_, tag_ + 1000)).partition(b"\n")
-    return body, json.loads(head)
+def recv_shard(src: int, group, tag_: int) -> tuple[memoryview, dict]:
+    """Receive what :func:`send_shard` sent: (its bytes, received in place, and its manifest)."""
+    manifest = json.loads(recv_bytes(src, group, (tag_, tag_ + 1000)))
+    n = torch.empty(1, dtype=torch.int64)
+    dist.recv(n, src, group=group, tag=tag_ + 2000)
+    body = torch.empty(int(n.item()), dtype=torch.uint8)
+    dist.recv(body, src, group=group, tag=tag_ + 3000)
+    return memoryview(body.numpy()), manifest
 
 
 class Receiver:

@@ -37,6 +37,27 @@ def test_a_slot_counts_only_once_committed(tmp_path):
     assert store.inventory() == [(5, 3)]
 
 
+def test_a_read_shard_is_a_private_mapping_that_tensors_view_without_a_copy(tmp_path):
+    """get() maps the stored file copy-on-write: unpack(own=True) views it, and writing through those tensors never
+    changes the stored copy."""
+    store = ShardStore(tmp_path, 0)
+    data, manifest = shard(5)
+    write(store, 3, 0, data, manifest)
+    got, meta = store.get(3, 0)
+    tensors = unpack(got, meta, own=True)
+    first = next(iter(tensors))
+    addr = tensors[first].untyped_storage().data_ptr()
+    assert addr == torch.frombuffer(got, dtype=torch.uint8).data_ptr() + meta["entries"][0]["offset"]
+    tensors[first].fill_(7)  # the mapping is private: the store's file is unchanged
+    again, _ = store.get(3, 0)
+    assert again == data and bytes(got) != data
+    try:
+        unpack(b"abc", {"entries": []}, own=True)
+        raise AssertionError("read-only bytes taken as one's own")
+    except ValueError:
+        pass
+
+
 def test_a_corrupted_shard_is_listed_but_never_read_and_can_be_dropped(tmp_path):
     """The inventory does not read shards (recovery would pay a pass over every one); the checksum is checked when
     a shard is read, and recovery drops a copy that fails it."""
