@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean runtime-demo calibrate netns-up netns-down gpu-wheels
+.PHONY: run test bench clean runtime-demo calibrate netns-up netns-down gpu-wheels gpu-check
 
 # OFFLINE=1: a machine with its own torch (and numpy, scipy, networkx, matplotlib) that reaches no registry, the
 # GPU machine: the venv sees the system's packages and installs the rest from wheels/ (made by make gpu-wheels).
@@ -60,3 +60,10 @@ clean:
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --python-version $(GPU_PY) --only-binary=:all: \
 	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d wheels $(GPU_PKGS)
+
+# On the GPU machine, in one call (carry wheels/ from make gpu-wheels): the whole suite over the machine's CUDA torch,
+# then the runtime's checkpoint path against DCP at 1 and 8 GiB per rank and the runtime bench, into out/gpu/.
+gpu-check:
+	$(MAKE) test OFFLINE=1
+	mkdir -p out/gpu
+	$(BIN)/python bench/run.py --only state-path --only runtime --out out/gpu/results.md

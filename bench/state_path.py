@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +86,8 @@ def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) ->
     recovered = lambda res, tier: max((e["seconds"] for e in res.records("recovered") if e["tier"] == tier),
                                       default=None)  # the slowest rank's: recovery ends with a barrier
     return {
-        "dim": dim, "layers": layers, "params": ckpt[0]["params"], "shard_bytes": _median(r["shard_bytes"] for r in ckpt),
+        "dim": dim, "layers": layers, "params": ckpt[0]["params"],
+        "shard_bytes": _median(r["shard_bytes"] for r in ckpt),
         "device": ckpt[0].get("device", "cpu"), "backend": ckpt[0].get("backend", "gloo"),
         "iteration_s": _median(i["iteration_s"] for r in plain for i in steady(r)),
         "iteration_ckpt_s": _median(i["iteration_s"] for r in ckpt for i in steady(r)),
@@ -220,6 +220,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if any(not (0 < g <= 64) for g in args.gib or []):
         print("state_path.py: --gib must be in (0, 64]", file=sys.stderr)
+        return 2
+    if not (6 <= args.iters <= 10_000 and 1 <= args.batch <= 4096 and 1 <= args.seq <= 8192):
+        print("state_path.py: need 6 <= --iters <= 10000 (3 are warm-up), 1 <= --batch <= 4096, 1 <= --seq <= 8192",
+              file=sys.stderr)
         return 2
     work = Path(args.out or tempfile.mkdtemp(prefix="state-path-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ A **run directory** (what ``make calibrate`` / ``python examples/tinygpt/calibra
 
 The simulated set-up (:func:`setup_preset`): the run's machines and processes, each NIC at the measured
 point-to-point bandwidth, the copy to CPU memory at the measured copy rate (on a GPU: the measured GPU <-> CPU rates
-and compute's slowdown beside a copy, :func:`host_path`), checkpoint bytes per machine as the runtime reported them. The timeline is the profile's typical iteration, with each collective's effective bytes fitted to its
+and compute's slowdown beside a copy, :func:`host_path`), checkpoint bytes per machine as the runtime reported them.
+The timeline is the profile's typical iteration, with each collective's effective bytes fitted to its
 measured duration (``from_profile(link_bytes_per_s=...)``): the baseline iteration is thus calibrated, and what the
 comparison tests is the prediction of what checkpoint traffic does to it.
 

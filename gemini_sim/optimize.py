@@ -85,7 +85,8 @@ PHASES = 4  # replays per candidate, each with the checkpoint cycles at a random
 def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, processes_per_machine: int | None = None,
              schedules=None, placements=None, replicas=None, timeline: Timeline | None = None,
              buffer_bytes: float = 1 << 30, seed: int = 0, max_interval: int = 16, progress=None,
-             config_sha256: str = "", trace_sha256: str = "", host_cpu_s=None, span_fill: float | None = None) -> OptimizeResult:
+             config_sha256: str = "", trace_sha256: str = "", host_cpu_s=None,
+             span_fill: float | None = None) -> OptimizeResult:
     """``host_cpu_s(m)``: the CPU seconds a checkpoint with m replicas costs a rank on training's cores (the host cost
     model of a measured set-up, calibration.host_cpu_s; None: nothing). ``span_fill``: the gemini schedule's (None:
     1, the whole of each idle span)."""

@@ -1,9 +1,10 @@
 """GPU machine types: the hardware half of a preset's ``[cluster]`` table, with where each figure comes from.
 
 A preset names one with ``machine_type = "p4d.24xlarge"``; the type fills every ``[cluster]`` key the preset leaves
-out, and a key the preset gives wins (``network_gbps = 200`` on a p4d is a what-if). An unknown name's error lists the
-types; docs/simulator.md has their table. Figures are per machine; the host-copy figures are the per-GPU figure times the GPUs, which assumes each
-GPU has a PCIe link of its own to the host (true of HGX/DGX boards) and that host memory keeps up.
+out, and a key the preset gives wins (``network_gbps = 200`` on a p4d is a what-if). An unknown name's error lists
+the types; docs/simulator.md has their table. Figures are per machine; the host-copy figures are the per-GPU figure
+times the GPUs, which assumes each GPU has a PCIe link of its own to the host (true of HGX/DGX boards) and that host
+memory keeps up.
 
 The host-copy figures of the H100 machine types were measured on one H100 with torch 2.11 (``../shared/GPU.md``,
 2026-11-24/25): GPU-to-CPU into page-locked memory 54.8 GB/s, CPU-to-GPU 51.6 GB/s, GPU-to-CPU into pageable
