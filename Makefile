@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean runtime-demo calibrate netns-up netns-down gpu-wheels gpu-check
+.PHONY: run test bench clean runtime-demo calibrate netns-up netns-down gpu-wheels gpu-bench
 
 # OFFLINE=1: a machine with its own torch (and numpy, scipy, networkx, matplotlib) that reaches no registry, the
 # GPU machine: the venv sees the system's packages and installs the rest from wheels/ (made by make gpu-wheels).
@@ -61,9 +61,9 @@ gpu-wheels:
 	$(PYTHON) -m pip download --quiet --python-version $(GPU_PY) --only-binary=:all: \
 	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d wheels $(GPU_PKGS)
 
-# On the GPU machine, in one call (carry wheels/ from make gpu-wheels): the whole suite over the machine's CUDA torch,
-# then the runtime's checkpoint path against DCP at 1 and 8 GiB per rank and the runtime bench, into out/gpu/.
-gpu-check:
-	$(MAKE) test OFFLINE=1
+# On the GPU machine (carry wheels/ from make gpu-wheels), after `make test OFFLINE=1` in a call of its own: the
+# runtime's checkpoint path against DCP at 1 and 8 GiB per rank, the runtime bench and the calibration, into out/gpu/.
+gpu-bench:
+	$(MAKE) $(STAMP) OFFLINE=1
 	mkdir -p out/gpu
-	$(BIN)/python bench/run.py --only state-path --only runtime --out out/gpu/results.md
+	$(BIN)/python bench/run.py --only state-path --only runtime --only calibration --out out/gpu/results.md

@@ -106,11 +106,16 @@ def main(argv=None) -> int:
     ap.add_argument("--accel-cores", type=int, default=0,
                     help="cores standing in for the accelerators: training's compute runs there, every other "
                     "thread (collectives, checkpoint traffic) on the rest (default 0: all threads share all cores)")
-    ap.add_argument("--accel-ms", type=float, default=100.0,
+    ap.add_argument("--accel-ms", type=float, default=None,
                     help="emulated accelerator: every block's forward waits this many ms more, its backward twice "
-                    "as many, with the CPU free for the checkpoint (default 100; 0: compute on the CPU for real, "
-                    "then use e.g. --batch 4 --seq 256; see model.py beside this file)")
+                    "as many, with the CPU free for the checkpoint (default 100 without a GPU, 0 with one: the GPU "
+                    "computes; 0 without a GPU: compute on the CPU for real, then use e.g. --batch 4 --seq 256; "
+                    "see model.py beside this file)")
     args = ap.parse_args(argv)
+    if args.accel_ms is None:
+        import torch
+
+        args.accel_ms = 0.0 if torch.cuda.is_available() else 100.0
     try:
         compute, host = split_cores(args.accel_cores)
     except ValueError as e:
