@@ -86,7 +86,7 @@ def source_of(plan, it: int, rank: int, per_machine, ppm: int) -> int:
 
 
 def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: int,
-                      per_machine) -> tuple[bytes, dict, str, int] | None:
+                      per_machine) -> tuple[memoryview, dict, str, int] | None:
     """This rank's shard of ``it`` from memory, serving the shards this machine holds for ranks of other machines
     that need them: (bytes, manifest, tier, source machine). Collective. Every rank first reads and checks the
     shards it needs from its own machine (its own, those it serves); where any rank finds a copy that fails its

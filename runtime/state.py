@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -114,6 +115,7 @@ def entries_of(tensors: Mapping[str, torch.Tensor]) -> tuple[list[dict], list[to
 
 HASH_BLOCK = 64 << 20
 _hashers: ThreadPoolExecutor | None = None
+_hashers_lock = threading.Lock()
 
 
 def checksum(data) -> dict:
@@ -123,8 +125,10 @@ def checksum(data) -> dict:
     global _hashers
     view = memoryview(data).cast("B")
     blocks = [view[i:i + HASH_BLOCK] for i in range(0, len(view), HASH_BLOCK)] or [view]
-    if len(blocks) > 1 and _hashers is None:
-        _hashers = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="gemini-hash")
+    if len(blocks) > 1:
+        with _hashers_lock:  # one pool per process, whichever thread hashes first
+            if _hashers is None:
+                _hashers = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="gemini-hash")
     digests = (_hashers.map if len(blocks) > 1 else map)(lambda b: hashlib.sha256(b).digest(), blocks)
     return {"sha256_blocks": hashlib.sha256(b"".join(digests)).hexdigest()}
 
