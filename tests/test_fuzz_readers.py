@@ -138,7 +138,9 @@ def broken_json(draw, base: dict):
         if action == 0 and isinstance(parent, dict):
             del parent[path[-1]]
         else:
-            parent[path[-1]] = draw(JSON_VALUES)
+            # a copy: the sampled [] / {} / [[[[]]]] are shared objects, and a later mutation inside one would change
+            # it for every example after (a list put inside itself made _paths recurse without end, on CI)
+            parent[path[-1]] = copy.deepcopy(draw(JSON_VALUES))
     text = json.dumps(doc, indent=1)
     if draw(st.integers(0, 3)) == 0:  # tokens that are not JSON, or a duplicate key
         pos = draw(st.integers(0, len(text)))
