@@ -167,6 +167,7 @@ def test_host_cost_adds_the_checkpoints_cpu_spread_over_the_interval():
         r = simulate(preset, InterleaveConfig(schedule="gemini", interval=k, host_cpu_s=0.3), find_interval=False)
         plain = simulate(preset, InterleaveConfig(schedule="gemini", interval=k), find_interval=False)
         assert r.iteration_time_s == pytest.approx(plain.iteration_time_s + 0.3 / k, rel=1e-12)
+        assert r.host_cpu_per_iteration_s == pytest.approx(0.3 / k) and r.copy_slowdown_per_iteration_s == 0
         assert r.checkpoint_complete_s == pytest.approx(plain.checkpoint_complete_s, rel=1e-12)
     # the smallest interval under the budget grows with the host's cost: overhead(k) = 100 * 0.3 / k / t_iter
     t = base.baseline_iteration_time_s
@@ -204,6 +205,9 @@ def test_copy_slowdown_lengthens_the_compute_that_ran_beside_the_copy():
         copy_s = plain.gpu_to_cpu_s  # the whole shard over PCIe: the copy cannot overlap compute for longer
         assert 0 < b.run.copy_overlap_s <= copy_s * (1 + 1e-9)
         assert b.iteration_time_s == pytest.approx(a.iteration_time_s + 0.05 * b.run.copy_overlap_s / k, rel=1e-12)
+        assert b.copy_slowdown_per_iteration_s == pytest.approx(0.05 * b.run.copy_overlap_s / k, rel=1e-12)
+        assert b.as_dict()["copy_slowdown_per_iteration_s"] == b.copy_slowdown_per_iteration_s
+        assert a.copy_slowdown_per_iteration_s == 0 and b.host_cpu_per_iteration_s == 0
         assert b.checkpoint_complete_s == a.checkpoint_complete_s  # the network model itself is unchanged
     # blocking copies while training waits: nothing overlaps, nothing slows
     b = simulate(slowed, InterleaveConfig(schedule="blocking"), find_interval=False)

@@ -61,6 +61,8 @@ def run(args) -> int:
         ["iteration time (s)", f"{res.iteration_time_s:.4f}"],
         ["baseline iteration time (s)", f"{res.baseline_iteration_time_s:.4f}"],
         ["overhead", f"{res.overhead_pct:.3f}%"],
+        ["  of which host CPU / GPU copy slowdown (s per iteration)",
+         f"{res.host_cpu_per_iteration_s:.4f} / {res.copy_slowdown_per_iteration_s:.4f}"],
         ["checkpoint time (s)", f"{res.checkpoint_time_s:.3f}"],
         ["checkpoint complete at (s)", f"{res.checkpoint_complete_s:.3f}"],
         [f"min interval with overhead <= {args.threshold:g}% (iters)", k if k is not None else "none up to 32"],

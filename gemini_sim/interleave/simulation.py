@@ -43,6 +43,8 @@ class InterleaveResult:
     baseline: IterationRun = field(repr=False, compare=False)
     timeline: Timeline = field(repr=False, compare=False)
     spans: tuple = field(default=(), repr=False, compare=False)  # gemini: (start, end, bytes) of machine 0
+    host_cpu_per_iteration_s: float = 0.0  # of the iteration time: the checkpoint's CPU on training's cores
+    copy_slowdown_per_iteration_s: float = 0.0  # of the iteration time: compute slowed beside the GPU-to-CPU copy
 
     @property
     def overhead_pct(self) -> float:
@@ -57,6 +59,8 @@ class InterleaveResult:
                 "overhead_threshold_pct": self.overhead_threshold_pct,
                 "idle_network_s": self.idle_network_s, "baseline_idle_network_s": self.baseline_idle_network_s,
                 "checkpoint_gb_per_machine": self.checkpoint_bytes_per_machine / 1e9,
+                "host_cpu_per_iteration_s": self.host_cpu_per_iteration_s,
+                "copy_slowdown_per_iteration_s": self.copy_slowdown_per_iteration_s,
                 "timeline": self.timeline.source, "simulated_machines": self.simulated_machines,
                 "sim_events": self.sim_events, "flows": self.flows}
 
@@ -99,9 +103,10 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
         min_k = max(1, need) if threshold_pct > 0 and need <= max_interval else None
     elif find_interval:
         min_k = _min_interval(run_with, threshold_pct, max_interval, cfg, slowdown)
+    host_part, copy_part = delay_parts(cfg, run, slowdown)
     return InterleaveResult(
         schedule=cfg.schedule, preset=full.name, machines=full.cluster.machines, replicas=replicas,
-        interval=cfg.interval, iteration_time_s=run.iteration_s + host_delay(cfg, run, slowdown),
+        interval=cfg.interval, iteration_time_s=run.iteration_s + host_part + copy_part,
         baseline_iteration_time_s=base.iteration_s,
         checkpoint_time_s=(run.checkpoint_complete_s - run.checkpoint_start_s) if run.checkpoint_start_s is not None
         else 0.0,
@@ -111,7 +116,8 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
         baseline_idle_network_s=_mean_idle(base, cluster, base.iteration_s * cfg.interval) / cfg.interval,
         checkpoint_bytes_per_machine=full.checkpoint_bytes_per_machine, simulated_machines=preset.cluster.machines,
         sim_events=run.sim_events + profile.sim_events, flows=run.flows, run=run, baseline=base,
-        timeline=timeline, spans=_spans_of(plans.get(cfg.interval), profile, cluster, pl, timeline))
+        timeline=timeline, spans=_spans_of(plans.get(cfg.interval), profile, cluster, pl, timeline),
+        host_cpu_per_iteration_s=host_part, copy_slowdown_per_iteration_s=copy_part)
 
 
 def host_delay(cfg: InterleaveConfig, run: IterationRun, copy_slowdown: float = 0.0) -> float:
@@ -125,7 +131,12 @@ def host_delay(cfg: InterleaveConfig, run: IterationRun, copy_slowdown: float = 
       share the GPU's memory bandwidth: 1.5% on an H100, gemini_sim/cluster/machines.py), so the compute that
       overlapped the copy (``run.copy_overlap_s``, the worst machine) takes that fraction longer. A first-order
       model: it assumes the slowed compute is on the iteration's critical path."""
-    return (cfg.host_cpu_s + copy_slowdown * run.copy_overlap_s) / cfg.interval
+    return sum(delay_parts(cfg, run, copy_slowdown))
+
+
+def delay_parts(cfg: InterleaveConfig, run: IterationRun, copy_slowdown: float = 0.0) -> tuple[float, float]:
+    """:func:`host_delay`'s two parts per iteration: (the host's CPU, the GPU's copy slowdown)."""
+    return cfg.host_cpu_s / cfg.interval, copy_slowdown * run.copy_overlap_s / cfg.interval
 
 
 def _overhead(pair, cfg: InterleaveConfig, copy_slowdown: float) -> float:
