@@ -254,14 +254,12 @@ class Checkpointer:
             return
         params = dict(self.model.named_parameters())
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        if set(saved) - set(params) or any(not isinstance(v, dict) or TENSOR not in v
-                                           for st in saved.values() if isinstance(st, dict) for v in st.values()) \
-                or any(not isinstance(st, dict) for st in saved.values()):
+        fits = all(fqn in params and id(params[fqn]) in group_of and isinstance(st, dict)
+                   and all(isinstance(v, dict) and TENSOR in v for v in st.values()) for fqn, st in saved.items())
+        if not fits:  # checked before anything is made: a half-made state would stop get_state_dict making the rest
             return
         for fqn, st in saved.items():
             p = params[fqn]
-            if id(p) not in group_of:
-                return
             shard = local(p)
             on_device = group_of[id(p)].get("capturable") or group_of[id(p)].get("fused")
             room = {}

@@ -78,40 +78,43 @@ def chunk_bounds(size: int, chunk: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk, size)) for a in range(0, size, chunk)] or [(0, 0)]
 
 
-def isend_bytes(payload: bytes, dst: int, group, tags: tuple[int, int]) -> list:
-    """Start sending bytes, their length first (tags: length, bytes); returns the works."""
-    blob = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+def _isend_buffer(buffer, dst: int, group, tags: tuple[int, int]) -> list:
+    """Start sending a writable buffer as it lies (no copy), its length first (tags: length, bytes)."""
+    blob = torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) else torch.empty(0, dtype=torch.uint8)
     size = torch.tensor([blob.numel()], dtype=torch.int64)
     return [dist.isend(size, dst, group=group, tag=tags[0]), dist.isend(blob, dst, group=group, tag=tags[1])]
 
 
-def recv_bytes(src: int, group, tags: tuple[int, int]) -> bytes:
-    """Receive what :func:`isend_bytes` sent."""
+def _recv_buffer(src: int, group, tags: tuple[int, int]) -> torch.Tensor:
+    """Receive what :func:`_isend_buffer` sent, into a new tensor."""
     n = torch.empty(1, dtype=torch.int64)
     dist.recv(n, src, group=group, tag=tags[0])
     buf = torch.empty(int(n.item()), dtype=torch.uint8)
     dist.recv(buf, src, group=group, tag=tags[1])
-    return buf.numpy().tobytes()
+    return buf
+
+
+def isend_bytes(payload: bytes, dst: int, group, tags: tuple[int, int]) -> list:
+    """Start sending bytes, their length first (tags: length, bytes); returns the works."""
+    return _isend_buffer(bytearray(payload), dst, group, tags)
+
+
+def recv_bytes(src: int, group, tags: tuple[int, int]) -> bytes:
+    """Receive what :func:`isend_bytes` sent."""
+    return _recv_buffer(src, group, tags).numpy().tobytes()
 
 
 def send_shard(data, manifest: dict, dst: int, group, tag_: int) -> list:
     """Start sending a stored shard: its manifest (length first), then its bytes (length first), each straight
     from where it lies (a writable buffer, such as the store's mapping, is not copied); returns the works."""
-    head = isend_bytes(json.dumps(manifest).encode(), dst, group, (tag_, tag_ + 1000))
-    body = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
-    size = torch.tensor([body.numel()], dtype=torch.int64)
-    return head + [dist.isend(size, dst, group=group, tag=tag_ + 2000),
-                   dist.isend(body, dst, group=group, tag=tag_ + 3000)]
+    return isend_bytes(json.dumps(manifest).encode(), dst, group, (tag_, tag_ + 1000)) + \
+        _isend_buffer(data, dst, group, (tag_ + 2000, tag_ + 3000))
 
 
 def recv_shard(src: int, group, tag_: int) -> tuple[memoryview, dict]:
     """Receive what :func:`send_shard` sent: (its bytes, received in place, and its manifest)."""
     manifest = json.loads(recv_bytes(src, group, (tag_, tag_ + 1000)))
-    n = torch.empty(1, dtype=torch.int64)
-    dist.recv(n, src, group=group, tag=tag_ + 2000)
-    body = torch.empty(int(n.item()), dtype=torch.uint8)
-    dist.recv(body, src, group=group, tag=tag_ + 3000)
-    return memoryview(body.numpy()), manifest
+    return memoryview(_recv_buffer(src, group, (tag_ + 2000, tag_ + 3000)).numpy()), manifest
 
 
 class Receiver:

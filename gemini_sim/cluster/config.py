@@ -150,8 +150,8 @@ _BOUNDS = {
     "pcie_gbps": (1e-3, False, 1e6), "machines_per_rack": (0, False, 1_000_000), "parameters": (1, False, 1e15),
     "layers": (1, False, 100_000), "hidden": (1, False, 10_000_000), "seq_len": (1, False, 100_000_000),
     "global_batch_tokens": (1, False, 1e13), "mfu": (1e-4, False, 1), "bytes_per_param": (0.1, False, 1024),
-    "iteration_time_s": (0, False, 1e6), "remote_gbps": (1e-6, False, 1e6), "strawman_interval_hours": (1e-3, False, 1e6),
-    "gemini_persist_interval_hours": (1e-3, False, 1e6), "restart_s": (0, False, 1e7), "replace_s": (0, False, 1e7),
+    "iteration_time_s": (0, False, 1e6), "remote_gbps": (1e-6, False, 1e6),
+    "strawman_interval_hours": (1e-3, False, 1e6), "gemini_persist_interval_hours": (1e-3, False, 1e6), "restart_s": (0, False, 1e7), "replace_s": (0, False, 1e7),
     "replicas": (1, False, 1000), "h2d_gbps": (0, False, 1e6), "copy_slowdown": (0, False, 0.99),
 }
 
@@ -182,13 +182,6 @@ def _build(where: str, section: str, table, cls):
     for key in table:
         if key not in fields:
             raise UserError(f"{where}: unknown key '{section}.{key}'; valid: {', '.join(fields)}")
-    if cls is ClusterConfig and "machine_type" in table:  # the type fills what the preset leaves out
-        from gemini_sim.cluster.machines import MACHINE_TYPES
-
-        name = _check_value(where, "cluster.machine_type", table["machine_type"], str)
-        if name not in MACHINE_TYPES:
-            raise UserError(f"{where}: key 'cluster.machine_type': {unknown_name('machine type', name, MACHINE_TYPES)}")
-        table = {**MACHINE_TYPES[name].cluster_keys(), **table}
     kwargs = {}
     for name, f in fields.items():
         if name in table:
@@ -199,6 +192,19 @@ def _build(where: str, section: str, table, cls):
     return cls(**kwargs)
 
 
+def _with_machine_type(where: str, cluster):
+    """The ``[cluster]`` table with the keys its ``machine_type`` fills (gemini_sim/cluster/machines.py) where the
+    preset leaves them out."""
+    if not isinstance(cluster, dict) or "machine_type" not in cluster:
+        return cluster
+    from gemini_sim.cluster.machines import MACHINE_TYPES
+
+    name = _check_value(where, "cluster.machine_type", cluster["machine_type"], str)
+    if name not in MACHINE_TYPES:
+        raise UserError(f"{where}: key 'cluster.machine_type': {unknown_name('machine type', name, MACHINE_TYPES)}")
+    return {**MACHINE_TYPES[name].cluster_keys(), **cluster}
+
+
 def preset_from_dict(data: dict, where: str = "<config>") -> Preset:
     """Build a validated :class:`Preset` from parsed TOML."""
     for key in data:
@@ -207,6 +213,7 @@ def preset_from_dict(data: dict, where: str = "<config>") -> Preset:
     for section in ("cluster", "model", "storage"):
         if section not in data:
             raise UserError(f"{where}: missing table [{section}]")
+    data = {**data, "cluster": _with_machine_type(where, data["cluster"])}
     parts = {s: _build(where, s, data.get(s, {}), cls) for s, cls in _SECTIONS.items()}
     name = data.get("name", Path(where).stem)
     preset = Preset(name=str(name), **parts)
