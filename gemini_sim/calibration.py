@@ -59,6 +59,10 @@ def _timings(d: Path) -> list[dict]:
     return [check_format(load_json(f, "runtime timings"), "gemini-sim-timings", str(f)) for f in files]
 
 
+def _probe(d: Path) -> dict:
+    return check_format(load_json(d / "probe.json", "probe"), "gemini-sim-probe", str(d / "probe.json"))
+
+
 def setup_preset(setup_dir, replicas: int = 2) -> tuple[Preset, Timeline, dict]:
     """The simulator's view of a measured set-up (a runtime run directory with profile.json and probe.json)."""
     d = Path(setup_dir)
@@ -66,7 +70,7 @@ def setup_preset(setup_dir, replicas: int = 2) -> tuple[Preset, Timeline, dict]:
         if not (d / name).is_file():
             raise UserError(f"{d}: missing {name}; run the runtime with --probe (make calibrate does)")
     profile = load_profile(d / "profile.json")
-    probe = check_format(load_json(d / "probe.json", "probe"), "gemini-sim-probe", str(d / "probe.json"))
+    probe = _probe(d)
     ranks = _timings(d)
     n, ppm = profile["machines"], profile.get("processes_per_machine", 1)
     if len(ranks) != n * ppm:
@@ -106,7 +110,7 @@ def host_cost(setup_dir, replicas: int) -> tuple[float | None, bool]:
     sent to m-1 peers, and m-1 peers' shards received, at the probe's CPU cost per byte of each (None for a probe
     without those figures)."""
     d = Path(setup_dir)
-    probe = check_format(load_json(d / "probe.json", "probe"), "gemini-sim-probe", str(d / "probe.json"))
+    probe = _probe(d)
     per = probe.get("host_cpu_s_per_byte")
     if not per:
         return None, False
@@ -270,8 +274,7 @@ def compare(run_dir, warmup: int = 3) -> dict:
     plain = interleave.simulate(preset, interleave.InterleaveConfig(schedule="naive"),
                                 from_profile(profile), find_interval=False)  # logical bytes on ideal rings
     fitted = sims[0].baseline_iteration_time_s  # the same for every schedule: no checkpoint
-    probe = check_format(load_json(d / "baseline" / "probe.json", "probe"), "gemini-sim-probe",
-                         str(d / "baseline" / "probe.json"))
+    probe = _probe(d / "baseline")
     return {
         "run_dir": str(d), "machines": preset.cluster.machines,
         "processes_per_machine": preset.cluster.gpus_per_machine,

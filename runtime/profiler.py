@@ -97,7 +97,6 @@ class Recorder:
         self.collectives = collectives or Progress()  # training collectives completed so far (all iterations)
         self.serving = False  # collectives are timed and counted
         self.mechanism = "none"  # "fsdp2-comm" (supported hooks) or "wrapped" (fallback), once installed
-        self._fsdp: list = []
         self._originals: dict = {}
 
     # -- seeing collectives ------------------------------------------------------------------------------------
@@ -109,10 +108,9 @@ class Recorder:
                 for m in modules:
                     m.set_custom_all_gather(_TimedAllGather(self))
                     m.set_custom_reduce_scatter(_TimedReduceScatter(self))
-                self._fsdp = modules
             except (ValueError, RuntimeError):  # e.g. several parameter groups per module: not supported there
-                self._fsdp = []
-            self.mechanism = "fsdp2-comm" if self._fsdp else "wrapped"
+                modules = []
+            self.mechanism = "fsdp2-comm" if modules else "wrapped"
         elif self.mechanism == "none":
             self.mechanism = "wrapped"
         if self.mechanism == "wrapped":
