@@ -343,6 +343,7 @@ class Checkpointer:
                                                  self.ppm, target, per_machine) if where == "memory" else None
             if where != "memory" or fetched is not None:
                 break
+        fetched_s = time.perf_counter() - t0  # agreeing, reading and checking, and any transfer
         if target == 0:
             self.event("start", tier="fresh", iteration=0, job=self.job, store=str(self.store.root),
                        durable=str(self.durable))
@@ -358,7 +359,7 @@ class Checkpointer:
             self._restore(tensors, skeleton)
             dist.barrier(group=self.groups.control)
             self.event("recovered", iteration=target, tier=tier, source_machine=source,
-                       seconds=round(time.perf_counter() - t0, 4))
+                       seconds=round(time.perf_counter() - t0, 4), fetch_s=round(fetched_s, 4))
         self.iteration = target
         self._begin(target + 1)
         return target

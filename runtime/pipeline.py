@@ -6,8 +6,9 @@
    (:meth:`InFlight.wait_copied`). With ``buffer_bytes`` = two chunks this is the simulator's double-buffered
    device-to-host copy.
 2. **Send.** A sender thread sends each chunk to the plan's peers as soon as the chunk is in CPU memory *and* the
-   schedule (runtime/schedules.py) releases it, so copying chunk k+1 overlaps sending k. The peers' long-lived
-   :class:`~runtime.transport.Receiver` receive straight into their store. The manifest goes last, after the local
+   schedule (runtime/schedules.py) releases it, so copying chunk k+1 overlaps sending k; up to
+   :data:`~runtime.transport.WINDOW` chunks of a release are in flight at once. The peers' long-lived
+   :class:`~runtime.transport.Receiver` receive straight into their store, with as many receives posted ahead. The manifest goes last, after the local
    copy is committed, so a shard is never complete on a peer before it is on its own machine.
 """
 
@@ -27,7 +28,8 @@ import torch.distributed as dist
 from . import device
 from .state import checksum
 from .schedules import Schedule
-from .transport import MAX_CHUNKS, Groups, Progress, Receiver, chunk_bounds, isend_bytes, pin_thread, tag
+from .transport import (MAX_CHUNKS, WINDOW, Groups, Progress, Receiver, chunk_bounds, isend_bytes, pin_thread,
+                        tag)
 
 
 @dataclass
@@ -203,33 +205,39 @@ class InFlight:
 
     def _send(self) -> None:
         link, me = self.link, self.link.rank
+        group = lambda dst: link.groups.between(me, dst)
         header = torch.tensor([self.iteration, self.size, self.chunk], dtype=torch.int64)
-        works = [dist.isend(header, dst, group=link.groups.between(me, dst), tag=tag(self.seq, 0))
-                 for dst in link.send_to]
+        for w in [dist.isend(header, dst, group=group(dst), tag=tag(self.seq, 0)) for dst in link.send_to]:
+            w.wait()
         for r, offset, idx, after in self.releases:
             self._wait_release(r, offset, after)
+            flying = []  # (chunk, posted, its sends): up to WINDOW chunks in flight per peer within a release
             for k in idx:
                 a, b = self.bounds[k]
                 self.copied.wait_for(b)
                 if self.errors:
                     return
-                t = time.perf_counter()
-                works += [dist.isend(self.slot.tensor[a:b], dst, group=link.groups.between(me, dst),
-                                     tag=tag(self.seq, 1 + k)) for dst in link.send_to]
-                for w in works:  # one chunk in flight per peer: the next is sent when this one has left
-                    w.wait()
-                works = []
-                self.sent.append((k, t - self.release_at, time.perf_counter() - self.release_at))
+                if len(flying) == WINDOW:
+                    self._landed(flying.pop(0))
+                flying.append((k, time.perf_counter(), [dist.isend(self.slot.tensor[a:b], dst, group=group(dst),
+                                                                   tag=tag(self.seq, 1 + k)) for dst in link.send_to]))
+            for f in flying:  # a release's chunks have all left before the next release is waited for
+                self._landed(f)
         self.committed.wait()
         if self.errors:
             return
         last = 1 + len(self.bounds)
         meta = json.dumps(self.manifest).encode()
-        for dst in link.send_to:
-            works += isend_bytes(meta, dst, link.groups.between(me, dst), (tag(self.seq, last),
-                                                                            tag(self.seq, last + 1)))
+        works = [w for dst in link.send_to for w in isend_bytes(meta, dst, group(dst), (tag(self.seq, last),
+                                                                                        tag(self.seq, last + 1)))]
         for w in works:
             w.wait()
+
+    def _landed(self, flying: tuple) -> None:
+        k, posted, works = flying
+        for w in works:
+            w.wait()
+        self.sent.append((k, posted - self.release_at, time.perf_counter() - self.release_at))
 
     # -- the training thread's view ----------------------------------------------------------------------------------
     def iteration_started(self, t: float) -> None:

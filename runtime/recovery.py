@@ -112,8 +112,8 @@ def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: 
         tier = "local"
     else:
         src = mine * ppm + local
-        data, manifest = recv_shard(src, groups.between(src, rank), 1)
-        store.put(it, rank, data, manifest)  # the local copy is back
+        recv_shard(src, groups.between(src, rank), 1, store, it, rank)  # the local copy is back
+        data, manifest = store.get(it, rank, check=False)  # checked where it was read
         tier = "peer"
     for w in works:
         w.wait()

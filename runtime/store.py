@@ -150,10 +150,10 @@ class ShardStore:
         meta = dict(manifest, iteration=iteration, rank=rank)
         write_atomic(json_path, json.dumps(meta), PRIVATE_FILE)  # the manifest is committed last
 
-    def get(self, iteration: int, rank: int) -> tuple[memoryview, dict] | None:
-        """The shard's bytes and manifest if it is complete and intact, else None. The bytes are a private
-        (copy-on-write) mapping of the stored file: nothing is copied to read them, and writing to them never
-        changes the store."""
+    def get(self, iteration: int, rank: int, check: bool = True) -> tuple[memoryview, dict] | None:
+        """The shard's bytes and manifest if it is complete and intact (``check``: its checksum verified), else
+        None. The bytes are a private (copy-on-write) mapping of the stored file: nothing is copied to read them,
+        and writing to them never changes the store."""
         bin_path, json_path = self.paths(iteration, rank)
         try:
             manifest = json.loads(json_path.read_text())
@@ -163,7 +163,7 @@ class ShardStore:
                                             prot=mmap.PROT_READ | mmap.PROT_WRITE)) if size else memoryview(b"")
         except (OSError, ValueError):
             return None
-        if not verify(data, manifest):
+        if len(data) != manifest.get("size") or (check and not verify(data, manifest)):
             return None
         return data, manifest
 

@@ -21,6 +21,9 @@ import torch.distributed as dist
 
 TAG_BASE = 10_000  # checkpoint traffic tags: TAG_BASE + (checkpoint sequence number % 100) * 1000 + message index
 MAX_CHUNKS = 990
+# chunks in flight per peer and direction: a gloo message waits for its receive to be posted, so one at a time pays
+# a round trip per chunk (on loopback with 1 MiB chunks: 0.5 GB/s per direction with both ways busy, 1.5 with 8)
+WINDOW = 8
 
 
 class Progress:
@@ -111,10 +114,16 @@ def send_shard(data, manifest: dict, dst: int, group, tag_: int) -> list:
         _isend_buffer(data, dst, group, (tag_ + 2000, tag_ + 3000))
 
 
-def recv_shard(src: int, group, tag_: int) -> tuple[memoryview, dict]:
-    """Receive what :func:`send_shard` sent: (its bytes, received in place, and its manifest)."""
+def recv_shard(src: int, group, tag_: int, store, iteration: int, rank: int) -> dict:
+    """Receive what :func:`send_shard` sent straight into ``store`` as ``rank``'s shard of ``iteration`` (a slot of
+    its memory, no second copy), commit it there and return its manifest."""
     manifest = json.loads(recv_bytes(src, group, (tag_, tag_ + 1000)))
-    return memoryview(_recv_buffer(src, group, (tag_ + 2000, tag_ + 3000)).numpy()), manifest
+    n = torch.empty(1, dtype=torch.int64)
+    dist.recv(n, src, group=group, tag=tag_ + 2000)
+    slot = store.slot(iteration, rank, int(n.item()))
+    dist.recv(slot.tensor, src, group=group, tag=tag_ + 3000)
+    slot.commit(manifest)
+    return manifest
 
 
 class Receiver:
@@ -148,9 +157,14 @@ class Receiver:
                 slot = self.store.slot(iteration, self.src, size)
                 body = slot.tensor
                 bounds = chunk_bounds(size, chunk)
-                # one chunk's receive at a time (posting them all at once was tried: no gain beyond the noise)
+                posted = []  # up to WINDOW receives posted ahead of the data
                 for k, (a, b) in enumerate(bounds):
-                    dist.recv(body[a:b], self.src, group=g, tag=tag(seq, 1 + k))
+                    if len(posted) == WINDOW:
+                        posted.pop(0).wait()
+                    posted.append(dist.irecv(body[a:b], self.src, group=g, tag=tag(seq, 1 + k)))
+                for w in posted:
+                    w.wait()
+                del posted
                 self.data_at[seq] = time.perf_counter()
                 last = 1 + len(bounds)
                 meta = json.loads(recv_bytes(self.src, g, (tag(seq, last), tag(seq, last + 1))))

@@ -22,13 +22,19 @@ def test_rows_judge_each_target_from_the_measurements():
     rt = {"dim": 2048, "layers": 4, "params": 2e8, "shard_bytes": 1.2e9, "device": "NVIDIA H100", "backend": "gloo",
           "iteration_s": 1.0, "iteration_ckpt_s": 1.01, "stall_s": 0.025, "local_s": 0.03, "replicated_s": 1.0,
           "replicated_beside_training_s": 1.5, "local_recovery_s": 0.05, "peer_recovery_s": 2.0,
-          "link_bytes_per_s": 1.0e9, "copy_bytes_per_s": 54.8e9, "h2d_bytes_per_s": 51.6e9}
+          "link_bytes_per_s": 1.0e9, "link_both_bytes_per_s": 1.25e9, "probe_link_bytes_per_s": 0.9e9,
+          "peer_fetch_s": 1.5, "copy_bytes_per_s": 54.8e9, "h2d_bytes_per_s": 51.6e9}
     dcp = {"save_fsync_s": 2.2, "async_stall_s": 1.2, "async_total_s": 3.0, "load_warm_s": 1.1, "load_cold_s": 1.4,
            "torch": "2.11.0"}
     rows = state_path.rows_for(1, rt, dcp)
     verdicts = [r[3] for r in rows]
-    # stall 25 ms vs 1.2e9 / 54.8e9 = 21.9 ms (1.14x); link 1.2 s vs replicated 1.0 s; peer 60%; 28x; +1.0%
+    # stall 25 ms vs 1.2e9 / 54.8e9 = 21.9 ms (1.14x); link both ways 0.96 s vs replicated 1.0 s (96%); peer (one
+    # way: 1.2 s) 60%; 28x; +1.0%
     assert verdicts == ["pass", "pass", "FAIL", "info", "FAIL", "pass"]
-    assert "1.14x" in rows[0][1] and "28.0x" in rows[4][1] and "+1.0%" in rows[5][1]
+    assert "1.14x" in rows[0][1] and "(96% of" in rows[1][1] and "(peer: 60%" in rows[2][1]
+    assert "28.0x" in rows[4][1] and "+1.0%" in rows[5][1]
+    assert "10.00 Gbit/s per direction" in rows[1][0] and "the probe's 7.20" in rows[1][0] and "1500 ms" in rows[2][0]
+    fast = state_path.rows_for(1, dict(rt, link_both_bytes_per_s=4e9), dcp)
+    assert fast[1][3] == "FAIL" and "(30% of" in fast[1][1]  # 0.3 s at that rate
     cpu = state_path.rows_for(1, dict(rt, device="cpu"), dict(dcp, load_cold_s=None))
     assert cpu[5][3].startswith("info") and "against a warm load" in cpu[4][1]
