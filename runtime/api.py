@@ -336,30 +336,37 @@ class Checkpointer:
         """Agree with every rank on the newest complete checkpoint, load it, return its iteration (0: fresh)."""
         dist.barrier(group=self.groups.control)  # every rank is up: the time below is recovery's alone
         t0 = time.perf_counter()
-        while True:  # again only when a copy failed its checksum: it is gone from the next inventory
+        fetched = None
+        while True:  # again only when a copy could not be read or failed its checksum: gone from the next inventory
             per_machine = recovery.gather_inventory(self.store, self.groups.control, self.world, self.ppm)
             target, where = recovery.choose(per_machine, self.world, recovery.durable_iterations(self.durable))
-            fetched = recovery.fetch_from_memory(self.plan, self.store, self.groups, self.rank, self.world,
-                                                 self.ppm, target, per_machine) if where == "memory" else None
-            if where != "memory" or fetched is not None:
+            if where != "memory":
                 break
-        fetched_s = time.perf_counter() - t0  # agreeing, reading and checking, and any transfer
+            t = time.perf_counter()
+            fetched = recovery.fetch_from_memory(self.plan, self.store, self.groups, self.rank, self.world,
+                                                 self.ppm, target, per_machine)
+            if fetched is None:
+                continue
+            fetch_s = time.perf_counter() - t  # reading, and any transfer
+            # its checksum is checked meanwhile, in the background; a private mapping: the tensors may view it
+            self._restore(unpack(fetched.data, fetched.manifest, own=True), fetched.manifest["skeleton"])
+            failed = recovery.confirm(self.store, self.groups.control, self.rank, self.world, target, fetched)
+            if not failed:
+                break
+            self.event("checksum-failed", iteration=target, ranks=failed)  # those copies are gone: look again
         if target == 0:
             self.event("start", tier="fresh", iteration=0, job=self.job, store=str(self.store.root),
                        durable=str(self.durable))
         else:
-            if where == "memory":
-                data, manifest, tier, source = fetched  # a private mapping or a received buffer: ours
-                tensors, skeleton = unpack(data, manifest, own=True), manifest["skeleton"]
-            else:
+            if where == "storage":
                 template, _ = flatten(self._state())
-                tensors, skeleton = recovery.load_durable(recovery.step_dir(self.durable, target), template,
-                                                          self.rank, self.groups.control)
-                tier, source = "storage", None
-            self._restore(tensors, skeleton)
+                self._restore(*recovery.load_durable(recovery.step_dir(self.durable, target), template, self.rank,
+                                                     self.groups.control))
             dist.barrier(group=self.groups.control)
-            self.event("recovered", iteration=target, tier=tier, source_machine=source,
-                       seconds=round(time.perf_counter() - t0, 4), fetch_s=round(fetched_s, 4))
+            memory = where == "memory"
+            self.event("recovered", iteration=target, tier=fetched.tier if memory else "storage",
+                       source_machine=fetched.source if memory else None, seconds=round(time.perf_counter() - t0, 4),
+                       **({"fetch_s": round(fetch_s, 4)} if memory else {}))
         self.iteration = target
         self._begin(target + 1)
         return target

@@ -6,8 +6,9 @@ The ranks resume from the newest iteration that is complete in memory or on dura
 memory each rank takes its shard from its own machine if it is there (tier ``local``), else from the first machine in
 the plan's retrieval order that holds it (tier ``peer``, sent over the network by the rank with the same local rank
 there). Otherwise every rank loads the durable checkpoint (tier ``storage``). The inventory lists committed shards of
-the right size without reading them; only the shards recovery uses are read and checksummed, once, and a copy that
-fails is dropped before anything is sent, after which every rank takes the inventory again.
+the right size without reading them; each rank checksums only the copy it uses, once, while it loads it (a served
+copy is checked by the rank that receives it); a copy that fails is dropped where it was read and every rank takes
+the inventory again, so a corrupted copy costs a second round, never a wrong state.
 
 Durable checkpoints are standard DCP checkpoints (``dcp.save`` of ``{"model": ..., "optim": ...}`` as
 ``get_state_dict`` returns them), beside two files per rank: the state's skeleton as JSON (learning rates, a loader's
@@ -19,6 +20,9 @@ Loading asks DCP for tensors only and takes everything else from the JSON, so no
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,39 +89,74 @@ def source_of(plan, it: int, rank: int, per_machine, ppm: int) -> int:
     return next(m for m in plan.retrieval_order(rank // ppm) if (it, rank) in per_machine[m])
 
 
-def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: int,
-                      per_machine) -> tuple[memoryview, dict, str, int] | None:
+@dataclass
+class Fetched:
+    """This rank's shard as recovery fetched it (:func:`fetch_from_memory`), its checksum still being checked."""
+    data: memoryview  # a private mapping of the copy in this machine's store: the caller's to read and write
+    manifest: dict
+    tier: str  # "local" or "peer"
+    source: int  # the machine it came from
+    served: list[int]  # the ranks whose shards this rank sent from its machine's store
+    intact: Future  # -> bool: this rank's copy matches its checksum
+
+
+def _in_background(fn, *args) -> Future:
+    out: Future = Future()
+
+    def run():
+        try:
+            out.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the result
+            out.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name="gemini-verify").start()
+    return out
+
+
+def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: int, per_machine) -> Fetched | None:
     """This rank's shard of ``it`` from memory, serving the shards this machine holds for ranks of other machines
-    that need them: (bytes, manifest, tier, source machine). Collective. Every rank first reads and checks the
-    shards it needs from its own machine (its own, those it serves); where any rank finds a copy that fails its
-    checksum, that copy is dropped and every rank returns None: the caller looks again (:func:`gather_inventory`)."""
+    that need them. Collective. Copies are sent and used before their checksums are known: each rank checks only
+    the copy it uses (its machine's, or the one it received), in the background while it loads the state, and
+    :func:`confirm` tells every rank afterwards whether all were intact. So no machine hashes what it serves, and
+    the checks run on every machine at once, beside the transfers and the loading. None, on every rank, when a copy
+    the inventory listed can no longer be read (the caller looks again)."""
     machine, local = divmod(rank, ppm)
     sources = {r: source_of(plan, it, r, per_machine, ppm) for r in range(world)}
     # one sender per shard: the rank with the same local rank on the source machine
     serve = [r for r, m in sources.items() if m == machine and r // ppm != machine and r % ppm == local]
     mine = sources[rank]
-    held = {r: store.get(it, r) for r in serve + ([rank] if mine == machine else [])}
-    bad = [r for r, got in held.items() if got is None]
-    for r in bad:
-        store.discard(it, r)
-    flag = torch.tensor([len(bad)], dtype=torch.int64)
+    held = {r: store.get(it, r, check=False) for r in serve + ([rank] if mine == machine else [])}
+    flag = torch.tensor([sum(got is None for got in held.values())], dtype=torch.int64)
     dist.all_reduce(flag, group=groups.control)
     if int(flag.item()):
         return None
     works = []
     for r in serve:
         works += send_shard(*held[r], r, groups.between(rank, r), 1)
-    if mine == machine:
-        data, manifest = held[rank]
-        tier = "local"
-    else:
+    if mine != machine:
         src = mine * ppm + local
         recv_shard(src, groups.between(src, rank), 1, store, it, rank)  # the local copy is back
-        data, manifest = store.get(it, rank, check=False)  # checked where it was read
-        tier = "peer"
+        held[rank] = store.get(it, rank, check=False)
+    data, manifest = held[rank]
+    intact = _in_background(verify, data, manifest)
     for w in works:
         w.wait()
-    return data, manifest, tier, mine
+    return Fetched(data, manifest, "local" if mine == machine else "peer", mine, serve, intact)
+
+
+def confirm(store, group, rank: int, world: int, it: int, fetched: Fetched) -> list[int]:
+    """Collective, once every rank has loaded its fetched shard: the ranks whose copies failed their checksums (none:
+    all intact). A failed copy is dropped from the store it was read from (by the rank that served it, and by the
+    rank that received it or read it from its own machine), so the next inventory does not list it and the caller
+    looks again."""
+    bad = torch.zeros(world, dtype=torch.int64)
+    bad[rank] = 0 if fetched.intact.result() else 1
+    dist.all_reduce(bad, group=group)
+    failed = [r for r in range(world) if bad[r]]
+    for r in failed:
+        if r == rank or r in fetched.served:
+            store.discard(it, r)
+    return failed
 
 
 def dcp_key(key: str) -> str:

@@ -89,6 +89,16 @@ def test_corrupted_shard_is_detected_and_fetched_from_a_peer(tmp_path_factory, b
     assert_identical(res, baseline)
 
 
+def test_a_corrupted_replica_sent_to_a_replacement_is_caught_and_dropped(tmp_path_factory, baseline, script):
+    # machine 3 is lost and machine 2's copy of its shard of 5 (the only one left) is corrupt: the replacement
+    # receives it, finds it bad while loading it, both copies are dropped, and every rank goes back to DCP at 5
+    res = run_job(tmp_path_factory, script, "replica", "corrupt-copies:3:5,lose:3:6")
+    failed = res.records("checksum-failed")
+    assert {(e["rank"], e["iteration"], tuple(e["ranks"])) for e in failed} == {(r, 5, (3,)) for r in range(4)}
+    assert tiers(res) == {r: ("storage", 5) for r in range(4)}
+    assert_identical(res, baseline)
+
+
 def test_lose_a_whole_replica_group_falls_back_to_storage(tmp_path_factory, baseline, script):
     res = run_job(tmp_path_factory, script, "group", "lose:0:8,lose:1:8")
     assert sorted(e["machine"] for e in res.records("machine-lost")) == [0, 1]

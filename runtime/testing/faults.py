@@ -9,6 +9,8 @@ public API can be struck, unchanged. Faults, comma-separated:
   whole machine (its agent and workers) and replaces it with an empty memory;
 - ``corrupt-kill:RANK:ITER``: once iteration ITER's checkpoint is replicated (at ITER + 1, before the update), flip
   a byte of RANK's own stored copy, then SIGKILL it;
+- ``corrupt-copies:RANK:ITER``: at the same moment, flip a byte of every other machine's copy of RANK's shard of ITER
+  (the replicas a replacement would be sent), killing no one;
 - ``kill-write:RANK:ITER``: SIGKILL RANK once its shard of ITER is written into its machine's store, before it is
   committed.
 
@@ -24,7 +26,7 @@ import time
 
 import torch.distributed as dist
 
-KINDS = ("kill", "lose", "corrupt-kill", "kill-write")
+KINDS = ("kill", "lose", "corrupt-kill", "corrupt-copies", "kill-write")
 
 
 def parse(text: str) -> list[tuple[str, int, int]]:
@@ -53,13 +55,19 @@ def install(ckpt, text: str) -> None:
             return local == 0 and (kind, ckpt.machine, iteration) in faults
         return (kind, ckpt.rank, iteration) in faults
 
+    def flip(iteration: int, rank: int) -> None:
+        path = ckpt.store.paths(iteration, rank)[0]
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 3] ^= 0xFF
+        path.write_bytes(bytes(raw))
+
     def die(why: str) -> None:
         ckpt.event("fault", what=why)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def before_update(iteration: int) -> None:
         due = [f for f in faults if (f[0] in ("kill", "lose") and f[2] == iteration)
-               or (f[0] == "corrupt-kill" and f[2] == iteration - 1)]
+               or (f[0] in ("corrupt-kill", "corrupt-copies") and f[2] == iteration - 1)]
         if not due:
             return
         ckpt.wait()
@@ -69,11 +77,13 @@ def install(ckpt, text: str) -> None:
         if mine("lose", iteration):
             ckpt.event("lose-me", iteration=iteration, machine=ckpt.machine)
             time.sleep(3600)  # the agent kills this machine now
+        for kind, rank, it in faults:  # the replicas this process's machine holds for a rank of another machine
+            if kind == "corrupt-copies" and it == iteration - 1 and rank % ckpt.ppm == local \
+                    and rank // ckpt.ppm != ckpt.machine and ckpt.store.paths(it, rank)[0].exists():
+                flip(it, rank)
+                ckpt.event("fault", what=f"corrupted this machine's copy of rank {rank}'s shard")
         if mine("corrupt-kill", iteration - 1):  # the peers have it: a bit flips in this machine's copy
-            path = ckpt.store.paths(iteration - 1, ckpt.rank)[0]
-            raw = bytearray(path.read_bytes())
-            raw[len(raw) // 3] ^= 0xFF
-            path.write_bytes(bytes(raw))
+            flip(iteration - 1, ckpt.rank)
             die("corrupted its stored shard")
 
     def before_commit(iteration: int) -> None:
