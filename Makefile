@@ -10,8 +10,8 @@ STAMP  := $(VENV)/.installed
 # GPU machine: the venv sees the system's packages and installs the rest from wheels/ (made by make gpu-wheels).
 OFFLINE  ?=
 GPU_PY   ?= 3.12
-GPU_PKGS := "setuptools>=77" simpy==4.1.2 tqdm==4.70.1 jsonschema==4.26.0 dask==2026.8.0 distributed==2026.8.0 \
-            pytest==9.2.0 pytest-xdist==3.8.0 hypothesis==6.170.15 nbmake==1.5.5 ipykernel==7.4.0
+GPU_PKGS := "setuptools>=77" xxhash==4.1.0 simpy==4.1.2 tqdm==4.70.1 jsonschema==4.26.0 dask==2026.8.0 \
+            distributed==2026.8.0 pytest==9.2.0 pytest-xdist==3.8.0 hypothesis==6.170.15 nbmake==1.5.5 ipykernel==7.4.0
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(if $(OFFLINE),--system-site-packages) $(VENV)

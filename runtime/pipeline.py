@@ -2,14 +2,14 @@
 
 1. **Copy out.** A copier thread copies the live state, chunk by chunk (``schedule.chunk_bytes``), straight into
    the machine's :class:`~runtime.store.ShardStore` (a slot of its shared memory): that is the local copy, committed
-   once complete, with its SHA-256. The optimizer update that would overwrite the state waits for the last chunk
+   once complete, with its checksum. The optimizer update that would overwrite the state waits for the last chunk
    (:meth:`InFlight.wait_copied`). With ``buffer_bytes`` = two chunks this is the simulator's double-buffered
    device-to-host copy.
 2. **Send.** A sender thread sends each chunk to the plan's peers as soon as the chunk is in CPU memory *and* the
    schedule (runtime/schedules.py) releases it, so copying chunk k+1 overlaps sending k; up to
    :data:`~runtime.transport.WINDOW` chunks of a release are in flight at once. The peers' long-lived
-   :class:`~runtime.transport.Receiver` receive straight into their store, with as many receives posted ahead. The manifest goes last, after the local
-   copy is committed, so a shard is never complete on a peer before it is on its own machine.
+   :class:`~runtime.transport.Receiver` receive straight into their store, with as many receives posted ahead.
+   The manifest goes last, after the local copy is committed, so a shard is never complete on a peer before it is on its own machine.
 """
 
 from __future__ import annotations

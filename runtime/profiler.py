@@ -23,7 +23,6 @@ the iteration's start. Format: see ``gemini_sim/cluster/workload.py``.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import socket
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .state import checksum
 from .store import write_atomic
 from .transport import Progress, pin_thread
 
@@ -263,7 +263,7 @@ def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
     point-to-point bandwidth between machine 0 and machine 1 (rank 0 and its counterpart, each direction, over the
     runtime's own groups), and the rate at which rank 0 copies memory on the checkpoint's cores (the stand-in for the
     GPU-to-CPU copy when training on CPU). It also measures what a checkpoint costs the host: CPU seconds per byte
-    copied, hashed (SHA-256), sent and received (the process's CPU time, so gloo's own threads count), and whether
+    copied, checksummed (runtime/state.py's checksum), sent and received (the process's CPU time, so gloo's own threads count), and whether
     the checkpoint's threads share cores with training's (``compute_cores``: the cores of training's own thread;
     None: not pinned, so shared). On a GPU it adds :func:`device_rates` and how many of the job's ranks share rank
     0's GPU (``ranks_per_device``: the copies of ranks sharing a GPU share its PCIe link). Rank 0 writes
@@ -303,7 +303,7 @@ def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
             b.copy_(a)
             best, copy_cpu = min(best, time.perf_counter() - t), min(copy_cpu, time.process_time() - c)
             c = time.process_time()
-            hashlib.sha256(memoryview(b.numpy())).hexdigest()
+            checksum(memoryview(b.numpy()))
             hash_cpu = min(hash_cpu, time.process_time() - c)
         os.sched_setaffinity(0, before)
         shared = ckpt.host_cores is None or not compute_cores or bool(set(ckpt.host_cores) & set(compute_cores))

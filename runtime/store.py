@@ -3,7 +3,7 @@
 Layout::
 
     ROOT/machine-0003/iter-00000042/rank-00006.bin    raw bytes of every tensor of rank 6's shard, concatenated
-    ROOT/machine-0003/iter-00000042/rank-00006.json   manifest: names, dtypes, shapes, offsets, size, sha256
+    ROOT/machine-0003/iter-00000042/rank-00006.json   manifest: names, dtypes, shapes, offsets, size, checksum
 
 A shard is written atomically: bytes to ``*.bin.tmp``, rename, then the manifest to ``*.json.tmp``, rename. A shard
 is listed (:meth:`ShardStore.inventory`) only when its manifest exists and the bytes have its size, so a half-written

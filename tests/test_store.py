@@ -5,6 +5,7 @@ import json
 import os
 
 import torch
+import xxhash
 
 from runtime import state
 from runtime.state import checksum, pack, unpack, verify
@@ -19,7 +20,7 @@ def shard(seed: int, n: int = 1000):
 def write(store: ShardStore, iteration: int, rank: int, data: bytes, manifest: dict, commit: bool = True):
     slot = store.slot(iteration, rank, len(data))
     slot.tensor.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    assert checksum(slot.view()) == {"sha256_blocks": manifest["sha256_blocks"]}
+    assert checksum(slot.view()) == {"xxh3_blocks": manifest["xxh3_blocks"]}
     if commit:
         slot.commit(manifest)
     return slot
@@ -79,12 +80,13 @@ def test_a_corrupted_shard_is_listed_but_never_read_and_can_be_dropped(tmp_path)
 
 
 def test_the_checksum_hashes_blocks_in_parallel_and_catches_any_flipped_byte(monkeypatch):
-    """SHA-256 over the SHA-256 of each block (blocks hashed by a thread pool); older manifests' plain sha256
-    still verifies."""
+    """XXH3-128 over the XXH3-128 of each block (blocks hashed by a thread pool); older manifests' SHA-256 trees and
+    plain sha256 still verify."""
     monkeypatch.setattr(state, "HASH_BLOCK", 1000)
     data = bytes(range(256)) * 20  # 5120 bytes: 6 blocks, the last one short
-    tree = hashlib.sha256(b"".join(hashlib.sha256(data[i:i + 1000]).digest() for i in range(0, len(data), 1000)))
-    assert checksum(data) == {"sha256_blocks": tree.hexdigest()}
+    blocks = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+    tree = xxhash.xxh3_128(b"".join(xxhash.xxh3_128(b).digest() for b in blocks))
+    assert checksum(data) == {"xxh3_blocks": tree.hexdigest()}
     manifest = {"size": len(data), **checksum(data)}
     assert verify(data, manifest) and verify(bytearray(data), manifest)
     for at in (0, 999, 1000, 5119):
@@ -92,9 +94,12 @@ def test_the_checksum_hashes_blocks_in_parallel_and_catches_any_flipped_byte(mon
         bad[at] ^= 1
         assert not verify(bad, manifest)
     assert not verify(data[:-1], manifest)
+    old_tree = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in blocks)).hexdigest()
+    assert verify(data, {"size": len(data), "sha256_blocks": old_tree})
+    assert not verify(data[1:] + b"x", {"size": len(data), "sha256_blocks": old_tree})
     assert verify(data, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     assert not verify(data, {"size": len(data)})  # no checksum at all: not trusted
-    assert checksum(b"") == {"sha256_blocks": hashlib.sha256(hashlib.sha256(b"").digest()).hexdigest()}
+    assert checksum(b"") == {"xxh3_blocks": xxhash.xxh3_128(xxhash.xxh3_128(b"").digest()).hexdigest()}
 
 
 def test_an_uncommitted_slot_is_cleaned_after_a_crash(tmp_path):
