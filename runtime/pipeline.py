@@ -9,7 +9,8 @@
    schedule (runtime/schedules.py) releases it, so copying chunk k+1 overlaps sending k; up to
    :data:`~runtime.transport.WINDOW` chunks of a release are in flight at once. The peers' long-lived
    :class:`~runtime.transport.Receiver` receive straight into their store, with as many receives posted ahead.
-   The manifest goes last, after the local copy is committed, so a shard is never complete on a peer before it is on its own machine.
+   The manifest goes last, after the local copy is committed, so a shard is never complete on a peer before it is
+   on its own machine.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def source_of(plan, it: int, rank: int, per_machine, ppm: int) -> int:
     return next(m for m in plan.retrieval_order(rank // ppm) if (it, rank) in per_machine[m])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Fetched:
     """This rank's shard as recovery fetched it (:func:`fetch_from_memory`), its checksum still being checked."""
     data: memoryview  # a private mapping of the copy in this machine's store: the caller's to read and write
