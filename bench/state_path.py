@@ -86,11 +86,11 @@ def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) ->
     probe = json.loads((work / "checkpoint" / "out" / "probe.json").read_text())
     recovered = lambda res, tier, key="seconds": max((e[key] for e in res.records("recovered") if e["tier"] == tier),
                                                      default=None)  # the slowest rank's: recovery ends with a barrier
-    chunk = json.loads(plan.read_text())["schedule"]["chunk_bytes"]
-    link = link_figures(int(_median(r["shard_bytes"] for r in ckpt)), chunk, work)
+    shard = _median(r["shard_bytes"] for r in ckpt)
+    link = link_figures(int(shard), json.loads(plan.read_text())["schedule"]["chunk_bytes"], work)
     return {
         "dim": dim, "layers": layers, "params": ckpt[0]["params"],
-        "shard_bytes": _median(r["shard_bytes"] for r in ckpt),
+        "shard_bytes": shard,
         "device": ckpt[0].get("device", "cpu"), "backend": ckpt[0].get("backend", "gloo"),
         "iteration_s": _median(i["iteration_s"] for r in plain for i in steady(r)),
         "iteration_ckpt_s": _median(i["iteration_s"] for r in ckpt for i in steady(r)),

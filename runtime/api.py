@@ -362,11 +362,12 @@ class Checkpointer:
                 template, _ = flatten(self._state())
                 self._restore(*recovery.load_durable(recovery.step_dir(self.durable, target), template, self.rank,
                                                      self.groups.control))
+                tier, source, more = "storage", None, {}
+            else:
+                tier, source, more = fetched.tier, fetched.source, {"fetch_s": round(fetch_s, 4)}
             dist.barrier(group=self.groups.control)
-            memory = where == "memory"
-            self.event("recovered", iteration=target, tier=fetched.tier if memory else "storage",
-                       source_machine=fetched.source if memory else None, seconds=round(time.perf_counter() - t0, 4),
-                       **({"fetch_s": round(fetch_s, 4)} if memory else {}))
+            self.event("recovered", iteration=target, tier=tier, source_machine=source,
+                       seconds=round(time.perf_counter() - t0, 4), **more)
         self.iteration = target
         self._begin(target + 1)
         return target

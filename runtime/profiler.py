@@ -264,9 +264,10 @@ def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
     runtime's own groups), and the rate at which rank 0 copies memory on the checkpoint's cores (the stand-in for the
     GPU-to-CPU copy when training on CPU). It also measures what a checkpoint costs the host: CPU seconds per byte
     copied, checksummed (runtime/state.py's checksum), sent and received (the process's CPU time, so gloo's own
-    threads count), and whether the checkpoint's threads share cores with training's (``compute_cores``: the cores of training's own thread;
-    None: not pinned, so shared). On a GPU it adds :func:`device_rates` and how many of the job's ranks share rank
-    0's GPU (``ranks_per_device``: the copies of ranks sharing a GPU share its PCIe link). Rank 0 writes
+    threads count), and whether the checkpoint's threads share cores with training's (``compute_cores``: the cores
+    of training's own thread; None: not pinned, so shared). On a GPU it adds :func:`device_rates` and how many of
+    the job's ranks share rank 0's GPU (``ranks_per_device``: the copies of ranks sharing a GPU share its PCIe
+    link). Rank 0 writes
     ``probe.json`` (``path``, default in the Checkpointer's out_dir) and returns it; the others return None."""
     nbytes, reps = 8 << 20, 3
     rates, send_cpu, recv_cpu = [], [], []

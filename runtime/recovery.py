@@ -20,8 +20,7 @@ Loading asks DCP for tensors only and takes everything else from the JSON, so no
 from __future__ import annotations
 
 import json
-import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,17 +99,7 @@ class Fetched:
     intact: Future  # -> bool: this rank's copy matches its checksum
 
 
-def _in_background(fn, *args) -> Future:
-    out: Future = Future()
-
-    def run():
-        try:
-            out.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the result
-            out.set_exception(e)
-
-    threading.Thread(target=run, daemon=True, name="gemini-verify").start()
-    return out
+_verifier = ThreadPoolExecutor(1, thread_name_prefix="gemini-verify")  # checks a fetched copy beside the load
 
 
 def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: int, per_machine) -> Fetched | None:
@@ -138,7 +127,7 @@ def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: 
         recv_shard(src, groups.between(src, rank), 1, store, it, rank)  # the local copy is back
         held[rank] = store.get(it, rank, check=False)
     data, manifest = held[rank]
-    intact = _in_background(verify, data, manifest)
+    intact = _verifier.submit(verify, data, manifest)
     for w in works:
         w.wait()
     return Fetched(data, manifest, "local" if mine == machine else "peer", mine, serve, intact)

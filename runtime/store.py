@@ -9,8 +9,7 @@ A shard is written atomically: bytes to ``*.bin.tmp``, rename, then the manifest
 is listed (:meth:`ShardStore.inventory`) only when its manifest exists and the bytes have its size, so a half-written
 file from a worker killed mid-write is never listed; its checksum is checked when it is read (:meth:`get`), or, in
 recovery, while it is used (runtime/recovery.py), so a corrupted byte never survives (recovery then drops that copy
-and looks again). No pickle is
-involved anywhere: tensors are rebuilt from raw bytes with ``torch.frombuffer``.
+and looks again). No pickle is involved anywhere: tensors are rebuilt from raw bytes with ``torch.frombuffer``.
 
 Checkpoints are written in place (:meth:`ShardStore.slot`): the ``*.bin.tmp`` file is mapped into the process and
 the checkpoint is copied (or received) straight into it, so the store costs no second copy of every checkpoint.
