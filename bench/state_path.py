@@ -160,20 +160,14 @@ import json, sys, threading, time
 import torch
 import torch.distributed as dist
 
-rank, folder, nbytes, chunk, window = int(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:6])
+rank, folder, nbytes, chunk, root = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+sys.path.insert(0, root)
+from runtime.transport import stream  # the runtime's way: chunks, a window of them in flight
+
 dist.init_process_group("gloo", init_method=f"file://{folder}/link-pg", rank=rank, world_size=2)
 groups = [dist.new_group(backend="gloo") for _ in range(2)]  # one per direction, as the runtime's
 other = 1 - rank
 src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
-
-def stream(op, buf, group):  # the runtime's way: chunks, ``window`` of them in flight
-    works = []
-    for k, a in enumerate(range(0, nbytes, chunk)):
-        if len(works) == window:
-            works.pop(0).wait()
-        works.append(op(buf[a:a + chunk], other, group=group, tag=k))
-    for w in works:
-        w.wait()
 
 out = {}
 for both in (False, True):
@@ -181,11 +175,12 @@ for both in (False, True):
     for _ in range(3):
         dist.barrier()
         t = time.perf_counter()
-        send = threading.Thread(target=stream, args=(dist.isend, src, groups[rank])) if both or rank == 0 else None
+        send = threading.Thread(target=stream, args=(dist.isend, src, other, groups[rank], chunk)) \
+            if both or rank == 0 else None
         if send:
             send.start()
         if both or rank == 1:
-            stream(dist.irecv, dst, groups[other])
+            stream(dist.irecv, dst, other, groups[other], chunk)
         if send:
             send.join()
         dist.barrier()
@@ -202,10 +197,8 @@ def link_figures(nbytes: int, chunk: int, work: Path) -> dict:
     as the runtime drives it (its chunk size, :data:`runtime.transport.WINDOW` chunks in flight, a gloo group per
     direction): bytes/s one way, and per direction with both ways busy at once, as replication uses it (on one
     host the two directions share its cores). The best of 3 transfers of ``nbytes`` (at most 1 GiB) each."""
-    from runtime.transport import WINDOW
-
     folder = Path(tempfile.mkdtemp(prefix="link-", dir=work))
-    argv = [str(min(nbytes, GiB)), str(chunk), str(WINDOW)]
+    argv = [str(min(nbytes, GiB)), str(chunk), str(ROOT)]
     procs = [subprocess.Popen([sys.executable, "-c", _LINK, str(r), str(folder), *argv], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]

@@ -107,15 +107,18 @@ def host_path(probe: dict, ppm: int) -> dict:
 def host_cost(setup_dir, replicas: int) -> tuple[float | None, bool]:
     """The host cost model's inputs for a measured set-up: (the CPU seconds one checkpoint costs a rank, whether
     the checkpoint's threads share cores with training's). A checkpoint's CPU: its shard copied and hashed once,
-    sent to m-1 peers, and m-1 peers' shards received, at the probe's CPU cost per byte of each (None for a probe
-    without those figures)."""
+    and m-1 shards' worth of bytes moved, at the probe's CPU cost per byte of each; a byte moved costs its sender
+    and its receiver (``transfer``, or an older probe's ``send`` + ``recv``) and the kernel at both ends
+    (``kernel``, absent in older probes), and a rank sends m-1 shards while m-1 peers' shards come to its machine,
+    so its end of every transfer adds up to that. None for a probe without those figures."""
     d = Path(setup_dir)
     probe = _probe(d)
     per = probe.get("host_cpu_s_per_byte")
     if not per:
         return None, False
     shard = median(r["shard_bytes"] for r in _timings(d))  # one rank's
-    cpu = shard * (per["copy"] + per["hash"]) + shard * (replicas - 1) * (per["send"] + per["recv"])
+    moved = per["transfer"] if "transfer" in per else per["send"] + per["recv"]  # the latter: an older probe's
+    cpu = shard * (per["copy"] + per["hash"]) + shard * (replicas - 1) * (moved + per.get("kernel", 0.0))
     return cpu, bool(probe.get("checkpoint_shares_training_cores", True))
 
 

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from .state import checksum
 from .store import write_atomic
-from .transport import Progress, pin_thread
+from .transport import Progress, pin_thread, stream
 
 WRAPPED = {"all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",
            "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
@@ -258,33 +258,94 @@ def device_rates(device: torch.device, nbytes: int = 256 << 20, reps: int = 5) -
             "copy_compute_slowdown": min(0.99, max(0.0, ratios[len(ratios) // 2] - 1))}
 
 
+def host_busy_s() -> float | None:
+    """Seconds the host's CPUs have been busy since boot, all of them together, by ``/proc/stat`` (user, nice,
+    system, irq and softirq time; a guest's time is in user, a hypervisor's steal is not the host's work); None
+    where there is no ``/proc/stat``. Its resolution is the kernel's clock tick (10 ms), per CPU."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _transfer_cpu(ckpt, other: int | None, rate: float | None, seconds: float = 3.0) -> dict | None:
+    """What a byte of checkpoint traffic costs the hosts' CPUs (collective). Ranks 0 and ``other`` send each other
+    about ``seconds`` of data at once (at the measured ``rate``; 16 MiB to 1 GiB each way), as every machine sends
+    and receives during a checkpoint, the way the runtime moves it (:func:`~runtime.transport.stream`, the plan's
+    chunk size); each reads its process CPU time and its host's busy CPU (:func:`host_busy_s`, less the rate at
+    which that host was busy while nothing moved, for as long just before) around it. The seconds are many because
+    busy time comes in clock ticks. Returns CPU seconds per byte moved (one byte from one machine to another):
+    ``transfer``, the two processes' (sender's and receiver's, gloo's threads included), and ``kernel``, the hosts'
+    extra busy time less the processes' (each host once: both ends on one host here, one per host on a cluster): the
+    kernel's work on sockets, TCP, virtual links and traffic shaping, which no process is charged for (absent
+    without ``/proc/stat``; never negative). None without a second machine."""
+    chunk = min(8 << 20, max(64 << 10, int(ckpt.plan.schedule.get("chunk_bytes", 1 << 20))))
+    size = [min(1 << 30, max(16 << 20, int(seconds * rate))) if rate else 0]
+    dist.broadcast_object_list(size, src=0, group=ckpt.groups.control)  # rank 0 measured the rate: it decides
+    if other is None or not size[0]:
+        return None
+    peer = {0: other, other: 0}.get(ckpt.rank)
+    if peer is not None:
+        b0, t0 = host_busy_s(), time.perf_counter()
+        time.sleep(max(0.2, size[0] / rate))  # both ends measured the rate (each received)
+        quiet = None if b0 is None else (host_busy_s() - b0) / (time.perf_counter() - t0)  # busy s per s, idle
+    dist.barrier(group=ckpt.groups.control)
+    mine = None
+    if peer is not None:
+        out, into = torch.ones(min(size[0], 64 << 20), dtype=torch.uint8), torch.empty(min(size[0], 64 << 20),
+                                                                                       dtype=torch.uint8)
+        b0, t0, c0 = host_busy_s(), time.perf_counter(), time.process_time()
+        sender = threading.Thread(target=stream, args=(dist.isend, out, peer, ckpt.groups.between(ckpt.rank, peer),
+                                                       chunk, size[0]))
+        sender.start()
+        stream(dist.irecv, into, peer, ckpt.groups.between(peer, ckpt.rank), chunk, size[0])
+        sender.join()
+    dist.barrier(group=ckpt.groups.control)  # both ends' windows hold both transfers
+    if peer is not None:
+        cpu, dt = time.process_time() - c0, time.perf_counter() - t0
+        mine = (socket.gethostname(), None if quiet is None else host_busy_s() - b0 - quiet * dt, cpu)
+    seen = [None] * ckpt.world
+    dist.all_gather_object(seen, mine, group=ckpt.groups.control)
+    seen = [s for s in seen if s]
+    moved = 2 * size[0]
+    per = {"transfer": sum(s[2] for s in seen) / moved}
+    if all(s[1] is not None for s in seen):
+        hosts: dict = {}
+        for host, extra, _ in seen:  # both ends on one host read the same CPUs: count them once
+            hosts.setdefault(host, []).append(extra)
+        busy = sum(sum(v) / len(v) for v in hosts.values())
+        per["kernel"] = max(0.0, busy - sum(s[2] for s in seen)) / moved
+    return per
+
+
 def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
     """Measure what the simulator needs to know about this set-up (collective: every rank calls it): the network's
     point-to-point bandwidth between machine 0 and machine 1 (rank 0 and its counterpart, each direction, over the
     runtime's own groups), and the rate at which rank 0 copies memory on the checkpoint's cores (the stand-in for the
     GPU-to-CPU copy when training on CPU). It also measures what a checkpoint costs the host: CPU seconds per byte
-    copied, checksummed (runtime/state.py's checksum), sent and received (the process's CPU time, so gloo's own
-    threads count), and whether the checkpoint's threads share cores with training's (``compute_cores``: the cores
-    of training's own thread; None: not pinned, so shared). On a GPU it adds :func:`device_rates` and how many of
-    the job's ranks share rank 0's GPU (``ranks_per_device``: the copies of ranks sharing a GPU share its PCIe
-    link). Rank 0 writes
-    ``probe.json`` (``path``, default in the Checkpointer's out_dir) and returns it; the others return None."""
+    copied and checksummed (runtime/state.py's checksum), sent, received and spent by the kernel on the way
+    (:func:`_transfer_cpu`), and whether the checkpoint's threads share cores with training's (``compute_cores``:
+    the cores of training's own thread; None: not pinned, so shared). On a GPU it adds :func:`device_rates` and how
+    many of the job's ranks share rank 0's GPU (``ranks_per_device``: the copies of ranks sharing a GPU share its
+    PCIe link). Rank 0 writes ``probe.json`` (``path``, default in the Checkpointer's out_dir) and returns it; the
+    others return None."""
     nbytes, reps = 8 << 20, 3
-    rates, send_cpu, recv_cpu = [], [], []
+    rates = []
     other = ckpt.ppm if ckpt.world > ckpt.ppm else None
     for src, dst in ((0, other), (other, 0)) if other is not None else ():
         for _ in range(reps):
             dist.barrier(group=ckpt.groups.control)
             t = time.perf_counter()
             g = ckpt.groups.between(src, dst)
-            c = time.process_time()
             if ckpt.rank == src:
                 dist.send(torch.ones(nbytes, dtype=torch.uint8), dst, group=g)
-                send_cpu.append((time.process_time() - c) / nbytes)
             elif ckpt.rank == dst:
                 dist.recv(torch.empty(nbytes, dtype=torch.uint8), src, group=g)
                 rates.append(nbytes / (time.perf_counter() - t))
-                recv_cpu.append((time.process_time() - c) / nbytes)
+    transfer = _transfer_cpu(ckpt, other, sorted(rates)[len(rates) // 2] if rates else None)
     device = next(ckpt.model.parameters()).device
     sharing = None
     if device.type == "cuda":
@@ -311,9 +372,7 @@ def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
         result = {"format": "gemini-sim-probe", "version": 1,  # gemini_sim/schema/probe-v1.schema.json
                   "network_bytes_per_s": sorted(rates)[len(rates) // 2], "network_samples": rates,
                   "copy_bytes_per_s": a.numel() / best, "probe_bytes": nbytes,
-                  "host_cpu_s_per_byte": {"copy": copy_cpu / a.numel(), "hash": hash_cpu / a.numel(),
-                                          "send": sorted(send_cpu)[len(send_cpu) // 2],
-                                          "recv": sorted(recv_cpu)[len(recv_cpu) // 2]},
+                  "host_cpu_s_per_byte": {"copy": copy_cpu / a.numel(), "hash": hash_cpu / a.numel(), **transfer},
                   "checkpoint_shares_training_cores": shared}
         if sharing:
             result.update(device_rates(device), ranks_per_device=sharing)

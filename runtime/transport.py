@@ -81,6 +81,21 @@ def chunk_bounds(size: int, chunk: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk, size)) for a in range(0, size, chunk)] or [(0, 0)]
 
 
+def stream(op, buf: torch.Tensor, peer: int, group, chunk: int, nbytes: int | None = None) -> None:
+    """Send or receive (``op``: ``dist.isend`` or ``dist.irecv``) ``nbytes`` (default: all of ``buf``) the way
+    checkpoint traffic moves: ``chunk``-byte messages, :data:`WINDOW` of them in flight, cycling through ``buf``.
+    For measuring a link as the runtime uses it (the probe, the state-path bench)."""
+    nbytes = buf.numel() if nbytes is None else nbytes
+    works = []
+    for k, a in enumerate(range(0, nbytes, chunk)):
+        if len(works) == WINDOW:
+            works.pop(0).wait()
+        b = a % buf.numel()
+        works.append(op(buf[b:b + min(chunk, nbytes - a)], peer, group=group, tag=k))
+    for w in works:
+        w.wait()
+
+
 def _isend_buffer(buffer, dst: int, group, tags: tuple[int, int]) -> list:
     """Start sending a writable buffer as it lies (no copy), its length first (tags: length, bytes)."""
     blob = torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) else torch.empty(0, dtype=torch.uint8)

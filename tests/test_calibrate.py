@@ -5,6 +5,7 @@ here (make calibrate is the full-size, bandwidth-limited run); plus the network-
 import filecmp
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -66,12 +67,36 @@ def test_runtime_writes_a_profile_the_simulator_reads(run_dir):
     assert len(per_rank) == 4
     probe = json.loads((base / "probe.json").read_text())
     assert probe["network_bytes_per_s"] > 0 and probe["copy_bytes_per_s"] > 0
+    per = probe["host_cpu_s_per_byte"]  # what a byte of checkpoint costs: each part measured, the kernel's too
+    assert set(per) == {"copy", "hash", "transfer", "kernel"} and per["transfer"] > 0
     # every file the runtime wrote is what its schema (gemini_sim/schema/) says
     plan_mod.check_format(probe, "gemini-sim-probe", "probe.json")
     for f in per_rank:
         plan_mod.check_format(json.loads(f.read_text()), "gemini-sim-profile", f.name)
     for f in [*base.glob("timings-rank-*.json"), *(run_dir / "rotation").glob("timings-rank-*.json")]:
         plan_mod.check_format(json.loads(f.read_text()), "gemini-sim-timings", f.name)
+
+
+def test_the_hosts_busy_cpu_counts_every_thread():
+    """host_busy_s, which the probe's kernel share rests on: two threads checksumming for a second (the GIL let
+    go) keep the host busy at least as long as this process's CPU time says (clock ticks: 10 ms per CPU)."""
+    from runtime.profiler import host_busy_s
+    from runtime.state import checksum
+
+    data = memoryview(bytearray(64 << 20))
+
+    def spin(until):
+        while time.perf_counter() < until:
+            checksum(data)
+
+    b0, c0 = host_busy_s(), time.process_time()
+    until = time.perf_counter() + 1.0
+    t = threading.Thread(target=spin, args=(until,))
+    t.start()
+    spin(until)
+    t.join()
+    busy, mine = host_busy_s() - b0, time.process_time() - c0
+    assert busy >= 0.9 * mine - 0.05 and mine >= 0.9  # the host saw at least what this process spent
 
 
 def test_plans_come_from_the_profile(run_dir):

@@ -241,18 +241,24 @@ def test_a_probe_without_a_positive_bandwidth_is_refused(tmp_path):
 
 def test_the_host_cost_comes_from_the_probe(tmp_path):
     """A checkpoint's CPU per rank: its shard copied and hashed, sent to m-1 peers and m-1 shards received, at the
-    probe's per-byte costs; it counts against training only where the checkpoint shares training's cores."""
+    probe's per-byte costs (an older probe's one-way send and receive, or this one's transfer, both ways at once,
+    plus the kernel's share); it counts against training only where the checkpoint shares training's cores."""
     d = setup_dir(tmp_path / "s", shard=3_000_000)
     assert validate.host_cost(d, 2) == (None, False) and validate.host_cpu_s(d, 2) == 0.0  # an older probe
     probe = json.loads((d / "probe.json").read_text())
     per = {"copy": 1e-10, "hash": 2e-9, "send": 3e-10, "recv": 4e-10}
-    for shared in (True, False):
-        (d / "probe.json").write_text(json.dumps(probe | {"host_cpu_s_per_byte": per,
+    now = {"copy": 1e-10, "hash": 2e-9, "transfer": 9e-10, "kernel": 5e-10}  # this probe's: both ways at once
+    for shared, costs, moved in ((True, per, 3e-10 + 4e-10), (False, per, 3e-10 + 4e-10), (True, now, 1.4e-9)):
+        (d / "probe.json").write_text(json.dumps(probe | {"host_cpu_s_per_byte": costs,
                                                           "checkpoint_shares_training_cores": shared}))
         for m in (1, 2, 3):
-            cpu = 3e6 * (1e-10 + 2e-9) + 3e6 * (m - 1) * (3e-10 + 4e-10)
+            cpu = 3e6 * (1e-10 + 2e-9) + 3e6 * (m - 1) * moved
             assert validate.host_cost(d, m) == (pytest.approx(cpu), shared)
             assert validate.host_cpu_s(d, m) == (pytest.approx(cpu) if shared else 0.0)
+    (d / "probe.json").write_text(json.dumps(probe | {"host_cpu_s_per_byte": {"copy": 1e-10, "hash": 2e-9,
+                                                                              "send": 3e-10}}))
+    with pytest.raises(UserError, match="host_cpu_s_per_byte"):  # neither a transfer cost nor both halves
+        validate.host_cost(d, 2)
 
 
 def test_a_gpu_probe_gives_the_simulator_its_copy_rates_and_slowdown(tmp_path):
