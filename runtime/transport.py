@@ -83,14 +83,16 @@ def chunk_bounds(size: int, chunk: int) -> list[tuple[int, int]]:
 
 def stream(op, buf: torch.Tensor, peer: int, group, chunk: int, nbytes: int | None = None) -> None:
     """Send or receive (``op``: ``dist.isend`` or ``dist.irecv``) ``nbytes`` (default: all of ``buf``) the way
-    checkpoint traffic moves: ``chunk``-byte messages, :data:`WINDOW` of them in flight, cycling through ``buf``.
-    For measuring a link as the runtime uses it (the probe, the state-path bench)."""
+    checkpoint traffic moves: ``chunk``-byte messages, :data:`WINDOW` of them in flight, cycling through whole
+    chunks of ``buf`` (at least one chunk long). For measuring a link as the runtime uses it (the probe, the
+    state-path bench)."""
     nbytes = buf.numel() if nbytes is None else nbytes
+    whole = buf.numel() // chunk * chunk or buf.numel()
     works = []
     for k, a in enumerate(range(0, nbytes, chunk)):
         if len(works) == WINDOW:
             works.pop(0).wait()
-        b = a % buf.numel()
+        b = a % whole
         works.append(op(buf[b:b + min(chunk, nbytes - a)], peer, group=group, tag=k))
     for w in works:
         w.wait()
