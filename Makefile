@@ -28,8 +28,10 @@ run: $(STAMP)
 	$(BIN)/gemini-sim replay --trace traces/bloom176b.csv --preset gemini-paper --out out
 	$(BIN)/gemini-sim plan --trace traces/bloom176b.csv --preset gemini-paper -o out/plan.json --plot out/plan-pareto.png
 
+# WORKERS: pytest processes (2, the CI machine's cores; a larger machine may give more).
+WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests --nbmake notebooks
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile tests --nbmake notebooks
 
 runtime-demo: $(STAMP)
 	$(BIN)/python examples/tinygpt/demo.py out/runtime-demo
@@ -62,8 +64,11 @@ gpu-wheels:
 	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d wheels $(GPU_PKGS)
 
 # On the GPU machine (carry wheels/ from make gpu-wheels), after `make test OFFLINE=1` in a call of its own: the
-# runtime's checkpoint path against DCP at 1 and 8 GiB per rank, the runtime bench and the calibration, into out/gpu/.
+# runtime's checkpoint path against DCP (GIB: the state sizes per rank, default 1 and 8), the runtime bench and the
+# calibration, into out/gpu/. bench/gpu_session.sh runs both within a device session's time.
+GIB ?=
 gpu-bench:
 	$(MAKE) $(STAMP) OFFLINE=1
 	mkdir -p out/gpu
-	$(BIN)/python bench/run.py --only state-path --only runtime --only calibration --out out/gpu/results.md
+	GEMINI_BENCH_GIB="$(GIB)" $(BIN)/python bench/run.py --only state-path --only runtime --only calibration \
+	  --out out/gpu/results.md

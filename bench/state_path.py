@@ -268,8 +268,20 @@ def measure(sizes, work: Path, iters: int, batch: int, seq: int) -> list[tuple[s
 
 
 def default_sizes() -> list[float]:
+    """GiB per rank: ``$GEMINI_BENCH_GIB`` (space-separated, each in (0, 64]) where set, else 1 and 8 on a GPU and
+    0.25 on CPU."""
     import torch
 
+    given = os.environ.get("GEMINI_BENCH_GIB", "").split()
+    if given:
+        try:
+            sizes = [float(g) for g in given]
+        except ValueError:
+            sizes = []
+        if not sizes or not all(0 < g <= 64 for g in sizes):  # also refuses nan and inf
+            print(f"GEMINI_BENCH_GIB must be sizes in GiB between 0 and 64, got {' '.join(given)!r}", file=sys.stderr)
+            raise SystemExit(2)
+        return sizes
     return [1.0, 8.0] if torch.cuda.is_available() else [0.25]
 
 

@@ -38,3 +38,21 @@ def test_rows_judge_each_target_from_the_measurements():
     assert fast[1][3] == "FAIL" and "(30% of" in fast[1][1]  # 0.3 s at that rate
     cpu = state_path.rows_for(1, dict(rt, device="cpu"), dict(dcp, load_cold_s=None))
     assert cpu[5][3].startswith("info") and "against a warm load" in cpu[4][1]
+
+
+def test_the_sizes_come_from_the_environment_where_given(monkeypatch, capsys):
+    """GEMINI_BENCH_GIB (make gpu-bench GIB=...): the GPU session picks its sizes to fit its time; a bad value is
+    one line and exit 2, before any job starts."""
+    monkeypatch.setenv("GEMINI_BENCH_GIB", "0.5 8")
+    assert state_path.default_sizes() == [0.5, 8.0]
+    for bad in ("nan", "0", "1 65", "one", "inf"):
+        monkeypatch.setenv("GEMINI_BENCH_GIB", bad)
+        with pytest.raises(SystemExit) as e:
+            state_path.default_sizes()
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "GEMINI_BENCH_GIB must be sizes in GiB between 0 and 64" in err
+    monkeypatch.setenv("GEMINI_BENCH_GIB", "")
+    import torch
+
+    assert state_path.default_sizes() == ([1.0, 8.0] if torch.cuda.is_available() else [0.25])
