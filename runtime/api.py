@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from . import recovery, schedules
+from . import device, recovery, schedules
 from .pipeline import InFlight, Link
 from .plan import Plan, PlanError
 from .profiler import Recorder
@@ -281,7 +281,7 @@ class Checkpointer:
         if missing:
             raise StateError(f"the checkpoint does not match the model: it lacks {missing[0]!r}"
                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        merged = {}
+        merged, to_device = {}, []  # to_device: (destination on a GPU, source in CPU memory), copied in together
         with torch.no_grad():
             for k, src in tensors.items():
                 cur = live.get(k)
@@ -294,13 +294,18 @@ class Checkpointer:
                 if loc.data_ptr() == dst.data_ptr() and loc.shape == dst.shape:  # loaded in place (DCP)
                     merged[k] = cur
                 elif dst.shape == loc.shape and dst.dtype == loc.dtype:
-                    dst.copy_(loc)
+                    if dst.device.type == "cuda" and loc.device.type == "cpu" and dst.is_contiguous():
+                        to_device.append((dst, loc))
+                    else:
+                        dst.copy_(loc)
                     merged[k] = cur
                 elif k.startswith("extra/"):
                     merged[k] = src.to(dst.device)
                 else:
                     raise StateError(f"{k!r}: the checkpoint's {loc.dtype} {list(loc.shape)} does not fit this rank's "
                                      f"{dst.dtype} {list(dst.shape)}")
+            if to_device:  # through page-locked staging at the PCIe rate, not from pageable memory
+                device.copy_in(to_device, to_device[0][0].device)
         state = unflatten(skeleton, merged)
         if not self._restored_in_place(live, state):
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],

@@ -275,6 +275,28 @@ def test_the_fallback_wraps_and_restores_torch_distributed(world1):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("stage", [1, 7, 1000, 1 << 20])
+def test_copy_in_stages_every_byte_to_its_place(device, stage):
+    """Recovery's copy to the device (runtime/device.py: copy_in) through two staging buffers: tensors larger and
+    smaller than a buffer, empty ones, odd byte counts and every dtype the store keeps arrive exactly, whatever the
+    staging size (on CPU the same staging runs with plain memory)."""
+    from runtime import device as dev
+
+    g = torch.Generator().manual_seed(stage)
+    srcs = [torch.randn(3, 333, generator=g), torch.randint(-9, 9, (1001,), generator=g),
+            torch.empty(0), torch.randn(5, generator=g).to(torch.bfloat16), torch.rand(17, generator=g) > 0.5,
+            torch.randint(0, 255, (4099,), generator=g, dtype=torch.uint8), torch.randn(2, 2, 2, generator=g)]
+    dsts = [torch.zeros_like(s, device=device) for s in srcs]
+    dev.copy_in(list(zip(dsts, srcs)), torch.device(device), stage_bytes=stage, threads=3)
+    for d, s in zip(dsts, srcs):
+        assert d.dtype == s.dtype and torch.equal(d.cpu(), s)
+    with pytest.raises(ValueError, match="not contiguous"):
+        dev.copy_in([(torch.zeros(4, 4, device=device).t(), torch.ones(4, 4))], torch.device(device))
+    with pytest.raises(ValueError, match="differ in size"):
+        dev.copy_in([(torch.zeros(4, device=device), torch.ones(5))], torch.device(device))
+
+
 @pytest.fixture
 def world1_cuda():
     dist.init_process_group("cpu:gloo,cuda:gloo", store=dist.HashStore(), rank=0, world_size=1)
