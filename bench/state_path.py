@@ -156,13 +156,13 @@ dist.destroy_process_group()
 
 
 _LINK = r"""
-import json, sys, threading, time
+import json, sys, time
 import torch
 import torch.distributed as dist
 
 rank, folder, nbytes, chunk, root = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 sys.path.insert(0, root)
-from runtime.transport import stream  # the runtime's way: chunks, a window of them in flight
+from runtime.transport import both_ways, stream  # the runtime's way: chunks, a window of them in flight
 
 dist.init_process_group("gloo", init_method=f"file://{folder}/link-pg", rank=rank, world_size=2)
 groups = [dist.new_group(backend="gloo") for _ in range(2)]  # one per direction, as the runtime's
@@ -175,14 +175,12 @@ for both in (False, True):
     for _ in range(3):
         dist.barrier()
         t = time.perf_counter()
-        send = threading.Thread(target=stream, args=(dist.isend, src, other, groups[rank], chunk)) \
-            if both or rank == 0 else None
-        if send:
-            send.start()
-        if both or rank == 1:
+        if both:
+            both_ways(src, dst, other, groups[rank], groups[other], chunk)
+        elif rank == 0:
+            stream(dist.isend, src, other, groups[rank], chunk)
+        else:
             stream(dist.irecv, dst, other, groups[other], chunk)
-        if send:
-            send.join()
         dist.barrier()
         best = min(best, time.perf_counter() - t)
     out["both_ways" if both else "one_way"] = nbytes / best

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .state import as_bytes
+
 STAGE_BYTES = 128 << 20  # each of copy_in's two staging buffers
 FILL_PIECE = 8 << 20  # the part of a staging buffer one filling thread copies at a time
 
@@ -74,10 +76,6 @@ def copy_out(device: torch.device, pieces, ready) -> list:
     return events
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
-
-
 def copy_in(pairs, device: torch.device, stage_bytes: int = STAGE_BYTES, threads: int = 4) -> None:
     """Copy CPU tensors into tensors on ``device`` through two staging buffers, page-locked on a GPU: while the
     device copies one buffer in (on the checkpoint's side stream, after what the current stream has queued),
@@ -86,7 +84,7 @@ def copy_in(pairs, device: torch.device, stage_bytes: int = STAGE_BYTES, threads
     has arrived. On a CPU ``device`` the same staging runs with plain memory (what the CPU tests check)."""
     if not all(d.is_contiguous() for d, _ in pairs):
         raise ValueError("copy_in: a destination is not contiguous")
-    pairs = [(_as_bytes(d), _as_bytes(s)) for d, s in pairs]
+    pairs = [(as_bytes(d), as_bytes(s)) for d, s in pairs]
     if any(d.numel() != s.numel() for d, s in pairs):
         raise ValueError("copy_in: a destination and its source differ in size")
     total = sum(s.numel() for _, s in pairs)

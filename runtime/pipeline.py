@@ -29,7 +29,7 @@ import torch.distributed as dist
 from . import device
 from .state import checksum
 from .schedules import Schedule
-from .transport import (MAX_CHUNKS, WINDOW, Groups, Progress, Receiver, chunk_bounds, isend_bytes, pin_thread,
+from .transport import (MAX_CHUNKS, Groups, Progress, Receiver, Window, chunk_bounds, isend_bytes, pin_thread,
                         tag)
 
 
@@ -210,20 +210,22 @@ class InFlight:
         header = torch.tensor([self.iteration, self.size, self.chunk], dtype=torch.int64)
         for w in [dist.isend(header, dst, group=group(dst), tag=tag(self.seq, 0)) for dst in link.send_to]:
             w.wait()
+
+        def sent(item) -> None:  # (chunk, when posted): its sends have left
+            self.sent.append((item[0], item[1] - self.release_at, time.perf_counter() - self.release_at))
+
         for r, offset, idx, after in self.releases:
             self._wait_release(r, offset, after)
-            flying = []  # (chunk, posted, its sends): up to WINDOW chunks in flight per peer within a release
+            window = Window(landed=sent)  # a chunk's sends to every peer, up to WINDOW chunks at once
             for k in idx:
                 a, b = self.bounds[k]
                 self.copied.wait_for(b)
                 if self.errors:
                     return
-                if len(flying) == WINDOW:
-                    self._landed(flying.pop(0))
-                flying.append((k, time.perf_counter(), [dist.isend(self.slot.tensor[a:b], dst, group=group(dst),
-                                                                   tag=tag(self.seq, 1 + k)) for dst in link.send_to]))
-            for f in flying:  # a release's chunks have all left before the next release is waited for
-                self._landed(f)
+                window.add(lambda: ((k, time.perf_counter()),
+                                    [dist.isend(self.slot.tensor[a:b], dst, group=group(dst), tag=tag(self.seq, 1 + k))
+                                     for dst in link.send_to]))
+            window.drain()  # a release's chunks have all left before the next release is waited for
         self.committed.wait()
         if self.errors:
             return
@@ -233,12 +235,6 @@ class InFlight:
                                                                                         tag(self.seq, last + 1)))]
         for w in works:
             w.wait()
-
-    def _landed(self, flying: tuple) -> None:
-        k, posted, works = flying
-        for w in works:
-            w.wait()
-        self.sent.append((k, posted - self.release_at, time.perf_counter() - self.release_at))
 
     # -- the training thread's view ----------------------------------------------------------------------------------
     def iteration_started(self, t: float) -> None:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from .state import checksum
 from .store import write_atomic
-from .transport import Progress, pin_thread, stream
+from .transport import Progress, both_ways, pin_thread
 
 WRAPPED = {"all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",
            "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter",
@@ -274,8 +274,8 @@ def host_busy_s() -> float | None:
 def _transfer_cpu(ckpt, other: int | None, rate: float | None, seconds: float = 3.0) -> dict | None:
     """What a byte of checkpoint traffic costs the hosts' CPUs (collective). Ranks 0 and ``other`` send each other
     about ``seconds`` of data at once (at the measured ``rate``; 16 MiB to 1 GiB each way), as every machine sends
-    and receives during a checkpoint, the way the runtime moves it (:func:`~runtime.transport.stream`, the plan's
-    chunk size); each reads its process CPU time and its host's busy CPU (:func:`host_busy_s`, less the rate at
+    and receives during a checkpoint, the way the runtime moves it (:func:`~runtime.transport.both_ways`, the
+    plan's chunk size); each reads its process CPU time and its host's busy CPU (:func:`host_busy_s`, less the rate at
     which that host was busy while nothing moved, for as long just before) around it. The seconds are many because
     busy time comes in clock ticks. Returns CPU seconds per byte moved (one byte from one machine to another):
     ``transfer``, the two processes' (sender's and receiver's, gloo's threads included), and ``kernel``, the hosts'
@@ -295,14 +295,11 @@ def _transfer_cpu(ckpt, other: int | None, rate: float | None, seconds: float = 
     dist.barrier(group=ckpt.groups.control)
     mine = None
     if peer is not None:
-        out, into = torch.ones(min(size[0], 64 << 20), dtype=torch.uint8), torch.empty(min(size[0], 64 << 20),
-                                                                                       dtype=torch.uint8)
+        n = min(size[0], 64 << 20)  # the buffers each end cycles through
+        out, into = torch.ones(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
         b0, t0, c0 = host_busy_s(), time.perf_counter(), time.process_time()
-        sender = threading.Thread(target=stream, args=(dist.isend, out, peer, ckpt.groups.between(ckpt.rank, peer),
-                                                       chunk, size[0]))
-        sender.start()
-        stream(dist.irecv, into, peer, ckpt.groups.between(peer, ckpt.rank), chunk, size[0])
-        sender.join()
+        both_ways(out, into, peer, ckpt.groups.between(ckpt.rank, peer), ckpt.groups.between(peer, ckpt.rank), chunk,
+                  size[0])
     dist.barrier(group=ckpt.groups.control)  # both ends' windows hold both transfers
     if peer is not None:
         cpu, dt = time.process_time() - c0, time.perf_counter() - t0
@@ -345,7 +342,8 @@ def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
             elif ckpt.rank == dst:
                 dist.recv(torch.empty(nbytes, dtype=torch.uint8), src, group=g)
                 rates.append(nbytes / (time.perf_counter() - t))
-    transfer = _transfer_cpu(ckpt, other, sorted(rates)[len(rates) // 2] if rates else None)
+    rate = sorted(rates)[len(rates) // 2] if rates else None  # this rank's, where it received
+    transfer = _transfer_cpu(ckpt, other, rate)
     device = next(ckpt.model.parameters()).device
     sharing = None
     if device.type == "cuda":
@@ -370,7 +368,7 @@ def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
         os.sched_setaffinity(0, before)
         shared = ckpt.host_cores is None or not compute_cores or bool(set(ckpt.host_cores) & set(compute_cores))
         result = {"format": "gemini-sim-probe", "version": 1,  # gemini_sim/schema/probe-v1.schema.json
-                  "network_bytes_per_s": sorted(rates)[len(rates) // 2], "network_samples": rates,
+                  "network_bytes_per_s": rate, "network_samples": rates,
                   "copy_bytes_per_s": a.numel() / best, "probe_bytes": nbytes,
                   "host_cpu_s_per_byte": {"copy": copy_cpu / a.numel(), "hash": hash_cpu / a.numel(), **transfer},
                   "checkpoint_shares_training_cores": shared}

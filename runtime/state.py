@@ -96,6 +96,11 @@ def unflatten(skeleton, tensors: Mapping[str, torch.Tensor]):
     return skeleton
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view of its storage (no copy), on its device."""
+    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
+
+
 def entries_of(tensors: Mapping[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
     """Manifest entries and flat uint8 views of the tensors (no copy: views of the live storage)."""
     entries, views, offset = [], [], 0
@@ -106,7 +111,7 @@ def entries_of(tensors: Mapping[str, torch.Tensor]) -> tuple[list[dict], list[to
                              f"({', '.join(sorted(DTYPES))})")
         if not t.is_contiguous():
             t = t.contiguous()
-        flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        flat = as_bytes(t)
         entries.append({"name": name, "dtype": str(t.dtype), "shape": list(t.shape), "offset": offset,
                         "nbytes": flat.numel()})
         views.append(flat)

@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -81,21 +82,53 @@ def chunk_bounds(size: int, chunk: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk, size)) for a in range(0, size, chunk)] or [(0, 0)]
 
 
+class Window:
+    """At most :data:`WINDOW` chunks of a transfer in flight: :meth:`add` waits for the oldest before it starts one
+    more, :meth:`drain` waits for them all; ``landed(item)`` is called as each completes, oldest first."""
+
+    def __init__(self, landed=None):
+        self.flying: deque = deque()  # (item, its works)
+        self.landed = landed
+
+    def add(self, start) -> None:
+        """``start()`` starts one chunk's sends or receives, once there is room, and returns (item, its works)."""
+        if len(self.flying) == WINDOW:
+            self._land()
+        self.flying.append(start())
+
+    def drain(self) -> None:
+        while self.flying:
+            self._land()
+
+    def _land(self) -> None:
+        item, works = self.flying.popleft()
+        for w in works:
+            w.wait()
+        if self.landed:
+            self.landed(item)
+
+
 def stream(op, buf: torch.Tensor, peer: int, group, chunk: int, nbytes: int | None = None) -> None:
     """Send or receive (``op``: ``dist.isend`` or ``dist.irecv``) ``nbytes`` (default: all of ``buf``) the way
-    checkpoint traffic moves: ``chunk``-byte messages, :data:`WINDOW` of them in flight, cycling through whole
-    chunks of ``buf`` (at least one chunk long). For measuring a link as the runtime uses it (the probe, the
-    state-path bench)."""
+    checkpoint traffic moves: ``chunk``-byte messages in a :class:`Window`, cycling through whole chunks of ``buf``
+    (at least one chunk long). For measuring a link as the runtime uses it (the probe, the state-path bench)."""
     nbytes = buf.numel() if nbytes is None else nbytes
     whole = buf.numel() // chunk * chunk or buf.numel()
-    works = []
+    window = Window()
     for k, a in enumerate(range(0, nbytes, chunk)):
-        if len(works) == WINDOW:
-            works.pop(0).wait()
         b = a % whole
-        works.append(op(buf[b:b + min(chunk, nbytes - a)], peer, group=group, tag=k))
-    for w in works:
-        w.wait()
+        window.add(lambda: (k, [op(buf[b:b + min(chunk, nbytes - a)], peer, group=group, tag=k)]))
+    window.drain()
+
+
+def both_ways(out: torch.Tensor, into: torch.Tensor, peer: int, send_group, recv_group, chunk: int,
+              nbytes: int | None = None) -> None:
+    """:func:`stream` ``out`` to ``peer`` and from it into ``into`` at the same time (a thread sends), as every
+    machine does during a checkpoint."""
+    sender = threading.Thread(target=stream, args=(dist.isend, out, peer, send_group, chunk, nbytes))
+    sender.start()
+    stream(dist.irecv, into, peer, recv_group, chunk, nbytes)
+    sender.join()
 
 
 def _isend_buffer(buffer, dst: int, group, tags: tuple[int, int]) -> list:
@@ -174,14 +207,10 @@ class Receiver:
                 slot = self.store.slot(iteration, self.src, size)
                 body = slot.tensor
                 bounds = chunk_bounds(size, chunk)
-                posted = []  # up to WINDOW receives posted ahead of the data
+                window = Window()  # receives posted ahead of the data
                 for k, (a, b) in enumerate(bounds):
-                    if len(posted) == WINDOW:
-                        posted.pop(0).wait()
-                    posted.append(dist.irecv(body[a:b], self.src, group=g, tag=tag(seq, 1 + k)))
-                for w in posted:
-                    w.wait()
-                del posted
+                    window.add(lambda: (k, [dist.irecv(body[a:b], self.src, group=g, tag=tag(seq, 1 + k))]))
+                window.drain()
                 self.data_at[seq] = time.perf_counter()
                 last = 1 + len(bounds)
                 meta = json.loads(recv_bytes(self.src, g, (tag(seq, last), tag(seq, last + 1))))
