@@ -274,7 +274,9 @@ class Checkpointer:
             self.optimizer.state[p] = room
 
     def _restore(self, tensors: dict[str, torch.Tensor], skeleton) -> None:
-        """Load a checkpoint's tensors and skeleton into the model, the optimizer and the extra state."""
+        """Load a checkpoint's tensors and skeleton into the model, the optimizer and the extra state. ``tensors``
+        may view the store's memory, whose file a later checkpoint reuses: every one is copied into a live tensor or
+        into one of its own, so nothing handed on views it."""
         self._allocate_optimizer_state(tensors, skeleton)
         live, _ = flatten(self._state())  # optimizer state is created here if there is none yet
         missing = sorted(k for k in live if k not in tensors and not k.startswith("extra/"))
@@ -288,7 +290,7 @@ class Checkpointer:
                 if cur is None:
                     if not k.startswith("extra/"):
                         raise StateError(f"the checkpoint holds {k!r}, which the model and optimizer do not have")
-                    merged[k] = src
+                    merged[k] = src.clone()  # the user's object may keep it
                     continue
                 dst, loc = local(cur), local(src)
                 if loc.data_ptr() == dst.data_ptr() and loc.shape == dst.shape:  # loaded in place (DCP)
@@ -300,7 +302,7 @@ class Checkpointer:
                         dst.copy_(loc)
                     merged[k] = cur
                 elif k.startswith("extra/"):
-                    merged[k] = src.to(dst.device)
+                    merged[k] = src.to(dst.device, copy=True)
                 else:
                     raise StateError(f"{k!r}: the checkpoint's {loc.dtype} {list(loc.shape)} does not fit this rank's "
                                      f"{dst.dtype} {list(dst.shape)}")

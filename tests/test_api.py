@@ -112,6 +112,38 @@ def test_a_new_process_resumes_from_memory_bit_for_bit(world1, tmp_path, opt_kin
     assert_same(snapshot(model2, opt2)[:1], snapshot(model3, opt3)[:1])
 
 
+class Keeper:
+    """Extra state whose ``load_state_dict`` keeps the tensor it is given, as a user's object may, and whose
+    tensor is empty until it has seen something (so recovery cannot copy into the live one)."""
+
+    def __init__(self):
+        self.seen, self.loaded = 0, None
+
+    def state_dict(self):
+        return {"w": torch.full((4096,), float(self.seen)) if self.seen else torch.zeros(0)}
+
+    def load_state_dict(self, s):
+        self.loaded = s["w"]
+
+
+def test_restored_tensors_do_not_change_when_the_store_reuses_their_file(world1, tmp_path):
+    """After recovery nothing the user holds views the store: the recovered shard's file is recycled for later
+    checkpoints (as a spare), and a tensor that still viewed it would change under the user."""
+    plan = plan_mod.default(1, 1, replicas=1, persist=100)
+    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
+    for run in range(2):
+        model, opt = make(run)
+        keeper = Keeper()
+        ckpt = Checkpointer(plan, model, opt, extra={"keeper": keeper}, **kw)
+        start = ckpt.recover()
+        if run:
+            assert start == 4 and torch.equal(keeper.loaded, torch.full((4096,), 4.0))
+            keeper.seen = start
+        train(model, opt, ckpt, 2 * plan.keep + 2 if run else 4, keeper, start=start)
+        ckpt.close()
+    assert torch.equal(keeper.loaded, torch.full((4096,), 4.0))
+
+
 def test_the_durable_tier_is_read_without_unpickling_objects(world1, tmp_path, monkeypatch):
     plan = plan_mod.default(1, 1, replicas=1, persist=2)
     kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
