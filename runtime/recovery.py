@@ -91,7 +91,7 @@ def source_of(plan, it: int, rank: int, per_machine, ppm: int) -> int:
 @dataclass(frozen=True)
 class Fetched:
     """This rank's shard as recovery fetched it (:func:`fetch_from_memory`), its checksum still being checked."""
-    data: memoryview  # a private mapping of the copy in this machine's store: the caller's to read and write
+    data: memoryview  # a mapping of the copy in this machine's store, writable: the restore copies out of it
     manifest: dict
     tier: str  # "local" or "peer"
     source: int  # the machine it came from
@@ -124,8 +124,7 @@ def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: 
         works += send_shard(*held[r], r, groups.between(rank, r), 1)
     if mine != machine:
         src = mine * ppm + local
-        recv_shard(src, groups.between(src, rank), 1, store, it, rank)  # the local copy is back
-        held[rank] = store.get(it, rank, check=False)
+        held[rank] = recv_shard(src, groups.between(src, rank), 1, store, it, rank)  # the local copy is back
     data, manifest = held[rank]
     intact = _verifier.submit(verify, data, manifest)
     for w in works:

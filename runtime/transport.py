@@ -164,16 +164,17 @@ def send_shard(data, manifest: dict, dst: int, group, tag_: int) -> list:
         _isend_buffer(data, dst, group, (tag_ + 2000, tag_ + 3000))
 
 
-def recv_shard(src: int, group, tag_: int, store, iteration: int, rank: int) -> dict:
+def recv_shard(src: int, group, tag_: int, store, iteration: int, rank: int) -> tuple[memoryview, dict]:
     """Receive what :func:`send_shard` sent straight into ``store`` as ``rank``'s shard of ``iteration`` (a slot of
-    its memory, no second copy), commit it there and return its manifest."""
+    its memory, no second copy) and commit it there; returns its bytes (the slot's mapping, already in memory, not
+    mapped again) and manifest."""
     manifest = json.loads(recv_bytes(src, group, (tag_, tag_ + 1000)))
     n = torch.empty(1, dtype=torch.int64)
     dist.recv(n, src, group=group, tag=tag_ + 2000)
     slot = store.slot(iteration, rank, int(n.item()))
     dist.recv(slot.tensor, src, group=group, tag=tag_ + 3000)
     slot.commit(manifest)
-    return manifest
+    return slot.view(), manifest
 
 
 class Receiver:
