@@ -52,7 +52,10 @@ def page_lock(tensor: torch.Tensor) -> bool:
     cannot be done (no CUDA, or the driver refused): copies then still work, at pageable speed."""
     if not torch.cuda.is_available() or tensor.numel() == 0:
         return False
-    rc = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+    try:
+        rc = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+    except (AttributeError, RuntimeError):  # a torch build without the binding, or a CUDA error raised
+        return False
     return int(rc) == 0
 
 

@@ -303,6 +303,20 @@ def test_the_fallback_wraps_and_restores_torch_distributed(world1):
     assert dist.all_reduce is original
 
 
+@pytest.mark.parametrize("failure", [AttributeError("no cudaHostRegister in this build"), RuntimeError("CUDA error")])
+def test_page_locking_that_cannot_be_done_leaves_the_copy_pageable(monkeypatch, failure):
+    """A torch build without the cudart binding, or a driver that raises, costs speed, never the checkpoint."""
+    from runtime import device as dev
+
+    class Cudart:
+        def cudaHostRegister(self, *args):
+            raise failure
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
+    assert dev.page_lock(torch.zeros(16, dtype=torch.uint8)) is False
+
+
 # --- on a GPU (skipped without CUDA; run on the GPU machine) ----------------------------------------------------
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
