@@ -355,7 +355,8 @@ class Checkpointer:
             if fetched is None:
                 continue
             fetch_s = time.perf_counter() - t  # reading, and any transfer
-            # its checksum is checked meanwhile, in the background; a private mapping: the tensors may view it
+            # its checksum is checked meanwhile, in the background; the tensors view the store's mapping, and
+            # the restore copies every one out of it
             self._restore(unpack(fetched.data, fetched.manifest, own=True), fetched.manifest["skeleton"])
             failed = recovery.confirm(self.store, self.groups.control, self.rank, self.world, target, fetched)
             if not failed:

@@ -153,7 +153,8 @@ class ShardStore:
     def get(self, iteration: int, rank: int, check: bool = True) -> tuple[memoryview, dict] | None:
         """The shard's bytes and manifest if it is complete and intact (``check``: its checksum verified), else
         None. The bytes are a private (copy-on-write) mapping of the stored file: nothing is copied to read them,
-        and writing to them never changes the store."""
+        and writing to them never changes the store; but the file may later be reused for another checkpoint (see
+        :meth:`keep_newest`), which shows through every page not written here, so copy out what must outlast it."""
         bin_path, json_path = self.paths(iteration, rank)
         try:
             manifest = json.loads(json_path.read_text())
