@@ -194,10 +194,18 @@ class ShardStore:
         return sorted(int(d.name.split("-")[1]) for d in self.dir.glob("iter-*"))
 
     def keep_newest(self, keep: int, recycle=()) -> None:
-        """Drop all but the newest ``keep`` iterations. The files of the shards of the ranks in ``recycle`` (those
-        this process writes) become spares for :meth:`slot`, at most one per rank; the rest are freed."""
+        """Drop the iterations older than the newest ``keep`` this machine holds committed shards of (0: drop them
+        all). Newer ones, whose shards are still being written (a peer that started its next checkpoint ahead of
+        this one), do not count, so they never push out a complete one, and are kept; so is an older one still
+        being written (a peer's late checkpoint), until a later call. The files of the shards of the ranks in
+        ``recycle`` (those this process writes) become spares for :meth:`slot`, at most one per rank; the rest are
+        freed."""
         its = self.iterations()
-        for it in its[:-keep] if keep else its:
+        if keep:
+            held = [it for it in its if any((self.dir / f"iter-{it:08d}").glob("rank-*.json"))]
+            cutoff = held[-keep] if len(held) >= keep else -1
+            its = [it for it in its if it < cutoff and not any((self.dir / f"iter-{it:08d}").glob("*.tmp"))]
+        for it in its:
             d = self.dir / f"iter-{it:08d}"
             for rank in recycle:
                 bin_path, json_path = self.paths(it, rank)

@@ -131,6 +131,28 @@ def test_dropped_files_are_recycled_and_kept_shards_stay_intact(tmp_path):
     assert slots[4] is slots[1] and slots[5] is slots[2]  # and through the mapping this process already had
 
 
+def test_a_checkpoint_still_arriving_does_not_push_out_the_newest_complete_one(tmp_path):
+    """keep counts complete iterations: a peer that started its next checkpoint ahead of this machine (its slot
+    open, nothing committed) must not cost the only complete copy here, and is not dropped itself; nor is an older
+    one still arriving from a peer behind."""
+    store = ShardStore(tmp_path, 0)
+    for it in (1, 2, 3):
+        write(store, it, 0, *shard(it))
+    size = len(shard(0)[0])
+    late = store.slot(2, 1, size)  # a slow peer's shard of iteration 2, still arriving
+    ahead = store.slot(4, 1, size)  # a fast peer's of iteration 4, started
+    store.keep_newest(1, recycle=[0, 1])
+    assert store.iterations() == [2, 3, 4] and store.inventory() == [(2, 0), (3, 0)]
+    assert store.get(3, 0)[0] == shard(3)[0]
+    for slot, it in ((late, 2), (ahead, 4)):
+        data, manifest = shard(10 + it)
+        slot.tensor.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        slot.commit(manifest)
+        assert store.get(it, 1)[0] == data
+    store.keep_newest(1, recycle=[0, 1])
+    assert store.iterations() == [4]
+
+
 def test_a_file_replaced_behind_a_mapping_is_not_written_through_it(tmp_path):
     """Recovery puts a shard back with plain file writes (a new file): the old mapping must not be recycled."""
     store = ShardStore(tmp_path, 0)
