@@ -362,9 +362,11 @@ class Checkpointer:
             if not failed:
                 break
             self.event("checksum-failed", iteration=target, ranks=failed)  # those copies are gone: look again
+        # newer iterations here are from a run that did not get past `target`: never to be mixed with their retraining
+        abandoned = self.store.drop_after(target)
         if target == 0:
             self.event("start", tier="fresh", iteration=0, job=self.job, store=str(self.store.root),
-                       durable=str(self.durable))
+                       durable=str(self.durable), abandoned=abandoned)
         else:
             if where == "storage":
                 template, _ = flatten(self._state())
@@ -375,7 +377,7 @@ class Checkpointer:
                 tier, source, more = fetched.tier, fetched.source, {"fetch_s": round(fetch_s, 4)}
             dist.barrier(group=self.groups.control)
             self.event("recovered", iteration=target, tier=tier, source_machine=source,
-                       seconds=round(time.perf_counter() - t0, 4), **more)
+                       seconds=round(time.perf_counter() - t0, 4), abandoned=abandoned, **more)
         self.iteration = target
         self._begin(target + 1)
         return target

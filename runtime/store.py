@@ -202,8 +202,8 @@ class ShardStore:
         freed."""
         its = self.iterations()
         if keep:
-            held = [it for it in its if any((self.dir / f"iter-{it:08d}").glob("rank-*.json"))]
-            cutoff = held[-keep] if len(held) >= keep else -1
+            complete = [it for it in its if any((self.dir / f"iter-{it:08d}").glob("rank-*.json"))]
+            cutoff = complete[-keep] if len(complete) >= keep else -1
             its = [it for it in its if it < cutoff and not any((self.dir / f"iter-{it:08d}").glob("*.tmp"))]
         for it in its:
             d = self.dir / f"iter-{it:08d}"
@@ -225,8 +225,23 @@ class ShardStore:
                 if held is not None:
                     held.close()
             shutil.rmtree(d, ignore_errors=True)
+        self._let_go()
+
+    def drop_after(self, iteration: int) -> list[int]:
+        """Drop every iteration newer than ``iteration`` and return them: recovery resumed from ``iteration``, so
+        they belong to a run that was abandoned, and the iterations trained again will be stored in their place (a
+        copy of the old one left on some machine must never be taken for the new)."""
+        gone = [it for it in self.iterations() if it > iteration]
+        for it in gone:
+            shutil.rmtree(self.dir / f"iter-{it:08d}", ignore_errors=True)
+        self._let_go()
+        return gone
+
+    def _let_go(self) -> None:
+        """Close this process's mappings of iterations no longer here (dropped by it or another process of this
+        machine)."""
         kept = set(self.iterations())
-        with self._lock:  # mappings of iterations another process of this machine dropped
+        with self._lock:
             gone = [k for k in self._held if k[0] not in kept]
             slots = [self._held.pop(k) for k in gone]
         for slot in slots:

@@ -78,6 +78,8 @@ def test_kill_while_writing_a_checkpoint(tmp_path_factory, baseline, script):
     res = run_job(tmp_path_factory, script, "write", "kill-write:1:6")
     t = tiers(res)
     assert {it for _, it in t.values()} == {5}  # iteration 6's shard of rank 1 was never committed
+    # every machine held some of iteration 6 (the other ranks' own shards): dropped, before it is trained again
+    assert {e["rank"]: e["abandoned"] for e in res.records("recovered")} == {r: [6] for r in range(4)}
     assert_identical(res, baseline)
 
 

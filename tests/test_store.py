@@ -153,6 +153,16 @@ def test_a_checkpoint_still_arriving_does_not_push_out_the_newest_complete_one(t
     assert store.iterations() == [4]
 
 
+def test_recovery_drops_the_iterations_of_an_abandoned_run(tmp_path):
+    store = ShardStore(tmp_path, 0)
+    slots = {it: write(store, it, 0, *shard(it)) for it in (4, 5, 6, 7)}
+    store.slot(8, 1, 10)  # a peer's, half received when the job died
+    assert store.drop_after(5) == [6, 7, 8]
+    assert store.iterations() == [4, 5] and store.inventory() == [(4, 0), (5, 0)]
+    assert slots[6].fd == -1 and slots[7].fd == -1 and slots[5].fd >= 0  # their mappings let go
+    assert store.drop_after(5) == []
+
+
 def test_a_file_replaced_behind_a_mapping_is_not_written_through_it(tmp_path):
     """Recovery puts a shard back with plain file writes (a new file): the old mapping must not be recycled."""
     store = ShardStore(tmp_path, 0)

@@ -12,7 +12,8 @@ public API can be struck, unchanged. Faults, comma-separated:
 - ``corrupt-copies:RANK:ITER``: at the same moment, flip a byte of every other machine's copy of RANK's shard of ITER
   (the replicas a replacement would be sent), killing no one;
 - ``kill-write:RANK:ITER``: SIGKILL RANK once its shard of ITER is written into its machine's store, before it is
-  committed.
+  committed, and once every other rank has committed its own shard of ITER (all machines' stores are on this host
+  under the agent), so the other machines are left holding an iteration that recovery must abandon.
 
 Those that strike before an update first let every rank finish the checkpoint traffic in flight, with a barrier, so
 which copies exist when the fault strikes is deterministic.
@@ -25,6 +26,8 @@ import signal
 import time
 
 import torch.distributed as dist
+
+from ..store import ShardStore
 
 KINDS = ("kill", "lose", "corrupt-kill", "corrupt-copies", "kill-write")
 
@@ -88,6 +91,11 @@ def install(ckpt, text: str) -> None:
 
     def before_commit(iteration: int) -> None:
         if mine("kill-write", iteration):
+            others = [ShardStore(ckpt.store.root, r // ckpt.ppm).paths(iteration, r)[1]
+                      for r in range(ckpt.world) if r != ckpt.rank]
+            deadline = time.monotonic() + 60
+            while not all(p.exists() for p in others) and time.monotonic() < deadline:
+                time.sleep(0.01)
             die("killed while writing a checkpoint")
 
     ckpt.add_hook("before_update", before_update)
