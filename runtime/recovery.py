@@ -32,14 +32,17 @@ from .state import pack, unpack, verify
 from .store import write_atomic
 from .transport import recv_shard, send_shard
 
-INVENTORY_SLOTS = 64
 COMPLETE = "COMPLETE"
 
 
 def gather_inventory(store, group, world: int, ppm: int) -> list[set[tuple[int, int]]]:
-    """What every machine's store holds, as seen by every rank: ``per_machine[m]`` = {(iteration, rank)}."""
-    inv = store.inventory()[-INVENTORY_SLOTS:]
-    t = torch.full((INVENTORY_SLOTS, 2), -1, dtype=torch.int64)
+    """What every machine's store holds, as seen by every rank: ``per_machine[m]`` = {(iteration, rank)}. Every
+    entry of every store: a machine of 8 ranks with 4 copies holds 32 shards an iteration, and with an iteration
+    being written beside the kept ones a fixed number of rows would cut the newest complete one short."""
+    inv = store.inventory()
+    rows = torch.tensor([len(inv)], dtype=torch.int64)
+    dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=group)
+    t = torch.full((max(1, int(rows.item())), 2), -1, dtype=torch.int64)
     if inv:
         t[: len(inv)] = torch.tensor(inv, dtype=torch.int64)
     out = [torch.empty_like(t) for _ in range(world)]

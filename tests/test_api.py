@@ -144,6 +144,22 @@ def test_restored_tensors_do_not_change_when_the_store_reuses_their_file(world1,
     assert torch.equal(keeper.loaded, torch.full((4096,), 4.0))
 
 
+def test_the_inventory_lists_every_shard_a_machine_holds(world1, tmp_path):
+    """A machine of 8 ranks keeping 5 copies holds 40 shards an iteration; with an iteration being written beside
+    two kept ones, that is 120: every one must reach the other ranks, or the newest complete iteration looks
+    incomplete."""
+    from runtime import recovery
+    from runtime.state import pack
+    from runtime.transport import Groups
+
+    store = ShardStore(tmp_path, 0)
+    data, manifest = pack({"w": torch.zeros(2)})
+    held = {(it, r) for it in (4, 5, 6) for r in range(40)}
+    for it, r in held:
+        store.put(it, r, data, manifest)
+    assert recovery.gather_inventory(store, Groups.create(30).control, 1, 1) == [held]
+
+
 def test_the_durable_tier_is_read_without_unpickling_objects(world1, tmp_path, monkeypatch):
     plan = plan_mod.default(1, 1, replicas=1, persist=2)
     kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
