@@ -111,13 +111,16 @@ def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: 
     the copy it uses (its machine's, or the one it received), in the background while it loads the state, and
     :func:`confirm` tells every rank afterwards whether all were intact. So no machine hashes what it serves, and
     the checks run on every machine at once, beside the transfers and the loading. None, on every rank, when a copy
-    the inventory listed can no longer be read (the caller looks again)."""
+    the inventory listed can no longer be read (it is dropped, and the caller looks again)."""
     machine, local = divmod(rank, ppm)
     sources = {r: source_of(plan, it, r, per_machine, ppm) for r in range(world)}
     # one sender per shard: the rank with the same local rank on the source machine
     serve = [r for r, m in sources.items() if m == machine and r // ppm != machine and r % ppm == local]
     mine = sources[rank]
     held = {r: store.get(it, r, check=False) for r in serve + ([rank] if mine == machine else [])}
+    for r, got in held.items():
+        if got is None:
+            store.discard(it, r)  # unreadable: not listed again, so the next round looks elsewhere
     flag = torch.tensor([sum(got is None for got in held.values())], dtype=torch.int64)
     dist.all_reduce(flag, group=groups.control)
     if int(flag.item()):

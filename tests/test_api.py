@@ -160,6 +160,34 @@ def test_the_inventory_lists_every_shard_a_machine_holds(world1, tmp_path):
     assert recovery.gather_inventory(store, Groups.create(30).control, 1, 1) == [held]
 
 
+def test_a_listed_copy_that_cannot_be_read_is_dropped_not_retried_for_ever(world1, tmp_path, monkeypatch):
+    plan = plan_mod.default(1, 1, replicas=1, persist=2)
+    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
+    model, opt = make(0)
+    ckpt = Checkpointer(plan, model, opt, **kw)
+    ckpt.recover()
+    train(model, opt, ckpt, 4)
+    ckpt.close()
+    before = snapshot(model, opt)
+
+    real_get, tries = ShardStore.get, []
+
+    def unreadable_4(self, iteration, rank, check=True):
+        if iteration == 4:
+            tries.append(1)
+            assert len(tries) < 10, "recovery keeps trying a copy it cannot read"
+            return None
+        return real_get(self, iteration, rank, check)
+
+    monkeypatch.setattr(ShardStore, "get", unreadable_4)
+    model2, opt2 = make(1)
+    ckpt2 = Checkpointer(plan, model2, opt2, **kw)
+    assert ckpt2.recover() == 4  # from DCP at 4, memory's newest being 3 now
+    assert (4, 0) not in ckpt2.store.inventory() and len(tries) == 1
+    assert_same(before, snapshot(model2, opt2))
+    ckpt2.close()
+
+
 def test_the_durable_tier_is_read_without_unpickling_objects(world1, tmp_path, monkeypatch):
     plan = plan_mod.default(1, 1, replicas=1, persist=2)
     kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
