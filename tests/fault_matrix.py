@@ -19,7 +19,7 @@ ITERS = 10
 def run_job(tmp_path_factory, script, name, faults=""):
     work = tmp_path_factory.mktemp(name)
     plan = default_plan(work / "plan.json", machines=4, ppm=1, replicas=2, interval=1, persist=5)
-    job = Job(plan, work, [str(ROOT / script), "--iters", str(ITERS)], faults=faults)
+    job = Job(plan, work, [*script, "--iters", str(ITERS)], faults=faults)
     try:
         res = job.run(timeout=300)
     finally:
@@ -41,8 +41,8 @@ def tiers(res):
 
 @pytest.fixture(scope="module")
 def script(request):
-    """The example the importing test module runs (its SCRIPT)."""
-    return request.module.SCRIPT
+    """The example the importing test module runs (its SCRIPT), with its options (SCRIPT_ARGS)."""
+    return [str(ROOT / request.module.SCRIPT), *getattr(request.module, "SCRIPT_ARGS", ())]
 
 
 @pytest.fixture(scope="module")

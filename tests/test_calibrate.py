@@ -78,25 +78,26 @@ def test_runtime_writes_a_profile_the_simulator_reads(run_dir):
 
 
 def test_the_hosts_busy_cpu_counts_every_thread():
-    """host_busy_s, which the probe's kernel share rests on: two threads checksumming for a second (the GIL let
-    go) keep the host busy at least as long as this process's CPU time says (clock ticks: 10 ms per CPU)."""
+    """host_busy_s, which the probe's kernel share rests on: two threads checksumming (the GIL let go) until this
+    process has spent a CPU-second keep the host busy at least as long (clock ticks: 10 ms per CPU). Counted in
+    CPU, not wall time: beside other tests on two cores a second of wall time may get far less."""
     from runtime.profiler import host_busy_s
     from runtime.state import checksum
 
     data = memoryview(bytearray(64 << 20))
+    b0, c0 = host_busy_s(), time.process_time()
+    deadline = time.perf_counter() + 30
 
-    def spin(until):
-        while time.perf_counter() < until:
+    def spin():
+        while time.process_time() - c0 < 1.0 and time.perf_counter() < deadline:
             checksum(data)
 
-    b0, c0 = host_busy_s(), time.process_time()
-    until = time.perf_counter() + 1.0
-    t = threading.Thread(target=spin, args=(until,))
+    t = threading.Thread(target=spin)
     t.start()
-    spin(until)
+    spin()
     t.join()
     busy, mine = host_busy_s() - b0, time.process_time() - c0
-    assert busy >= 0.9 * mine - 0.05 and mine >= 0.9  # the host saw at least what this process spent
+    assert busy >= 0.9 * mine - 0.05 and mine >= 1.0  # the host saw at least what this process spent
 
 
 def test_plans_come_from_the_profile(run_dir):
@@ -233,7 +234,7 @@ def test_network_namespaces_limit_the_bandwidth(tmp_path):
         plan = default_plan(tmp_path / "plan.json", 2, 1)
         outs = {}
         for name, use in (("ns", True), ("lo", False)):
-            job = Job(plan, tmp_path / name, [str(calibrate.TRAIN), "--iters", "3", "--probe"],
+            job = Job(plan, tmp_path / name, [str(calibrate.TRAIN), "--iters", "3", "--probe", "--deterministic"],
                       netns=tag if use else False)
             try:
                 res = job.run(timeout=240)

@@ -10,6 +10,7 @@ from fault_matrix import ITERS
 from runtime.state import unpack
 
 SCRIPT = "examples/tinygpt/train.py"
+SCRIPT_ARGS = ("--deterministic",)  # on a GPU, bit for bit only so (on the CPU it is anyway)
 
 
 def test_durable_checkpoint_is_plain_dcp(baseline, tmp_path):

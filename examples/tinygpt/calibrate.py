@@ -70,7 +70,8 @@ def _run(plan: Path, d: Path, args, netns: bool, no_checkpoint: bool = False, ex
     iters = iters or args.iters
     flags = ["--iters", str(iters), "--dim", str(args.dim), "--layers", str(args.layers),
              "--profile-iters", str(args.profile_iters), "--batch", str(args.batch), "--seq", str(args.seq),
-             "--accel-ms", str(args.accel_ms), *args.pin_args, *extra] + (["--no-checkpoint"] if no_checkpoint else [])
+             "--accel-ms", str(args.accel_ms), "--deterministic",  # every run trains the same, bit for bit
+             *args.pin_args, *extra] + (["--no-checkpoint"] if no_checkpoint else [])
     job = Job(plan, d / "job", [str(TRAIN), *flags], netns=netns, out_dir=d)
     try:
         res = job.run(timeout=args.timeout)

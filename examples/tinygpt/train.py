@@ -58,13 +58,20 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=4, help="iterations per block with --rotate (default 4)")
     ap.add_argument("--compute-cores", default="", help="cores of training's own thread (default: not pinned)")
     ap.add_argument("--host-cores", default="", help="cores of every other thread (default: not pinned)")
+    ap.add_argument("--deterministic", action="store_true", help="bit for bit the same from run to run on a GPU "
+                    "too (deterministic algorithms, attention by plain matrix products): the fault tests compare "
+                    "a recovered run's parameters with an uninterrupted run's")
     args = ap.parse_args()
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts: its fixed workspace
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.set_num_threads(1)
     pin_thread(cores(args.host_cores))  # threads started from here on (gloo's, the checkpoint's): host cores
 
     device = init_distributed(args.backend)  # NCCL, or gloo on the GPU when ranks share one, or gloo on the CPU
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = ModelConfig(dim=args.dim, layers=args.layers, batch=args.batch, seq=args.seq, accel_ms=args.accel_ms)
+    cfg = ModelConfig(dim=args.dim, layers=args.layers, batch=args.batch, seq=args.seq, accel_ms=args.accel_ms,
+                      exact_attention=args.deterministic)
     torch.manual_seed(args.seed)
     model = TinyGPT(cfg).to(device)
     mesh = init_device_mesh(device.type, (world,))
