@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from .state import pack, unpack, verify
+from .state import key_of, pack, unpack, verify
 from .store import write_atomic
 from .transport import recv_shard, send_shard
 
@@ -155,7 +155,7 @@ def confirm(store, group, rank: int, world: int, it: int, fetched: Fetched) -> l
 
 def dcp_key(key: str) -> str:
     """The DCP key of a flat state key (runtime/state.py's ``/``-joined path): DCP joins the path with dots."""
-    return ".".join(part[1:] if part.startswith("#") else part for part in key.split("/"))
+    return ".".join(str(key_of(part)) for part in key.split("/"))
 
 
 def _rank_files(path: Path, rank: int) -> tuple[Path, Path]:

@@ -53,14 +53,14 @@ def flatten(state, prefix: str = "") -> tuple[dict[str, torch.Tensor], object]:
             out = {}
             for k, v in obj.items():
                 key = str(k)
-                if not isinstance(k, (str, int)) or "/" in key:
+                if not isinstance(k, (str, int)) or isinstance(k, bool) or "/" in key:
                     raise StateError(f"state key {k!r} under {path or '/'!r}: keys must be strings or integers "
                                      "without '/'")
-                if isinstance(k, int):
-                    key = f"#{k}"  # an integer key stays an integer
+                # an integer key stays an integer ("#3"); a string key that could be read as one of the skeleton's
+                # own ("#3", "$tensor") is escaped with a "#" ("##3", "#$tensor")
+                if isinstance(k, int) or key.startswith(("#", "$")):
+                    key = f"#{key}"
                 out[key] = walk(v, f"{path}/{key}" if path else key)
-            if TENSOR in out or TUPLE in out:
-                raise StateError(f"state under {path or '/'!r} uses a reserved key ({TENSOR!r} or {TUPLE!r})")
             return out
         if isinstance(obj, (list, tuple)):
             items = [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
@@ -78,6 +78,14 @@ def flatten(state, prefix: str = "") -> tuple[dict[str, torch.Tensor], object]:
     return tensors, skeleton
 
 
+def key_of(key: str):
+    """A state key as :func:`flatten` wrote it, back: "#3" -> 3, "##3" -> "#3", "#$tensor" -> "$tensor"."""
+    if not key.startswith("#"):
+        return key
+    rest = key[1:]
+    return int(rest) if rest.lstrip("-").isdigit() and rest.isascii() else rest
+
+
 def unflatten(skeleton, tensors: Mapping[str, torch.Tensor]):
     """The nested state :func:`flatten` took apart."""
     if isinstance(skeleton, list):
@@ -92,7 +100,7 @@ def unflatten(skeleton, tensors: Mapping[str, torch.Tensor]):
             return tuple(unflatten(v, tensors) for v in skeleton[TUPLE])
         if "$float" in skeleton:
             return float(skeleton["$float"])
-        return {(int(k[1:]) if k.startswith("#") else k): unflatten(v, tensors) for k, v in skeleton.items()}
+        return {key_of(k): unflatten(v, tensors) for k, v in skeleton.items()}
     return skeleton
 
 
