@@ -3,7 +3,7 @@
 ::
 
     ckpt = Checkpointer(plan, model, optimizer, extra={"sched": lr_scheduler, "data": loader_state})
-    start = ckpt.recover()                    # 0 on a fresh start, else the iteration it resumed from
+    start = ckpt.recover()                    # required: 0 on a fresh start, else the iteration it resumed from
     for it in range(start + 1, iters + 1):
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -168,6 +168,7 @@ class Checkpointer:
         self._pending: tuple[int, tuple] | None = None
         self._seq = 0
         self._began = False  # the current iteration has begun (its pending checkpoint started)
+        self._recovered = False  # recover() has run: the stores hold nothing newer than where training resumed
         self._t0 = self._c0 = 0.0
         self._stall = self._waited = 0.0
         self._record: dict = {}
@@ -340,7 +341,9 @@ class Checkpointer:
 
     # -- recovery ------------------------------------------------------------------------------------------------
     def recover(self) -> int:
-        """Agree with every rank on the newest complete checkpoint, load it, return its iteration (0: fresh)."""
+        """Agree with every rank on the newest complete checkpoint, load it, return its iteration (0: fresh).
+        Required before training: it also drops from the stores what a run that got no further left behind, which
+        would otherwise count as newer than the checkpoints this run takes."""
         dist.barrier(group=self.groups.control)  # every rank is up: the time below is recovery's alone
         t0 = time.perf_counter()
         fetched = None
@@ -379,6 +382,7 @@ class Checkpointer:
             self.event("recovered", iteration=target, tier=tier, source_machine=source,
                        seconds=round(time.perf_counter() - t0, 4), abandoned=abandoned, **more)
         self.iteration = target
+        self._recovered = True
         self._begin(target + 1)
         return target
 
@@ -421,6 +425,9 @@ class Checkpointer:
         """Call after the optimizer step of ``iteration`` (1, 2, ...): takes the plan's checkpoint of it (blocking
         schedule: now; the others: while the next iteration trains) and, every ``persist_interval_iters``, a
         durable one."""
+        if not self._recovered:
+            raise RuntimeError("call recover() before training (on every rank): it resumes from the newest "
+                               "checkpoint, or starts afresh, dropping what a previous run left in the stores")
         if not isinstance(iteration, int) or iteration != self.iteration + 1:
             raise ValueError(f"after_step({iteration!r}): expected iteration {self.iteration + 1} (iterations count "
                              "up by one from what recover() returned)")

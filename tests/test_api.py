@@ -217,6 +217,8 @@ def test_loop_mistakes_are_refused(world1, tmp_path):
     plan = plan_mod.default(1, 1, replicas=1, persist=100)
     model, opt = make(0)
     ckpt = Checkpointer(plan, model, opt, store_root=tmp_path / "shm", durable_dir=tmp_path / "d", profile_iters=0)
+    with pytest.raises(RuntimeError, match=r"call recover\(\) before training"):
+        train(model, opt, ckpt, 1)
     ckpt.recover()
     with pytest.raises(ValueError, match="expected iteration 1"):
         ckpt.after_step(2)
@@ -325,6 +327,7 @@ def test_collectives_are_profiled_through_fsdp2_comm_hooks(world1, tmp_path):
     assert ckpt.recorder.mechanism == ("fsdp2-comm" if hooks else "wrapped")
     if hooks:
         assert all(getattr(dist, name) is fn for name, fn in originals.items())
+    ckpt.recover()
     train(model, opt, ckpt, 3)  # (one rank: FSDP gathers nothing; test_calibrate checks the recorded collectives)
     ckpt.close()
     assert len(ckpt.recorder.iterations) == 3 and not ckpt.recorder.serving
@@ -429,6 +432,7 @@ def test_the_checkpoint_is_the_state_as_of_its_step(tmp_path, device):
         model, opt = make(0, "sgd", device)
         ckpt = Checkpointer(plan, model, opt, store_root=tmp_path / "shm", durable_dir=tmp_path / "d",
                             profile_iters=0)
+        ckpt.recover()
         train(model, opt, ckpt, 2, device=device)
         params, state = snapshot(model, opt)
         train(model, opt, ckpt, 1, start=2, device=device)  # checkpoint 2 is copied out while iteration 3 runs
