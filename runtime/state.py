@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -83,7 +84,7 @@ def key_of(key: str):
     if not key.startswith("#"):
         return key
     rest = key[1:]
-    return int(rest) if rest.lstrip("-").isdigit() and rest.isascii() else rest
+    return int(rest) if re.fullmatch(r"-?[0-9]+", rest) else rest
 
 
 def unflatten(skeleton, tensors: Mapping[str, torch.Tensor]):

@@ -10,6 +10,7 @@ would compete with it instead (see calibrate.py beside this file).
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +57,9 @@ class Block(nn.Module):
 
     def forward(self, x, mask):
         h = self.ln1(x)
-        if self.exact:  # the fused kernels' backward on a GPU adds up in an order that varies from run to run
-            with sdpa_kernel(SDPBackend.MATH):
-                a = self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        else:
-            a = self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        x = x + a
+        # exact: the fused kernels' backward on a GPU adds up in an order that varies from run to run
+        with sdpa_kernel(SDPBackend.MATH) if self.exact else nullcontext():
+            x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
         x = x + self.mlp(self.ln2(x))
         return _Accel.apply(x, self.accel_s) if self.accel_s > 0 else x
 
