@@ -118,10 +118,10 @@ def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: 
     serve = [r for r, m in sources.items() if m == machine and r // ppm != machine and r % ppm == local]
     mine = sources[rank]
     held = {r: store.get(it, r, check=False) for r in serve + ([rank] if mine == machine else [])}
-    for r, got in held.items():
-        if got is None:
-            store.discard(it, r)  # unreadable: not listed again, so the next round looks elsewhere
-    flag = torch.tensor([sum(got is None for got in held.values())], dtype=torch.int64)
+    unreadable = [r for r, got in held.items() if got is None]
+    for r in unreadable:
+        store.discard(it, r)  # not listed again, so the next round looks elsewhere
+    flag = torch.tensor([len(unreadable)], dtype=torch.int64)
     dist.all_reduce(flag, group=groups.control)
     if int(flag.item()):
         return None

@@ -99,8 +99,11 @@ class ShardStore:
         self._spares: dict[int, Slot] = {}
         self._lock = threading.Lock()
 
+    def iteration_dir(self, iteration: int) -> Path:
+        return self.dir / f"iter-{iteration:08d}"
+
     def paths(self, iteration: int, rank: int) -> tuple[Path, Path]:
-        d = self.dir / f"iter-{iteration:08d}"
+        d = self.iteration_dir(iteration)
         return d / f"rank-{rank:05d}.bin", d / f"rank-{rank:05d}.json"
 
     def slot(self, iteration: int, rank: int, size: int) -> "Slot":
@@ -202,11 +205,11 @@ class ShardStore:
         freed."""
         its = self.iterations()
         if keep:
-            complete = [it for it in its if any((self.dir / f"iter-{it:08d}").glob("rank-*.json"))]
+            complete = [it for it in its if any(self.iteration_dir(it).glob("rank-*.json"))]
             cutoff = complete[-keep] if len(complete) >= keep else -1
-            its = [it for it in its if it < cutoff and not any((self.dir / f"iter-{it:08d}").glob("*.tmp"))]
+            its = [it for it in its if it < cutoff and not any(self.iteration_dir(it).glob("*.tmp"))]
         for it in its:
-            d = self.dir / f"iter-{it:08d}"
+            d = self.iteration_dir(it)
             for rank in recycle:
                 bin_path, json_path = self.paths(it, rank)
                 json_path.unlink(missing_ok=True)  # no longer a shard before its bytes change hands
@@ -233,7 +236,7 @@ class ShardStore:
         copy of the old one left on some machine must never be taken for the new)."""
         gone = [it for it in self.iterations() if it > iteration]
         for it in gone:
-            shutil.rmtree(self.dir / f"iter-{it:08d}", ignore_errors=True)
+            shutil.rmtree(self.iteration_dir(it), ignore_errors=True)
         self._let_go()
         return gone
 
