@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from gemini_sim.cluster.config import Preset
 from gemini_sim.replay.engine import ReplayResult
@@ -68,6 +67,8 @@ def figure(ax, size):
     """The axes to draw on: the caller's, or a new figure's. Returns (figure, axes)."""
     if ax is not None:
         return ax.figure, ax
+    from matplotlib.figure import Figure  # here, not at the top: matplotlib costs every command 0.4 s to import
+
     fig = Figure(figsize=size, layout="constrained")
     return fig, fig.add_subplot()
 

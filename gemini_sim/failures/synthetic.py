@@ -16,8 +16,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
-from scipy.special import gamma as gamma_fn
 
 from gemini_sim.errors import UserError, unknown_name
 from gemini_sim.failures.traces import KINDS, FailureEvent, Trace
@@ -98,7 +96,7 @@ def generate(spec: SyntheticSpec) -> Trace:
     mean_gap = spec.mtbf_hours * per_event / spec.machines
     if spec.model == "weibull":
         k = spec.weibull_shape
-        scale = mean_gap / gamma_fn(1 + 1 / k)
+        scale = mean_gap / math.gamma(1 + 1 / k)
         times = _interarrivals(rng, mean_gap, horizon, lambda n: scale * rng.weibull(k, n))
     else:
         times = _interarrivals(rng, mean_gap, horizon, lambda n: rng.exponential(mean_gap, n))
@@ -160,6 +158,8 @@ class FitReport:
 
 def fit_trace(trace: Trace, machines: int | None = None) -> FitReport:
     """Fit rate and shape to a trace's inter-arrival times with scipy.stats."""
+    from scipy import stats  # here, not at the top: scipy.stats costs every command 0.5 s to import
+
     n = len(trace.events)
     if n < 2:
         raise UserError(f"trace {trace.name}: need at least 2 failures to fit a model, got {n}")
