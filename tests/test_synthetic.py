@@ -35,6 +35,19 @@ def test_weibull_gaps_have_the_right_mean_and_fit_recovers_the_shape():
     assert fit.weibull_ks_pvalue > fit.exponential_ks_pvalue
 
 
+@pytest.mark.parametrize("shape", [0.1, 100.0])
+def test_the_extreme_weibull_shapes_give_a_sound_trace(shape):
+    t = generate(SyntheticSpec("weibull", mtbf_hours=200, days=100, machines=20, seed=1, weibull_shape=shape))
+    assert len(t.events) > 0 and np.all(np.isfinite(t.times_h)) and np.all(np.diff(t.times_h) >= 0)
+    assert t.times_h[-1] <= 100 * 24
+
+
+@pytest.mark.parametrize("shape", [0.099, 1e-300, 100.5])
+def test_weibull_shapes_outside_the_range_are_refused(shape):
+    with pytest.raises(UserError, match=r"'weibull-shape' must be in \[0.1, 100\]"):
+        SyntheticSpec("weibull", mtbf_hours=200, days=100, machines=20, weibull_shape=shape)
+
+
 def test_fit_rate_interval_covers_true_rate():
     t = generate(SyntheticSpec("poisson", 100, 100, 10, seed=5))
     fit = fit_trace(t, machines=10)

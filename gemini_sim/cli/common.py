@@ -73,7 +73,8 @@ def add_trace_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                         f"Llama 3 405B's rate)")
     p.add_argument("--days", type=inputs.DAYS, default=30.0, help="synthetic: length of the job (default 30)")
     p.add_argument("--seed", type=inputs.SEED, default=0, help="seed for synthetic traces and for which machines fail")
-    p.add_argument("--weibull-shape", type=inputs.number(0, 100, lo_open=True), default=synthetic.DEFAULT_WEIBULL_SHAPE)
+    p.add_argument("--weibull-shape", type=inputs.number(*synthetic.WEIBULL_SHAPES),
+                   default=synthetic.DEFAULT_WEIBULL_SHAPE)
     p.add_argument("--burst-probability", type=inputs.FRACTION, default=0.1,
                    help="synthetic burst: share of events that "
                    "take a whole rack")

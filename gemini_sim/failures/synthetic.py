@@ -25,6 +25,9 @@ LLAMA3_MIX = {"hardware": 289, "software": 56, "network": 35, "unknown": 39}
 # Weibull shape below 1 (a failure is followed by more failures soon after) is what large-system failure logs show;
 # Schroeder and Gibson (DSN 2006) report shapes of 0.7-0.8 for LANL's node failures. Our default.
 DEFAULT_WEIBULL_SHAPE = 0.75
+# Shapes a synthetic trace may take. Below 0.1 nearly every gap is ~0 and the mean rests on a few astronomically long
+# ones (at 0.0058 the Weibull mean's Gamma(1 + 1/shape) overflows a float); failure logs show 0.5-1.5.
+WEIBULL_SHAPES = (0.1, 100.0)
 
 
 MAX_FAILURES = 1_000_000  # expected failures in one synthetic trace (a million-failure replay takes minutes)
@@ -52,6 +55,9 @@ class SyntheticSpec:
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
                 raise UserError(f"synthetic trace: '{key.replace('_', '-')}' must be a positive number, got {value}")
+        lo, hi = WEIBULL_SHAPES
+        if not lo <= self.weibull_shape <= hi:
+            raise UserError(f"synthetic trace: 'weibull-shape' must be in [{lo:g}, {hi:g}], got {self.weibull_shape}")
         if self.machines < 1:
             raise UserError(f"synthetic trace: machines must be >= 1, got {self.machines}")
         expected = self.days * 24 * self.machines / self.mtbf_hours
