@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from conftest import ROOT
 from gemini_sim.cli import inputs
@@ -64,6 +64,7 @@ def _limited():
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=st.sampled_from(CASES), value=values)
+@example(case=["synth", "--synthetic", "weibull", "--weibull-shape"], value="1e-300")  # once an OverflowError
 def test_any_numeric_flag_value_gives_a_result_or_one_line(tmp_path_factory, case, value):
     out = tmp_path_factory.mktemp("fuzz") / "out.csv"
     argv = [*case, value] + (["-o", str(out)] if case[0] == "synth" else [])
