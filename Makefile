@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean runtime-demo calibrate netns-up netns-down gpu-wheels gpu-bench
+.PHONY: run test test-torch bench clean runtime-demo calibrate netns-up netns-down gpu-wheels gpu-bench
 
 # OFFLINE=1: a machine with its own torch (and numpy, scipy, networkx, matplotlib) that reaches no registry, the
 # GPU machine: the venv sees the system's packages and installs the rest from wheels/ (made by make gpu-wheels).
@@ -33,6 +33,15 @@ WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile tests --nbmake notebooks
 
+# The tests on another torch than the pinned one (the runtime supports torch >= 2.6), in a venv of their own,
+# .venv-torch-VERSION: make test-torch TORCH=2.7.1. From PyPI that torch is a CUDA build (a few GB to download) that
+# trains on the CPU too; FSDP2 trains on the CPU from 2.7, so on 2.6 without a GPU the tests that need it skip.
+TORCH ?= 2.6.0
+test-torch:
+	test -x .venv-torch-$(TORCH)/bin/python || $(PYTHON) -m venv .venv-torch-$(TORCH)
+	.venv-torch-$(TORCH)/bin/python -m pip install --quiet torch==$(TORCH) -e '.[test,runtime]'
+	.venv-torch-$(TORCH)/bin/python -m pytest -q -n $(WORKERS) --dist loadfile tests
+
 runtime-demo: $(STAMP)
 	$(BIN)/python examples/tinygpt/demo.py out/runtime-demo
 
@@ -56,7 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py --out bench/results.md
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-torch-* out .pytest_cache .hypothesis
 
 # Wheels for OFFLINE=1 (see above), for Python $(GPU_PY); carry wheels/ to that machine with the working tree.
 gpu-wheels:

@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from . import device, recovery, schedules
+from .distributed import fsdp_trains_on_cpu
 from .pipeline import InFlight, Link
 from .plan import Plan, PlanError
 from .profiler import Recorder
@@ -77,6 +78,17 @@ def _run_id() -> str | None:
     rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
     return None if re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", rid) or rid in (
         "", "none") else rid
+
+
+def _check_fsdp_can_train(model: torch.nn.Module) -> None:
+    """FSDP2 on the CPU of a torch where it cannot train (:func:`~runtime.distributed.fsdp_trains_on_cpu`) would die
+    in the first forward pass with an AttributeError that names neither FSDP nor the version: say so at start."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not fsdp_trains_on_cpu() and any(isinstance(m, FSDPModule) for m in model.modules()) and \
+            any(p.device.type == "cpu" for p in model.parameters()):
+        raise ConfigError(f"FSDP2 cannot train on the CPU with torch {torch.__version__} (it can from torch 2.7): "
+                          "train on GPUs, or upgrade torch")
 
 
 def _anchored(schedule: dict) -> bool:
@@ -114,6 +126,7 @@ class Checkpointer:
             raise ConfigError("call torch.distributed.init_process_group() before creating the Checkpointer")
         if model is None or optimizer is None:
             raise ConfigError("the Checkpointer needs the model and its optimizer")
+        _check_fsdp_can_train(model)
         if plan is None:
             plan = os.environ.get("GEMINI_PLAN")
             if not plan:

@@ -47,6 +47,12 @@ def choose(requested: str, gpus: int, host_ranks: int) -> tuple[str, str]:
     return "cpu:gloo,cuda:nccl", "cuda"
 
 
+def fsdp_trains_on_cpu() -> bool:
+    """Can FSDP2 train on the CPU with this torch? From 2.7; 2.6's all-gather records an event on the CPU "stream",
+    which has no ``record_event`` there (on GPUs FSDP2 trains from 2.6)."""
+    return hasattr(torch.cpu.Stream, "record_event")
+
+
 def host_ranks() -> tuple[int, int]:
     """(ranks on this host, this rank's index among them)."""
     n = os.environ.get("GEMINI_HOST_RANKS") or os.environ.get("LOCAL_WORLD_SIZE", "1")

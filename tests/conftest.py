@@ -9,6 +9,23 @@ ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "traces"
 
 
+def _fsdp_trains() -> tuple[bool, bool, str]:
+    """(FSDP2 trains on this torch's CPU, a GPU is here, torch's version)."""
+    try:
+        import torch
+        from runtime.distributed import fsdp_trains_on_cpu
+    except ImportError:  # the simulator's tests need no torch
+        return False, False, "not installed"
+    return fsdp_trains_on_cpu(), torch.cuda.is_available(), torch.__version__
+
+
+_FSDP_CPU, _GPU, _TORCH = _fsdp_trains()
+# tests that train an FSDP2 model on the CPU; the examples train on a GPU where there is one
+needs_fsdp_on_cpu = pytest.mark.skipif(not _FSDP_CPU, reason=f"FSDP2 trains on the CPU from torch 2.7 (torch {_TORCH})")
+needs_fsdp = pytest.mark.skipif(not (_FSDP_CPU or _GPU), reason=f"FSDP2 trains on the CPU from torch 2.7 (torch "
+                                                                f"{_TORCH}) and there is no GPU")
+
+
 def load_example(example: str, module: str):
     """A module of an example (examples/EXAMPLE/MODULE.py), imported under a name of its own; its folder is on the
     path, as when the example runs as a script."""

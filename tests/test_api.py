@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from conftest import needs_fsdp_on_cpu
 from runtime import Checkpointer, ConfigError, PlanError, StoreError
 from runtime import plan as plan_mod, schedules
 from runtime.state import unpack
@@ -76,6 +77,7 @@ def assert_same(a, b):
             assert torch.equal(torch.as_tensor(x[k]), torch.as_tensor(y[k])), k
 
 
+@needs_fsdp_on_cpu
 @pytest.mark.parametrize("opt_kind, schedule", [("sgd", "naive"), ("adam", "blocking"), ("sgd", "gemini")])
 def test_a_new_process_resumes_from_memory_bit_for_bit(world1, tmp_path, opt_kind, schedule):
     plan = plan_mod.default(1, 1, replicas=1, persist=100, schedule=schedule)
@@ -126,6 +128,7 @@ class Keeper:
         self.loaded = s["w"]
 
 
+@needs_fsdp_on_cpu
 def test_restored_tensors_do_not_change_when_the_store_reuses_their_file(world1, tmp_path):
     """After recovery nothing the user holds views the store: the recovered shard's file is recycled for later
     checkpoints (as a spare), and a tensor that still viewed it would change under the user."""
@@ -160,6 +163,7 @@ def test_the_inventory_lists_every_shard_a_machine_holds(world1, tmp_path):
     assert recovery.gather_inventory(store, Groups.create(30).control, 1, 1) == [held]
 
 
+@needs_fsdp_on_cpu
 def test_a_listed_copy_that_cannot_be_read_is_dropped_not_retried_for_ever(world1, tmp_path, monkeypatch):
     plan = plan_mod.default(1, 1, replicas=1, persist=2)
     kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
@@ -188,6 +192,7 @@ def test_a_listed_copy_that_cannot_be_read_is_dropped_not_retried_for_ever(world
     ckpt2.close()
 
 
+@needs_fsdp_on_cpu
 def test_the_durable_tier_is_read_without_unpickling_objects(world1, tmp_path, monkeypatch):
     plan = plan_mod.default(1, 1, replicas=1, persist=2)
     kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
@@ -213,6 +218,7 @@ def test_the_durable_tier_is_read_without_unpickling_objects(world1, tmp_path, m
     ckpt2.close()
 
 
+@needs_fsdp_on_cpu
 def test_loop_mistakes_are_refused(world1, tmp_path):
     plan = plan_mod.default(1, 1, replicas=1, persist=100)
     model, opt = make(0)
@@ -231,6 +237,7 @@ def test_loop_mistakes_are_refused(world1, tmp_path):
         ckpt.add_hook("somewhere", print)
 
 
+@needs_fsdp_on_cpu
 def test_start_up_mistakes_are_one_line_errors(world1, tmp_path):
     model, opt = make(0)
     with pytest.raises(PlanError, match="2 machines x 1 processes, this job has 1 x 1"):
@@ -254,6 +261,20 @@ def test_start_up_mistakes_are_one_line_errors(world1, tmp_path):
         with pytest.raises(PlanError, match=needle) as exc:
             Checkpointer(tmp_path / "bad.json", model, opt)
         assert "\n" not in str(exc.value)
+
+
+def test_fsdp2_on_the_cpu_of_a_torch_that_cannot_is_refused_at_start(world1, tmp_path, monkeypatch):
+    """torch 2.6's FSDP2 dies in its first CPU all-gather (its CPU stream has no record_event; seen with 2.6.0):
+    the Checkpointer says so at start. A model without FSDP2 is not concerned."""
+    model, opt = make(0)
+    monkeypatch.delattr(torch.cpu.Stream, "record_event", raising=False)  # as in torch 2.6
+    with pytest.raises(ConfigError, match=r"FSDP2 cannot train on the CPU with torch .* from torch 2.7") as exc:
+        Checkpointer(plan_mod.default(1, 1, replicas=1), model, opt, store_root=tmp_path / "s",
+                     durable_dir=tmp_path / "d")
+    assert "\n" not in str(exc.value)
+    plain = nn.Linear(2, 2)
+    Checkpointer(plan_mod.default(1, 1, replicas=1), plain, torch.optim.SGD(plain.parameters(), lr=0.1),
+                 store_root=tmp_path / "s", durable_dir=tmp_path / "d", profile_iters=0).close()
 
 
 def test_without_process_group_the_checkpointer_says_so():
@@ -313,6 +334,7 @@ def test_schedule_registry():
     assert schedules.get("naive").releases(bounds, {}, 1, 1) == [(0, 0.0, list(range(10)), None)]
 
 
+@needs_fsdp_on_cpu
 def test_collectives_are_profiled_through_fsdp2_comm_hooks(world1, tmp_path):
     """On a torch with FSDP2's custom-comm hooks the recorder times FSDP's collectives through them, and the
     torch.distributed functions stay untouched."""
@@ -420,7 +442,8 @@ def test_gpu_state_goes_to_page_locked_memory_and_back_bit_for_bit(world1_cuda, 
     ckpt2.close()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_fsdp_on_cpu),
+                                    pytest.param("cuda", marks=needs_cuda)])
 def test_the_checkpoint_is_the_state_as_of_its_step(tmp_path, device):
     """A checkpoint is copied while the next iteration trains, and that iteration's update waits for the copy (on a
     GPU: the training stream waits on the copy's event, the host does not): what is stored is exactly the state as

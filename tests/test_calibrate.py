@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import load_example
+from conftest import load_example, needs_fsdp
 from gemini_sim import plan as plan_mod
 from gemini_sim.cluster import workload
 from runtime import netns
@@ -39,6 +39,7 @@ def run_dir(tmp_path_factory):
     return d
 
 
+@needs_fsdp
 def test_runtime_writes_a_profile_the_simulator_reads(run_dir):
     base = run_dir / "baseline"
     prof = workload.load_profile(base / "profile.json")  # validated
@@ -100,6 +101,7 @@ def test_the_hosts_busy_cpu_counts_every_thread():
     assert busy >= 0.9 * mine - 0.05 and mine >= 1.0  # the host saw at least what this process spent
 
 
+@needs_fsdp
 def test_plans_come_from_the_profile(run_dir):
     g = plan_mod.read(run_dir / "gemini" / "plan.json")
     assert g["schedule"]["name"] == "gemini" and g["schedule"]["spans"]
@@ -112,6 +114,7 @@ def test_plans_come_from_the_profile(run_dir):
         assert sim["iteration_time_s"] >= sim["baseline_iteration_time_s"] > 0
 
 
+@needs_fsdp
 def test_schedules_take_turns_and_checkpoint_without_changing_training(run_dir):
     d = run_dir / "rotation"
     turns = ["none", "blocking", "gemini"]
@@ -136,6 +139,7 @@ def test_schedules_take_turns_and_checkpoint_without_changing_training(run_dir):
         assert [c.get("at_close", False) for c in gemini] == [False, False, True]
 
 
+@needs_fsdp
 def test_validate_compares_every_schedule(run_dir):
     res = json.loads((run_dir / "validate.json").read_text())
     assert res["measured_in"] == "rotation"
@@ -158,6 +162,7 @@ def test_validate_compares_every_schedule(run_dir):
         assert c["chosen"] == min(predicted, key=predicted.get)
 
 
+@needs_fsdp
 def test_training_and_checkpoint_traffic_run_on_their_own_cores(run_dir):
     """--accel-cores 1 pins training's thread to one core (the emulated accelerator) and every other thread, the
     checkpoint's among them, to the other cores (the host); a single-core machine pins nothing."""
@@ -223,6 +228,7 @@ def test_runtime_refuses_a_schedule_it_does_not_run(tmp_path):
         Job(p, tmp_path / "job", ["train.py"])
 
 
+@needs_fsdp
 @pytest.mark.skipif(netns.available() is not None, reason=f"network namespaces: {netns.available()}")
 def test_network_namespaces_limit_the_bandwidth(tmp_path):
     """Two machines in namespaces with 80 Mbit/s links: the runtime's probe measures about that, and training

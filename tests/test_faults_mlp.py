@@ -6,6 +6,9 @@ import json
 
 from fault_matrix import *  # noqa: F401,F403 - the matrix's tests and fixtures run here
 from fault_matrix import ITERS
+from conftest import needs_fsdp
+
+pytestmark = needs_fsdp  # the example trains with FSDP2
 
 SCRIPT = "examples/mlp/train.py"
 

@@ -7,6 +7,9 @@ import torch
 
 from fault_matrix import *  # noqa: F401,F403 - the matrix's tests and fixtures run here
 from fault_matrix import ITERS
+from conftest import needs_fsdp
+
+pytestmark = needs_fsdp  # the example trains with FSDP2
 from runtime.state import unpack
 
 SCRIPT = "examples/tinygpt/train.py"

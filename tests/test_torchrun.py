@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import needs_fsdp
 from gemini_sim import plan as contract
 
+pytestmark = needs_fsdp  # the example trains with FSDP2
 ROOT = Path(__file__).resolve().parent.parent
 MLP = ROOT / "examples" / "mlp" / "train.py"
 
