@@ -2,11 +2,20 @@
 
 In-memory checkpoints that outlive a crashed worker, replicated to peers by the plan's placement and schedule,
 durable DCP checkpoints, and tiered recovery (this machine's memory, a peer's, DCP). See runtime/api.py.
+
+The names below load their module (and torch) when first used, so the agent and ``python -m runtime plan``, which
+need no torch of their own, start at once.
 """
 
-from .api import Checkpointer, ConfigError
-from .plan import Plan, PlanError
-from .state import StateError
-from .store import StoreError
+import importlib
 
+from .plan import Plan, PlanError
+
+_LAZY = {"Checkpointer": "api", "ConfigError": "api", "StateError": "state", "StoreError": "store"}
 __all__ = ["Checkpointer", "ConfigError", "Plan", "PlanError", "StateError", "StoreError"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -108,3 +108,15 @@ def test_default_plan_command(tmp_path):
                            capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
         assert not (tmp_path / "x.json").exists()
+
+
+def test_the_agent_and_the_plan_command_start_without_loading_torch():
+    """They need no torch of their own (their workers load it): importing the runtime package's Checkpointer et al.
+    eagerly cost every agent start about 2 s."""
+    code = ("import sys, runtime.agent, runtime.__main__, runtime.netns\n"
+            "print('torch' in sys.modules)\n"
+            "from runtime import Checkpointer, ConfigError, Plan, StateError, StoreError\n"
+            "print('torch' in sys.modules, Checkpointer.__module__, StoreError.__module__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True", "runtime.api", "runtime.store"]
