@@ -15,6 +15,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from gemini_sim.files import write_atomic
+
 
 def best_of(fn, repeats=3):
     times = []
@@ -295,9 +297,22 @@ def main():
     CALIBRATION_DIR = args.calibration_dir
     rows = []
     SECTIONS.clear()
-    for name in args.only or BENCHES:
+    names = args.only or list(BENCHES)
+    for i, name in enumerate(names):
         print(f"bench {name} ...", flush=True)
-        rows += BENCHES[name]()
+        try:
+            rows += BENCHES[name]()
+        except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: keep what the finished benches measured
+            write_results(args.out, rows + [(f"{n}: not run (interrupted)", "-", "-", "not measured")
+                                            for n in names[i:]])
+            print(f"bench interrupted in {name}; {args.out} has the benches that finished", file=sys.stderr)
+            return 130
+        write_results(args.out, rows)  # after every bench: a later one that dies loses nothing before it
+    print(Path(args.out).read_text())
+    return 0
+
+
+def write_results(out: str, rows: list[tuple[str, str, str, str]]) -> None:
     lines = [
         "# Benchmark results",
         "",
@@ -308,9 +323,8 @@ def main():
         "| benchmark | measured | target | verdict |",
         "|---|---|---|---|",
     ] + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows] + [""] + [s + "\n" for s in SECTIONS]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_atomic(out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

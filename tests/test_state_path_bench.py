@@ -1,4 +1,5 @@
-"""bench/state_path.py's arithmetic and table (the GPU session runs it in one call: it must not trip on its own)."""
+"""bench/state_path.py's arithmetic and table, and bench/run.py's results file (the GPU session runs them in one
+call under a time limit: they must not trip on their own, and what finished must survive the limit)."""
 
 import sys
 from pathlib import Path
@@ -56,3 +57,24 @@ def test_the_sizes_come_from_the_environment_where_given(monkeypatch, capsys):
     import torch
 
     assert state_path.default_sizes() == ([1.0, 8.0] if torch.cuda.is_available() else [0.25])
+
+
+def test_the_results_are_written_after_every_bench_and_kept_when_interrupted(tmp_path, monkeypatch, capsys):
+    run = __import__("run")  # bench/run.py
+    out = tmp_path / "results.md"
+    seen = []
+
+    def second():
+        seen.append(out.read_text())  # the first bench's row is already on disk
+        raise KeyboardInterrupt  # a time limit's SIGINT
+
+    monkeypatch.setattr(run, "BENCHES", {"first": lambda: [("first thing", "1 s", "<= 2 s", "pass")],
+                                         "second": second, "third": lambda: [("third", "-", "-", "info")]})
+    monkeypatch.setattr(sys, "argv", ["run.py", "--out", str(out)])
+    assert run.main() == 130
+    assert "| first thing | 1 s | <= 2 s | pass |" in seen[0]
+    text = out.read_text()
+    assert "| first thing | 1 s | <= 2 s | pass |" in text
+    assert "| second: not run (interrupted) |" in text and "| third: not run (interrupted) |" in text
+    assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary left behind
+    assert "interrupted in second" in capsys.readouterr().err
