@@ -75,9 +75,11 @@ gpu-wheels:
 # On the GPU machine (carry wheels/ from make gpu-wheels), after `make test OFFLINE=1` in a call of its own: the
 # runtime's checkpoint path against DCP (GIB: the state sizes per rank, default 1 and 8), the runtime bench and the
 # calibration, into out/gpu/. bench/gpu_session.sh runs both within a device session's time.
+# GPU_RESULTS: where the table goes (rewritten after every bench, so a run cut short keeps what finished).
 GIB ?=
+GPU_RESULTS ?= out/gpu/results.md
 gpu-bench:
 	$(MAKE) $(STAMP) OFFLINE=1
 	mkdir -p out/gpu
 	GEMINI_BENCH_GIB="$(GIB)" $(BIN)/python bench/run.py --only state-path --only runtime --only calibration \
-	  --out out/gpu/results.md
+	  --out $(GPU_RESULTS)

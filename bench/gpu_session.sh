@@ -6,7 +6,10 @@
 #   bash bench/gpu_session.sh bench    # the GPU bench: state path at GIB GiB per rank, runtime, calibration
 #
 # Before the first call, here: make gpu-wheels, and carry wheels/ (git-ignored). Each step's output is in
-# $OUT/<step>.log, the card and torch in $OUT/gpu.txt, what ran and how it ended in $OUT/session.log.
+# $OUT/<step>.log, the card and torch in $OUT/gpu.txt, what ran and how it ended in $OUT/session.log, the bench's
+# table in $OUT/results.md. The machine's start counts against the session's device time too: before the second
+# call, read budget_left_s from `status` and give the bench a limit under it (BENCH_S=..., and the call's timeout_s
+# a little above).
 set -u
 case "${1:-}" in
     test|bench) ;;
@@ -37,6 +40,7 @@ cat "$OUT/gpu.txt" | tee -a "$OUT/session.log"
 if [ "$1" = test ]; then
     step test "${TEST_S:-420}" make test OFFLINE=1 WORKERS="${WORKERS:-6}"
 else
-    step bench "${BENCH_S:-480}" make gpu-bench GIB="${GIB:-1 8}"
-    cp out/gpu/results.md "$OUT/results.md" 2>/dev/null || true
+    # straight into $OUT: if the device call's own limit (the session's device time left) kills everything, the
+    # benches that finished are already there
+    step bench "${BENCH_S:-480}" make gpu-bench GIB="${GIB:-1 8}" GPU_RESULTS="$(realpath -m "$OUT")/results.md"
 fi
