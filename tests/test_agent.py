@@ -1,8 +1,10 @@
 """The agent: it runs any entry point, ties ranks to machines, names a failed job's root cause within seconds, and
 does not retry an error that repeats; its command line refuses bad input in one line."""
 
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -120,3 +122,15 @@ def test_the_agent_and_the_plan_command_start_without_loading_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "True", "runtime.api", "runtime.store"]
+
+
+@pytest.mark.parametrize("kw", [{"faults": "explode:1:2"}, {"netns": 99}])
+def test_a_refused_job_leaves_no_folder_in_shared_memory(tmp_path, monkeypatch, kw):
+    """The store root is made in /dev/shm; a job refused at start (a malformed fault, namespaces that are not there)
+    left it behind, empty, every time."""
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    with pytest.raises(ValueError):
+        Job(default_plan(tmp_path / "plan.json", 2, 1), tmp_path / "job", ["x.py"], **kw)
+    assert not any(os.path.exists(p) for p in made)
