@@ -120,7 +120,6 @@ class Job:
         self.n = self.plan.machines
         self.ppm = self.plan.processes_per_machine
         self.work = Path(workdir)
-        self.work.mkdir(parents=True, exist_ok=True)
         self.durable = self.work / "durable"
         self.out = Path(out_dir) if out_dir else self.work / "out"
         self.faults, self.max_restarts = faults, max_restarts
@@ -149,7 +148,8 @@ class Job:
                 raise ValueError(f"no network namespaces for {self.n} machines: run `make netns-up "
                                  f"MACHINES={self.n}` (or python -m runtime.netns up --machines {self.n})")
             self.host = ns_mod.addr(0, self.netns)  # machine 0's torchrun agent hosts the rendezvous
-        # last, once nothing above can refuse the job: a refused job leaves no folder behind in /dev/shm
+        # folders last, once nothing above can refuse the job: a refused job leaves none behind (in /dev/shm either)
+        self.work.mkdir(parents=True, exist_ok=True)
         self.store_root = Path(store_root or tempfile.mkdtemp(prefix="gemini-rt-", dir="/dev/shm"
                                                               if Path("/dev/shm").is_dir() else None))
 

@@ -48,6 +48,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from . import device, recovery, schedules
@@ -83,8 +84,6 @@ def _run_id() -> str | None:
 def _check_fsdp_can_train(model: torch.nn.Module) -> None:
     """FSDP2 on the CPU of a torch where it cannot train (:func:`~runtime.distributed.fsdp_trains_on_cpu`) would die
     in the first forward pass with an AttributeError that names neither FSDP nor the version: say so at start."""
-    from torch.distributed.fsdp import FSDPModule
-
     if not fsdp_trains_on_cpu() and any(isinstance(m, FSDPModule) for m in model.modules()) and \
             any(p.device.type == "cpu" for p in model.parameters()):
         raise ConfigError(f"FSDP2 cannot train on the CPU with torch {torch.__version__} (it can from torch 2.7): "
