@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,6 +103,9 @@ def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) ->
         "probe_link_bytes_per_s": probe["network_bytes_per_s"],
         "link_bytes_per_s": link["one_way"], "link_both_bytes_per_s": link["both_ways"],
         "peer_fetch_s": recovered(lost, "peer", "fetch_s"),
+        # the slowest rank's loading into the model and optimizer (on a GPU: recovery's host-to-device copy)
+        "local_restore_s": recovered(killed, "local", "restore_s"),
+        "peer_restore_s": recovered(lost, "peer", "restore_s"),
         "copy_bytes_per_s": probe.get("d2h_bytes_per_s", probe["copy_bytes_per_s"]),
         "h2d_bytes_per_s": probe.get("h2d_bytes_per_s", probe["copy_bytes_per_s"]),
     }
@@ -216,6 +220,85 @@ def dcp_figures(nbytes: int, work: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+_COPY_IN = r"""
+import json, mmap, os, sys, time, warnings
+import torch
+
+nbytes, folder, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+sys.path.insert(0, root)
+from runtime import device as dev
+
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pieces = 8
+dst = [torch.empty(nbytes // pieces, dtype=torch.uint8, device=device) for _ in range(pieces)]
+path = os.path.join(folder, "shard.bin")  # a stored shard, read the way recovery reads one (runtime/store.py: get)
+with open(path, "wb") as f:
+    for d in dst:
+        f.write(torch.randint(0, 256, (d.numel(),), dtype=torch.uint8).numpy().tobytes())
+with open(path, "rb") as f:
+    m = mmap.mmap(f.fileno(), nbytes // pieces * pieces, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    flat = torch.frombuffer(memoryview(m), dtype=torch.uint8)
+src = list(flat.split(nbytes // pieces))
+
+def best(fn, repeats=2):
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+cores = len(os.sched_getaffinity(0))
+out = {"bytes": nbytes // pieces * pieces, "cores": cores, "device": torch.cuda.get_device_name(0)
+       if device.type == "cuda" else "cpu", "configs": []}
+# first, as in a fresh process: torch keeps freed page-locked memory for reuse, so only the first allocation costs
+out["pin_two_stages"] = best(lambda: [torch.empty(dev.STAGE_BYTES, dtype=torch.uint8, pin_memory=True)
+                                      for _ in range(2)], 1) if device.type == "cuda" else None
+for threads in sorted({t for t in (2, 4, 8, 16) if t <= max(2, cores)}):
+    for stage in (32 << 20, 128 << 20, 512 << 20):
+        s = best(lambda: dev.copy_in(list(zip(dst, src)), device, stage_bytes=stage, threads=threads))
+        out["configs"].append({"threads": threads, "stage_bytes": stage, "seconds": s})
+out["default"] = best(lambda: dev.copy_in(list(zip(dst, src)), device))
+out["plain"] = best(lambda: [d.copy_(x) for d, x in zip(dst, src)])  # straight from the pageable mapping
+assert all(torch.equal(d.cpu(), x) for d, x in zip(dst, src))
+print(json.dumps(out))
+"""
+
+
+def copy_in_figures(nbytes: int, work: Path) -> dict:
+    """Recovery's copy into the device (:func:`runtime.device.copy_in`) from a stored shard's mapping, in a process
+    of its own: by filling threads and staging-buffer size, against the default, a plain copy from the mapping, and
+    (on a GPU) what allocating the two page-locked staging buffers costs. The figures to tune ``copy_in`` by."""
+    folder = Path(tempfile.mkdtemp(prefix="copy-in-", dir="/dev/shm" if os.path.isdir("/dev/shm") else work))
+    try:
+        r = subprocess.run([sys.executable, "-c", _COPY_IN, str(nbytes), str(folder), str(ROOT)],
+                           capture_output=True, text=True, timeout=1800)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"copy-in bench failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def copy_in_row(c: dict) -> tuple[str, str, str, str]:
+    rate = lambda s: f"{c['bytes'] / s / 1e9:.1f} GB/s"
+    top = min(c["configs"], key=lambda x: x["seconds"])
+    on_gpu = c.get("pin_two_stages") is not None
+    note = (f"; allocating the two page-locked staging buffers, apart: {c['pin_two_stages'] * 1e3:.0f} ms" if on_gpu
+            else "; on a CPU, recovery copies straight from the mapping, and the staging is there for GPUs")
+    return (f"state path: recovery's copy into the {c['device']} from a stored shard's mapping ({c['bytes'] / GiB:.2f} "
+            f"GiB, {c['cores']} cores): a plain copy from the mapping / `runtime.device.copy_in` (staged), default / "
+            f"best (threads x staging buffer){note}",
+            f"{rate(c['plain'])} / {rate(c['default'])} / {rate(top['seconds'])} ({top['threads']} x "
+            f"{top['stage_bytes'] >> 20} MiB)", "-", "info")
+
+
 def rows_for(gib: float, rt: dict, d: dict) -> list[tuple[str, str, str, str]]:
     """The bench table's rows for one size: (what, measured, target, verdict)."""
     shard = rt["shard_bytes"]
@@ -238,8 +321,11 @@ def rows_for(gib: float, rt: dict, d: dict) -> list[tuple[str, str, str, str]]:
          f"{rt['replicated_beside_training_s'] * 1e3:.0f} ms)", f"{rt['local_s'] * 1e3:.1f} ms / "
          f"{rt['replicated_s'] * 1e3:.0f} ms ({100 * both_limit / rt['replicated_s']:.0f}% of the link)",
          ">= 80% of the link", verdict(both_limit / rt["replicated_s"] >= 0.8)),
-        ("state path: recovery from local memory / from the peer's (of which reading, checking and sending the "
-         f"shard: {rt['peer_fetch_s'] * 1e3:.0f} ms; the link one way: {link_limit * 1e3:.0f} ms)",
+        ("state path: recovery from local memory / from the peer's (of which loading the state into the model and "
+         f"optimizer: {rt['local_restore_s'] * 1e3:.0f} / {rt['peer_restore_s'] * 1e3:.0f} ms, where the copy alone at "
+         f"the measured {rt['h2d_bytes_per_s'] / 1e9:.1f} GB/s takes {shard / rt['h2d_bytes_per_s'] * 1e3:.0f} ms; "
+         f"from the peer, reading, checking and sending the shard: {rt['peer_fetch_s'] * 1e3:.0f} ms; the link one "
+         f"way: {link_limit * 1e3:.0f} ms)",
          f"{rt['local_recovery_s'] * 1e3:.0f} ms / {rt['peer_recovery_s'] * 1e3:.0f} ms (peer: "
          f"{100 * link_limit / rt['peer_recovery_s']:.0f}% of the link)", ">= 80% of the link (peer)",
          verdict(link_limit / rt["peer_recovery_s"] >= 0.8)),
@@ -257,12 +343,13 @@ def rows_for(gib: float, rt: dict, d: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def measure(sizes, work: Path, iters: int, batch: int, seq: int) -> list[tuple[str, str, str, str]]:
-    rows = []
+def measure(sizes, work: Path, iters: int, batch: int, seq: int):
+    """The table's rows, a list of them per step (recovery's copy, then each size), as each step finishes: a run cut
+    short by a time limit keeps the steps before it."""
+    yield [copy_in_row(copy_in_figures(int(min(min(sizes), 1) * GiB), work))]
     for gib in sizes:
         rt = runtime_figures(gib, work / f"{gib:g}gib", iters, batch, seq)
-        rows += rows_for(gib, rt, dcp_figures(int(gib * GiB), work))
-    return rows
+        yield rows_for(gib, rt, dcp_figures(int(gib * GiB), work))
 
 
 def default_sizes() -> list[float]:
@@ -300,10 +387,12 @@ def main(argv=None) -> int:
         return 2
     work = Path(args.out or tempfile.mkdtemp(prefix="state-path-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = measure(args.gib or default_sizes(), work, args.iters, args.batch, args.seq)
-    (work / "results.json").write_text(json.dumps(rows, indent=1))
-    for r in rows:
-        print(" | ".join(r))
+    rows = []
+    for step in measure(args.gib or default_sizes(), work, args.iters, args.batch, args.seq):
+        rows += step
+        for r in step:
+            print(" | ".join(r), flush=True)
+        (work / "results.json").write_text(json.dumps(rows, indent=1))
     return 0
 
 

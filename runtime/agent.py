@@ -344,7 +344,9 @@ def summarize(res: JobResult, out=print) -> None:
             out(f"  FAILURE: {e.get('what', 'machine lost')} (rank {e.get('rank', '-')}, machine {e['machine']})")
         elif e["msg"] == "recovered":
             out(f"  rank {e['rank']}: recovered iteration {e['iteration']} from {e['tier']}"
-                + (f" (machine {e['source_machine']})" if e["tier"] == "peer" else "") + f" in {e['seconds']} s")
+                + (f" (machine {e['source_machine']})" if e["tier"] == "peer" else "") + f" in {e['seconds']} s"
+                + (f" (fetch {e['fetch_s']}, load {e['restore_s']}, checks {e['confirm_s']})" if "fetch_s" in e
+                   else ""))
     its = [e for e in res.records("iteration") if e["rank"] == 0]
     if its:
         out(f"  rank 0 finished iteration {its[-1]['iteration']}")

@@ -369,11 +369,13 @@ class Checkpointer:
                                                  self.ppm, target, per_machine)
             if fetched is None:
                 continue
-            fetch_s = time.perf_counter() - t  # reading, and any transfer
+            fetch_s, t = time.perf_counter() - t, time.perf_counter()  # reading, and any transfer
             # its checksum is checked meanwhile, in the background; the tensors view the store's mapping, and
             # the restore copies every one out of it
             self._restore(unpack(fetched.data, fetched.manifest, own=True), fetched.manifest["skeleton"])
+            restore_s, t = time.perf_counter() - t, time.perf_counter()
             failed = recovery.confirm(self.store, self.groups.control, self.rank, self.world, target, fetched)
+            confirm_s = time.perf_counter() - t  # the rest of the checksum, and the ranks' agreement
             if not failed:
                 break
             self.event("checksum-failed", iteration=target, ranks=failed)  # those copies are gone: look again
@@ -389,7 +391,9 @@ class Checkpointer:
                                                      self.groups.control))
                 tier, source, more = "storage", None, {}
             else:
-                tier, source, more = fetched.tier, fetched.source, {"fetch_s": round(fetch_s, 4)}
+                tier, source = fetched.tier, fetched.source
+                more = {"fetch_s": round(fetch_s, 4), "restore_s": round(restore_s, 4),
+                        "confirm_s": round(confirm_s, 4)}
             dist.barrier(group=self.groups.control)
             self.event("recovered", iteration=target, tier=tier, source_machine=source,
                        seconds=round(time.perf_counter() - t0, 4), abandoned=abandoned, **more)

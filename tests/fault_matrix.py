@@ -36,6 +36,12 @@ def assert_identical(res, baseline):
 
 
 def tiers(res):
+    """rank -> (tier, iteration) of its recovery, whose reported parts (fetching, loading into the model and
+    optimizer, confirming the checksums) fit within the whole it reports."""
+    for e in res.records("recovered"):
+        if e["tier"] != "storage":
+            parts = [e["fetch_s"], e["restore_s"], e["confirm_s"]]
+            assert min(parts) >= 0 and sum(parts) <= e["seconds"], e
     return {e["rank"]: (e["tier"], e["iteration"]) for e in res.records("recovered")}
 
 

@@ -24,7 +24,8 @@ def test_rows_judge_each_target_from_the_measurements():
           "iteration_s": 1.0, "iteration_ckpt_s": 1.01, "stall_s": 0.025, "local_s": 0.03, "replicated_s": 1.0,
           "replicated_beside_training_s": 1.5, "local_recovery_s": 0.05, "peer_recovery_s": 2.0,
           "link_bytes_per_s": 1.0e9, "link_both_bytes_per_s": 1.25e9, "probe_link_bytes_per_s": 0.9e9,
-          "peer_fetch_s": 1.5, "copy_bytes_per_s": 54.8e9, "h2d_bytes_per_s": 51.6e9}
+          "peer_fetch_s": 1.5, "copy_bytes_per_s": 54.8e9, "h2d_bytes_per_s": 51.6e9,
+          "local_restore_s": 0.04, "peer_restore_s": 0.3}
     dcp = {"save_fsync_s": 2.2, "async_stall_s": 1.2, "async_total_s": 3.0, "load_warm_s": 1.1, "load_cold_s": 1.4,
            "torch": "2.11.0"}
     rows = state_path.rows_for(1, rt, dcp)
@@ -35,6 +36,7 @@ def test_rows_judge_each_target_from_the_measurements():
     assert "1.14x" in rows[0][1] and "(96% of" in rows[1][1] and "(peer: 60%" in rows[2][1]
     assert "28.0x" in rows[4][1] and "+1.0%" in rows[5][1]
     assert "10.00 Gbit/s per direction" in rows[1][0] and "the probe's 7.20" in rows[1][0] and "1500 ms" in rows[2][0]
+    assert "optimizer: 40 / 300 ms, where the copy alone at the measured 51.6 GB/s takes 23 ms" in rows[2][0]
     fast = state_path.rows_for(1, dict(rt, link_both_bytes_per_s=4e9), dcp)
     assert fast[1][3] == "FAIL" and "(30% of" in fast[1][1]  # 0.3 s at that rate
     cpu = state_path.rows_for(1, dict(rt, device="cpu"), dict(dcp, load_cold_s=None))
@@ -64,17 +66,34 @@ def test_the_results_are_written_after_every_bench_and_kept_when_interrupted(tmp
     out = tmp_path / "results.md"
     seen = []
 
-    def second():
+    def second():  # a bench in steps (state_path.measure): a list of rows per step
         seen.append(out.read_text())  # the first bench's row is already on disk
+        yield [("second, step 1", "2 s", "-", "info")]
+        seen.append(out.read_text())  # and so is the step before
         raise KeyboardInterrupt  # a time limit's SIGINT
 
     monkeypatch.setattr(run, "BENCHES", {"first": lambda: [("first thing", "1 s", "<= 2 s", "pass")],
                                          "second": second, "third": lambda: [("third", "-", "-", "info")]})
     monkeypatch.setattr(sys, "argv", ["run.py", "--out", str(out)])
     assert run.main() == 130
-    assert "| first thing | 1 s | <= 2 s | pass |" in seen[0]
+    assert "| first thing | 1 s | <= 2 s | pass |" in seen[0] and "second, step 1" not in seen[0]
+    assert "| second, step 1 | 2 s | - | info |" in seen[1]
     text = out.read_text()
-    assert "| first thing | 1 s | <= 2 s | pass |" in text
-    assert "| second: not run (interrupted) |" in text and "| third: not run (interrupted) |" in text
+    assert "| first thing | 1 s | <= 2 s | pass |" in text and "| second, step 1 | 2 s | - | info |" in text
+    assert "| second: the rest not run (interrupted) |" in text and "| third: not run (interrupted) |" in text
     assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary left behind
     assert "interrupted in second" in capsys.readouterr().err
+
+
+def test_the_copy_in_bench_runs_and_its_row_names_the_best_setting(tmp_path):
+    """Recovery's copy (runtime.device.copy_in) measured for real on this host's device, small: the script the GPU
+    session runs must not trip, and it checks every byte arrived."""
+    c = state_path.copy_in_figures(8 << 20, tmp_path)
+    assert c["bytes"] == 8 << 20 and c["configs"] and all(x["seconds"] > 0 for x in c["configs"])
+    what, measured, _, verdict = state_path.copy_in_row(c)
+    assert "(0.01 GiB," in what and verdict == "info" and measured.count("GB/s") == 3
+    gpu = dict(c, device="NVIDIA H200", pin_two_stages=0.017, bytes=GiB, plain=0.09, default=0.04,
+               configs=[{"threads": 4, "stage_bytes": 128 << 20, "seconds": 0.04},
+                        {"threads": 8, "stage_bytes": 512 << 20, "seconds": 0.025}])
+    what, measured, _, _ = state_path.copy_in_row(gpu)
+    assert measured == "11.9 GB/s / 26.8 GB/s / 42.9 GB/s (8 x 512 MiB)" and "buffers, apart: 17 ms" in what
