@@ -106,10 +106,12 @@ class ShardStore:
         d = self.iteration_dir(iteration)
         return d / f"rank-{rank:05d}.bin", d / f"rank-{rank:05d}.json"
 
-    def slot(self, iteration: int, rank: int, size: int) -> "Slot":
+    def slot(self, iteration: int, rank: int, size: int, reserve: bool = True) -> "Slot":
         """Room for ``size`` bytes of ``rank``'s shard of ``iteration``, in the store's memory: write the shard into
         ``slot.tensor``, then :meth:`Slot.commit` it. Takes this rank's spare file when there is one of that size,
-        and the mapping of it this process still holds, if any (then nothing is mapped or faulted in again)."""
+        and the mapping of it this process still holds, if any (then nothing is mapped or faulted in again).
+        ``reserve=False``: the memory is not reserved yet; the caller reserves each range (:meth:`Slot.reserve`)
+        before anything is written into it."""
         bin_path, _ = self.paths(iteration, rank)
         private_dir(bin_path.parent)
         tmp = bin_path.with_name(bin_path.name + ".tmp")
@@ -133,7 +135,7 @@ class ShardStore:
             held.close()
         if not found:
             tmp.unlink(missing_ok=True)
-        return Slot(self, iteration, rank, tmp, size)
+        return Slot(self, iteration, rank, tmp, size, reserve)
 
     @property
     def spare_dir(self) -> Path:
@@ -263,7 +265,7 @@ class Slot:
     """One shard being written in place (see :meth:`ShardStore.slot`). Nothing of it counts until :meth:`commit`.
     It keeps its file open and mapped (``tensor`` is the mapping) until :meth:`close`."""
 
-    def __init__(self, store: ShardStore, iteration: int, rank: int, tmp: Path, size: int):
+    def __init__(self, store: ShardStore, iteration: int, rank: int, tmp: Path, size: int, reserve: bool = True):
         self.store, self.iteration, self.rank, self.tmp, self.size = store, iteration, rank, tmp, size
         self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
         os.fchmod(self.fd, PRIVATE_FILE)
@@ -271,20 +273,38 @@ class Slot:
         self.ino = st.st_ino
         if st.st_size != size:
             os.ftruncate(self.fd, size)
-        if size:
-            try:  # reserve the memory now: a write into a mapping of a full tmpfs would kill the process (SIGBUS)
-                os.posix_fallocate(self.fd, 0, size)
-            except OSError as e:
-                os.close(self.fd)
-                tmp.unlink(missing_ok=True)
-                raise StoreError(f"no room for a {size / 2**20:.1f} MiB shard in {tmp.parent} "
-                                 f"({e.strerror}): free memory in its file system or name another store root") \
-                    from None
+        if reserve:
+            self._fallocate(0, size)
         # MAP_POPULATE: the pages are mapped in one go, not faulted in one by one while the checkpoint is copied
-        mem = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) if size else None
-        self.tensor = torch.frombuffer(mem, dtype=torch.uint8, count=size) if size else \
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if reserve else 0)
+        self._mem = mmap.mmap(self.fd, size, flags=flags) if size else None
+        self.tensor = torch.frombuffer(self._mem, dtype=torch.uint8, count=size) if size else \
             torch.empty(0, dtype=torch.uint8)
         self.page_locked = False  # registered with CUDA for device copies (runtime/device.py), once per slot
+
+    def _fallocate(self, start: int, end: int) -> None:
+        """Reserve the memory of bytes [start, end): a write into a mapping of a full tmpfs would kill the process
+        (SIGBUS), so nothing is written where this has not succeeded. A failure lets the slot go."""
+        if end <= start:
+            return
+        try:
+            os.posix_fallocate(self.fd, start, end - start)
+        except OSError as e:
+            os.close(self.fd)
+            self.fd = -1
+            self.tmp.unlink(missing_ok=True)
+            raise StoreError(f"no room for a {self.size / 2**20:.1f} MiB shard in {self.tmp.parent} "
+                             f"({e.strerror}): free memory in its file system or name another store root") from None
+
+    def reserve(self, start: int, end: int) -> None:
+        """For a slot made with ``reserve=False``: reserve bytes [start, end) (``start`` a multiple of the page
+        size) and map them in, so that writing them neither faults page by page nor can hit a full file system.
+        Reserving one range while another is being written lets the two overlap (a shard received in recovery)."""
+        self._fallocate(start, end)
+        try:  # map the pages in one call (Linux 5.14+; elsewhere they fault in as they are written)
+            self._mem.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23), start, end - start)
+        except (OSError, ValueError):
+            pass
 
     def reopen(self, iteration: int, tmp: Path) -> None:
         """The same file and mapping, now for another iteration's shard (the file was moved to ``tmp``)."""
@@ -312,4 +332,4 @@ class Slot:
         if self.page_locked:
             device.page_unlock(self.tensor)
             self.page_locked = False
-        self.tensor = None
+        self.tensor = self._mem = None

@@ -157,22 +157,53 @@ def recv_bytes(src: int, group, tags: tuple[int, int]) -> bytes:
     return _recv_buffer(src, group, tags).numpy().tobytes()
 
 
+RECOVERY_CHUNK = 16 << 20  # a shard sent in recovery moves in chunks of this size (more for a huge one)
+
+
+def _shard_chunks(size: int) -> list[tuple[int, int]]:
+    """At most :data:`MAX_CHUNKS` chunks (each tag is one), each a whole number of MiB (so of pages)."""
+    return chunk_bounds(size, max(RECOVERY_CHUNK, -(-size // (MAX_CHUNKS << 20)) << 20))
+
+
 def send_shard(data, manifest: dict, dst: int, group, tag_: int) -> list:
-    """Start sending a stored shard: its manifest (length first), then its bytes (length first), each straight
+    """Start sending a stored shard: its manifest (length first), its size, then its bytes in chunks, each straight
     from where it lies (a writable buffer, such as the store's mapping, is not copied); returns the works."""
-    return isend_bytes(json.dumps(manifest).encode(), dst, group, (tag_, tag_ + 1000)) + \
-        _isend_buffer(data, dst, group, (tag_ + 2000, tag_ + 3000))
+    blob = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+    works = isend_bytes(json.dumps(manifest).encode(), dst, group, (tag_, tag_ + 1000))
+    works.append(dist.isend(torch.tensor([blob.numel()], dtype=torch.int64), dst, group=group, tag=tag_ + 2000))
+    return works + [dist.isend(blob[a:b], dst, group=group, tag=tag_ + 3000 + k)
+                    for k, (a, b) in enumerate(_shard_chunks(blob.numel()))]
 
 
 def recv_shard(src: int, group, tag_: int, store, iteration: int, rank: int) -> tuple[memoryview, dict]:
     """Receive what :func:`send_shard` sent straight into ``store`` as ``rank``'s shard of ``iteration`` (a slot of
     its memory, no second copy) and commit it there; returns its bytes (the slot's mapping, already in memory, not
-    mapped again) and manifest."""
+    mapped again) and manifest. The slot's memory is reserved chunk by chunk by a thread of its own, ahead of the
+    chunks' receives, so a new machine's store (whose memory is all new) reserves while it receives, not first."""
     manifest = json.loads(recv_bytes(src, group, (tag_, tag_ + 1000)))
     n = torch.empty(1, dtype=torch.int64)
     dist.recv(n, src, group=group, tag=tag_ + 2000)
-    slot = store.slot(iteration, rank, int(n.item()))
-    dist.recv(slot.tensor, src, group=group, tag=tag_ + 3000)
+    slot = store.slot(iteration, rank, int(n.item()), reserve=False)
+    chunks = _shard_chunks(slot.size)
+    reserved, failed = Progress(), []
+
+    def reserve() -> None:
+        try:
+            for k, (a, b) in enumerate(chunks):
+                slot.reserve(a, b)
+                reserved.set(k + 1)
+        except BaseException as e:  # handed to the receiving thread, which raises it
+            failed.append(e)
+            reserved.set(math.inf)
+
+    threading.Thread(target=reserve, daemon=True, name="gemini-reserve").start()
+    window = Window()
+    for k, (a, b) in enumerate(chunks):
+        reserved.wait_for(k + 1)
+        if failed:
+            raise failed[0]
+        window.add(lambda: (k, [dist.irecv(slot.tensor[a:b], src, group=group, tag=tag_ + 3000 + k)]))
+    window.drain()
     slot.commit(manifest)
     return slot.view(), manifest
 

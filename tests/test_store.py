@@ -211,3 +211,67 @@ def test_an_empty_shard(tmp_path):
     slot.commit(manifest)
     got, meta = store.get(1, 0)
     assert got == b"" and meta["size"] == 0
+
+
+def test_a_slot_reserved_range_by_range_refuses_a_range_with_no_room(tmp_path, monkeypatch):
+    """reserve=False (a shard received in recovery): nothing is reserved until asked, each range is reserved before
+    it is written, and a range that finds the file system full is a StoreError that lets the slot go (a write
+    there would have killed the process with SIGBUS)."""
+    import errno
+
+    import pytest
+
+    from runtime.store import StoreError
+
+    calls = []
+
+    def fallocate(fd, offset, length):
+        calls.append((offset, length))
+        if offset >= 2 << 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    store = ShardStore(tmp_path, 0)
+    slot = store.slot(1, 0, 3 << 20, reserve=False)
+    assert calls == []
+    slot.reserve(0, 1 << 20)
+    slot.reserve(1 << 20, 2 << 20)
+    slot.tensor[: 2 << 20] = 7  # reserved: written in place
+    assert calls == [(0, 1 << 20), (1 << 20, 1 << 20)]
+    with pytest.raises(StoreError, match="no room for a 3.0 MiB shard"):
+        slot.reserve(2 << 20, 3 << 20)
+    assert not list(tmp_path.rglob("*.tmp")) and slot.fd == -1
+
+
+def _send_a_shard(rank: int, folder: str, size: int) -> None:
+    import torch.distributed as dist
+
+    from runtime import transport
+
+    transport.RECOVERY_CHUNK = 1 << 20  # several chunks, the last one short
+    dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=rank, world_size=2)
+    try:
+        store = ShardStore(os.path.join(folder, f"machine{rank}"), rank)
+        if rank == 0:
+            data, manifest = pack({"w": torch.arange(size // 4, dtype=torch.float32)})
+            store.put(7, 1, data, manifest)
+            held, meta = store.get(7, 1)
+            for w in transport.send_shard(held, meta, 1, None, 1):
+                w.wait()
+        else:
+            got, meta = transport.recv_shard(0, None, 1, store, 7, 1)
+            again, meta_again = store.get(7, 1)  # committed on arrival, checksum intact
+            assert bytes(got) == bytes(again) and meta == meta_again and meta["size"] == len(got)
+            assert len(transport._shard_chunks(len(got))) == 3
+            assert torch.equal(unpack(again, meta)["w"], torch.arange(size // 4, dtype=torch.float32))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_shard_sent_in_recovery_arrives_whole_in_chunks_reserved_as_they_come(tmp_path):
+    """transport.send_shard / recv_shard between two processes: a shard of a few chunks lands in the receiver's
+    store, committed and intact, with its memory reserved chunk by chunk beside the receive."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_send_a_shard, args=(str(tmp_path), (2 << 20) + (1 << 19) + 12), nprocs=2, join=True)
