@@ -380,7 +380,7 @@ class Checkpointer:
                 break
             self.event("checksum-failed", iteration=target, ranks=failed)  # those copies are gone: look again
         # newer iterations here are from a run that did not get past `target`: never to be mixed with their retraining
-        abandoned = self.store.drop_after(target)
+        abandoned = self.store.drop_after(target, recycle=[self.rank] + self.recv_from)
         if target == 0:
             self.event("start", tier="fresh", iteration=0, job=self.job, store=str(self.store.root),
                        durable=str(self.durable), abandoned=abandoned)

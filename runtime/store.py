@@ -211,34 +211,40 @@ class ShardStore:
             cutoff = complete[-keep] if len(complete) >= keep else -1
             its = [it for it in its if it < cutoff and not any(self.iteration_dir(it).glob("*.tmp"))]
         for it in its:
-            d = self.iteration_dir(it)
-            for rank in recycle:
-                bin_path, json_path = self.paths(it, rank)
-                json_path.unlink(missing_ok=True)  # no longer a shard before its bytes change hands
-                spare = self.spare_dir / f"rank-{rank:05d}-{it:08d}.bin"
-                with self._lock:
-                    held = self._held.pop((it, rank), None)
-                try:
-                    if not any(self.spare_dir.glob(f"rank-{rank:05d}-*.bin")):
-                        private_dir(self.spare_dir)
-                        os.replace(bin_path, spare)
-                        if held is not None and held.ino == spare.stat().st_ino:
-                            with self._lock:
-                                self._spares[rank], held = held, None
-                except FileNotFoundError:  # another process of this machine dropped the iteration first
-                    pass
-                if held is not None:
-                    held.close()
-            shutil.rmtree(d, ignore_errors=True)
+            self._drop(it, recycle)
         self._let_go()
 
-    def drop_after(self, iteration: int) -> list[int]:
+    def _drop(self, it: int, recycle=()) -> None:
+        """Drop iteration ``it``; the files of the shards of the ranks in ``recycle`` become spares, at most one per
+        rank (their memory is reserved and mapped already: a new checkpoint written into one skips that)."""
+        for rank in recycle:
+            bin_path, json_path = self.paths(it, rank)
+            json_path.unlink(missing_ok=True)  # no longer a shard before its bytes change hands
+            spare = self.spare_dir / f"rank-{rank:05d}-{it:08d}.bin"
+            with self._lock:
+                held = self._held.pop((it, rank), None)
+            try:
+                if not any(self.spare_dir.glob(f"rank-{rank:05d}-*.bin")):
+                    private_dir(self.spare_dir)
+                    os.replace(bin_path, spare)
+                    if held is not None and held.ino == spare.stat().st_ino:
+                        with self._lock:
+                            self._spares[rank], held = held, None
+            except FileNotFoundError:  # another process of this machine dropped the iteration first
+                pass
+            if held is not None:
+                held.close()
+        shutil.rmtree(self.iteration_dir(it), ignore_errors=True)
+
+    def drop_after(self, iteration: int, recycle=()) -> list[int]:
         """Drop every iteration newer than ``iteration`` and return them: recovery resumed from ``iteration``, so
         they belong to a run that was abandoned, and the iterations trained again will be stored in their place (a
-        copy of the old one left on some machine must never be taken for the new)."""
+        copy of the old one left on some machine must never be taken for the new). The committed shards of the
+        ranks in ``recycle`` become spares, as in :meth:`keep_newest`, so the first checkpoints after a restart
+        need not reserve new memory."""
         gone = [it for it in self.iterations() if it > iteration]
         for it in gone:
-            shutil.rmtree(self.iteration_dir(it), ignore_errors=True)
+            self._drop(it, recycle)
         self._let_go()
         return gone
 

@@ -163,6 +163,19 @@ def test_recovery_drops_the_iterations_of_an_abandoned_run(tmp_path):
     assert store.drop_after(5) == []
 
 
+def test_a_restarted_process_recycles_its_abandoned_shard_for_its_next_checkpoint(tmp_path):
+    """After a restart, the first checkpoint reuses a file of the abandoned run (its memory reserved already) rather
+    than reserving new memory; the file is never listed as a shard again."""
+    data, manifest = shard(6)
+    write(ShardStore(tmp_path, 0), 6, 0, data, manifest)
+    abandoned = ShardStore(tmp_path, 0).paths(6, 0)[0].stat().st_ino
+    store = ShardStore(tmp_path, 0)  # the new process's
+    assert store.drop_after(5, recycle=[0]) == [6]
+    assert store.inventory() == [] and store.iterations() == []
+    slot = store.slot(6, 0, len(data))  # iteration 6 trained again
+    assert os.fstat(slot.fd).st_ino == abandoned
+
+
 def test_a_file_replaced_behind_a_mapping_is_not_written_through_it(tmp_path):
     """Recovery puts a shard back with plain file writes (a new file): the old mapping must not be recycled."""
     store = ShardStore(tmp_path, 0)
