@@ -25,7 +25,7 @@ def test_rows_judge_each_target_from_the_measurements():
           "replicated_beside_training_s": 1.5, "local_recovery_s": 0.05, "peer_recovery_s": 2.0,
           "link_bytes_per_s": 1.0e9, "link_both_bytes_per_s": 1.25e9, "probe_link_bytes_per_s": 0.9e9,
           "peer_fetch_s": 1.5, "copy_bytes_per_s": 54.8e9, "h2d_bytes_per_s": 51.6e9,
-          "local_restore_s": 0.04, "peer_restore_s": 0.3}
+          "local_restore_s": 0.04, "peer_restore_s": 0.3, "local_first_s": 0.5}
     dcp = {"save_fsync_s": 2.2, "async_stall_s": 1.2, "async_total_s": 3.0, "load_warm_s": 1.1, "load_cold_s": 1.4,
            "torch": "2.11.0"}
     rows = state_path.rows_for(1, rt, dcp)
@@ -36,6 +36,7 @@ def test_rows_judge_each_target_from_the_measurements():
     assert "1.14x" in rows[0][1] and "(96% of" in rows[1][1] and "(peer: 60%" in rows[2][1]
     assert "28.0x" in rows[4][1] and "+1.0%" in rows[5][1]
     assert "10.00 Gbit/s per direction" in rows[1][0] and "the probe's 7.20" in rows[1][0] and "1500 ms" in rows[2][0]
+    assert "first checkpoint, into memory not yet reserved, in local memory after 500 ms" in rows[1][0]
     assert "optimizer: 40 / 300 ms, where the copy alone at the measured 51.6 GB/s takes 23 ms" in rows[2][0]
     fast = state_path.rows_for(1, dict(rt, link_both_bytes_per_s=4e9), dcp)
     assert fast[1][3] == "FAIL" and "(30% of" in fast[1][1]  # 0.3 s at that rate
