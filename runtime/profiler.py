@@ -4,10 +4,14 @@ How collectives are seen. FSDP2 lets its user supply the all-gather and the redu
 (``FSDPModule.set_custom_all_gather`` / ``set_custom_reduce_scatter``, public since torch 2.9): :meth:`Recorder.install`
 gives every FSDP module of the model a timed pair (:class:`_TimedAllGather`, :class:`_TimedReduceScatter`) that runs
 the same collective through the public ``torch.distributed`` API. While the recorder serves (profiling, or a
-``gemini`` schedule anchoring its spans to collectives), each call completes before it returns (an ``async_op``
-request is served synchronously; on CUDA the collective's stream is synchronized), so its span on the timeline is its
-real duration on this rank, and the recorder counts the collectives that have ended, for ever: the ``gemini``
-schedule anchors its spans to them. Otherwise the pair passes the call through unchanged, asynchronous if asked.
+``gemini`` schedule anchoring its spans to collectives), each call of the profiling window completes before it
+returns (an ``async_op`` request is served synchronously; on CUDA the collective's stream is synchronized), so its
+span on the timeline is its real duration on this rank, and the recorder counts the collectives that have ended, for
+ever: the ``gemini`` schedule anchors its spans to them. After the window a CUDA collective is only counted, and the
+host does not wait for it (that would take away FSDP's overlap of communication with compute for the whole run): it
+runs as FSDP asked, and a thread of the recorder's counts it once a CUDA event after it has completed (NCCL, and
+any synchronous call) or once its work's future has (gloo's asynchronous calls, whose futures complete when the
+transfer does). Otherwise the pair passes the call through unchanged, asynchronous if asked.
 
 On a torch without these hooks (2.6 to 2.8), or a model with no FSDP2 module, the recorder falls back to wrapping
 the ``torch.distributed`` entry points FSDP calls (``all_gather_into_tensor``/``reduce_scatter_tensor``, or the
@@ -25,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import queue
 import socket
 import threading
 import time
@@ -76,13 +81,13 @@ class _Comm:
 class _TimedAllGather(_Comm):
     def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
         run = functools.partial(dist.all_gather_into_tensor, output_tensor, input_tensor, group=group)
-        return self.rec.collective("all_gather", output_tensor, run, async_op)
+        return self.rec.collective("all_gather", output_tensor, run, async_op, group)
 
 
 class _TimedReduceScatter(_Comm):
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
         run = functools.partial(dist.reduce_scatter_tensor, output_tensor, input_tensor, op=op, group=group)
-        return self.rec.collective("reduce_scatter", input_tensor, run, async_op)
+        return self.rec.collective("reduce_scatter", input_tensor, run, async_op, group)
 
 
 class Recorder:
@@ -98,6 +103,8 @@ class Recorder:
         self.serving = False  # collectives are timed and counted
         self.mechanism = "none"  # "fsdp2-comm" (supported hooks) or "wrapped" (fallback), once installed
         self._originals: dict = {}
+        self._ends = None  # queue of the CUDA events after collectives counted without waiting (see _count_later)
+        self._streams: dict = {}  # device -> the stream that waits for asynchronous NCCL collectives
 
     # -- seeing collectives ------------------------------------------------------------------------------------
     def install(self, model: torch.nn.Module | None = None) -> None:
@@ -120,14 +127,21 @@ class Recorder:
     def uninstall(self) -> None:
         """Stop timing: the FSDP comms pass calls through; wrapped functions are put back."""
         self.serving = False
+        if self._ends is not None:
+            self._ends.put(None)  # the counting thread ends once it has counted what was queued
+            self._ends = None
         for attr, original in self._originals.items():
             setattr(dist, attr, original)
         self._originals = {}
 
-    def collective(self, kind: str, tensor: torch.Tensor, run, async_op: bool = False):
+    def collective(self, kind: str, tensor: torch.Tensor, run, async_op: bool = False, group=None):
         """Run one of FSDP's collectives: timed and counted while serving, else passed through."""
         if not self.serving or threading.get_ident() != self.thread:
             return run(async_op=async_op)
+        if tensor.is_cuda and not self.recording():  # only counted: the host does not wait for it
+            work = run(async_op=async_op)
+            self._count_later(tensor.device, work, group)
+            return work
         t = time.perf_counter()
         if self.recording():
             self.compute_until(t)
@@ -136,8 +150,31 @@ class Recorder:
             torch.cuda.current_stream(tensor.device).synchronize()
         if self.recording():
             self._add("collective", kind, t, time.perf_counter(), int(tensor.numel() * tensor.element_size()))
-        self.collectives.set(self.collectives.value + 1)  # checkpoint sends anchored to collective ends wait on it
+        self.collectives.add()  # checkpoint sends anchored to collective ends wait on it
         return None  # served synchronously: FSDP treats a None work as complete
+
+    def _count_later(self, device: torch.device, work, group) -> None:
+        """Count a CUDA collective once it has ended, without the host waiting for it. A synchronous call ended on
+        the current stream (a CUDA event recorded there after it); an asynchronous NCCL call is waited for by a
+        stream of the recorder's own, which records the event; a gloo call's future completes when it has."""
+        if work is not None and "nccl" not in str(dist.get_backend(group)):
+            work.get_future().add_done_callback(lambda _: self.collectives.add())
+            return
+        stream = torch.cuda.current_stream(device)
+        if work is not None:
+            stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+            with torch.cuda.stream(stream):
+                work.wait()  # on NCCL, this stream waits on the device; the host does not
+        if self._ends is None:
+            self._ends = queue.SimpleQueue()
+            threading.Thread(target=self._count_ends, args=(self._ends,), daemon=True,
+                             name="gemini-collectives").start()
+        self._ends.put(stream.record_event())
+
+    def _count_ends(self, ends) -> None:
+        while (event := ends.get()) is not None:
+            event.synchronize()
+            self.collectives.add()
 
     def _wrap_all(self) -> None:
         for attr, kind in WRAPPED.items():
@@ -154,7 +191,8 @@ class Recorder:
         def wrapper(*args, **kwargs):
             async_op = kwargs.pop("async_op", False)
             return rec.collective(kind, _tensor_of(kind, args, kwargs),
-                                  lambda async_op=False: original(*args, async_op=async_op, **kwargs), async_op)
+                                  lambda async_op=False: original(*args, async_op=async_op, **kwargs), async_op,
+                                  kwargs.get("group"))
 
         wrapper._gemini_wrapped = True
         return wrapper

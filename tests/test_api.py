@@ -412,6 +412,59 @@ def test_copy_in_stages_every_byte_to_its_place(device, stage):
         dev.copy_in([(torch.zeros(4, device=device), torch.ones(5))], torch.device(device))
 
 
+def _counted(rec, n: int, timeout: float = 10.0) -> bool:
+    """Does the recorder's count of ended collectives reach ``n`` within ``timeout`` seconds?"""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while rec.collectives.value < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return rec.collectives.value == n
+
+
+def test_an_asynchronous_gloo_collective_is_counted_when_its_work_completes(world1):
+    """Past the profiling window a collective on a GPU is counted without the host waiting for it; a gloo call's
+    work future completes when the transfer has (here on CPU tensors, whose calls are otherwise served at once)."""
+    from runtime.profiler import Recorder
+
+    rec = Recorder(0)
+    t = torch.ones(1 << 16)
+    work = dist.all_reduce(t, async_op=True)
+    rec._count_later(t.device, work, None)
+    work.wait()
+    assert _counted(rec, 1)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cpu:gloo,cuda:gloo", "cpu:gloo,cuda:nccl"])
+def test_past_the_profile_cuda_collectives_are_counted_without_the_host_waiting(backend):
+    """In the profiling window a CUDA collective is timed (the host waits for it) and counted at once; after it,
+    synchronous and asynchronous calls run as asked and are counted once they have ended on the device (CUDA
+    events, or gloo's futures), so the gemini schedule's spans still open after the right collectives."""
+    from runtime.profiler import Recorder
+
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        rec = Recorder(1)
+        rec.install(None)  # the wrapped functions: the same path as FSDP2's hooks
+        t = torch.ones(1 << 20, device="cuda")
+        rec.begin(1)
+        dist.all_reduce(t)
+        rec.end()
+        assert rec.collectives.value == 1 and len(rec.iterations[0]["ops"]) >= 1
+        rec.begin(2)  # past the window
+        dist.all_reduce(t)
+        work = dist.all_reduce(t, async_op=True)
+        assert work is not None
+        work.wait()
+        torch.cuda.synchronize()
+        assert _counted(rec, 3)
+        assert torch.equal(t, torch.ones_like(t))  # one rank: the sums are the tensor itself
+        rec.uninstall()
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture
 def world1_cuda():
     dist.init_process_group("cpu:gloo,cuda:gloo", store=dist.HashStore(), rank=0, world_size=1)
