@@ -306,6 +306,8 @@ class Slot:
         """For a slot made with ``reserve=False``: reserve bytes [start, end) (``start`` a multiple of the page
         size) and map them in, so that writing them neither faults page by page nor can hit a full file system.
         Reserving one range while another is being written lets the two overlap (a shard received in recovery)."""
+        if end <= start:
+            return
         self._fallocate(start, end)
         try:  # map the pages in one call (Linux 5.14+; elsewhere they fault in as they are written)
             self._mem.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23), start, end - start)

@@ -256,6 +256,13 @@ def test_a_slot_reserved_range_by_range_refuses_a_range_with_no_room(tmp_path, m
     assert not list(tmp_path.rglob("*.tmp")) and slot.fd == -1
 
 
+def test_an_empty_slot_reserved_range_by_range(tmp_path):
+    slot = ShardStore(tmp_path, 0).slot(1, 0, 0, reserve=False)
+    slot.reserve(0, 0)  # the one empty chunk of an empty shard
+    slot.commit({"size": 0})
+    assert ShardStore(tmp_path, 0).inventory() == [(1, 0)]
+
+
 def _send_a_shard(rank: int, folder: str, size: int) -> None:
     import torch.distributed as dist
 
