@@ -300,16 +300,16 @@ def main():
     names = args.only or list(BENCHES)
     for i, name in enumerate(names):
         print(f"bench {name} ...", flush=True)
-        got = 0
+        before = len(rows)
         try:
             result = BENCHES[name]()
             for step in [result] if isinstance(result, list) else result:  # a generator: a list of rows per step
                 rows += step
-                got += len(step)
                 write_results(args.out, rows)  # after every step: a later one that dies loses nothing before it
         except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: keep what the finished benches measured
-            write_results(args.out, rows + [(f"{n}: {'the rest ' if n == name and got else ''}not run (interrupted)",
-                                             "-", "-", "not measured") for n in names[i:]])
+            partial = len(rows) > before
+            write_results(args.out, rows + [(f"{n}: {'the rest ' if n == name and partial else ''}not run "
+                                             "(interrupted)", "-", "-", "not measured") for n in names[i:]])
             print(f"bench interrupted in {name}; {args.out} has the benches that finished", file=sys.stderr)
             return 130
     write_results(args.out, rows)

@@ -213,14 +213,17 @@ def link_figures(nbytes: int, chunk: int, work: Path) -> dict:
     return json.loads(outs[0][0].strip().splitlines()[-1])
 
 
+def _run_script(what: str, script: str, *args) -> dict:
+    """Run one of the scripts above in a process of its own; the JSON it prints last."""
+    r = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} bench failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def dcp_figures(nbytes: int, work: Path) -> dict:
     """DCP on ``nbytes`` of state (8 tensors) on this host's device, in a process of its own."""
-    folder = Path(tempfile.mkdtemp(prefix="dcp-", dir=work))
-    r = subprocess.run([sys.executable, "-c", _DCP, str(nbytes), str(folder)], capture_output=True, text=True,
-                       timeout=3600)
-    if r.returncode != 0:
-        raise RuntimeError(f"DCP bench failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return _run_script("DCP", _DCP, nbytes, tempfile.mkdtemp(prefix="dcp-", dir=work))
 
 
 _COPY_IN = r"""
@@ -280,13 +283,9 @@ def copy_in_figures(nbytes: int, work: Path) -> dict:
     (on a GPU) what allocating the two page-locked staging buffers costs. The figures to tune ``copy_in`` by."""
     folder = Path(tempfile.mkdtemp(prefix="copy-in-", dir="/dev/shm" if os.path.isdir("/dev/shm") else work))
     try:
-        r = subprocess.run([sys.executable, "-c", _COPY_IN, str(nbytes), str(folder), str(ROOT)],
-                           capture_output=True, text=True, timeout=1800)
+        return _run_script("copy-in", _COPY_IN, nbytes, folder, ROOT)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"copy-in bench failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def copy_in_row(c: dict) -> tuple[str, str, str, str]:
