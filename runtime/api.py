@@ -47,12 +47,13 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import set_state_dict
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from . import device, recovery, schedules
 from .distributed import fsdp_trains_on_cpu
+from .capture import StateCapture
 from .pipeline import InFlight, Link
 from .plan import Plan, PlanError
 from .profiler import Recorder
@@ -137,6 +138,8 @@ class Checkpointer:
             raise ConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.model, self.optimizer = model, optimizer
         self.extra = dict(extra or {})
+        self._capture = StateCapture(model, optimizer, self.extra)
+        self._layout: dict = {}  # what entries_of worked out for the captured tensors, reused while they are the same
         for name, obj in self.extra.items():
             if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
                 raise ConfigError(f"extra[{name!r}] has no state_dict()/load_state_dict()")
@@ -236,26 +239,12 @@ class Checkpointer:
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _state(self) -> dict:
-        msd, osd = get_state_dict(self.model, self.optimizer)
-        return {"model": msd, "optim": osd, "extra": {k: o.state_dict() for k, o in self.extra.items()}}
-
-    def _live_storages(self) -> set[int]:
-        """Storages that change only at the optimizer update: parameters and optimizer state."""
-        out = {local(p).untyped_storage().data_ptr() for p in self.model.parameters()}
-        for st in self.optimizer.state.values():
-            out |= {local(v).untyped_storage().data_ptr() for v in st.values() if isinstance(v, torch.Tensor)}
-        return out
+        return self._capture.state()
 
     def capture(self) -> tuple[dict[str, torch.Tensor], object]:
-        """This rank's state now: tensors (parameters and optimizer state as live views, the rest copied) and
-        the JSON skeleton."""
-        tensors, skeleton = flatten(self._state())
-        live = self._live_storages()
-        out = {}
-        for k, t in tensors.items():
-            loc = local(t).detach()
-            out[k] = loc if loc.untyped_storage().data_ptr() in live else loc.clone()
-        return out, skeleton
+        """This rank's state now (runtime/capture.py): tensors (parameters and optimizer state as live views, the
+        rest copied) and the JSON skeleton."""
+        return self._capture()
 
     def _allocate_optimizer_state(self, tensors: dict[str, torch.Tensor], skeleton) -> None:
         """Give a fresh optimizer room for the checkpoint's per-parameter state (empty tensors of its shapes, where
@@ -290,6 +279,7 @@ class Checkpointer:
         """Load a checkpoint's tensors and skeleton into the model, the optimizer and the extra state. ``tensors``
         may view the store's memory, whose file a later checkpoint reuses: every one is copied into a live tensor or
         into one of its own, so nothing handed on views it."""
+        self._capture.forget()  # no capture made before this restore is followed after it
         self._allocate_optimizer_state(tensors, skeleton)
         live, _ = flatten(self._state())  # optimizer state is created here if there is none yet
         missing = sorted(k for k in live if k not in tensors and not k.startswith("extra/"))
@@ -335,7 +325,7 @@ class Checkpointer:
         (what ``get_state_dict`` returns for FSDP2 modules and torch's optimizers): only the optimizer's
         hyperparameters are left to set, which is all ``set_state_dict`` would add, at the cost of loading every
         tensor again. False (nothing changed) where that does not hold: ``set_state_dict`` does it instead."""
-        storages = self._live_storages() | {b.untyped_storage().data_ptr() for b in self.model.buffers()}
+        storages = self._capture.live_storages() | {b.untyped_storage().data_ptr() for b in self.model.buffers()}
         if any(local(t).untyped_storage().data_ptr() not in storages
                for k, t in live.items() if not k.startswith("extra/")):
             return False
@@ -504,7 +494,7 @@ class Checkpointer:
     def _start(self, iteration: int, release_at: float, released_in: int, iteration_start: float | None = None,
                state=None):
         tensors, skeleton = state or self.capture()
-        entries, views = entries_of(tensors)
+        entries, views = entries_of(tensors, self._layout)
         self._inflight = InFlight(self._link(), iteration, entries, views, skeleton, self.schedule,
                                   self.schedule_dict, self.plan.interval, self.ppm, self._seq, release_at,
                                   released_in, iteration_start).start()

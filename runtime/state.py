@@ -110,21 +110,35 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
 
-def entries_of(tensors: Mapping[str, torch.Tensor]) -> tuple[list[dict], list[torch.Tensor]]:
-    """Manifest entries and flat uint8 views of the tensors (no copy: views of the live storage)."""
+def entries_of(tensors: Mapping[str, torch.Tensor], memo: dict | None = None) -> tuple[list[dict], list[torch.Tensor]]:
+    """Manifest entries and flat uint8 views of the tensors (no copy: views of the live storage). ``memo`` (a dict
+    the caller keeps between calls): a tensor given again under the same name, the very same object (the live
+    views a recipe captures, runtime/capture.py), reuses what was worked out for it last time."""
     entries, views, offset = [], [], 0
+    seen = {}
     for name, t in tensors.items():
-        t = local(t).detach()
-        if str(t.dtype) not in DTYPES:
-            raise StateError(f"tensor {name!r} has dtype {t.dtype}, which checkpoints do not hold "
-                             f"({', '.join(sorted(DTYPES))})")
-        if not t.is_contiguous():
-            t = t.contiguous()
-        flat = as_bytes(t)
-        entries.append({"name": name, "dtype": str(t.dtype), "shape": list(t.shape), "offset": offset,
-                        "nbytes": flat.numel()})
+        known = memo.get(name) if memo is not None else None
+        if known is not None and known[0] is t:
+            entry, flat = known[1], known[2]
+            seen[name] = known
+        else:
+            loc = local(t).detach()
+            if str(loc.dtype) not in DTYPES:
+                raise StateError(f"tensor {name!r} has dtype {loc.dtype}, which checkpoints do not hold "
+                                 f"({', '.join(sorted(DTYPES))})")
+            live = loc.is_contiguous()
+            if not live:  # a copy: never reused, it would not follow the tensor
+                loc = loc.contiguous()
+            flat = as_bytes(loc)
+            entry = {"name": name, "dtype": str(loc.dtype), "shape": list(loc.shape), "nbytes": flat.numel()}
+            if live:
+                seen[name] = (t, entry, flat)
+        entries.append({**entry, "offset": offset})
         views.append(flat)
         offset += flat.numel()
+    if memo is not None:
+        memo.clear()
+        memo.update(seen)
     return entries, views
 
 

@@ -54,3 +54,13 @@ def run_cli(*args, check_rc: int | None = 0):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def world1():
+    """A one-rank gloo process group in this process (the Checkpointer's own tests)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -21,13 +21,6 @@ from runtime.state import unpack
 from runtime.store import ShardStore
 
 
-@pytest.fixture
-def world1():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 class Counter:
     def __init__(self):
         self.seen, self.name = 0, "loader"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from runtime.state import StateError, flatten, pack, unflatten, unpack
+from runtime.state import StateError, entries_of, flatten, pack, unflatten, unpack
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.text(max_size=8),
                     st.floats(allow_nan=True, allow_infinity=True))
@@ -66,3 +66,18 @@ def test_a_manifest_that_points_outside_the_shard_is_refused():
     manifest["entries"][0]["nbytes"] = 64
     with pytest.raises(StateError, match="outside"):
         unpack(data, manifest)
+
+
+def test_entries_of_reuses_only_what_still_views_the_same_memory():
+    live = torch.arange(6, dtype=torch.float32)
+    strided = torch.arange(12, dtype=torch.float32).reshape(3, 4)[:, :2]  # not contiguous: entries_of copies it
+    memo: dict = {}
+    first = entries_of({"a": live, "b": strided}, memo)
+    strided.add_(100)  # the live state moves on
+    other = torch.zeros(2, dtype=torch.int64)
+    entries, views = entries_of({"a": live, "b": strided, "c": other}, memo)
+    assert views[0] is first[1][0]  # the same tensor object: what was worked out for it is reused
+    assert torch.equal(views[1].view(torch.float32), strided.flatten())  # the copy follows the state, not the memo
+    assert [e["offset"] for e in entries] == [0, 24, 48] and entries[2]["dtype"] == "torch.int64"
+    assert entries == entries_of({"a": live, "b": strided, "c": other})[0]  # as without a memo
+    assert set(memo) == {"a", "c"}  # the copy is never kept
