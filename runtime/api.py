@@ -16,7 +16,8 @@ What it does (the modules beside it hold each concern):
 
 - **State** (runtime/state.py): ``get_state_dict(model, optimizer)`` plus every ``extra`` object's ``state_dict()``
   (anything with ``state_dict``/``load_state_dict``: an LR scheduler, a data loader's position, RNG states), any
-  optimizer, flattened into tensors and a JSON skeleton. Parameters and optimizer state change only at the update,
+  optimizer, flattened into tensors and a JSON skeleton (taken by runtime/capture.py: ``get_state_dict`` once, then
+  a checked recipe). Parameters and optimizer state change only at the update,
   so they are copied out while the next iteration trains; everything else (buffers, extra state) is copied at
   :meth:`after_step`.
 - **Store** (runtime/store.py): every checkpoint goes to this machine's CPU memory (``/dev/shm``), which outlives
