@@ -10,9 +10,10 @@ extra objects' state) copied now.
 checkpoints those names, and the tensors behind the parameters and the optimizer state, normally stay as they were:
 so after a full capture, a *recipe* remembers, per leaf, either the live view it took or where the leaf's current
 value is read (a buffer by name, an optimizer state's number, a parameter group's settings), and the next capture
-follows it (about 1 ms there). It is used only while it holds: the same parameter objects, the same optimizer state
-tensors under the same keys and the same parameter groups, checked before every use; anything else (a restore, a
-new parameter group, an optimizer that replaces its state tensors) takes the full path and makes a new recipe. The
+follows it (under 1 ms there). It is used only while it holds: the same parameter objects, the same optimizer state
+tensors under the same keys, each one's data where it was, and the same parameter groups, checked before every use;
+anything else (a restore, a new parameter group, an optimizer that replaces its state tensors) takes the full path
+and makes a new recipe. The
 first captures along a new recipe are compared with full ones, leaf by leaf; any difference turns recipes off for
 good (state dicts of a kind this does not know).
 """
