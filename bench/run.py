@@ -256,7 +256,10 @@ def bench_calibration():
                          f"measured / the process's extra CPU per iteration measured / predicted from the probe "
                          f"(the processes' and the kernel's share, which the process figure leaves out)",
                          f"{r['checkpoint_cpu_s'] or 0:.4f} / {r['extra_cpu_s'] or 0:.4f} / "
-                         f"{r['checkpoint_cpu_s_predicted']:.4f} s", "-", "info"))
+                         f"{r['checkpoint_cpu_s_predicted']:.4f} s" + (
+                             f"; the training thread capturing and starting checkpoints: "
+                             f"{1e3 * r['train_thread_s']:.1f} ms/iteration" if r.get("train_thread_s") is not None
+                             else ""), "-", "info"))
     c = res["choice"]
     rows.append(("calibration: the schedule the optimizer picks from the measured set-up (`gemini-sim plan --setup`) "
                  "vs the one measured cheapest", f"{c['chosen']} vs {c['measured_best']} ({c['gap_points']:.1f} points "

@@ -33,8 +33,10 @@ varies by 10% from run to run) slows them alike; the first iteration of each blo
 overhead is the mean over rounds of each round's paired overhead (:func:`paired_overheads`), printed with the
 half-width of its 95% confidence interval (``9.1% ±2.3``): the host drifts within a run too. The extra CPU per
 iteration and rank (``CPU +/iter/rank``) is the median process CPU time of an iteration (every thread: training,
-gloo's, the checkpoint's) minus the baseline's: what checkpointing costs the host, which the simulator does not
-model (runs pin training to cores of its own for this reason, see examples/tinygpt/calibrate.py).
+gloo's, the checkpoint's) minus the baseline's: what checkpointing costs the host (the host cost model predicts
+the checkpoint's share from the probe, :func:`host_cost`). ``train thread`` is the median time per iteration the
+training thread itself spent capturing the state and starting checkpoints (the records' ``checkpoint_s``; waiting
+for one is the stall): on the critical path whatever the cores, and not in the prediction.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ class Measured:
     checkpoints: int
     checkpoint_cpu_s: float | None = None  # CPU seconds a checkpoint costs one rank (median; runtime's own cost)
     iteration_cpu_s: float | None = None  # CPU seconds of a whole rank per iteration, all its threads (median)
+    thread_s: float | None = None  # seconds per iteration the training thread spent capturing and starting checkpoints
 
 
 def measured(run_dir, warmup: int = 3, schedule: str | None = None, ranks: list[dict] | None = None) -> Measured:
@@ -146,7 +149,7 @@ def measured(run_dir, warmup: int = 3, schedule: str | None = None, ranks: list[
     d = Path(run_dir)
     ranks = ranks if ranks is not None else _timings(d)
     per_it: dict[int, list[float]] = {}
-    it_cpu: dict[int, list[float]] = {}
+    extra: dict[str, dict[int, list[float]]] = {"cpu_s": {}, "checkpoint_s": {}}  # per iteration, where recorded
     for r in ranks:
         for rec in r["iterations"]:
             if rec["iteration"] <= warmup:
@@ -154,8 +157,9 @@ def measured(run_dir, warmup: int = 3, schedule: str | None = None, ranks: list[
             if schedule is not None and (rec.get("schedule") != schedule or rec.get("block_pos") == 0):
                 continue
             per_it.setdefault(rec["iteration"], []).append(rec["iteration_s"])
-            if "cpu_s" in rec:
-                it_cpu.setdefault(rec["iteration"], []).append(rec["cpu_s"])
+            for key, values in extra.items():
+                if key in rec:
+                    values.setdefault(rec["iteration"], []).append(rec[key])
     steady = sorted(i for i, v in per_it.items() if len(v) == len(ranks))
     if not steady:
         raise UserError(f"{d}: no steady iterations measured" + (f" for schedule {schedule}" if schedule else ""))
@@ -172,9 +176,11 @@ def measured(run_dir, warmup: int = 3, schedule: str | None = None, ranks: list[
                     cpu.append(rec["cpu_s"])
     cks = [max(v) for k, v in sorted(per_ck.items()) if k > warmup and len(v) == len(ranks)]
     name = schedule or (ranks[0].get("schedule", d.name) if ranks[0].get("checkpointing", True) else "none")
-    cpu_it = [sum(it_cpu[i]) / len(it_cpu[i]) for i in steady if len(it_cpu.get(i, ())) == len(ranks)]
+    per_rank = {key: [sum(v[i]) / len(v[i]) for i in steady if len(v.get(i, ())) == len(ranks)]
+                for key, v in extra.items()}  # the ranks' mean in every steady iteration that all recorded
+    cpu_it, thread = per_rank["cpu_s"], per_rank["checkpoint_s"]
     return Measured(name, it_s, median(cks) if cks else None, len(steady), len(cks), median(cpu) if cpu else None,
-                    median(cpu_it) if cpu_it else None)
+                    median(cpu_it) if cpu_it else None, median(thread) if thread else None)
 
 
 def paired_overheads(run_dir, warmup: int = 3, ranks: list[dict] | None = None) -> dict[str, list[float]]:
@@ -268,7 +274,7 @@ def compare(run_dir, warmup: int = 3) -> dict:
                              "error_points": sim.overhead_pct - meas_over, "ci95": ci,
                              "rounds": paired.get(name, [])},
             "iterations": m.iterations, "checkpoints": m.checkpoints, "checkpoint_cpu_s": m.checkpoint_cpu_s,
-            "checkpoint_cpu_s_predicted": cpu,
+            "checkpoint_cpu_s_predicted": cpu, "train_thread_s": m.thread_s,
             "extra_cpu_s": None if m.iteration_cpu_s is None or base.iteration_cpu_s is None
             else m.iteration_cpu_s - base.iteration_cpu_s,
         })
@@ -325,7 +331,8 @@ def _s(x: float | None) -> str:
 
 def table(result: dict) -> tuple[list[str], list[list]]:
     headers = ["schedule", "iter meas (s)", "iter pred (s)", "error", "ckpt done meas (s)", "ckpt done pred (s)",
-               "error", "overhead meas", "overhead pred", "CPU +/iter/rank (s)", "ckpt CPU meas/pred (s)"]
+               "error", "overhead meas", "overhead pred", "CPU +/iter/rank (s)", "ckpt CPU meas/pred (s)",
+               "train thread (s)"]
     rows = []
     for r in result["schedules"]:
         it, ck, ov = r["iteration_s"], r["checkpoint_complete_s"], r["overhead_pct"]
@@ -333,5 +340,6 @@ def table(result: dict) -> tuple[list[str], list[list]]:
                      _s(ck["measured"]), _s(ck["predicted"]), _pct(ck["rel_error"]),
                      f"{ov['measured']:.1f}%" + (f" ±{ov['ci95']:.1f}" if ov.get("ci95") is not None else ""),
                      f"{ov['predicted']:.1f}%", _s(r.get("extra_cpu_s")),
-                     f"{_s(r.get('checkpoint_cpu_s'))} / {_s(r.get('checkpoint_cpu_s_predicted'))}"])
+                     f"{_s(r.get('checkpoint_cpu_s'))} / {_s(r.get('checkpoint_cpu_s_predicted'))}",
+                     _s(r.get("train_thread_s"))])
     return headers, rows

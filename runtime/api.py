@@ -186,7 +186,9 @@ class Checkpointer:
         self._began = False  # the current iteration has begun (its pending checkpoint started)
         self._recovered = False  # recover() has run: the stores hold nothing newer than where training resumed
         self._t0 = self._c0 = 0.0
-        self._stall = self._waited = 0.0
+        # this iteration's seconds: waiting for a checkpoint (stall: the last one's end; update: the copy out),
+        # and the training thread's own work on checkpoints (capturing the state, starting one)
+        self._stall = self._waited = self._host = 0.0
         self._record: dict = {}
         self._backward_done = False
         self.timings: dict[str, list[float]] = {}
@@ -405,7 +407,9 @@ class Checkpointer:
         if self._pending is not None:
             (pending, state), self._pending = self._pending, None
             self._stall += self.wait()  # a checkpoint starts only when the one before it is done
-            self._start(pending, time.perf_counter(), released_in=iteration, state=state)
+            t = time.perf_counter()
+            self._start(pending, t, released_in=iteration, state=state)
+            self._host += time.perf_counter() - t
         elif self._inflight is not None:
             self._inflight.iteration_started(self._t0)  # an interval of K > 1: its traffic may use this one too
         self.recorder.begin(iteration)
@@ -450,20 +454,25 @@ class Checkpointer:
                 self.recorder.uninstall()
         if self.checkpointing and iteration % self.plan.interval == 0:
             if self.schedule.blocking:  # training waits while the whole checkpoint is copied out and sent
-                self._start(iteration, time.perf_counter(), released_in=iteration, iteration_start=self._t0)
+                t = time.perf_counter()
+                self._start(iteration, t, released_in=iteration, iteration_start=self._t0)
+                self._host += time.perf_counter() - t
                 self._stall += self.wait()
             else:  # the state as of now: parameters and optimizer state as live views, the rest copied
+                t = time.perf_counter()
                 self._pending = (iteration, self.capture())
+                self._host += time.perf_counter() - t
         if self.checkpointing and iteration % self.plan.persist_interval == 0:
             self.persist(iteration)
         dt = time.perf_counter() - self._t0
         self.timings.setdefault("iteration_s", []).append(dt)
         self.iterations.append({"iteration": iteration, "iteration_s": dt, "stall_s": self._stall,
-                                "update_wait_s": self._waited, "cpu_s": time.process_time() - self._c0,
+                                "update_wait_s": self._waited, "checkpoint_s": self._host,
+                                "cpu_s": time.process_time() - self._c0,
                                 "schedule": self.schedule.name if self.checkpointing else "none", **self._record})
         self.event("iteration", iteration=iteration, machine=self.machine)
         self.iteration = iteration
-        self._stall = self._waited = 0.0
+        self._stall = self._waited = self._host = 0.0
         self._record = {}
         self._began = self._backward_done = False
 

@@ -146,3 +146,31 @@ def test_a_recipe_that_disagrees_with_the_full_capture_is_dropped_for_good(world
     step(model, opt, 3)
     cap()
     assert cap.fast_captures == 0
+
+
+@pytest.mark.parametrize("schedule", ["naive", "blocking", None])
+def test_the_checkpointer_captures_along_the_recipe_and_times_it(world1, tmp_path, schedule):
+    """Through the Checkpointer: checkpoints after the first few follow the recipe, and every iteration's record
+    says how long the training thread spent capturing and starting checkpoints (none without checkpoints)."""
+    from runtime import Checkpointer, plan as plan_mod
+
+    model, opt = make("adamw")
+    ckpt = Checkpointer(plan_mod.default(1, 1, replicas=1, persist=100, schedule=schedule or "naive"), model, opt,
+                        store_root=tmp_path / "shm", durable_dir=tmp_path / "d", out_dir=tmp_path / "out",
+                        profile_iters=0, checkpoint=schedule is not None)
+    ckpt.recover()
+    for it in range(1, 7):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(it))
+        model(x).square().sum().backward()
+        ckpt.after_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ckpt.after_step(it)
+    ckpt.close()
+    records = ckpt.iterations
+    assert all(0 <= r["checkpoint_s"] < r["iteration_s"] for r in records)
+    if schedule is None:
+        assert all(r["checkpoint_s"] == 0 for r in records) and ckpt._capture.fast_captures == 0
+    else:
+        assert all(r["checkpoint_s"] > 0 for r in records)
+        assert ckpt._capture.fast_captures == 6 - 1  # one capture per iteration, the first by get_state_dict

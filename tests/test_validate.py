@@ -107,11 +107,11 @@ def test_export_plan_runs_the_simulated_configuration(tmp_path):
     assert bad.returncode == 2 and "missing profile.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def fake_measurements(d, schedule, iteration_s, complete_s, machines=2, cpu_s=None):
+def fake_measurements(d, schedule, iteration_s, complete_s, machines=2, cpu_s=None, thread_s=None):
     d.mkdir(parents=True, exist_ok=True)
     for r in range(machines):
         its = [{"iteration": i, "iteration_s": iteration_s} | ({"cpu_s": cpu_s + 0.01 * r} if cpu_s else {})
-               for i in range(1, 11)]
+               | ({"checkpoint_s": thread_s * (1 + r) * (1 + i % 2)} if thread_s else {}) for i in range(1, 11)]
         cks = [{"iteration": i, "complete_s": complete_s} for i in range(1, 10)]
         (d / f"timings-rank-{r:05d}.json").write_text(json.dumps(
             {"format": "gemini-sim-timings", "version": 1,
@@ -134,7 +134,7 @@ def test_validate_reports_relative_errors(tmp_path):
     fake_measurements(run / "naive", "naive", preds["naive"]["iteration_time_s"] * 1.1,
                       preds["naive"]["checkpoint_complete_s"])
     fake_measurements(run / "gemini", "gemini", preds["gemini"]["iteration_time_s"],
-                      preds["gemini"]["checkpoint_complete_s"] * 1.2)
+                      preds["gemini"]["checkpoint_complete_s"] * 1.2, thread_s=0.002)
     r = cli("validate", str(run), "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
@@ -150,6 +150,9 @@ def test_validate_reports_relative_errors(tmp_path):
     # process CPU per iteration and rank above the baseline's (0.5, 0.51 there; 0.56, 0.57 here); none logged: "-"
     assert rows["blocking"]["extra_cpu_s"] == pytest.approx(0.06)
     assert rows["naive"]["extra_cpu_s"] is None
+    # the training thread's own time on checkpoints: the ranks' mean per iteration (3 ms in even iterations, 6 in
+    # odd), the median over the steady ones (4 to 10: four 3s, three 6s)
+    assert rows["gemini"]["train_thread_s"] == pytest.approx(0.003) and rows["naive"]["train_thread_s"] is None
     assert (run / "validate.json").is_file()
     text = cli("validate", str(run))
     assert text.returncode == 0 and "blocking" in text.stdout and "-9.1%" in text.stdout
