@@ -84,6 +84,10 @@ class InFlight:
         self.started.set(1)
         self.backward = Progress()  # backward passes ended since the release
         self.releases = schedule.releases(self.bounds, plan_schedule, self.interval, ppm)
+        # the deferred hash may start: the first release has opened, or the backward pass of its iteration has
+        # ended (the update waits for the commit), or everything was flushed
+        self.hash_go = threading.Event()
+        self._hash_by = self.releases[0][0] if self.releases else -1  # the iteration whose backward ends the wait
         self.manifest: dict | None = None
         self.flushed = False
         self.errors: list[BaseException] = []
@@ -112,6 +116,7 @@ class InFlight:
             self.copied.set(math.inf)
             self.enqueued.set()
             self.committed.set()
+            self.hash_go.set()
         self.cpu.append(time.thread_time() - c0)
         self.ends.append(time.perf_counter())
 
@@ -143,9 +148,7 @@ class InFlight:
                 self.copied.set(b)
         self.copied_at = time.perf_counter()
         if self.schedule.defer_hash:  # hashing and the store's file cost host CPU: in the first idle span
-            r, offset, _, after = self.releases[0]
-            while not (self._opened(r, offset, after) or self.backward.value > r):  # at the latest: backward's end
-                time.sleep(0.002)
+            self.hash_go.wait()
         self.manifest = {"entries": self.entries, "size": self.size, **checksum(self.slot.view()),
                          "skeleton": self.skeleton}
         t0 = time.perf_counter()
@@ -167,18 +170,6 @@ class InFlight:
             ev.synchronize()
             self.copied.set(b)
 
-    def _opened(self, r: int, offset, after) -> bool:
-        """Has this release opened?"""
-        if offset == "backward":
-            return self.backward.value > r
-        if self.flushed:
-            return True
-        if self.started.value <= r:
-            return False
-        if after is not None:
-            return self.link.collectives.value >= self.bases[r] + after
-        return time.perf_counter() >= self.starts[r] + offset
-
     def _wait_release(self, r: int, offset, after) -> None:
         """Wait until a release opens (or :meth:`flush` opens them all)."""
         if offset == "backward":
@@ -199,6 +190,7 @@ class InFlight:
     def flush(self) -> None:
         """Open every release now: the checkpoint is wanted complete (training waits, or has ended)."""
         self.flushed = True
+        self.hash_go.set()
         self.started.set(math.inf)
         self.backward.set(math.inf)
         with self.link.collectives.cond:
@@ -216,6 +208,7 @@ class InFlight:
 
         for r, offset, idx, after in self.releases:
             self._wait_release(r, offset, after)
+            self.hash_go.set()
             window = Window(landed=sent)  # a chunk's sends to every peer, up to WINDOW chunks at once
             for k in idx:
                 a, b = self.bounds[k]
@@ -244,6 +237,8 @@ class InFlight:
 
     def backward_ended(self) -> None:
         self.backward.add(1)
+        if self.backward.value > self._hash_by:
+            self.hash_go.set()
 
     def wait_copied(self) -> None:
         """Before an update that overwrites the state: on the CPU, until the copy is in the store; on CUDA, the

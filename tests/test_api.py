@@ -541,3 +541,31 @@ def test_stream_moves_the_bytes_in_whole_chunks_of_its_buffer(tmp_path, nbytes, 
     import torch.multiprocessing as mp
 
     mp.spawn(_stream_pair, args=(str(tmp_path), nbytes, chunk), nprocs=2, join=True)
+
+
+@needs_fsdp_on_cpu
+@pytest.mark.parametrize("opens", ["at_start", "never"])
+def test_gemini_hashes_and_commits_in_the_first_span_or_at_the_backward_end(world1, tmp_path, opens):
+    """The gemini schedule defers the local copy's checksum and commit to its first idle span; where that span
+    never opens (anchored to collectives that do not come), the end of the backward pass lets it go, since the
+    update waits for the commit."""
+    span = {"start_s": 0.0, "end_s": 1.0, "bytes": 1e9} | ({"after_collectives": 10 ** 6} if opens == "never" else {})
+    plan = plan_mod.default(1, 1, replicas=1, persist=100, schedule="gemini")
+    model, opt = make(0, "adam")
+    ckpt = Checkpointer(plan, model, opt, store_root=tmp_path / "shm", durable_dir=tmp_path / "d", profile_iters=0)
+    ckpt.recover()
+    ckpt.set_schedule(dict(plan.schedule, spans=[span]))
+    train(model, opt, ckpt, 1)
+    x = torch.randn(3, 4)
+    loss = model(x).square().sum()  # iteration 2 begins: checkpoint 1 goes out
+    flight = ckpt._inflight
+    assert flight is not None and flight.iteration == 1
+    committed = flight.committed.wait(timeout=1.0)
+    assert committed == (opens == "at_start")
+    loss.backward()
+    ckpt.after_backward()  # the backward pass has ended: committed by now either way
+    assert flight.committed.is_set()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ckpt.after_step(2)
+    ckpt.close()
