@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -89,6 +91,17 @@ def test_fit_needs_two_failures():
     t = generate(SyntheticSpec("poisson", 1e9, 1, 1, seed=0, burst_size=1))
     with pytest.raises(UserError, match="at least 2"):
         fit_trace(t)
+
+
+def test_fit_of_a_trace_that_lasts_no_time_is_a_one_line_error(tmp_path, cli):
+    """Found by the fuzz test: two failures at hour 0 and no duration divided by zero."""
+    f = tmp_path / "t.csv"
+    f.write_text("time_hours,kind,machines,note\n0,hardware,1,n\n0,hardware,1,n\n")
+    rc, _, err = cli("fit", "--trace", f, "--json", check_rc=2)
+    assert "lasts 0 h" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    f.write_text("# duration_hours: 5\n" + f.read_text())
+    rc, text, _ = cli("fit", "--trace", f, "--json")
+    assert json.loads(text)["rate_per_hour"] == pytest.approx(2 / 5)
 
 
 def test_cli_synth_and_fit(tmp_path, cli):

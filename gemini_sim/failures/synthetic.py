@@ -169,6 +169,9 @@ def fit_trace(trace: Trace, machines: int | None = None) -> FitReport:
     n = len(trace.events)
     if n < 2:
         raise UserError(f"trace {trace.name}: need at least 2 failures to fit a model, got {n}")
+    if not trace.duration_h > 0:  # every failure at hour 0 and no duration_hours: no time to spread a rate over
+        raise UserError(f"trace {trace.name}: its {n} failures are all at hour 0 and it lasts 0 h, so no rate can be "
+                        "fitted (give the job's length as '# duration_hours: H' above the header)")
     gaps = np.diff(np.concatenate([[0.0], trace.times_h]))
     gaps = np.maximum(gaps, 1e-6)  # simultaneous events: keep the likelihood finite
     rate = n / trace.duration_h
