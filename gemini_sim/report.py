@@ -118,7 +118,7 @@ def plot_trace(trace: Trace, ax=None):
         ev = [e for e in trace.events if e.kind == kind]
         if ev:
             ax.scatter([e.time_h for e in ev], [e.machines for e in ev], label=kind, color=KIND_COLORS[kind], s=18)
-    ax.set_xlim(0, trace.duration_h)
+    ax.set_xlim(0, trace.duration_h if trace.duration_h > 0 else 1.0)  # a trace of 0 h: an axis still
     ax.set_yscale("log")
     ax.set_xlabel("job time (hours)")
     ax.set_ylabel("machines lost")
