@@ -407,9 +407,7 @@ class Checkpointer:
         if self._pending is not None:
             (pending, state), self._pending = self._pending, None
             self._stall += self.wait()  # a checkpoint starts only when the one before it is done
-            t = time.perf_counter()
-            self._start(pending, t, released_in=iteration, state=state)
-            self._host += time.perf_counter() - t
+            self._timed(self._start, pending, time.perf_counter(), released_in=iteration, state=state)
         elif self._inflight is not None:
             self._inflight.iteration_started(self._t0)  # an interval of K > 1: its traffic may use this one too
         self.recorder.begin(iteration)
@@ -454,14 +452,11 @@ class Checkpointer:
                 self.recorder.uninstall()
         if self.checkpointing and iteration % self.plan.interval == 0:
             if self.schedule.blocking:  # training waits while the whole checkpoint is copied out and sent
-                t = time.perf_counter()
-                self._start(iteration, t, released_in=iteration, iteration_start=self._t0)
-                self._host += time.perf_counter() - t
+                self._timed(self._start, iteration, time.perf_counter(), released_in=iteration,
+                            iteration_start=self._t0)
                 self._stall += self.wait()
             else:  # the state as of now: parameters and optimizer state as live views, the rest copied
-                t = time.perf_counter()
-                self._pending = (iteration, self.capture())
-                self._host += time.perf_counter() - t
+                self._pending = (iteration, self._timed(self.capture))
         if self.checkpointing and iteration % self.plan.persist_interval == 0:
             self.persist(iteration)
         dt = time.perf_counter() - self._t0
@@ -500,6 +495,14 @@ class Checkpointer:
             self._link_obj = Link(self.rank, self.store, self.groups, self.send_to, receivers, self.collectives,
                                   self.host_cores, on_commit=lambda it: self._fire("before_commit", it))
         return self._link_obj
+
+    def _timed(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, its time counted as the training thread's work on checkpoints this iteration."""
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._host += time.perf_counter() - t
 
     def _start(self, iteration: int, release_at: float, released_in: int, iteration_start: float | None = None,
                state=None):

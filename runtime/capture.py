@@ -62,8 +62,8 @@ class _Recipe:
         optim, oskel = state["optim"], skeleton["optim"]
         if list(optim) != ["state", "param_groups"]:
             raise ValueError("optimizer state dict")
-        self.numbers: list[tuple[str, str, dict, object]] = []  # (fqn's, key's skeleton names, the state, its key)
-        self.held: list[tuple[dict, tuple]] = []  # (optimizer.state[p], its items as captured): unchanged?
+        self.numbers: list[tuple[str, str, torch.Tensor, object]] = []  # (fqn's, key's skeleton names, param, key)
+        self.held: list[tuple[torch.Tensor, tuple]] = []  # (param, its optimizer state's items as captured)
         for (fqn, entries), (sfqn, sentries) in zip(optim["state"].items(), oskel["state"].items()):
             live = optimizer.state.get(params.get(fqn)) if fqn in params else None
             if live is None or list(live) != list(entries):
@@ -77,8 +77,9 @@ class _Recipe:
                 elif flatten(v)[0]:
                     raise ValueError(f"optimizer state {fqn}/{k} holds tensors inside")
                 else:
-                    self.numbers.append((sfqn, sk, live, k))
-            self.held.append((live, tuple((k, v if isinstance(v, torch.Tensor) else None) for k, v in live.items())))
+                    self.numbers.append((sfqn, sk, params[fqn], k))
+            self.held.append((params[fqn], tuple((k, v if isinstance(v, torch.Tensor) else None)
+                                                 for k, v in live.items())))
         if list(tensors)[:len(self.views)] != list(self.views):
             raise ValueError("the order of the state's tensors")
         groups, saved = optimizer.param_groups, optim["param_groups"]
@@ -96,9 +97,11 @@ class _Recipe:
             return False
         if any(local(t).data_ptr() != ptr for t, ptr in self.sources):
             return False
-        for live, items in self.held:
-            if len(live) != len(items) or any(k not in live or (t is not None and live[k] is not t)
-                                               or (t is None and isinstance(live[k], torch.Tensor)) for k, t in items):
+        for p, items in self.held:  # the optimizer's state now (load_state_dict replaces it), as it was
+            live = optimizer.state.get(p)
+            if live is None or len(live) != len(items) or any(
+                    k not in live or (t is not None and live[k] is not t)
+                    or (t is None and isinstance(live[k], torch.Tensor)) for k, t in items):
                 return False
         groups = optimizer.param_groups
         return len(groups) == len(self.group_params) and all(
@@ -114,8 +117,8 @@ class _Recipe:
         state_skel = skel["optim"]["state"]
         if self.numbers:
             state_skel = dict(state_skel)
-            for sfqn, sk, live, k in self.numbers:
-                more, leaf = flatten(live[k])
+            for sfqn, sk, p, k in self.numbers:
+                more, leaf = flatten(optimizer.state[p][k])
                 if more:
                     return None
                 state_skel[sfqn] = dict(state_skel[sfqn]) if state_skel[sfqn] is skel["optim"]["state"][sfqn] \

@@ -118,8 +118,18 @@ def test_a_replaced_state_tensor_or_a_new_group_takes_the_full_path(world1):
     assert_same_capture(got, full_capture(model, opt, {}), cap.live_storages())
     moved = step_t.untyped_storage().data_ptr()
     assert any(t.untyped_storage().data_ptr() == moved for t in got[0].values())
+    for it in range(5, 8):
+        step(model, opt, it)
+        cap()
+    fast = cap.fast_captures
+    for q in list(opt.state):  # a new state dict per parameter, of new tensors, which the next step updates
+        opt.state[q] = {k: v.clone() for k, v in opt.state[q].items()}
+    step(model, opt, 8)
+    got = cap()
+    assert cap.fast_captures == fast
+    assert_same_capture(got, full_capture(model, opt, {}), cap.live_storages())
     opt.add_param_group({"params": list(model[3].parameters()), "lr": 0.5})
-    for it in range(5, 9):
+    for it in range(9, 13):
         step(model, opt, it)
         got = cap()
     assert_same_capture(got, full_capture(model, opt, {}), cap.live_storages())
