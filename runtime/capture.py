@@ -10,10 +10,10 @@ extra objects' state) copied now.
 checkpoints those names, and the tensors behind the parameters and the optimizer state, normally stay as they were:
 so after a full capture, a *recipe* remembers, per leaf, either the live view it took or where the leaf's current
 value is read (a buffer by name, an optimizer state's number, a parameter group's settings), and the next capture
-follows it (under 1 ms there). It is used only while it holds: the same parameter objects, the same optimizer state
-tensors under the same keys, each one's data where it was, and the same parameter groups, checked before every use;
-anything else (a restore, a new parameter group, an optimizer that replaces its state tensors) takes the full path
-and makes a new recipe. The
+follows it (under 1 ms there). It is used only while it holds: the same parameter objects and buffer names, optimizer
+state for the same parameters with the same tensors under the same keys, each one's data where it was, and the same
+parameter groups, checked before every use; anything else (a restore, a new parameter group or buffer, a parameter's
+first optimizer state, an optimizer that replaces its state tensors) takes the full path and makes a new recipe. The
 first captures along a new recipe are compared with full ones, leaf by leaf; any difference turns recipes off for
 good (state dicts of a kind this does not know).
 """
@@ -45,6 +45,7 @@ class _Recipe:
         tensors, skeleton = captured
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
         self.params = tuple(model.parameters())
+        self.buffer_names = tuple(buffers)
         self.skeleton = skeleton
         self.views: dict[str, torch.Tensor] = {}  # key -> live view, in the full capture's order
         self.buffers: dict[str, str] = {}  # key -> buffer name (copied every time)
@@ -60,7 +61,7 @@ class _Recipe:
             else:
                 raise ValueError(f"model state {name!r}")
         optim, oskel = state["optim"], skeleton["optim"]
-        if list(optim) != ["state", "param_groups"]:
+        if list(optim) != ["state", "param_groups"] or len(optim["state"]) != len(optimizer.state):
             raise ValueError("optimizer state dict")
         self.numbers: list[tuple[str, str, torch.Tensor, object]] = []  # (fqn's, key's skeleton names, param, key)
         self.held: list[tuple[torch.Tensor, tuple]] = []  # (param, its optimizer state's items as captured)
@@ -90,12 +91,16 @@ class _Recipe:
         self.group_names = [list(s["params"]) for s in saved]
 
     def holds(self, model, optimizer) -> bool:
-        """Are the parameters, optimizer state tensors and parameter groups the ones this recipe was made of, their
-        data where it was (not moved by ``.data =``, ``model.to``)?"""
+        """Are the parameters, buffers, optimizer state tensors and parameter groups the ones this recipe was made of,
+        their data where it was (not moved by ``.data =``, ``model.to``)?"""
         mine = tuple(model.parameters())
         if len(mine) != len(self.params) or any(a is not b for a, b in zip(mine, self.params)):
             return False
         if any(local(t).data_ptr() != ptr for t, ptr in self.sources):
+            return False
+        if tuple(name for name, _ in model.named_buffers()) != self.buffer_names:  # one registered since
+            return False
+        if len(optimizer.state) != len(self.held):  # a parameter's state made since (its first gradient)
             return False
         for p, items in self.held:  # the optimizer's state now (load_state_dict replaces it), as it was
             live = optimizer.state.get(p)

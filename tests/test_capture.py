@@ -184,3 +184,35 @@ def test_the_checkpointer_captures_along_the_recipe_and_times_it(world1, tmp_pat
     else:
         assert all(r["checkpoint_s"] > 0 for r in records)
         assert ckpt._capture.fast_captures == 6 - 1  # one capture per iteration, the first by get_state_dict
+
+
+class Late(nn.Module):
+    """A layer that joins the computation late: the optimizer has no state for it until its first gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.use_b = False
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y) if self.use_b else y
+
+
+def test_state_made_after_the_recipe_is_captured(world1):
+    torch.manual_seed(0)
+    model = Late()
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    cap = StateCapture(model, opt, {})
+    for it in range(1, 13):
+        model.use_b = it > 5
+        if it == 10:  # past the checks of the recipe made when b's state appeared
+            model.a.register_buffer("seen", torch.tensor(float(it)))  # a buffer from now on: in the state too
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(it))
+        model(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        got = cap()
+        assert_same_capture(got, full_capture(model, opt, {}), cap.live_storages())
+    assert any(k.startswith("optim/state/b.weight/") for k in got[0]) and "model/a.seen" in got[0]
