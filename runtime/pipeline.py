@@ -16,8 +16,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,33 @@ from .schedules import Schedule
 from .transport import (MAX_CHUNKS, Groups, Progress, Receiver, Window, chunk_bounds, isend_bytes, pin_thread,
                         tag)
 
+log = logging.getLogger("runtime")
+
+
+class Worker:
+    """A long-lived daemon thread that runs the jobs given to it one after the other: a checkpoint's copier and
+    sender are jobs, not threads of their own, so starting one does not make the training thread wait for a new
+    thread to come up (its start waits for the new thread's first turn at the interpreter's lock)."""
+
+    def __init__(self, name: str):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, daemon=True, name=name).start()
+
+    def submit(self, job: Callable[[], None]) -> threading.Event:
+        """Run ``job`` (which must not raise) after the jobs before it; the event is set when it is done."""
+        done = threading.Event()
+        self.jobs.put((job, done))
+        return done
+
+    def _loop(self) -> None:
+        while True:
+            job, done = self.jobs.get()
+            try:
+                job()
+            except BaseException:  # noqa: BLE001 - a job reports its own errors; the worker must outlive it
+                log.exception("a checkpoint job raised")
+            done.set()
+
 
 @dataclass
 class Link:
@@ -45,6 +74,8 @@ class Link:
     host_cores: list[int] | None = None
     on_commit: Callable[[int], None] | None = None  # called with the iteration just before the local commit
     write_s: list[float] = field(default_factory=list)
+    # the threads every checkpoint of this rank runs on: its copier and its sender
+    workers: tuple[Worker, Worker] = field(default_factory=lambda: (Worker("gemini-copy"), Worker("gemini-send")))
 
 
 class InFlight:
@@ -91,8 +122,7 @@ class InFlight:
         self.manifest: dict | None = None
         self.flushed = False
         self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._guard, args=(self._copy,), daemon=True, name="gemini-copy"),
-                        threading.Thread(target=self._guard, args=(self._send,), daemon=True, name="gemini-send")]
+        self.done: list[threading.Event] = []  # the copier's and the sender's job done (after start)
         self.ends: list[float] = []  # when each thread finished
         self.sent: list[tuple] = []  # (chunk, posted, sent) in seconds from the release
         self.cpu: list[float] = []  # CPU seconds of each thread (user + system)
@@ -101,8 +131,8 @@ class InFlight:
 
     # -- threads ---------------------------------------------------------------------------------------------------
     def start(self) -> "InFlight":
-        for t in self.threads:
-            t.start()
+        self.done = [w.submit(lambda fn=fn: self._guard(fn)) for w, fn in zip(self.link.workers, (self._copy,
+                                                                                                  self._send))]
         return self
 
     def _guard(self, fn) -> None:
@@ -255,8 +285,8 @@ class InFlight:
 
     def wait(self) -> float:
         """Wait until every send and receive is done; return when the last of them finished (perf_counter)."""
-        for t in self.threads:
-            t.join()
+        for d in self.done:
+            d.wait()
         for r in self.link.receivers:
             r.stored.wait_for(self.seq + 1)
         self._raise()
