@@ -570,6 +570,8 @@ class Checkpointer:
             self.checkpoints[-1]["at_close"] = True
         if self._link_obj is not None:
             stop(self.rank, self.groups, self.send_to, self._seq, self._link_obj.receivers)
+            for w in self._link_obj.workers:
+                w.stop()
         if self.recorder.iterations and len(self.recorder.iterations) < self.recorder.limit and self.out_dir:
             self._write_profile()  # a run shorter than the profiling window: what it has
         self.recorder.uninstall()

@@ -44,7 +44,8 @@ class Worker:
 
     def __init__(self, name: str):
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._loop, daemon=True, name=name).start()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name=name)
+        self.thread.start()
 
     def submit(self, job: Callable[[], None]) -> threading.Event:
         """Run ``job`` (which must not raise) after the jobs before it; the event is set when it is done."""
@@ -52,9 +53,13 @@ class Worker:
         self.jobs.put((job, done))
         return done
 
+    def stop(self) -> None:
+        """End the thread once the jobs given before have run."""
+        self.jobs.put(None)
+
     def _loop(self) -> None:
-        while True:
-            job, done = self.jobs.get()
+        while (item := self.jobs.get()) is not None:
+            job, done = item
             try:
                 job()
             except BaseException:  # noqa: BLE001 - a job reports its own errors; the worker must outlive it

@@ -5,7 +5,7 @@ import threading
 from runtime.pipeline import Worker
 
 
-def test_a_worker_runs_its_jobs_in_turn_on_one_thread_and_outlives_a_failing_one():
+def test_a_worker_runs_its_jobs_in_turn_on_one_thread_outlives_a_failing_one_and_stops():
     w = Worker("gemini-test")
     seen = []
 
@@ -15,5 +15,8 @@ def test_a_worker_runs_its_jobs_in_turn_on_one_thread_and_outlives_a_failing_one
             raise RuntimeError("a job that breaks its promise not to raise")
 
     done = [w.submit(lambda k=k: job(k)) for k in range(4)]
+    w.stop()  # after the jobs given before
     assert all(d.wait(timeout=10) for d in done)
     assert seen == [(k, "gemini-test") for k in range(4)]
+    w.thread.join(timeout=10)
+    assert not w.thread.is_alive()
