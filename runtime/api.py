@@ -241,9 +241,6 @@ class Checkpointer:
         log.info("rank %d: %s %s", self.rank, msg, fields)
 
     # -- state ---------------------------------------------------------------------------------------------------
-    def _state(self) -> dict:
-        return self._capture.state()
-
     def capture(self) -> tuple[dict[str, torch.Tensor], object]:
         """This rank's state now (runtime/capture.py): tensors (parameters and optimizer state as live views, the
         rest copied) and the JSON skeleton."""
@@ -284,7 +281,7 @@ class Checkpointer:
         into one of its own, so nothing handed on views it."""
         self._capture.forget()  # no capture made before this restore is followed after it
         self._allocate_optimizer_state(tensors, skeleton)
-        live, _ = flatten(self._state())  # optimizer state is created here if there is none yet
+        live, _ = flatten(self._capture.state())  # optimizer state is created here if there is none yet
         missing = sorted(k for k in live if k not in tensors and not k.startswith("extra/"))
         if missing:
             raise StateError(f"the checkpoint does not match the model: it lacks {missing[0]!r}"
@@ -379,7 +376,7 @@ class Checkpointer:
                        durable=str(self.durable), abandoned=abandoned)
         else:
             if where == "storage":
-                template, _ = flatten(self._state())
+                template, _ = flatten(self._capture.state())
                 self._restore(*recovery.load_durable(recovery.step_dir(self.durable, target), template, self.rank,
                                                      self.groups.control))
                 tier, source, more = "storage", None, {}
@@ -538,7 +535,7 @@ class Checkpointer:
     def persist(self, iteration: int) -> None:
         """A durable DCP checkpoint of the current state (collective)."""
         t0 = time.perf_counter()
-        state = self._state()
+        state = self._capture.state()
         tensors, skeleton = flatten(state)
         extra = {k: local(v) for k, v in tensors.items() if k.startswith("extra/")}
         recovery.save_durable(recovery.step_dir(self.durable, iteration), {"model": state["model"],
@@ -585,7 +582,7 @@ class Checkpointer:
     def _write_timings(self) -> None:
         stats: dict = {"format": "gemini-sim-timings", "version": 1}  # gemini_sim/schema/timings-v1.schema.json
         stats.update({k: sum(v) / len(v) for k, v in self.timings.items() if v})
-        stats["shard_bytes"] = sum(e["nbytes"] for e in entries_of(flatten(self._state())[0])[0])
+        stats["shard_bytes"] = sum(e["nbytes"] for e in entries_of(flatten(self._capture.state())[0])[0])
         stats["params"] = sum(p.numel() for p in self.model.parameters())  # DTensor numel: the whole model's
         stats["schedule"] = self.schedule.name
         stats["checkpointing"] = self.checkpointing

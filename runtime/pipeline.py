@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -136,8 +137,7 @@ class InFlight:
 
     # -- threads ---------------------------------------------------------------------------------------------------
     def start(self) -> "InFlight":
-        self.done = [w.submit(lambda fn=fn: self._guard(fn)) for w, fn in zip(self.link.workers, (self._copy,
-                                                                                                  self._send))]
+        self.done = [w.submit(partial(self._guard, fn)) for w, fn in zip(self.link.workers, (self._copy, self._send))]
         return self
 
     def _guard(self, fn) -> None:
