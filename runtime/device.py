@@ -28,6 +28,10 @@ from .state import as_bytes
 STAGE_BYTES = 128 << 20  # each of copy_in's two staging buffers
 FILL_PIECE = 8 << 20  # the part of a staging buffer one filling thread copies at a time
 
+# cudaHostRegisterPortable: page-locked for every device's context, not only the current one's, so that a slot
+# registered by one thread is fast for any copier and is unregistered from any thread
+HOST_REGISTER_PORTABLE = 1
+
 _streams: dict = {}
 _lock = threading.Lock()
 
@@ -53,15 +57,19 @@ def page_lock(tensor: torch.Tensor) -> bool:
     if not torch.cuda.is_available() or tensor.numel() == 0:
         return False
     try:
-        rc = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+        rc = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(),
+                                                  HOST_REGISTER_PORTABLE)
     except (AttributeError, RuntimeError):  # a torch build without the binding, or a CUDA error raised
         return False
     return int(rc) == 0
 
 
-def page_unlock(tensor: torch.Tensor) -> None:
+def page_unlock(tensor: torch.Tensor, device: torch.device) -> None:
+    """Undo :func:`page_lock`, from any thread: on ``device``, the one it was locked for (a thread's CUDA calls
+    otherwise go to device 0, where the first one would open a context on another rank's GPU)."""
     if torch.cuda.is_available() and tensor is not None and tensor.numel():
-        torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+        with torch.cuda.device(device):
+            torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
 
 
 def copy_out(device: torch.device, pieces, ready) -> list:

@@ -195,9 +195,14 @@ class InFlight:
 
     def _copy_from_device(self, pieces) -> None:
         """Queue every chunk's device-to-host copy on the side stream, then mark each chunk copied as its event
-        completes (the sender waits for that)."""
-        if not self.slot.page_locked:
-            self.slot.page_locked = device.page_lock(self.slot.tensor)
+        completes (the sender waits for that). The copier thread works on the state's device: a thread starts on
+        device 0, and a CUDA call there would open a context on another rank's GPU."""
+        with torch.cuda.device(self.device):
+            self._copy_on_device(pieces)
+
+    def _copy_on_device(self, pieces) -> None:
+        if self.slot.locked_for is None and device.page_lock(self.slot.tensor):
+            self.slot.locked_for = self.device
         events = device.copy_out(self.device, pieces, self.ready)
         self.last_event = events[-1] if events else None
         self.enqueued.set()

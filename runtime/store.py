@@ -286,7 +286,8 @@ class Slot:
         self._mem = mmap.mmap(self.fd, size, flags=flags) if size else None
         self.tensor = torch.frombuffer(self._mem, dtype=torch.uint8, count=size) if size else \
             torch.empty(0, dtype=torch.uint8)
-        self.page_locked = False  # registered with CUDA for device copies (runtime/device.py), once per slot
+        # the CUDA device whose copies this slot's memory was page-locked for (runtime/device.py), once per slot
+        self.locked_for = None
 
     def _fallocate(self, start: int, end: int) -> None:
         """Reserve the memory of bytes [start, end): a write into a mapping of a full tmpfs would kill the process
@@ -337,7 +338,7 @@ class Slot:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self.page_locked:
-            device.page_unlock(self.tensor)
-            self.page_locked = False
+        if self.locked_for is not None:
+            device.page_unlock(self.tensor, self.locked_for)
+            self.locked_for = None
         self.tensor = self._mem = None

@@ -477,7 +477,7 @@ def test_gpu_state_goes_to_page_locked_memory_and_back_bit_for_bit(world1_cuda, 
     ckpt.recover()
     train(model, opt, ckpt, 4, device="cuda")
     slots = list(ckpt.store._held.values())
-    assert slots and all(s.page_locked for s in slots)
+    assert slots and all(s.locked_for == torch.device("cuda", 0) for s in slots)
     ckpt.close()
     before = snapshot(model, opt)
     model2, opt2 = make(1, "adam", "cuda")
