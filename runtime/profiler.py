@@ -167,14 +167,15 @@ class Recorder:
                 work.wait()  # on NCCL, this stream waits on the device; the host does not
         if self._ends is None:
             self._ends = queue.SimpleQueue()
-            threading.Thread(target=self._count_ends, args=(self._ends,), daemon=True,
+            threading.Thread(target=self._count_ends, args=(self._ends, device), daemon=True,
                              name="gemini-collectives").start()
         self._ends.put(stream.record_event())
 
-    def _count_ends(self, ends) -> None:
-        while (event := ends.get()) is not None:
-            event.synchronize()
-            self.collectives.add()
+    def _count_ends(self, ends, device: torch.device) -> None:
+        with torch.cuda.device(device):  # not device 0, where a new thread's CUDA calls go (another rank's GPU)
+            while (event := ends.get()) is not None:
+                event.synchronize()
+                self.collectives.add()
 
     def _wrap_all(self) -> None:
         for attr, kind in WRAPPED.items():
