@@ -526,7 +526,8 @@ class Checkpointer:
                                  "copied_s": (ck.copied_at or done) - ck.release_at, "complete_s": done - t0,
                                  "data_s": ck.data_done() - t0, "cpu_s": ck.cpu_seconds(), "bytes": ck.size,
                                  "peers": len(ck.link.send_to), "cores": ck.cores,
-                                 "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent]})
+                                 "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent],
+                                 **({"stream_wait_s": ck.stream_waited()} if ck.device is not None else {})})
         self.timings.setdefault("replicated_s", []).append(done - ck.release_at)
         self.timings.setdefault("local_write_s", []).extend(ck.link.write_s)
         ck.link.write_s.clear()

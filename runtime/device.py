@@ -87,6 +87,24 @@ def copy_out(device: torch.device, pieces, ready) -> list:
     return events
 
 
+def wait_on(device: torch.device, event) -> tuple:
+    """Make ``device``'s current stream wait for ``event`` (the host does not wait); return the timing events
+    recorded on that stream just before and after the wait, for :func:`waited_s`."""
+    stream = torch.cuda.current_stream(device)
+    before = stream.record_event(torch.cuda.Event(enable_timing=True))
+    stream.wait_event(event)
+    return before, stream.record_event(torch.cuda.Event(enable_timing=True))
+
+
+def waited_s(marks: tuple) -> float:
+    """How long the stream was held up by a :func:`wait_on` (device time, seconds): from when its earlier work was
+    done until the awaited event had happened too; 0 where the event came first. Waits until the second mark has
+    happened, which by the next checkpoint it long has."""
+    before, after = marks
+    after.synchronize()
+    return before.elapsed_time(after) / 1000
+
+
 def copy_in(pairs, device: torch.device, stage_bytes: int = STAGE_BYTES, threads: int = 4) -> None:
     """Copy CPU tensors into tensors on ``device`` through two staging buffers, page-locked on a GPU: while the
     device copies one buffer in (on the checkpoint's side stream, after what the current stream has queued),

@@ -113,6 +113,7 @@ class InFlight:
         self.ready = device.mark(self.device) if self.device is not None else None
         self.enqueued = threading.Event()  # every device copy is queued; last_event is the last one's
         self.last_event = None
+        self.stream_wait = None  # CUDA: timing events around the training stream's wait for the copy (device.wait_on)
         self.committed = threading.Event()  # local copy in the store
         self.interval = interval if schedule.defer_hash else 1
         self.starts = [release_at]  # start of every iteration its traffic may use (perf_counter)
@@ -286,8 +287,8 @@ class InFlight:
         if self.device is not None:
             self.enqueued.wait()
             self._raise()
-            if self.last_event is not None:
-                torch.cuda.current_stream(self.device).wait_event(self.last_event)
+            if self.last_event is not None and self.stream_wait is None:  # later updates are on the same stream
+                self.stream_wait = device.wait_on(self.device, self.last_event)
             return
         self.copied.wait_for(self.size)
         self.committed.wait()
@@ -306,6 +307,11 @@ class InFlight:
         """When every byte was where it goes (after :meth:`wait`): this rank's copy in CPU memory and the last chunk
         from each peer that sends to us; the simulator's checkpoint completion (hashing and files come after)."""
         return max([self.copied_at or self.release_at] + [r.data_at[self.seq] for r in self.link.receivers])
+
+    def stream_waited(self) -> float:
+        """How long the training stream waited for the copy before the update (CUDA, device time; 0 where it did
+        not wait on the device: on the CPU the host's wait is the training thread's own, timed there)."""
+        return device.waited_s(self.stream_wait) if self.stream_wait is not None else 0.0
 
     def cpu_seconds(self) -> float:
         """CPU time this checkpoint cost this rank (after :meth:`wait`): copy, hash, files, sends and receives."""

@@ -44,6 +44,18 @@ def test_rows_judge_each_target_from_the_measurements():
     assert cpu[5][3].startswith("info") and "against a warm load" in cpu[4][1]
 
 
+def test_a_gpu_stall_counts_the_training_streams_wait_in_the_iteration_whose_update_waited():
+    """On a GPU the host does not wait for the copy out: the training stream does (timed with CUDA events, per
+    checkpoint); the stall of an iteration adds that wait to the host's own, in the iteration the checkpoint's
+    traffic ran in (its update waited)."""
+    rank = {"iterations": [{"iteration": i, "stall_s": 0.001 * i, "update_wait_s": 0.0001} for i in (1, 2, 3)],
+            "checkpoints": [{"iteration": 1, "released_in": 2, "stream_wait_s": 0.02},
+                            {"iteration": 2, "released_in": 3, "stream_wait_s": 0.0}]}
+    assert state_path.stalls(rank) == pytest.approx({1: 0.0011, 2: 0.0221, 3: 0.0031})
+    cpu = {"iterations": rank["iterations"], "checkpoints": [{"iteration": 1, "released_in": 2}]}
+    assert state_path.stalls(cpu) == pytest.approx({1: 0.0011, 2: 0.0021, 3: 0.0031})
+
+
 def test_the_sizes_come_from_the_environment_where_given(monkeypatch, capsys):
     """GEMINI_BENCH_GIB (make gpu-bench GIB=...): the GPU session picks its sizes to fit its time; a bad value is
     one line and exit 2, before any job starts."""
