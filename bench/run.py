@@ -209,13 +209,6 @@ def bench_runtime():
 CALIBRATION_DIR = None  # --calibration-dir: use that run of make calibrate instead of a fresh one
 
 
-def _verdict_below(mean: float, ci: float | None, limit: float) -> str:
-    """pass: below the limit with 95% confidence; FAIL: the mean is not below it; else not shown either way."""
-    if mean >= limit:
-        return "FAIL"
-    return "pass" if ci is None or mean + ci < limit else "inconclusive (CI spans the target)"
-
-
 def bench_calibration():
     """The simulator against the runtime (examples/tinygpt/calibrate.py): prediction errors per schedule."""
     import json
@@ -281,7 +274,8 @@ def bench_state_path():
     import state_path
 
     work = Path(tempfile.mkdtemp(prefix="gemini-state-path-"))
-    return state_path.measure(state_path.default_sizes(), work, iters=10, batch=8, seq=128)
+    return state_path.measure(state_path.default_sizes(), work, iters=10, batch=8, seq=128,
+                              overhead=state_path.compute_bound())
 
 
 BENCHES = {"replay": bench_replay_year, "placement": bench_placement_exact, "interleave": bench_interleave,

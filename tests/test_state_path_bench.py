@@ -32,7 +32,8 @@ def test_rows_judge_each_target_from_the_measurements():
     verdicts = [r[3] for r in rows]
     # stall 25 ms vs 1.2e9 / 54.8e9 = 21.9 ms (1.14x); link both ways 0.96 s vs replicated 1.0 s (96%); peer (one
     # way: 1.2 s) 60%; 28x; +1.0%
-    assert verdicts == ["pass", "pass", "FAIL", "info", "FAIL", "pass"]
+    assert verdicts[:5] == ["pass", "pass", "FAIL", "info", "FAIL"]
+    assert verdicts[5].startswith("info (the two ranks share one GPU") and rows[5][2] == "-"
     assert "1.14x" in rows[0][1] and "(96% of" in rows[1][1] and "(peer: 60%" in rows[2][1]
     assert "28.0x" in rows[4][1] and "+1.0%" in rows[5][1]
     assert "10.00 Gbit/s per direction" in rows[1][0] and "the probe's 7.20" in rows[1][0] and "1500 ms" in rows[2][0]
@@ -40,6 +41,9 @@ def test_rows_judge_each_target_from_the_measurements():
     assert "optimizer: 40 / 300 ms, where the copy alone at the measured 51.6 GB/s takes 23 ms" in rows[2][0]
     fast = state_path.rows_for(1, dict(rt, link_both_bytes_per_s=4e9), dcp)
     assert fast[1][3] == "FAIL" and "(30% of" in fast[1][1]  # 0.3 s at that rate
+    nccl = state_path.rows_for(1, dict(rt, backend="cpu:gloo,cuda:nccl"), dcp)  # a GPU per rank: judged
+    assert nccl[5][2:] == ("<= 2% (compute-bound, GPU)", "pass")
+    assert state_path.rows_for(1, dict(rt, backend="cpu:gloo,cuda:nccl", iteration_ckpt_s=1.03), dcp)[5][3] == "FAIL"
     cpu = state_path.rows_for(1, dict(rt, device="cpu"), dict(dcp, load_cold_s=None))
     assert cpu[5][3].startswith("info") and "against a warm load" in cpu[4][1]
 
@@ -54,6 +58,21 @@ def test_a_gpu_stall_counts_the_training_streams_wait_in_the_iteration_whose_upd
     assert state_path.stalls(rank) == pytest.approx({1: 0.0011, 2: 0.0221, 3: 0.0031})
     cpu = {"iterations": rank["iterations"], "checkpoints": [{"iteration": 1, "released_in": 2}]}
     assert state_path.stalls(cpu) == pytest.approx({1: 0.0011, 2: 0.0021, 3: 0.0031})
+
+
+def test_the_compute_bound_overhead_case_runs_and_pairs_its_rounds(tmp_path):
+    """The compute-bound case (on a GPU in make bench): one job of one rank alternating turns without and with a
+    checkpoint every iteration, paired per round; here on the CPU with a tiny model, where the row is information
+    only. The verdict of a mean with its CI: pass only when below the target with 95% confidence."""
+    o = state_path.overhead_figures(0.002, tmp_path, batch=2, seq=16, rounds=2, block=4)
+    assert o["rounds"] == 2 and o["ci95"] is not None and o["device"] == "cpu" and o["iteration_s"] > 0
+    assert (o["dim"], o["layers"]) == state_path.shape_for(0.002 * GiB, 1) and o["shard_bytes"] > 12 * 512 * 512
+    row = state_path.overhead_row(o)
+    assert row[3].startswith("info (CPU") and "mean of 2 paired rounds" in row[0]
+    gpu = dict(o, device="NVIDIA H200", overhead_pct=0.5)
+    assert state_path.overhead_row(dict(gpu, ci95=0.4))[3] == "pass"
+    assert state_path.overhead_row(dict(gpu, ci95=2.0))[3].startswith("inconclusive")
+    assert state_path.overhead_row(dict(gpu, overhead_pct=2.5, ci95=0.1))[3] == "FAIL"
 
 
 def test_the_sizes_come_from_the_environment_where_given(monkeypatch, capsys):

@@ -101,6 +101,8 @@ def main() -> None:
         ckpt.after_backward()  # gemini
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":  # as a loop that logs its loss does: the iteration's time is the device's, the
+            torch.cuda.current_stream(device).synchronize()  # host not running ahead into the next iterations
         ckpt.after_step(it)  # gemini
     ckpt.close()  # gemini
 
