@@ -194,6 +194,7 @@ class Checkpointer:
         self.timings: dict[str, list[float]] = {}
         self.iterations: list[dict] = []  # one record per iteration
         self.checkpoints: list[dict] = []  # one record per checkpoint
+        self._on_device: list[tuple[dict, tuple | None]] = []  # GPU checkpoints' records with their wait's marks
         self.collectives = Progress()
         self.recorder = Recorder(profile_iters, self.collectives)
         if profile_iters or _anchored(self.schedule_dict):
@@ -526,12 +527,26 @@ class Checkpointer:
                                  "copied_s": (ck.copied_at or done) - ck.release_at, "complete_s": done - t0,
                                  "data_s": ck.data_done() - t0, "cpu_s": ck.cpu_seconds(), "bytes": ck.size,
                                  "peers": len(ck.link.send_to), "cores": ck.cores,
-                                 "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent],
-                                 **({"stream_wait_s": ck.stream_waited()} if ck.device is not None else {})})
+                                 "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent]})
+        if ck.device is not None:
+            self._on_device.append((self.checkpoints[-1], ck.stream_wait))
+            self._settle()
         self.timings.setdefault("replicated_s", []).append(done - ck.release_at)
         self.timings.setdefault("local_write_s", []).extend(ck.link.write_s)
         ck.link.write_s.clear()
         return time.perf_counter() - t
+
+    def _settle(self, block: bool = False) -> None:
+        """Give each checkpoint on a GPU its ``stream_wait_s``, the training stream's wait for its copy out, once the
+        stream has got past that wait: the host is not made to wait for the device for it (at close it is)."""
+        left = []
+        for rec, marks in self._on_device:
+            waited = 0.0 if marks is None else device.waited_s(marks, block)
+            if waited is None:
+                left.append((rec, marks))
+            else:
+                rec["stream_wait_s"] = waited
+        self._on_device = left
 
     def persist(self, iteration: int) -> None:
         """A durable DCP checkpoint of the current state (collective)."""
@@ -575,6 +590,7 @@ class Checkpointer:
         self.recorder.uninstall()
         for h in self._handles:
             h.remove()
+        self._settle(block=True)
         if self.out_dir:
             self._write_timings()
         dist.barrier(group=self.groups.control)

@@ -96,11 +96,13 @@ def wait_on(device: torch.device, event) -> tuple:
     return before, stream.record_event(torch.cuda.Event(enable_timing=True))
 
 
-def waited_s(marks: tuple) -> float:
+def waited_s(marks: tuple, block: bool = True) -> float | None:
     """How long the stream was held up by a :func:`wait_on` (device time, seconds): from when its earlier work was
-    done until the awaited event had happened too; 0 where the event came first. Waits until the second mark has
-    happened, which by the next checkpoint it long has."""
+    done until the awaited event had happened too; 0 where the event came first. None, with ``block`` False, while
+    the stream has not got that far yet (with ``block``, the host waits for it)."""
     before, after = marks
+    if not block and not after.query():
+        return None
     after.synchronize()
     return before.elapsed_time(after) / 1000
 

@@ -308,11 +308,6 @@ class InFlight:
         from each peer that sends to us; the simulator's checkpoint completion (hashing and files come after)."""
         return max([self.copied_at or self.release_at] + [r.data_at[self.seq] for r in self.link.receivers])
 
-    def stream_waited(self) -> float:
-        """How long the training stream waited for the copy before the update (CUDA, device time; 0 where it did
-        not wait on the device: on the CPU the host's wait is the training thread's own, timed there)."""
-        return device.waited_s(self.stream_wait) if self.stream_wait is not None else 0.0
-
     def cpu_seconds(self) -> float:
         """CPU time this checkpoint cost this rank (after :meth:`wait`): copy, hash, files, sends and receives."""
         return sum(self.cpu) + sum(r.cpu[self.seq] for r in self.link.receivers)
