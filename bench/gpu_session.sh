@@ -7,7 +7,7 @@
 #
 # Before the first call, here: make gpu-wheels, and carry wheels/ (git-ignored). Each step's output is in
 # $OUT/<step>.log, the card and torch in $OUT/gpu.txt, what ran and how it ended in $OUT/session.log, the bench's
-# table in $OUT/results.md. The machine's start counts against the session's device time too: before the second
+# table in $OUT/results.md, the calibration's data in $OUT/calibration-gpu.json (goes to bench/data/). The machine's start counts against the session's device time too: before the second
 # call, read budget_left_s from `status` and give the bench a limit under it (BENCH_S=..., and the call's timeout_s
 # a little above).
 set -u
@@ -43,4 +43,6 @@ else
     # straight into $OUT: if the device call's own limit (the session's device time left) kills everything, the
     # benches that finished are already there
     step bench "${BENCH_S:-480}" make gpu-bench GIB="${GIB:-1 8}" GPU_RESULTS="$(realpath -m "$OUT")/results.md"
+    # the calibration's predicted-vs-measured data, for bench/data/ (notebooks/calibration.ipynb plots every run)
+    cp out/bench-calibrate/validate.json "$OUT/calibration-gpu.json" 2>/dev/null && note "calibration data kept"
 fi
