@@ -3,7 +3,7 @@
 # starting the machine included; 10 minutes a call). Run it in two device calls, each leaving its files in $OUT:
 #
 #   bash bench/gpu_session.sh test     # the venv over the machine's CUDA torch, then make test (about 5 min)
-#   bash bench/gpu_session.sh bench    # the GPU bench: state path at GIB GiB per rank, runtime, calibration
+#   bash bench/gpu_session.sh bench    # the GPU bench: state path at the first GIB, runtime, calibration, the rest
 #
 # Before the first call, here: make gpu-wheels, and carry wheels/ (git-ignored). Each step's output is in
 # $OUT/<step>.log, the card and torch in $OUT/gpu.txt, what ran and how it ended in $OUT/session.log, the bench's

@@ -424,11 +424,13 @@ def rows_for(gib: float, rt: dict, d: dict) -> list[tuple[str, str, str, str]]:
 COMPUTE_BOUND = (64, 512)
 
 
-def measure(sizes, work: Path, iters: int, batch: int, seq: int, overhead: tuple[int, int] | None = None):
-    """The table's rows, a list of them per step (recovery's copy, then each size, with the compute-bound overhead
-    case after the first where ``overhead`` gives its batch and sequence length), as each step finishes: a run cut
-    short by a time limit keeps the steps before it."""
-    yield [copy_in_row(copy_in_figures(int(min(min(sizes), 1) * GiB), work))]
+def measure(sizes, work: Path, iters: int, batch: int, seq: int, overhead: tuple[int, int] | None = None,
+            copy_in: bool = True):
+    """The table's rows, a list of them per step (recovery's copy where ``copy_in``, then each size, with the
+    compute-bound overhead case after the first where ``overhead`` gives its batch and sequence length), as each step
+    finishes: a run cut short by a time limit keeps the steps before it."""
+    if copy_in and sizes:
+        yield [copy_in_row(copy_in_figures(int(min(min(sizes), 1) * GiB), work))]
     for k, gib in enumerate(sizes):
         rt = runtime_figures(gib, work / f"{gib:g}gib", iters, batch, seq)
         yield rows_for(gib, rt, dcp_figures(int(gib * GiB), work))

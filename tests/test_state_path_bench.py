@@ -117,6 +117,24 @@ def test_the_results_are_written_after_every_bench_and_kept_when_interrupted(tmp
     assert "interrupted in second" in capsys.readouterr().err
 
 
+def test_the_largest_state_sizes_come_last(monkeypatch):
+    """A GPU session's bench may run out of time: the first size (with the compute-bound case and recovery's copy)
+    runs before the runtime bench and the calibration, the other sizes, which take longest, after them."""
+    run = __import__("run")  # bench/run.py
+    names = list(run.BENCHES)
+    assert names.index("state-path") < names.index("calibration") < names.index("state-path-large")
+    assert list(state_path.measure([], Path("unused"), 10, 8, 128)) == []  # no other size (CPU): nothing to do
+    calls = []
+    monkeypatch.setattr(state_path, "default_sizes", lambda: [1.0, 8.0])
+    monkeypatch.setattr(state_path, "compute_bound", lambda: (64, 512))
+    monkeypatch.setattr(state_path, "measure", lambda sizes, work, **kw: calls.append((sizes, kw)) or [])
+    run.bench_state_path()
+    run.bench_state_path_large()
+    assert [c[0] for c in calls] == [[1.0], [8.0]]
+    assert (calls[0][1]["overhead"], calls[0][1]["copy_in"]) == ((64, 512), True)
+    assert (calls[1][1]["overhead"], calls[1][1]["copy_in"]) == (None, False)
+
+
 def test_the_copy_in_bench_runs_and_its_row_names_the_best_setting(tmp_path):
     """Recovery's copy (runtime.device.copy_in) measured for real on this host's device, small: the script the GPU
     session runs must not trip, and it checks every byte arrived."""
