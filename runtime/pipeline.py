@@ -199,17 +199,14 @@ class InFlight:
         completes (the sender waits for that). The copier thread works on the state's device: a thread starts on
         device 0, and a CUDA call there would open a context on another rank's GPU."""
         with torch.cuda.device(self.device):
-            self._copy_on_device(pieces)
-
-    def _copy_on_device(self, pieces) -> None:
-        if self.slot.locked_for is None and device.page_lock(self.slot.tensor):
-            self.slot.locked_for = self.device
-        events = device.copy_out(self.device, pieces, self.ready)
-        self.last_event = events[-1] if events else None
-        self.enqueued.set()
-        for (_, b), ev in zip(self.bounds, events):
-            ev.synchronize()
-            self.copied.set(b)
+            if self.slot.locked_for is None and device.page_lock(self.slot.tensor):
+                self.slot.locked_for = self.device
+            events = device.copy_out(self.device, pieces, self.ready)
+            self.last_event = events[-1] if events else None
+            self.enqueued.set()
+            for (_, b), ev in zip(self.bounds, events):
+                ev.synchronize()
+                self.copied.set(b)
 
     def _wait_release(self, r: int, offset, after) -> None:
         """Wait until a release opens (or :meth:`flush` opens them all)."""
