@@ -34,6 +34,15 @@ from .state import verify
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 
+def _entries(d: Path, pattern: str) -> list[Path]:
+    """The entries of directory ``d`` that match ``pattern``, sorted; none when ``d`` is not there, even when another
+    process of this machine removes it while it is being listed (it dropped that iteration first)."""
+    try:
+        return sorted(d.glob(pattern))
+    except FileNotFoundError:
+        return []
+
+
 class StoreError(RuntimeError):
     """The store cannot be used where it was asked for (one line)."""
 
@@ -118,7 +127,7 @@ class ShardStore:
         with self._lock:
             held = self._spares.pop(rank, None)
         found = False
-        for spare in sorted(self.spare_dir.glob(f"rank-{rank:05d}-*.bin")):
+        for spare in _entries(self.spare_dir, f"rank-{rank:05d}-*.bin"):
             try:
                 st = spare.stat()
                 if st.st_size == size:
@@ -178,9 +187,9 @@ class ShardStore:
         checksum is left to :meth:`get`, when the shard is read (hashing every held shard would cost recovery a pass
         over all of them)."""
         out = []
-        for d in sorted(self.dir.glob("iter-*")):
+        for d in _entries(self.dir, "iter-*"):
             it = int(d.name.split("-")[1])
-            for j in sorted(d.glob("rank-*.json")):
+            for j in _entries(d, "rank-*.json"):
                 rank = int(j.stem.split("-")[1])
                 try:
                     size = json.loads(j.read_text()).get("size")
@@ -196,7 +205,7 @@ class ShardStore:
             path.unlink(missing_ok=True)
 
     def iterations(self) -> list[int]:
-        return sorted(int(d.name.split("-")[1]) for d in self.dir.glob("iter-*"))
+        return [int(d.name.split("-")[1]) for d in _entries(self.dir, "iter-*")]
 
     def keep_newest(self, keep: int, recycle=()) -> None:
         """Drop the iterations older than the newest ``keep`` this machine holds committed shards of (0: drop them
@@ -207,9 +216,9 @@ class ShardStore:
         freed."""
         its = self.iterations()
         if keep:
-            complete = [it for it in its if any(self.iteration_dir(it).glob("rank-*.json"))]
+            complete = [it for it in its if _entries(self.iteration_dir(it), "rank-*.json")]
             cutoff = complete[-keep] if len(complete) >= keep else -1
-            its = [it for it in its if it < cutoff and not any(self.iteration_dir(it).glob("*.tmp"))]
+            its = [it for it in its if it < cutoff and not _entries(self.iteration_dir(it), "*.tmp")]
         for it in its:
             self._drop(it, recycle)
         self._let_go()
@@ -224,7 +233,7 @@ class ShardStore:
             with self._lock:
                 held = self._held.pop((it, rank), None)
             try:
-                if not any(self.spare_dir.glob(f"rank-{rank:05d}-*.bin")):
+                if not _entries(self.spare_dir, f"rank-{rank:05d}-*.bin"):
                     private_dir(self.spare_dir)
                     os.replace(bin_path, spare)
                     if held is not None and held.ino == spare.stat().st_ino:
@@ -259,8 +268,9 @@ class ShardStore:
             slot.close()
 
     def clean_partial(self) -> None:
-        for tmp in self.dir.glob("iter-*/*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for d in _entries(self.dir, "iter-*"):
+            for tmp in _entries(d, "*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     def wipe(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

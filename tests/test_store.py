@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 
 import torch
 import xxhash
@@ -194,6 +195,28 @@ def test_mappings_of_iterations_dropped_by_another_process_are_let_go(tmp_path):
     other.keep_newest(1)  # a process of the same machine that does not recycle rank 0 drops iteration 1
     store.keep_newest(1, recycle=[0])
     assert slot.fd == -1 and (1, 0) not in store._held and not list(store.spare_dir.glob("*.bin"))
+
+
+def test_an_iteration_dropped_by_another_process_while_it_is_listed_is_skipped(tmp_path, monkeypatch):
+    """Two ranks of one machine share its store, and either may drop an iteration: one whose directory vanishes
+    between the check that it exists and the listing of its files (CI saw FileNotFoundError there) counts as gone."""
+    store = ShardStore(tmp_path, 0)
+    for it in (1, 2, 3):
+        write(store, it, 0, *shard(it))
+    listing, victim = os.scandir, store.iteration_dir(2)
+
+    def scandir(path="."):
+        if not isinstance(path, int) and os.fspath(path) == os.fspath(victim):  # the other process wins the race
+            shutil.rmtree(victim, ignore_errors=True)
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert store.inventory() == [(1, 0), (3, 0)]
+    write(store, 2, 0, *shard(2))
+    store.keep_newest(1, recycle=[0])
+    store.clean_partial()
+    monkeypatch.undo()
+    assert store.iterations() == [3] and store.get(3, 0)[0] == shard(3)[0]
 
 
 def test_a_spare_of_another_size_is_not_reused(tmp_path):
