@@ -169,10 +169,15 @@ class Checkpointer:
         store_name = os.environ.get("GEMINI_MACHINE_ID", "node")  # the agent names machines; torchrun: one a host
         self.store = ShardStore(root, int(store_name) if store_name.isdigit() else store_name)
         self.groups = Groups.create(timeout_s)
-        self._check_stores()
+        # a crashed run's half-written shards go; before the ranks meet in _check_stores, so none of this machine's
+        # ranks can have begun a new shard that another, later here, would take for a crashed run's
         self.store.clean_partial()
+        self._check_stores()
         self.host_cores = sorted(host_cores) if host_cores else None
         self.send_to, self.recv_from = self.plan.peers(self.rank)
+        # every rank whose shards this machine's store holds: each of its processes' own, and those they receive
+        local = range(self.machine * self.ppm, (self.machine + 1) * self.ppm)
+        self.held_ranks = sorted({r for mine in local for r in [mine] + self.plan.peers(mine)[1]})
         self.schedule_dict = self.plan.schedule
         self.schedule = schedules.get(self.schedule_dict["name"])
         self.checkpointing = bool(checkpoint)
@@ -371,7 +376,7 @@ class Checkpointer:
                 break
             self.event("checksum-failed", iteration=target, ranks=failed)  # those copies are gone: look again
         # newer iterations here are from a run that did not get past `target`: never to be mixed with their retraining
-        abandoned = self.store.drop_after(target, recycle=[self.rank] + self.recv_from)
+        abandoned = self.store.drop_after(target, ranks=self.held_ranks)
         if target == 0:
             self.event("start", tier="fresh", iteration=0, job=self.job, store=str(self.store.root),
                        durable=str(self.durable), abandoned=abandoned)
@@ -520,13 +525,13 @@ class Checkpointer:
         t = time.perf_counter()
         ck.flush()  # what the schedule has not released yet goes now (after an interval's last backward: nothing)
         done = ck.wait()
-        self.store.keep_newest(self.plan.keep, recycle=[self.rank] + self.recv_from)
+        self.store.keep_newest(self.plan.keep, ranks=self.held_ranks)
         t0 = ck.iteration_start
         self.checkpoints.append({"iteration": ck.iteration, "schedule": ck.schedule.name,
                                  "released_in": ck.released_in, "start_s": ck.release_at - t0,
                                  "copied_s": (ck.copied_at or done) - ck.release_at, "complete_s": done - t0,
                                  "data_s": ck.data_done() - t0, "cpu_s": ck.cpu_seconds(), "bytes": ck.size,
-                                 "peers": len(ck.link.send_to), "cores": ck.cores,
+                                 "peers": len(ck.link.send_to), "cores": ck.cores, "memory": ck.slot.memory,
                                  "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent]})
         if ck.device is not None:
             self._on_device.append((self.checkpoints[-1], ck.stream_wait))

@@ -124,6 +124,7 @@ class ShardStore:
         bin_path, _ = self.paths(iteration, rank)
         private_dir(bin_path.parent)
         tmp = bin_path.with_name(bin_path.name + ".tmp")
+        self._let_go()  # another process of this machine may have made one of this process's files a spare
         with self._lock:
             held = self._spares.pop(rank, None)
         found = False
@@ -135,6 +136,7 @@ class ShardStore:
                     found = True
                     if held is not None and held.ino == st.st_ino:  # the very file we hold mapped
                         held.reopen(iteration, tmp)
+                        held.memory = "held"
                         return held
                     break
                 spare.unlink()
@@ -144,7 +146,9 @@ class ShardStore:
             held.close()
         if not found:
             tmp.unlink(missing_ok=True)
-        return Slot(self, iteration, rank, tmp, size, reserve)
+        slot = Slot(self, iteration, rank, tmp, size, reserve)
+        slot.memory = "spare" if found else "new"
+        return slot
 
     @property
     def spare_dir(self) -> Path:
@@ -207,65 +211,73 @@ class ShardStore:
     def iterations(self) -> list[int]:
         return [int(d.name.split("-")[1]) for d in _entries(self.dir, "iter-*")]
 
-    def keep_newest(self, keep: int, recycle=()) -> None:
-        """Drop the iterations older than the newest ``keep`` this machine holds committed shards of (0: drop them
-        all). Newer ones, whose shards are still being written (a peer that started its next checkpoint ahead of
-        this one), do not count, so they never push out a complete one, and are kept; so is an older one still
-        being written (a peer's late checkpoint), until a later call. The files of the shards of the ranks in
-        ``recycle`` (those this process writes) become spares for :meth:`slot`, at most one per rank; the rest are
-        freed."""
+    def keep_newest(self, keep: int, ranks=()) -> None:
+        """Drop the iterations older than the newest ``keep`` complete ones this machine holds (0: drop them all).
+        ``ranks``: the ranks whose shards this machine holds, its processes' own and those they receive from peers;
+        an iteration is complete here once every one of them is committed (none given: once any shard is). Newer
+        ones still being written (this machine's slower processes, or a peer that started its next checkpoint ahead)
+        do not count, so they never push out a complete one, and are kept; so is an older one still being written (a
+        peer's late checkpoint), until a later call. The files of the ``ranks``' shards become spares for
+        :meth:`slot`, at most one per rank, whichever process of the machine drops them; the rest are freed."""
         its = self.iterations()
         if keep:
-            complete = [it for it in its if _entries(self.iteration_dir(it), "rank-*.json")]
+            complete = [it for it in its if self._complete(it, ranks)]
             cutoff = complete[-keep] if len(complete) >= keep else -1
             its = [it for it in its if it < cutoff and not _entries(self.iteration_dir(it), "*.tmp")]
         for it in its:
-            self._drop(it, recycle)
+            self._drop(it, ranks)
         self._let_go()
 
-    def _drop(self, it: int, recycle=()) -> None:
-        """Drop iteration ``it``; the files of the shards of the ranks in ``recycle`` become spares, at most one per
-        rank (their memory is reserved and mapped already: a new checkpoint written into one skips that)."""
-        for rank in recycle:
+    def _complete(self, it: int, ranks) -> bool:
+        if not ranks:
+            return bool(_entries(self.iteration_dir(it), "rank-*.json"))
+        return all(self.paths(it, rank)[1].exists() for rank in ranks)
+
+    def _drop(self, it: int, ranks=()) -> None:
+        """Drop iteration ``it``; the files of the shards of ``ranks`` become spares, at most one per rank (their
+        memory is reserved and mapped already: a new checkpoint written into one skips that)."""
+        for rank in ranks:
             bin_path, json_path = self.paths(it, rank)
             json_path.unlink(missing_ok=True)  # no longer a shard before its bytes change hands
-            spare = self.spare_dir / f"rank-{rank:05d}-{it:08d}.bin"
-            with self._lock:
-                held = self._held.pop((it, rank), None)
             try:
                 if not _entries(self.spare_dir, f"rank-{rank:05d}-*.bin"):
                     private_dir(self.spare_dir)
-                    os.replace(bin_path, spare)
-                    if held is not None and held.ino == spare.stat().st_ino:
-                        with self._lock:
-                            self._spares[rank], held = held, None
-            except FileNotFoundError:  # another process of this machine dropped the iteration first
+                    os.replace(bin_path, self.spare_dir / f"rank-{rank:05d}-{it:08d}.bin")
+            except FileNotFoundError:  # not here, or another process of this machine dropped the iteration first
                 pass
-            if held is not None:
-                held.close()
         shutil.rmtree(self.iteration_dir(it), ignore_errors=True)
 
-    def drop_after(self, iteration: int, recycle=()) -> list[int]:
+    def drop_after(self, iteration: int, ranks=()) -> list[int]:
         """Drop every iteration newer than ``iteration`` and return them: recovery resumed from ``iteration``, so
         they belong to a run that was abandoned, and the iterations trained again will be stored in their place (a
-        copy of the old one left on some machine must never be taken for the new). The committed shards of the
-        ranks in ``recycle`` become spares, as in :meth:`keep_newest`, so the first checkpoints after a restart
-        need not reserve new memory."""
+        copy of the old one left on some machine must never be taken for the new). The committed shards of
+        ``ranks`` become spares, as in :meth:`keep_newest`, so the first checkpoints after a restart need not
+        reserve new memory."""
         gone = [it for it in self.iterations() if it > iteration]
         for it in gone:
-            self._drop(it, recycle)
+            self._drop(it, ranks)
         self._let_go()
         return gone
 
     def _let_go(self) -> None:
-        """Close this process's mappings of iterations no longer here (dropped by it or another process of this
-        machine)."""
+        """Let go of this process's mappings of iterations no longer here (dropped by it or by another process of
+        this machine), except that a mapping whose file became its rank's spare is kept as this process's spare (the
+        next checkpoint of that rank then maps and page-locks nothing again)."""
         kept = set(self.iterations())
         with self._lock:
             gone = [k for k in self._held if k[0] not in kept]
             slots = [self._held.pop(k) for k in gone]
         for slot in slots:
-            slot.close()
+            spare = self.spare_dir / f"rank-{slot.rank:05d}-{slot.iteration:08d}.bin"
+            try:
+                same = slot.fd >= 0 and spare.stat().st_ino == slot.ino
+            except FileNotFoundError:
+                same = False
+            with self._lock:
+                if same and slot.rank not in self._spares:
+                    self._spares[slot.rank], slot = slot, None
+            if slot is not None:
+                slot.close()
 
     def clean_partial(self) -> None:
         for d in _entries(self.dir, "iter-*"):
@@ -298,6 +310,9 @@ class Slot:
             torch.empty(0, dtype=torch.uint8)
         # the CUDA device whose copies this slot's memory was page-locked for (runtime/device.py), once per slot
         self.locked_for = None
+        # where its memory came from (ShardStore.slot): "held", a mapping this process held already (nothing to map
+        # or page-lock); "spare", the file of a dropped shard, mapped anew; "new", memory reserved for it
+        self.memory = "new"
 
     def _fallocate(self, start: int, end: int) -> None:
         """Reserve the memory of bytes [start, end): a write into a mapping of a full tmpfs would kill the process

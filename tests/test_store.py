@@ -120,7 +120,7 @@ def test_dropped_files_are_recycled_and_kept_shards_stay_intact(tmp_path):
     for it, (data, manifest) in shards.items():
         slots[it] = write(store, it, 0, data, manifest)
         inodes[it] = os.stat(store.paths(it, 0)[0]).st_ino
-        store.keep_newest(2, recycle=[0])
+        store.keep_newest(2, ranks=[0])
         kept = store.iterations()
         assert kept == list(range(max(1, it - 1), it + 1))
         for k in kept:  # writing the newest never touched the one before it
@@ -133,25 +133,49 @@ def test_dropped_files_are_recycled_and_kept_shards_stay_intact(tmp_path):
 
 
 def test_a_checkpoint_still_arriving_does_not_push_out_the_newest_complete_one(tmp_path):
-    """keep counts complete iterations: a peer that started its next checkpoint ahead of this machine (its slot
-    open, nothing committed) must not cost the only complete copy here, and is not dropped itself; nor is an older
-    one still arriving from a peer behind."""
+    """keep counts complete iterations, those with every shard the machine holds committed: a peer that started its
+    next checkpoint ahead of this machine (its slot open, nothing committed) must not cost the only complete copy
+    here, and is not dropped itself; nor is an older one still arriving from a peer behind."""
     store = ShardStore(tmp_path, 0)
     for it in (1, 2, 3):
         write(store, it, 0, *shard(it))
+        if it != 2:
+            write(store, it, 1, *shard(10 + it))  # the peer's shard this machine keeps
     size = len(shard(0)[0])
     late = store.slot(2, 1, size)  # a slow peer's shard of iteration 2, still arriving
     ahead = store.slot(4, 1, size)  # a fast peer's of iteration 4, started
-    store.keep_newest(1, recycle=[0, 1])
-    assert store.iterations() == [2, 3, 4] and store.inventory() == [(2, 0), (3, 0)]
+    store.keep_newest(1, ranks=[0, 1])
+    assert store.iterations() == [2, 3, 4] and store.inventory() == [(2, 0), (3, 0), (3, 1)]
     assert store.get(3, 0)[0] == shard(3)[0]
     for slot, it in ((late, 2), (ahead, 4)):
         data, manifest = shard(10 + it)
         slot.tensor.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         slot.commit(manifest)
         assert store.get(it, 1)[0] == data
-    store.keep_newest(1, recycle=[0, 1])
-    assert store.iterations() == [4]
+    store.keep_newest(1, ranks=[0, 1])
+    assert store.iterations() == [3, 4]  # 4 lacks this machine's own shard: 3 is still the newest complete one
+
+
+def test_the_processes_of_one_machine_keep_each_others_newest_complete_checkpoint(tmp_path):
+    """Two ranks of one machine share its store: the one done first with a checkpoint must not drop the other's
+    last complete one (keep=1), and each rank writes every checkpoint from the third on into the file and through the
+    mapping of one of its own earlier ones, whichever process dropped it."""
+    stores = {0: ShardStore(tmp_path, 0), 1: ShardStore(tmp_path, 0)}
+    slots = {0: {}, 1: {}}
+    for it in range(1, 7):
+        order = (0, 1) if it % 2 else (1, 0)  # either may finish first
+        first, last = order
+        for rank in order:
+            slots[rank][it] = write(stores[rank], it, rank, *shard(10 * rank + it))
+            if rank == first:
+                stores[first].keep_newest(1, ranks=[0, 1])
+                assert it - 1 in stores[first].iterations() or it == 1  # the last complete one, for both ranks
+        stores[last].keep_newest(1, ranks=[0, 1])
+        assert stores[0].iterations() == [it]
+    for rank in (0, 1):
+        for it in range(3, 7):
+            assert slots[rank][it] is slots[rank][it - 2]
+        assert stores[rank].get(6, rank)[0] == shard(10 * rank + 6)[0]
 
 
 def test_recovery_drops_the_iterations_of_an_abandoned_run(tmp_path):
@@ -171,7 +195,7 @@ def test_a_restarted_process_recycles_its_abandoned_shard_for_its_next_checkpoin
     write(ShardStore(tmp_path, 0), 6, 0, data, manifest)
     abandoned = ShardStore(tmp_path, 0).paths(6, 0)[0].stat().st_ino
     store = ShardStore(tmp_path, 0)  # the new process's
-    assert store.drop_after(5, recycle=[0]) == [6]
+    assert store.drop_after(5, ranks=[0]) == [6]
     assert store.inventory() == [] and store.iterations() == []
     slot = store.slot(6, 0, len(data))  # iteration 6 trained again
     assert os.fstat(slot.fd).st_ino == abandoned
@@ -182,7 +206,7 @@ def test_a_file_replaced_behind_a_mapping_is_not_written_through_it(tmp_path):
     store = ShardStore(tmp_path, 0)
     write(store, 1, 0, *shard(1))
     store.put(1, 0, *shard(2))
-    store.keep_newest(0, recycle=[0])
+    store.keep_newest(0, ranks=[0])
     data, manifest = shard(3)
     write(store, 2, 0, data, manifest)
     assert store.get(2, 0)[0] == data
@@ -193,7 +217,7 @@ def test_mappings_of_iterations_dropped_by_another_process_are_let_go(tmp_path):
     slot = write(store, 1, 0, *shard(1))
     write(store, 2, 0, *shard(2))
     other.keep_newest(1)  # a process of the same machine that does not recycle rank 0 drops iteration 1
-    store.keep_newest(1, recycle=[0])
+    store.keep_newest(1, ranks=[0])
     assert slot.fd == -1 and (1, 0) not in store._held and not list(store.spare_dir.glob("*.bin"))
 
 
@@ -213,7 +237,7 @@ def test_an_iteration_dropped_by_another_process_while_it_is_listed_is_skipped(t
     monkeypatch.setattr(os, "scandir", scandir)
     assert store.inventory() == [(1, 0), (3, 0)]
     write(store, 2, 0, *shard(2))
-    store.keep_newest(1, recycle=[0])
+    store.keep_newest(1, ranks=[0])
     store.clean_partial()
     monkeypatch.undo()
     assert store.iterations() == [3] and store.get(3, 0)[0] == shard(3)[0]
@@ -222,7 +246,7 @@ def test_an_iteration_dropped_by_another_process_while_it_is_listed_is_skipped(t
 def test_a_spare_of_another_size_is_not_reused(tmp_path):
     store = ShardStore(tmp_path, 0)
     write(store, 1, 0, *shard(1, 1000))
-    store.keep_newest(0, recycle=[0])
+    store.keep_newest(0, ranks=[0])
     spare = next(store.spare_dir.glob("*.bin"))
     data, manifest = shard(2, 3000)
     write(store, 2, 0, data, manifest)
@@ -234,7 +258,7 @@ def test_only_the_recycled_ranks_files_become_spares(tmp_path):
     store = ShardStore(tmp_path, 0)
     for rank in (0, 1):
         write(store, 1, rank, *shard(rank))
-    store.keep_newest(0, recycle=[1])
+    store.keep_newest(0, ranks=[1])
     assert [p.name for p in store.spare_dir.glob("*.bin")] == ["rank-00001-00000001.bin"]
     assert store.iterations() == []
 

@@ -2,6 +2,7 @@
 and ends where an uninterrupted run ends; two c10d-rendezvous nodes on one host need a store each, and say so."""
 
 import filecmp
+import json
 import os
 import socket
 import subprocess
@@ -41,6 +42,10 @@ def test_a_relaunched_single_node_job_resumes_from_memory(tmp_path):
     contract.write(contract.default(1, 2, replicas=1, persist=4), plan)
     rc, out = finish(torchrun(tmp_path, plan, 6, "first", "job"))
     assert rc == 0, out
+    for rank in (0, 1):  # both ranks share the machine's store: from the fourth checkpoint on (keep 2), each is
+        # written through the mapping of one of its own that was dropped, whichever rank dropped it
+        cks = json.loads((tmp_path / "first" / f"timings-rank-{rank:05d}.json").read_text())["checkpoints"]
+        assert [c["memory"] for c in cks] == ["new"] * 3 + ["held"] * 3, rank
     rc, out = finish(torchrun(tmp_path, plan, 10, "resumed", "job"))  # the same job, launched again
     assert rc == 0, out
     assert out.count('"msg": "recovered", "iteration": 6, "tier": "local"') == 2
