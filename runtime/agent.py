@@ -132,6 +132,7 @@ class Job:
         self.launch_id = f"{os.getpid()}-{time.time_ns()}"  # tags every process of this job, for cleanup
         self.events: list[dict] = []
         self.procs: dict[int, subprocess.Popen] = {}
+        self.pumps: list[threading.Thread] = []  # the readers of the machines' output, one per machine started
         self.generation: dict[int, int] = {}
         self.lock = threading.Lock()
         self.job_attempt = 0  # bumped whenever the agent restarts the job on a new machine set
@@ -180,7 +181,9 @@ class Job:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, cwd=os.getcwd(),
                              start_new_session=True, text=True)
         self.procs[m] = p
-        threading.Thread(target=self._pump, args=(m, p, log), daemon=True).start()
+        pump = threading.Thread(target=self._pump, args=(m, p, log), daemon=True)
+        pump.start()
+        self.pumps.append(pump)
 
     def _pump(self, m: int, p: subprocess.Popen, log) -> None:
         for line in p.stdout:
@@ -195,7 +198,7 @@ class Job:
                     self.events.append(rec)
                     if rec["msg"] == "lose-me":
                         self.waiting.add(m)
-        log.flush()
+        log.close()
 
     def _pids(self, machine: int | None = None) -> list[int]:
         """Every live process of this job (of one machine, if given), found by the tags in its environment: torchrun
@@ -320,7 +323,8 @@ class Job:
         finally:
             for m in self.procs:
                 self._kill(m)
-        time.sleep(0.3)
+        for pump in self.pumps:  # every line the machines wrote is read before the events are handed over
+            pump.join(timeout=5)
         return JobResult({m: p.returncode for m, p in self.procs.items()}, list(self.events), self.out,
                          time.time() - t0, {m: str(self.work / f"machine-{m}.{g}.log")
                                             for m, g in self.generation.items()}, cause)

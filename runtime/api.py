@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -101,6 +102,22 @@ def default_store_root() -> Path:
     """``/dev/shm/gemini-UID`` (under $TMPDIR or /tmp where there is no /dev/shm); jobs have folders inside."""
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
     return base / f"gemini-{os.geteuid()}"
+
+
+def emit_line(line: str) -> None:
+    """Print one line on stdout in a single write. The ranks of a machine share their agent's stdout, a pipe; with
+    unbuffered output (``PYTHONUNBUFFERED``) ``print`` writes the text and its newline apart, so two ranks' lines
+    could interleave, and the agent would lose both. One write of a line under the pipe's atomic size (4 KiB) is
+    never interleaved."""
+    data = (line + "\n").encode()
+    try:
+        sys.stdout.flush()  # what was printed before goes first
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout replaced by something without a file
+        print(line, flush=True)
+        return
+    while data:
+        data = data[os.write(fd, data):]
 
 
 class Checkpointer:
@@ -243,7 +260,7 @@ class Checkpointer:
         """Report an event: a log line, and a machine-readable one on stdout under the agent (GEMINI_EVENTS)."""
         rec = {"t": round(time.time(), 4), "rank": self.rank, "msg": msg, **fields}
         if os.environ.get("GEMINI_EVENTS"):
-            print("GEMINI " + json.dumps(rec), flush=True)
+            emit_line("GEMINI " + json.dumps(rec))
         log.info("rank %d: %s %s", self.rank, msg, fields)
 
     # -- state ---------------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ITERS = 10
 
 
-def run_job(tmp_path_factory, script, name, faults=""):
+def run_job(tmp_path_factory, script, name, faults="", machines=4, ppm=1):
     work = tmp_path_factory.mktemp(name)
-    plan = default_plan(work / "plan.json", machines=4, ppm=1, replicas=2, interval=1, persist=5)
+    plan = default_plan(work / "plan.json", machines=machines, ppm=ppm, replicas=2, interval=1, persist=5)
     job = Job(plan, work, [*script, "--iters", str(ITERS)], faults=faults)
     try:
         res = job.run(timeout=300)

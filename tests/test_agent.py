@@ -1,6 +1,7 @@
 """The agent: it runs any entry point, ties ranks to machines, names a failed job's root cause within seconds, and
 does not retry an error that repeats; its command line refuses bad input in one line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -134,3 +135,34 @@ def test_a_refused_job_leaves_no_folder_in_shared_memory(tmp_path, monkeypatch, 
     with pytest.raises(ValueError):
         Job(default_plan(tmp_path / "plan.json", 2, 1), tmp_path / "job", ["x.py"], **kw)
     assert not any(os.path.exists(p) for p in made)
+
+
+def test_event_lines_of_ranks_sharing_one_pipe_never_interleave():
+    """A machine's ranks write their event lines to their agent's stdout, one pipe. Unbuffered (PYTHONUNBUFFERED),
+    print writes a line and its newline apart, and two ranks' lines came out merged, both lost to the agent;
+    emit_line writes each in one piece."""
+    n = 5000
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    writer = textwrap.dedent(f"""
+        import json, os, sys
+        from runtime.api import emit_line
+        os.write({ready_w}, b"x")
+        os.read({go_r}, 1)  # both writers start together
+        for i in range({n}):
+            emit_line("GEMINI " + json.dumps({{"rank": int(sys.argv[1]), "i": i, "pad": "x" * 100}}))
+    """)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    read, write = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(rank)], stdout=write, env=env,
+                              pass_fds=(ready_w, go_r)) for rank in (0, 1)]
+    for fd in (write, ready_w, go_r):
+        os.close(fd)
+    assert os.read(ready_r, 1) and os.read(ready_r, 1)
+    os.close(go_w)
+    with os.fdopen(read) as f:
+        lines = f.read().splitlines()
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    os.close(ready_r)
+    got = sorted((rec["rank"], rec["i"]) for rec in (json.loads(line[len("GEMINI "):]) for line in lines))
+    assert got == [(rank, i) for rank in (0, 1) for i in range(n)]
