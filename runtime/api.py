@@ -192,9 +192,7 @@ class Checkpointer:
         self._check_stores()
         self.host_cores = sorted(host_cores) if host_cores else None
         self.send_to, self.recv_from = self.plan.peers(self.rank)
-        # every rank whose shards this machine's store holds: each of its processes' own, and those they receive
-        local = range(self.machine * self.ppm, (self.machine + 1) * self.ppm)
-        self.held_ranks = sorted({r for mine in local for r in [mine] + self.plan.peers(mine)[1]})
+        self.held_ranks = self.plan.held_on(self.machine)  # the shards this machine's store holds, of every rank
         self.schedule_dict = self.plan.schedule
         self.schedule = schedules.get(self.schedule_dict["name"])
         self.checkpointing = bool(checkpoint)

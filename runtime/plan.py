@@ -94,6 +94,12 @@ class Plan:
         recv = [j for j, hs in enumerate(holders) if j != me and me in hs]
         return [m * ppm + local for m in send], [m * ppm + local for m in recv]
 
+    def held_on(self, machine: int) -> list[int]:
+        """Ranks whose shards ``machine``'s store holds: each of its ranks' own, and those they receive."""
+        ppm = self.processes_per_machine
+        mine = range(machine * ppm, (machine + 1) * ppm)
+        return sorted({r for rank in mine for r in [rank] + self.peers(rank)[1]})
+
     def retrieval_order(self, owner_machine: int) -> list[int]:
         """Machines to fetch ``owner_machine``'s shards from: itself and its holders first, then any other."""
         first = self.holders[owner_machine]

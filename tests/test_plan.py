@@ -226,3 +226,24 @@ def test_one_vocabulary_for_simulator_plan_and_runtime():
     assert placement.resolve("ring", 5, 2) == "ring"
     d = contract.default(5, 2, replicas=2)
     assert d["placement"]["strategy"] == "mixed" and d["recovery"]["order"] == list(contract.TIERS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 12), m=st.integers(1, 4), ppm=st.integers(1, 4),
+       strategy=st.sampled_from(["group", "mixed", "ring", "random"]))
+def test_a_machine_holds_the_shards_of_every_rank_its_placement_names_it_for(n, m, ppm, strategy):
+    """The runtime's view of a plan: machine j's store holds rank r's shard exactly when j is one of the holders of
+    r's machine, so every shard is held on m machines (what the store keeps and recycles, runtime/store.py)."""
+    from runtime.plan import Plan
+
+    m = min(m, n)
+    if strategy == "group" and n % m:
+        strategy = "mixed"
+    holders = placement.build(strategy, n, m).holders
+    p = Plan.of(plan.make(machines=n, processes_per_machine=ppm, placement_strategy=strategy, holders=holders,
+                          schedule="naive", chunk_bytes=1000, buffer_bytes=2000, interval_iters=1,
+                          persist_interval_iters=5), "test")
+    world = n * ppm
+    for j in range(n):
+        assert p.held_on(j) == [r for r in range(world) if j in holders[r // ppm]]
+    assert sorted(r for j in range(n) for r in p.held_on(j)) == sorted(list(range(world)) * m)
