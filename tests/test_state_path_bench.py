@@ -37,7 +37,7 @@ def test_rows_judge_each_target_from_the_measurements():
     assert "1.14x" in rows[0][1] and "(96% of" in rows[1][1] and "(peer: 60%" in rows[2][1]
     assert "28.0x" in rows[4][1] and "+1.0%" in rows[5][1]
     assert "10.00 Gbit/s per direction" in rows[1][0] and "the probe's 7.20" in rows[1][0] and "1500 ms" in rows[2][0]
-    assert "first checkpoint, into memory not yet reserved, in local memory after 500 ms" in rows[1][0]
+    assert "first checkpoints, into memory not yet reserved, the slowest in local memory after 500 ms" in rows[1][0]
     assert "optimizer: 40 / 300 ms, where the copy alone at the measured 51.6 GB/s takes 23 ms" in rows[2][0]
     fast = state_path.rows_for(1, dict(rt, link_both_bytes_per_s=4e9), dcp)
     assert fast[1][3] == "FAIL" and "(30% of" in fast[1][1]  # 0.3 s at that rate
