@@ -124,11 +124,12 @@ class ShardStore:
         bin_path, _ = self.paths(iteration, rank)
         private_dir(bin_path.parent)
         tmp = bin_path.with_name(bin_path.name + ".tmp")
-        self._let_go()  # another process of this machine may have made one of this process's files a spare
+        if rank not in self._spares:  # another process of this machine may have made a file this one maps a spare
+            self._let_go()
         with self._lock:
             held = self._spares.pop(rank, None)
         found = False
-        for spare in _entries(self.spare_dir, f"rank-{rank:05d}-*.bin"):
+        for spare in self._spares_of(rank):
             try:
                 st = spare.stat()
                 if st.st_size == size:
@@ -153,6 +154,12 @@ class ShardStore:
     @property
     def spare_dir(self) -> Path:
         return self.dir / "spare"
+
+    def _spare_path(self, rank: int, iteration: int) -> Path:
+        return self.spare_dir / f"rank-{rank:05d}-{iteration:08d}.bin"
+
+    def _spares_of(self, rank: int) -> list[Path]:
+        return _entries(self.spare_dir, f"rank-{rank:05d}-*.bin")
 
     def put(self, iteration: int, rank: int, data: bytes, manifest: dict) -> None:
         """Write a whole shard from bytes (a plain new file; checkpoints in flight go through :meth:`slot`)."""
@@ -240,9 +247,9 @@ class ShardStore:
             bin_path, json_path = self.paths(it, rank)
             json_path.unlink(missing_ok=True)  # no longer a shard before its bytes change hands
             try:
-                if not _entries(self.spare_dir, f"rank-{rank:05d}-*.bin"):
+                if not self._spares_of(rank):
                     private_dir(self.spare_dir)
-                    os.replace(bin_path, self.spare_dir / f"rank-{rank:05d}-{it:08d}.bin")
+                    os.replace(bin_path, self._spare_path(rank, it))
             except FileNotFoundError:  # not here, or another process of this machine dropped the iteration first
                 pass
         shutil.rmtree(self.iteration_dir(it), ignore_errors=True)
@@ -268,9 +275,8 @@ class ShardStore:
             gone = [k for k in self._held if k[0] not in kept]
             slots = [self._held.pop(k) for k in gone]
         for slot in slots:
-            spare = self.spare_dir / f"rank-{slot.rank:05d}-{slot.iteration:08d}.bin"
             try:
-                same = slot.fd >= 0 and spare.stat().st_ino == slot.ino
+                same = slot.fd >= 0 and self._spare_path(slot.rank, slot.iteration).stat().st_ino == slot.ino
             except FileNotFoundError:
                 same = False
             with self._lock:
