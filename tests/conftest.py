@@ -1,9 +1,11 @@
+import atexit
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from cli_runner import Runner
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "traces"
@@ -42,13 +44,27 @@ def load_example(example: str, module: str):
     return mod
 
 
-def run_cli(*args, check_rc: int | None = 0):
-    """Run the real ``gemini-sim`` entry point in a subprocess; return (rc, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "gemini_sim.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+CLI = Runner()
+atexit.register(CLI.close)
+
+
+def run_cli(*args, check_rc: int | None = 0, timeout: float = 300, address_space: int | None = None):
+    """Run the real ``gemini-sim`` command line in a process of its own (tests/cli_runner.py), within ``timeout``
+    seconds and, if given, ``address_space`` bytes; return (rc, stdout, stderr)."""
+    proc = CLI.run(args, ROOT, timeout, address_space)
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stderr
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def gives_a_result_or_one_line(argv, *context) -> None:
+    """What every command promises for any input: exit 0, or exit 2 with one line ``gemini-sim: error: ...``; and
+    within 120 s and 4 GiB of address space. ``context`` goes into the failure message."""
+    rc, _, err = run_cli(*argv, check_rc=None, timeout=120, address_space=4 << 30)
+    assert rc in (0, 2), (argv, *context, rc, err[-800:])
+    if rc == 2:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gemini-sim: error:"), (argv, *context, err[-800:])
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 For any input, a reader either returns a value that keeps its invariants or raises a one-line UserError; nothing
 else (no other exception, no hang, no huge allocation). In-process cases are many and fast; a smaller set runs the
-real command line on the generated files, each in a subprocess with a time limit and a 4 GiB address-space limit.
+real command line on the generated files, each in a process of its own with a time limit and a 4 GiB address-space
+limit.
 """
 
 import copy
@@ -10,13 +11,10 @@ import json
 from collections import Counter
 from importlib import resources
 import math
-import resource
-import subprocess
-import sys
 
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from conftest import ROOT
+from conftest import ROOT, gives_a_result_or_one_line
 from gemini_sim import plan as plan_mod
 from gemini_sim.cluster import config, workload
 from gemini_sim.errors import UserError
@@ -190,11 +188,7 @@ def test_preset_reader_returns_a_sound_preset_or_one_line(tmp_path_factory, line
     assert all(math.isfinite(v) and v > 0 for k, v in s.items() if isinstance(v, float))
 
 
-# --- the real command line on generated files, each in a limited subprocess -----------------------------------
-def _limited():
-    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-
-
+# --- the real command line on generated files, each in a limited process of its own (tests/cli_runner.py) ------
 COMMANDS = {
     "trace": [["replay", "--trace", "{f}", "--strategies", "gemini,strawman"], ["fit", "--trace", "{f}", "--json"]],
     "plan": [["plan", "show", "{f}"], ["plan", "validate", "{f}"]],
@@ -218,12 +212,7 @@ def test_cli_on_generated_files_gives_a_result_or_one_line(tmp_path_factory, cas
     f = tmp_path_factory.mktemp("cli") / f"in.{'csv' if kind == 'trace' else 'json'}"
     f.write_text(text)
     argv = [a.replace("{f}", str(f)) for a in argv]
-    r = subprocess.run([sys.executable, "-m", "gemini_sim.cli", *argv], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120, preexec_fn=_limited)
-    assert r.returncode in (0, 2), (argv, text[:300], r.stderr[-800:])
-    if r.returncode == 2:
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("gemini-sim: error:"), (argv, r.stderr[-800:])
+    gives_a_result_or_one_line(argv, text[:300])
 
 
 def test_the_fuzzers_reach_both_outcomes():
