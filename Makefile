@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-torch bench clean runtime-demo calibrate netns-up netns-down gpu-wheels gpu-bench
+.PHONY: run test test-long test-torch bench clean runtime-demo calibrate netns-up netns-down gpu-wheels gpu-bench
 
 # OFFLINE=1: a machine with its own torch (and numpy, scipy, networkx, matplotlib) that reaches no registry, the
 # GPU machine: the venv sees the system's packages and installs the rest from wheels/ (made by make gpu-wheels).
@@ -31,6 +31,10 @@ run: $(STAMP)
 # WORKERS: pytest processes (2, the CI machine's cores; a larger machine may give more).
 WORKERS ?= 2
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not long" tests --nbmake notebooks
+
+# Everything make test runs, and the cases it leaves out (marked long: the fault matrix on the second example).
+test-long: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile tests --nbmake notebooks
 
 # The tests on another torch than the pinned one (the runtime supports torch >= 2.6), in a venv of their own,

@@ -44,6 +44,20 @@ def load_example(example: str, module: str):
     return mod
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marks
+def pytest_collection_modifyitems(items):
+    """A test module names in LONG the tests it shares with another module (the fault matrix on each example) that
+    `make test` runs only there: they are marked ``long``, and `make test-long` runs them too."""
+    for item in items:
+        long = getattr(getattr(item, "module", None), "LONG", ())  # a notebook has no module
+        if not long:
+            continue
+        if unknown := [name for name in long if not callable(getattr(item.module, name, None))]:
+            raise pytest.UsageError(f"{item.module.__name__}.LONG names no test: {unknown}")
+        if item.originalname in long:
+            item.add_marker(pytest.mark.long)
+
+
 CLI = Runner()
 atexit.register(CLI.close)
 
