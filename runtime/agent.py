@@ -70,6 +70,16 @@ class JobResult:
     def records(self, msg: str) -> list[dict]:
         return [e for e in self.events if e["msg"] == msg]
 
+    def attempts(self) -> list[list[dict]]:
+        """The events of each attempt of the job, in order (the first, then one per restart by the agent)."""
+        out: list[list[dict]] = [[]]
+        for e in self.events:
+            if e["msg"] == "job-restart":
+                out.append([])
+            else:
+                out[-1].append(e)
+        return out
+
     @property
     def ok(self) -> bool:
         return all(rc == 0 for rc in self.returncodes.values())
@@ -123,10 +133,19 @@ class Job:
         self.durable = self.work / "durable"
         self.out = Path(out_dir) if out_dir else self.work / "out"
         self.faults, self.max_restarts = faults, max_restarts
-        from .testing.faults import parse
+        from .testing.faults import parse, spec
 
         # a malformed fault is an error now, not in every worker; 'lose' faults are the agent's to carry out
-        self.to_lose = {who for kind, who, _ in parse(faults) if kind == "lose"}
+        parsed = parse(faults)
+        for kind, who, it in parsed:
+            limit, what = (self.n, "machine") if kind == "lose" else (self.n * self.ppm, "rank")
+            if who >= limit:
+                raise ValueError(f"fault {spec(kind, who, it)}: no {what} {who} in a job of {limit} {what}s")
+        self.faults_left = [spec(*f) for f in parsed]  # those that have not struck yet (each strikes once)
+        self.to_lose: dict[int, set[int]] = {}  # iteration -> the machines lost there, together
+        for kind, who, it in parsed:
+            if kind == "lose":
+                self.to_lose.setdefault(it, set()).add(who)
         self.python, self.job_name, self.extra_env = python, job_name, dict(env or {})
         self.port = 0
         self.launch_id = f"{os.getpid()}-{time.time_ns()}"  # tags every process of this job, for cleanup
@@ -158,7 +177,7 @@ class Job:
     def start_machine(self, m: int) -> None:
         gen = self.generation.get(m, -1) + 1
         self.generation[m] = gen
-        env = dict(os.environ, **self.extra_env, GEMINI_MACHINE_ID=str(m), GEMINI_FAULT=self.faults,
+        env = dict(os.environ, **self.extra_env, GEMINI_MACHINE_ID=str(m), GEMINI_FAULT=",".join(self.faults_left),
                    OMP_NUM_THREADS="1", GEMINI_LAUNCH_ID=self.launch_id, GEMINI_EVENTS="1",
                    GEMINI_MACHINE_GENERATION=str(gen), GEMINI_JOB_ATTEMPT=str(self.job_attempt),
                    GEMINI_PLAN=str(self.plan_path), GEMINI_STORE_ROOT=str(self.store_root),
@@ -177,7 +196,7 @@ class Job:
                self.python, "-m", "torch.distributed.run", f"--nnodes={self.n}", f"--nproc-per-node={self.ppm}",
                f"--node-rank={m}", f"--master-addr={self.host}", f"--master-port={self.port}", *local,
                "--rdzv-backend=static", "--max-restarts=0", "--monitor-interval=0.5", *self.entry]
-        log = open(self.work / f"machine-{m}.{gen}.log", "w")
+        log = open(self.work / f"machine-{m}.{gen}.log", "w", buffering=1)  # line by line, as it comes
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, cwd=os.getcwd(),
                              start_new_session=True, text=True)
         self.procs[m] = p
@@ -196,6 +215,8 @@ class Job:
                 rec["machine"] = m
                 with self.lock:
                     self.events.append(rec)
+                    if rec.get("fault") in self.faults_left:  # it struck: not again in a later attempt
+                        self.faults_left.remove(rec["fault"])
                     if rec["msg"] == "lose-me":
                         self.waiting.add(m)
         log.close()
@@ -275,6 +296,7 @@ class Job:
         for m in range(self.n):
             if m not in lost:
                 self._kill(m)  # its processes go; its CPU-memory store stays
+        self._drain()  # every event of the attempt is in, so the faults that struck stay out of the next one
         with self.lock:
             self.events.append({"msg": "job-restart", "why": why, "machine": -1, "t": time.time()})
         self.job_attempt += 1
@@ -283,24 +305,28 @@ class Job:
         for m in range(self.n):
             self.start_machine(m)
 
+    def _drain(self) -> None:
+        """Wait until the readers have read every line the stopped machines wrote."""
+        for pump in self.pumps:
+            pump.join(timeout=5)
+
     # -- the job -------------------------------------------------------------------------------------------------
     def run(self, timeout: float = 600, echo=None) -> JobResult:
-        """Run to completion, losing the machines named by ``lose:MACHINE:ITER`` faults when they reach ITER (all of
-        them before any replacement starts: a replica group can be lost at once). ``echo(line)`` is told of every
-        failure as it happens."""
+        """Run to completion, losing the machines named by ``lose:MACHINE:ITER`` faults when they reach ITER (those
+        of one ITER together, before any replacement starts: a replica group can be lost at once; those of a later
+        ITER in a later attempt). ``echo(line)`` is told of every failure as it happens."""
         t0 = time.time()
         self.port = free_port()
-        pending = set(self.to_lose)
+        pending = dict(self.to_lose)
         cause = None
         try:
             for m in range(self.n):
                 self.start_machine(m)
             while True:
                 with self.lock:
-                    ready = pending and pending <= self.waiting
-                if ready:
-                    self.restart_job(sorted(pending), "machines lost")
-                    pending = set()
+                    due = [it for it, lost in pending.items() if lost <= self.waiting]
+                if due:
+                    self.restart_job(sorted(pending.pop(due[0])), "machines lost")
                 failed = [m for m, p in self.procs.items() if p.poll() not in (None, 0)]
                 if failed:
                     cause = self._settled_cause(failed)
@@ -315,7 +341,7 @@ class Job:
                     self.restart_job([], f"machine {failed[0]} failed: {cause}")
                     continue
                 cause = None
-                if all(p.poll() is not None for p in self.procs.values()) and not pending:
+                if all(p.poll() is not None for p in self.procs.values()):  # a loss never due is not waited for
                     break
                 if time.time() - t0 > timeout:
                     raise TimeoutError(f"job did not finish in {timeout:.0f} s (logs in {self.work})")
@@ -323,8 +349,7 @@ class Job:
         finally:
             for m in self.procs:
                 self._kill(m)
-        for pump in self.pumps:  # every line the machines wrote is read before the events are handed over
-            pump.join(timeout=5)
+            self._drain()  # every line the machines wrote is in the logs and events, also after a timeout
         return JobResult({m: p.returncode for m, p in self.procs.items()}, list(self.events), self.out,
                          time.time() - t0, {m: str(self.work / f"machine-{m}.{g}.log")
                                             for m, g in self.generation.items()}, cause)

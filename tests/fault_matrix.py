@@ -35,14 +35,17 @@ def assert_identical(res, baseline):
         assert filecmp.cmp(a, b, shallow=False), f"rank {r}: final parameters differ"
 
 
-def tiers(res):
-    """rank -> (tier, iteration) of its recovery, whose reported parts (fetching, loading into the model and
-    optimizer, confirming the checksums) fit within the whole it reports."""
-    for e in res.records("recovered"):
+def tiers(res, attempt: int | None = None):
+    """rank -> (tier, iteration) of its recovery (in that attempt of the job, if given; else its last), whose
+    reported parts (fetching, loading into the model and optimizer, confirming the checksums) fit within the whole it
+    reports."""
+    events = res.events if attempt is None else res.attempts()[attempt]
+    recovered = [e for e in events if e["msg"] == "recovered"]
+    for e in recovered:
         if e["tier"] != "storage":
             parts = [e["fetch_s"], e["restore_s"], e["confirm_s"]]
             assert min(parts) >= 0 and sum(parts) <= e["seconds"], e
-    return {e["rank"]: (e["tier"], e["iteration"]) for e in res.records("recovered")}
+    return {e["rank"]: (e["tier"], e["iteration"]) for e in recovered}
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +74,14 @@ def test_kill_one_worker_mid_iteration(tmp_path_factory, baseline, script):
     assert_identical(res, baseline)
 
 
-def test_lose_a_whole_machine_and_replace_it(tmp_path_factory, baseline, script):
-    res = run_job(tmp_path_factory, script, "lose", "lose:3:6")
-    assert [e["machine"] for e in res.records("machine-lost")] == [3]
-    t = tiers(res)
-    assert t[3] == ("peer", 5)  # the replacement's state came from machine 2's memory
-    assert all(t[r] == ("local", 5) for r in (0, 1, 2))
+def test_lose_a_machine_then_its_peer_each_replaced(tmp_path_factory, baseline, script):
+    # machine 3 is lost in iteration 4, then, after the job resumed, its peer machine 2 in iteration 8: the second
+    # replacement's state comes from the memory of the first, which received it since
+    res = run_job(tmp_path_factory, script, "lose", "lose:3:4,lose:2:8")
+    assert [e["machine"] for e in res.records("machine-lost")] == [3, 2]
+    assert len(res.attempts()) == 3
+    assert tiers(res, 1) == {3: ("peer", 3), **{r: ("local", 3) for r in (0, 1, 2)}}
+    assert tiers(res, 2) == {2: ("peer", 7), **{r: ("local", 7) for r in (0, 1, 3)}}  # 7: not a durable one
     assert_identical(res, baseline)
 
 

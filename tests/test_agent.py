@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -64,6 +66,34 @@ def test_an_error_that_blames_another_rank_waits_for_the_real_cause(tmp_path):
     assert lines == ["job attempt 0 failed: " + res.root_cause]
 
 
+WAITS_TO_BE_TOLD = textwrap.dedent("""
+    import os, sys, time
+    print("a line from machine", os.environ["GEMINI_MACHINE_ID"], flush=True)
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.05)
+""")
+
+
+def test_machine_logs_are_written_as_lines_come_and_a_loss_never_due_is_not_waited_for(tmp_path):
+    script, go = tmp_path / "wait.py", tmp_path / "go"
+    script.write_text(WAITS_TO_BE_TOLD)
+    job = Job(default_plan(tmp_path / "plan.json", 2, 1), tmp_path / "job", [str(script), str(go)],
+              faults="lose:1:99")  # an iteration this job never reaches
+    box = {}
+    runner = threading.Thread(target=lambda: box.update(res=job.run(timeout=60)))
+    runner.start()
+    log = tmp_path / "job" / "machine-0.0.log"
+    deadline = time.monotonic() + 50
+    while not (log.exists() and "a line from machine 0" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen = log.read_text() if log.exists() else ""
+    go.touch()
+    runner.join(70)
+    job.cleanup()
+    assert "a line from machine 0" in seen  # in the log while the machine still ran
+    assert box["res"].ok  # ended with its machines, not at the timeout
+
+
 def test_root_cause_reads_the_first_exception_of_a_machine_log(tmp_path):
     log = tmp_path / "m.log"
     log.write_text(textwrap.dedent("""
@@ -87,6 +117,8 @@ def test_root_cause_reads_the_first_exception_of_a_machine_log(tmp_path):
     (["--machines", "2"], "no entry point"),
     (["--plan", "/nonexistent/plan.json", "--", "x.py"], "cannot read plan"),
     (["--fault", "explode:1:2", "--", "x.py"], "expected KIND:WHO:ITERATION"),
+    (["--machines", "2", "--procs", "1", "--fault", "lose:2:3", "--", "x.py"], "no machine 2 in a job of 2 machines"),
+    (["--machines", "2", "--procs", "2", "--fault", "kill:4:3", "--", "x.py"], "no rank 4 in a job of 4 ranks"),
 ])
 def test_agent_command_line_mistakes_are_one_line(tmp_path, args, message):
     r = subprocess.run([sys.executable, "-m", "runtime.agent", "--workdir", str(tmp_path / "w"), *args],

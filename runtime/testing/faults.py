@@ -1,7 +1,9 @@
 """Fault injection for the project's fault tests; not part of the library's path.
 
-The Checkpointer loads this module only when ``GEMINI_FAULT`` is set (the agent's ``--fault``), and it acts only on
-the first attempt of a job. It attaches to the Checkpointer's hook points, so any training script that uses the
+The Checkpointer loads this module only when ``GEMINI_FAULT`` is set (the agent's ``--fault``). Each fault strikes
+once: every event it causes names it (``fault: KIND:WHO:ITERATION``), and the agent leaves the faults that struck
+out of the next attempt's ``GEMINI_FAULT``, so faults at later iterations strike in later attempts (a second
+failure after the first recovery). Under plain torchrun, they strike only before its first restart. It attaches to the Checkpointer's hook points, so any training script that uses the
 public API can be struck, unchanged. Faults, comma-separated:
 
 - ``kill:RANK:ITER``: SIGKILL rank RANK just before iteration ITER's update;
@@ -42,14 +44,13 @@ def parse(text: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def first_attempt() -> bool:
-    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ.get("GEMINI_JOB_ATTEMPT",
-                                                                                       "0") == "0"
+def spec(kind: str, who: int, iteration: int) -> str:
+    return f"{kind}:{who}:{iteration}"
 
 
 def install(ckpt, text: str) -> None:
     faults = parse(text)
-    if not faults or not first_attempt():
+    if not faults or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     local = ckpt.rank % ckpt.ppm
 
@@ -64,8 +65,8 @@ def install(ckpt, text: str) -> None:
         raw[len(raw) // 3] ^= 0xFF
         path.write_bytes(bytes(raw))
 
-    def die(why: str) -> None:
-        ckpt.event("fault", what=why)
+    def die(why: str, fault: str) -> None:
+        ckpt.event("fault", what=why, fault=fault)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def before_update(iteration: int) -> None:
@@ -76,18 +77,20 @@ def install(ckpt, text: str) -> None:
         ckpt.wait()
         dist.barrier(group=ckpt.groups.control)
         if mine("kill", iteration):
-            die("killed mid-iteration")
+            die("killed mid-iteration", spec("kill", ckpt.rank, iteration))
         if mine("lose", iteration):
-            ckpt.event("lose-me", iteration=iteration, machine=ckpt.machine)
+            ckpt.event("lose-me", iteration=iteration, machine=ckpt.machine,
+                       fault=spec("lose", ckpt.machine, iteration))
             time.sleep(3600)  # the agent kills this machine now
         for kind, rank, it in faults:  # the replicas this process's machine holds for a rank of another machine
             if kind == "corrupt-copies" and it == iteration - 1 and rank % ckpt.ppm == local \
                     and rank // ckpt.ppm != ckpt.machine and ckpt.store.paths(it, rank)[0].exists():
                 flip(it, rank)
-                ckpt.event("fault", what=f"corrupted this machine's copy of rank {rank}'s shard")
+                ckpt.event("fault", what=f"corrupted this machine's copy of rank {rank}'s shard",
+                           fault=spec(kind, rank, it))
         if mine("corrupt-kill", iteration - 1):  # the peers have it: a bit flips in this machine's copy
             flip(iteration - 1, ckpt.rank)
-            die("corrupted its stored shard")
+            die("corrupted its stored shard", spec("corrupt-kill", ckpt.rank, iteration - 1))
 
     def before_commit(iteration: int) -> None:
         if mine("kill-write", iteration):
@@ -96,7 +99,7 @@ def install(ckpt, text: str) -> None:
             deadline = time.monotonic() + 60
             while not all(p.exists() for p in others) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            die("killed while writing a checkpoint")
+            die("killed while writing a checkpoint", spec("kill-write", ckpt.rank, iteration))
 
     ckpt.add_hook("before_update", before_update)
     ckpt.add_hook("before_commit", before_commit)
