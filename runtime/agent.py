@@ -132,18 +132,17 @@ class Job:
         self.work = Path(workdir)
         self.durable = self.work / "durable"
         self.out = Path(out_dir) if out_dir else self.work / "out"
-        self.faults, self.max_restarts = faults, max_restarts
+        self.max_restarts = max_restarts
         from .testing.faults import parse, spec
 
         # a malformed fault is an error now, not in every worker; 'lose' faults are the agent's to carry out
-        parsed = parse(faults)
-        for kind, who, it in parsed:
+        self.faults_left: list[str] = []  # those that have not struck yet (each strikes once)
+        self.to_lose: dict[int, set[int]] = {}  # iteration -> the machines lost there, together
+        for kind, who, it in parse(faults):
             limit, what = (self.n, "machine") if kind == "lose" else (self.n * self.ppm, "rank")
             if who >= limit:
                 raise ValueError(f"fault {spec(kind, who, it)}: no {what} {who} in a job of {limit} {what}s")
-        self.faults_left = [spec(*f) for f in parsed]  # those that have not struck yet (each strikes once)
-        self.to_lose: dict[int, set[int]] = {}  # iteration -> the machines lost there, together
-        for kind, who, it in parsed:
+            self.faults_left.append(spec(kind, who, it))
             if kind == "lose":
                 self.to_lose.setdefault(it, set()).add(who)
         self.python, self.job_name, self.extra_env = python, job_name, dict(env or {})

@@ -1,10 +1,11 @@
 """The real ``gemini-sim`` command line, run many times without paying its start-up each time.
 
-``python -m gemini_sim.cli`` spends about 0.6 s (more on a busy 2-core machine) importing before it reads a flag,
-and the tests run it several hundred times. Here one server process imports the package once; every run is a
-process of its own forked from it, with the run's own stdout, stderr, working folder and limits (wall time and,
-where asked, address space) and the caller's environment, as a subprocess would have. A child exits with the code ``python -m gemini_sim.cli``
-would: what ``main`` returns, SystemExit's code, or 1 with the traceback for an exception that escapes it.
+``python -m gemini_sim.cli`` spends about 0.6 s (more on a busy 2-core machine) importing before it reads a flag, and
+the tests run it several hundred times. Here one server process imports the package once; every run is a process of
+its own forked from it, with the run's own stdout, stderr, working folder and limits (wall time and, where asked,
+address space) and the caller's environment, as a subprocess would have. A child exits with the code ``python -m
+gemini_sim.cli`` would: what ``main`` returns, SystemExit's code, or 1 with the traceback for an exception that
+escapes it.
 
 Run as a script, this file is the server: one JSON request per line on stdin, one JSON reply per line on stdout.
 """

@@ -3,8 +3,9 @@
 The Checkpointer loads this module only when ``GEMINI_FAULT`` is set (the agent's ``--fault``). Each fault strikes
 once: every event it causes names it (``fault: KIND:WHO:ITERATION``), and the agent leaves the faults that struck
 out of the next attempt's ``GEMINI_FAULT``, so faults at later iterations strike in later attempts (a second
-failure after the first recovery). Under plain torchrun, they strike only before its first restart. It attaches to the Checkpointer's hook points, so any training script that uses the
-public API can be struck, unchanged. Faults, comma-separated:
+failure after the first recovery). Under plain torchrun, they strike only before its first restart. It attaches to
+the Checkpointer's hook points, so any training script that uses the public API can be struck, unchanged. Faults,
+comma-separated:
 
 - ``kill:RANK:ITER``: SIGKILL rank RANK just before iteration ITER's update;
 - ``lose:MACHINE:ITER``: local rank 0 of MACHINE announces ``lose-me`` there and waits, so that the agent kills the
