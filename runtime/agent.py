@@ -316,7 +316,7 @@ class Job:
         ITER in a later attempt). ``echo(line)`` is told of every failure as it happens."""
         t0 = time.time()
         self.port = free_port()
-        pending = dict(self.to_lose)
+        pending = {it: set(machines) for it, machines in self.to_lose.items()}
         cause = None
         try:
             for m in range(self.n):
@@ -337,7 +337,13 @@ class Job:
                         if repeated and echo:
                             echo("the same error as the attempt before: not retrying")
                         break
-                    self.restart_job([], f"machine {failed[0]} failed: {cause}")
+                    with self.lock:  # a machine that announced its loss as another failed is lost all the same
+                        lost = sorted(self.waiting)
+                    for it in list(pending):
+                        pending[it] -= set(lost)
+                        if not pending[it]:
+                            del pending[it]
+                    self.restart_job(lost, f"machine {failed[0]} failed: {cause}")
                     continue
                 cause = None
                 if all(p.poll() is not None for p in self.procs.values()):  # a loss never due is not waited for

@@ -94,6 +94,37 @@ def test_machine_logs_are_written_as_lines_come_and_a_loss_never_due_is_not_wait
     assert box["res"].ok  # ended with its machines, not at the timeout
 
 
+ANNOUNCES_WHILE_ANOTHER_FAILS = textwrap.dedent("""
+    import json, os, sys, time
+    marker = sys.argv[1]
+    if os.environ["GEMINI_JOB_ATTEMPT"] == "0":
+        if os.environ["GEMINI_MACHINE_ID"] == "1":  # as the fault tooling does at lose:1:5
+            print("GEMINI " + json.dumps({"t": time.time(), "rank": 1, "msg": "lose-me", "iteration": 5,
+                                          "fault": "lose:1:5"}), flush=True)
+            open(marker, "w").close()
+            time.sleep(600)  # until the agent kills this machine
+        while not os.path.exists(marker):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        raise ValueError("machine 0 fails while machine 1 waits to be lost")
+""")
+
+
+def test_a_machine_that_announced_its_loss_is_lost_when_another_fails_meanwhile(tmp_path):
+    script = tmp_path / "both.py"
+    script.write_text(ANNOUNCES_WHILE_ANOTHER_FAILS)
+    job = Job(default_plan(tmp_path / "plan.json", 3, 1), tmp_path / "job", [str(script), str(tmp_path / "m")],
+              faults="lose:1:5,lose:2:5")  # machine 2 would go with it, but this run never gets it there
+    try:
+        res = job.run(timeout=60)
+    finally:
+        job.cleanup()
+    assert res.ok
+    assert [e["machine"] for e in res.records("machine-lost")] == [1]
+    assert "machine 0 fails" in res.records("job-restart")[0]["why"]
+    assert job.generation == {0: 1, 1: 1, 2: 1}
+
+
 def test_root_cause_reads_the_first_exception_of_a_machine_log(tmp_path):
     log = tmp_path / "m.log"
     log.write_text(textwrap.dedent("""
