@@ -404,7 +404,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-restarts", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before the job is stopped")
     ap.add_argument("--fault", default="", help="test faults, e.g. kill:3:7 (rank 3 dies in iteration 7), lose:1:5 "
-                    "(machine 1 is lost in iteration 5); comma-separated (runtime/testing/faults.py)")
+                    "(machine 1 is lost in iteration 5); comma-separated, each strikes once, a later one after "
+                    "the recovery from an earlier one (runtime/testing/faults.py)")
     ap.add_argument("--netns", action="store_true", help="run every machine in its network namespace (make "
                     "netns-up first): links limited by tc instead of plain localhost")
     args = ap.parse_args(own)
