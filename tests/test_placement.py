@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 from fractions import Fraction
@@ -100,15 +101,28 @@ def test_group_is_optimal_when_m_divides_n():
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(2, 60), m=st.integers(1, 5), name=st.sampled_from(["mixed", "ring", "domain-aware"]),
        data=st.data())
-def test_probability_decreases_with_k_and_increases_with_m(n, m, name, data):
+def test_probability_decreases_with_k_and_a_ring_gains_with_m(n, m, name, data):
     m = min(m, n)
     probs = [recovery.probability(build_any(name, n, m), k).probability for k in range(n + 1)]
     assert all(a >= b - 1e-12 for a, b in zip(probs, probs[1:]))
     assert probs[0] == 1.0 and (probs[-1] == 0.0)
     k = data.draw(st.integers(0, n))
-    if m < n:
-        assert recovery.probability(placement.mixed(n, m + 1), k).probability >= \
-            recovery.probability(placement.mixed(n, m), k).probability - 1e-12
+    if m < n:  # a ring of m + 1 holds each shard where a ring of m does, and on one machine more
+        assert recovery.probability(placement.ring(n, m + 1), k).probability >= \
+            recovery.probability(placement.ring(n, m), k).probability - 1e-12
+
+
+def test_one_replica_more_in_another_layout_can_recover_less_often():
+    """Not so across layouts (hypothesis found it): mixed(15, 5) is three groups of 5, mixed(15, 6) a group of 6 and a
+    ring of 9, and with 10 of the 15 machines failed the second recovers less often. Brute force over all C(15, 10)
+    failure sets agrees with the exact figures."""
+    def brute(p, k):
+        sets = list(itertools.combinations(range(p.machines), k))
+        return Fraction(sum(all(set(h) - set(f) for h in p.holders) for f in sets), len(sets))
+
+    five, six = placement.mixed(15, 5), placement.mixed(15, 6)
+    assert recovery.probability(five, 10).exact == brute(five, 10) == Fraction(750, 1001)
+    assert recovery.probability(six, 10).exact == brute(six, 10) == Fraction(747, 1001)
 
 
 def test_expected_lost_checkpoints_matches_brute_force_and_is_placement_independent():
