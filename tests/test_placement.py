@@ -129,7 +129,6 @@ def test_expected_lost_checkpoints_matches_brute_force_and_is_placement_independ
     n, m, k = 9, 3, 5
     for name in ("mixed", "ring", "random"):
         p = build_any(name, n, m)
-        import itertools
         total = sum(p.lost(c) for c in itertools.combinations(range(n), k))
         assert total / math.comb(n, k) == pytest.approx(recovery.expected_lost_checkpoints(n, m, k), rel=1e-12)
 
