@@ -509,9 +509,11 @@ class Checkpointer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _link(self) -> Link:
         if self._link_obj is None:  # receives posted once, before any peer sends
-            receivers = [Receiver(self.rank, src, self.store, self.groups, self.host_cores) for src in self.recv_from]
+            files = self.plan.keep + 1  # each rank's in this machine's store: those kept and the one being written
+            receivers = [Receiver(self.rank, src, self.store, self.groups, self.host_cores, files)
+                         for src in self.recv_from]
             self._link_obj = Link(self.rank, self.store, self.groups, self.send_to, receivers, self.collectives,
-                                  self.host_cores, on_commit=lambda it: self._fire("before_commit", it))
+                                  self.host_cores, on_commit=lambda it: self._fire("before_commit", it), files=files)
         return self._link_obj
 
     def _timed(self, fn, *args, **kwargs):

@@ -64,6 +64,13 @@ def page_lock(tensor: torch.Tensor) -> bool:
     return int(rc) == 0
 
 
+def page_lock_slot(slot, device: torch.device) -> None:
+    """Page-lock a store slot's mapping (runtime/store.py) for copies with ``device``, once per slot."""
+    with torch.cuda.device(device):
+        if slot.locked_for is None and page_lock(slot.tensor):
+            slot.locked_for = device
+
+
 def page_unlock(tensor: torch.Tensor, device: torch.device) -> None:
     """Undo :func:`page_lock`, from any thread: on ``device``, the one it was locked for (a thread's CUDA calls
     otherwise go to device 0, where the first one would open a context on another rank's GPU)."""

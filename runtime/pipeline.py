@@ -79,6 +79,8 @@ class Link:
     collectives: Progress  # training collectives ended so far (the gemini schedule anchors spans to them)
     host_cores: list[int] | None = None
     on_commit: Callable[[int], None] | None = None  # called with the iteration just before the local commit
+    files: int = 0  # store files of each rank to have ready (ShardStore.prepare): the plan's keep + 1
+    prepared: int = -1  # the checkpoint size they were made ready for
     write_s: list[float] = field(default_factory=list)
     # the threads every checkpoint of this rank runs on: its copier and its sender
     workers: tuple[Worker, Worker] = field(default_factory=lambda: (Worker("gemini-copy"), Worker("gemini-send")))
@@ -183,6 +185,10 @@ class InFlight:
                     dst.copy_(src)
                 self.copied.set(b)
         self.copied_at = time.perf_counter()
+        if link.prepared != self.size:  # the first checkpoint (of this size) copied: the next ones' memory made ready
+            link.prepared = self.size  # in the background, not competing with this copy
+            link.store.prepare(link.rank, self.size, link.files,
+                               lock=None if self.device is None else partial(device.page_lock_slot, device=self.device))
         if self.schedule.defer_hash:  # hashing and the store's file cost host CPU: in the first idle span
             self.hash_go.wait()
         self.manifest = {"entries": self.entries, "size": self.size, **checksum(self.slot.view()),
@@ -199,8 +205,7 @@ class InFlight:
         completes (the sender waits for that). The copier thread works on the state's device: a thread starts on
         device 0, and a CUDA call there would open a context on another rank's GPU."""
         with torch.cuda.device(self.device):
-            if self.slot.locked_for is None and device.page_lock(self.slot.tensor):
-                self.slot.locked_for = self.device
+            device.page_lock_slot(self.slot, self.device)
             events = device.copy_out(self.device, pieces, self.ready)
             self.last_event = events[-1] if events else None
             self.enqueued.set()

@@ -14,12 +14,17 @@ and looks again). No pickle is involved anywhere: tensors are rebuilt from raw b
 Checkpoints are written in place (:meth:`ShardStore.slot`): the ``*.bin.tmp`` file is mapped into the process and
 the checkpoint is copied (or received) straight into it, so the store costs no second copy of every checkpoint.
 Files of dropped iterations are not freed but kept as spares (``ROOT/machine-0003/spare/``, one per rank) and
-become the next checkpoint's file, so their memory is not allocated and zeroed again every iteration.
+become the next checkpoint's file, so their memory is not allocated and zeroed again every iteration. A process
+holds its mappings of them (and, on a GPU, keeps them page-locked), so that reusing one costs nothing; and it makes
+the memory of its first checkpoints ready ahead, in the background (:meth:`ShardStore.prepare`), so that only its
+first checkpoint pays for reserving, mapping and page-locking memory.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -32,6 +37,8 @@ from . import device
 from .state import verify
 
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+
+log = logging.getLogger("runtime")
 
 
 def _entries(d: Path, pattern: str) -> list[Path]:
@@ -102,11 +109,15 @@ class ShardStore:
         self.root = private_dir(Path(root))
         name = f"{machine:04d}" if isinstance(machine, int) else str(machine)
         self.dir = private_dir(self.root / f"machine-{name}")
-        # this process's mappings of the files it wrote through slots: committed, by (iteration, rank), and the one
-        # spare per rank (see keep_newest); each holds its file open, so its inode cannot be another file's
+        # this process's mappings of the files it wrote through slots (or made ready, see prepare): committed, by
+        # (iteration, rank), and spares, by rank (see keep_newest); each holds its file open, so its inode cannot be
+        # another file's
         self._held: dict[tuple[int, int], Slot] = {}
-        self._spares: dict[int, Slot] = {}
+        self._spares: dict[int, list[Slot]] = {}
         self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)  # a spare was made ready, or preparing ended
+        self._pending: dict[int, int] = {}  # by rank: spares prepare() is still making ready
+        self._made = itertools.count()  # names the files prepare() makes
 
     def iteration_dir(self, iteration: int) -> Path:
         return self.dir / f"iter-{iteration:08d}"
@@ -124,32 +135,123 @@ class ShardStore:
         bin_path, _ = self.paths(iteration, rank)
         private_dir(bin_path.parent)
         tmp = bin_path.with_name(bin_path.name + ".tmp")
-        if rank not in self._spares:  # another process of this machine may have made a file this one maps a spare
+        if not self._spares.get(rank):  # another process of this machine may have made a file this one maps a spare
             self._let_go()
-        with self._lock:
-            held = self._spares.pop(rank, None)
-        found = False
+        with self._ready:  # one being made ready (prepare) comes sooner than new memory would
+            self._ready.wait_for(lambda: self._spares.get(rank) or not self._pending.get(rank))
+            held = {s.ino: s for s in self._spares.pop(rank, [])}
+        found = []  # (not held, name, inode) of every spare file of the right size: one this process maps first
         for spare in self._spares_of(rank):
             try:
                 st = spare.stat()
                 if st.st_size == size:
-                    os.replace(spare, tmp)
-                    found = True
-                    if held is not None and held.ino == st.st_ino:  # the very file we hold mapped
-                        held.reopen(iteration, tmp)
-                        held.memory = "held"
-                        return held
-                    break
-                spare.unlink()
+                    found.append((st.st_ino not in held, spare, st.st_ino))
+                else:
+                    spare.unlink()
             except FileNotFoundError:  # another process of this machine dropped it meanwhile
                 continue
-        if held is not None:
-            held.close()
-        if not found:
+        taken = None
+        for _, spare, ino in sorted(found):
+            try:
+                os.replace(spare, tmp)
+            except FileNotFoundError:
+                continue
+            taken = ino
+            break
+        still = {ino for _, _, ino in found} - {taken}
+        with self._lock:  # the other mappings held of spares still there stay held
+            self._spares.setdefault(rank, []).extend(s for ino, s in held.items() if ino in still)
+        for ino, s in held.items():
+            if ino not in still and ino != taken:
+                s.close()
+        if taken in held:  # the very file we hold mapped
+            slot = held[taken]
+            slot.reopen(iteration, tmp)
+            slot.memory = "held"
+            return slot
+        if taken is None:
             tmp.unlink(missing_ok=True)
         slot = Slot(self, iteration, rank, tmp, size, reserve)
-        slot.memory = "spare" if found else "new"
+        slot.memory = "spare" if taken is not None else "new"
         return slot
+
+    def prepare(self, rank: int, size: int, files: int, lock=None) -> threading.Thread | None:
+        """Make the memory of ``rank``'s next checkpoints ready now, in the background: the store holds up to
+        ``files`` files of each rank (``keep`` complete checkpoints and the one being written); those missing are
+        reserved, mapped and (``lock``, called with each Slot: page-locked for a GPU's copies) made ready as spares,
+        and this process maps (and locks) the rank's files it does not hold yet (left by an earlier process), so
+        that every later checkpoint of ``rank`` finds a mapping held (:meth:`slot`). Called once the first
+        checkpoint is in its slot (its size known), so as not to compete with its copy. A :meth:`slot` wanting
+        memory while a spare is being made ready waits for it. Returns the thread, or None when there is nothing to
+        do. A failure (no room left) only ends the preparing: the checkpoint that then needs the memory says so."""
+        with self._lock:
+            held_inos = {s.ino for s in self._held.values()} | {s.ino for s in self._spares.get(rank, [])}
+        shards = [(it, self.paths(it, rank)[0]) for it in self.iterations()]
+        files_now = sum(p.with_name(p.name + ".tmp").exists() for _, p in shards)  # checkpoints being written
+        adopt_shards, adopt_spares = [], []  # files here this process does not map yet
+        for it, path in shards + [(None, p) for p in self._spares_of(rank)]:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            files_now += 1
+            if st.st_size == size and st.st_ino not in held_inos:
+                if it is None:
+                    adopt_spares.append(path)
+                else:
+                    adopt_shards.append((it, path))
+        new = max(0, files - files_now)
+        if not (new or adopt_spares or adopt_shards):
+            return None
+        with self._lock:
+            self._pending[rank] = self._pending.get(rank, 0) + new + len(adopt_spares)
+        thread = threading.Thread(target=self._prepare, args=(rank, size, new, adopt_spares, adopt_shards, lock),
+                                  daemon=True, name=f"gemini-prepare-{rank}")
+        thread.start()
+        return thread
+
+    def _prepare(self, rank: int, size: int, new: int, spares: list[Path], shards: list, lock) -> None:
+        def ready(slot: "Slot") -> "Slot":
+            if lock is not None:
+                lock(slot)
+            return slot
+
+        def add_spare(slot: "Slot") -> None:
+            with self._ready:
+                self._spares.setdefault(rank, []).append(slot)
+                self._pending[rank] -= 1
+                self._ready.notify_all()
+
+        try:
+            for path in spares:  # files left spare by an earlier process: mapped (and locked) here
+                try:
+                    add_spare(ready(Slot(self, -1, rank, path, size, create=False)))
+                except FileNotFoundError:  # taken or dropped meanwhile
+                    with self._ready:
+                        self._pending[rank] -= 1
+            for _ in range(new):
+                private_dir(self.spare_dir)
+                tmp = self.spare_dir / f"rank-{rank:05d}-ready-{os.getpid()}-{next(self._made)}.tmp"  # not a spare yet
+                slot = ready(Slot(self, -1, rank, tmp, size))
+                slot.tmp = tmp.with_suffix(".bin")
+                os.replace(tmp, slot.tmp)
+                add_spare(slot)
+            for it, path in shards:  # an earlier process's shards: mapped (and locked) before they become spares
+                try:
+                    slot = ready(Slot(self, it, rank, path, size, create=False))
+                except FileNotFoundError:
+                    continue
+                with self._lock:
+                    if (it, rank) not in self._held:
+                        self._held[(it, rank)], slot = slot, None
+                if slot is not None:
+                    slot.close()
+        except Exception as e:  # noqa: BLE001 - only an optimisation: the checkpoints make their own memory
+            log.info("store memory of rank %d not made ready ahead: %s", rank, e)
+        finally:
+            with self._ready:
+                self._pending[rank] = 0
+                self._ready.notify_all()
 
     @property
     def spare_dir(self) -> Path:
@@ -280,13 +382,16 @@ class ShardStore:
             except FileNotFoundError:
                 same = False
             with self._lock:
-                if same and slot.rank not in self._spares:
-                    self._spares[slot.rank], slot = slot, None
+                mine = self._spares.setdefault(slot.rank, [])
+                if same and all(s.ino != slot.ino for s in mine):
+                    mine.append(slot)
+                    slot = None
             if slot is not None:
                 slot.close()
 
     def clean_partial(self) -> None:
-        for d in _entries(self.dir, "iter-*"):
+        """Remove what a crashed process left half-written: shards, and spares it was making ready."""
+        for d in [*_entries(self.dir, "iter-*"), self.spare_dir]:
             for tmp in _entries(d, "*.tmp"):
                 tmp.unlink(missing_ok=True)
 
@@ -299,15 +404,22 @@ class Slot:
     """One shard being written in place (see :meth:`ShardStore.slot`). Nothing of it counts until :meth:`commit`.
     It keeps its file open and mapped (``tensor`` is the mapping) until :meth:`close`."""
 
-    def __init__(self, store: ShardStore, iteration: int, rank: int, tmp: Path, size: int, reserve: bool = True):
+    def __init__(self, store: ShardStore, iteration: int, rank: int, tmp: Path, size: int, reserve: bool = True,
+                 create: bool = True):
+        """``create=False``: map a whole file of ``size`` bytes already in the store (FileNotFoundError if it is
+        gone), its memory already there."""
         self.store, self.iteration, self.rank, self.tmp, self.size = store, iteration, rank, tmp, size
-        self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
-        os.fchmod(self.fd, PRIVATE_FILE)
+        self.fd = os.open(tmp, os.O_RDWR | (os.O_CREAT if create else 0), PRIVATE_FILE)
         st = os.fstat(self.fd)
         self.ino = st.st_ino
-        if st.st_size != size:
-            os.ftruncate(self.fd, size)
-        if reserve:
+        if create:
+            os.fchmod(self.fd, PRIVATE_FILE)
+            if st.st_size != size:
+                os.ftruncate(self.fd, size)
+        elif st.st_size != size:
+            os.close(self.fd)
+            raise FileNotFoundError(f"{tmp} is no longer a file of {size} bytes")
+        if reserve and create:
             self._fallocate(0, size)
         # MAP_POPULATE: the pages are mapped in one go, not faulted in one by one while the checkpoint is copied
         flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if reserve else 0)

@@ -214,8 +214,9 @@ class Receiver:
     iteration starts a little earlier than ours is not held back. A header with a negative size ends it
     (:func:`stop`)."""
 
-    def __init__(self, rank: int, src: int, store, groups: Groups, host_cores=None):
+    def __init__(self, rank: int, src: int, store, groups: Groups, host_cores=None, files: int = 0):
         self.rank, self.src, self.store, self.groups, self.host_cores = rank, src, store, groups, host_cores
+        self.files = files  # store files of the peer's shards to have ready (ShardStore.prepare)
         self.stored = Progress()  # checkpoints stored
         self.done_at: dict[int, float] = {}  # seq -> when it was stored (perf_counter)
         self.data_at: dict[int, float] = {}  # seq -> when its last chunk arrived
@@ -227,7 +228,7 @@ class Receiver:
     def _loop(self) -> None:
         pin_thread(self.host_cores)
         g = self.groups.between(self.src, self.rank)
-        seq = 0
+        seq, prepared = 0, -1
         try:
             while True:
                 header = torch.empty(3, dtype=torch.int64)
@@ -248,6 +249,9 @@ class Receiver:
                 meta = json.loads(recv_bytes(self.src, g, (tag(seq, last), tag(seq, last + 1))))
                 slot.commit(meta)
                 del slot, body  # unmapped once its tensor is gone
+                if prepared != size:  # the first one (of this size) stored: the next ones' memory made ready
+                    prepared = size
+                    self.store.prepare(self.src, size, self.files)
                 self.done_at[seq] = time.perf_counter()
                 self.cpu[seq] = time.thread_time() - c0
                 seq += 1

@@ -1,16 +1,19 @@
 """The in-memory shard store: shards written in place through slots, committed atomically, files recycled."""
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import threading
 
+import pytest
 import torch
 import xxhash
 
 from runtime import state
 from runtime.state import checksum, pack, unpack, verify
-from runtime.store import ShardStore
+from runtime.store import ShardStore, StoreError
 
 
 def shard(seed: int, n: int = 1000):
@@ -342,3 +345,107 @@ def test_a_shard_sent_in_recovery_arrives_whole_in_chunks_reserved_as_they_come(
     import torch.multiprocessing as mp
 
     mp.spawn(_send_a_shard, args=(str(tmp_path), (2 << 20) + (1 << 19) + 12), nprocs=2, join=True)
+
+
+def inodes_of(store: ShardStore, rank: int) -> set[int]:
+    """The inodes of every file of ``rank`` in the store: shards, shards being written, spares."""
+    paths = [*store.dir.glob(f"iter-*/rank-{rank:05d}.bin*"), *store.spare_dir.glob(f"rank-{rank:05d}-*")]
+    return {p.stat().st_ino for p in paths}
+
+
+def test_memory_made_ready_ahead_leaves_only_the_first_checkpoint_to_reserve_its_own(tmp_path):
+    """keep 2: without preparing, checkpoints 1-3 each reserve new memory; with it, the second and third take
+    spares made ready in the background while the first was written, through mappings this process holds, and
+    the store still has three files for the rank."""
+    store = ShardStore(tmp_path, 0)
+    data, manifest = shard(1)
+    first = store.slot(1, 0, len(data))
+    locked = []
+    thread = store.prepare(0, len(data), files=3, lock=locked.append)
+    first.tensor.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    first.commit(manifest)
+    thread.join()
+    assert len(locked) == 2 and inodes_of(store, 0) == {first.ino} | {s.ino for s in locked}
+    memory = ["new"]
+    for it in range(2, 8):
+        slot = write(store, it, 0, *shard(it))
+        memory.append(slot.memory)
+        store.keep_newest(2, ranks=[0])
+        assert store.get(it, 0)[0] == shard(it)[0] and store.get(it - 1, 0)[0] == shard(it - 1)[0]
+    assert memory == ["new"] + ["held"] * 6
+    assert len(inodes_of(store, 0)) == 3
+    assert store.prepare(0, len(data), files=3) is None  # nothing left to do
+
+
+def test_a_restarted_process_maps_the_files_an_earlier_one_left_ahead_of_its_checkpoints(tmp_path):
+    """After a restart the store holds the rank's kept shards and a spare, written by the process that died: the new
+    process maps (and on a GPU page-locks) them in the background, so only its first checkpoint maps memory anew."""
+    before = ShardStore(tmp_path, 0)
+    for it in range(1, 5):
+        write(before, it, 0, *shard(it))
+        before.keep_newest(2, ranks=[0])
+    files = inodes_of(before, 0)
+    assert len(files) == 3
+    store = ShardStore(tmp_path, 0)  # the new process's
+    store.drop_after(4, ranks=[0])
+    size = len(shard(0)[0])
+    first = store.slot(5, 0, size)
+    assert first.memory == "spare"
+    locked = []
+    store.prepare(0, size, files=3, lock=locked.append).join()
+    assert {s.ino for s in locked} == files - {first.ino}  # the two kept shards, mapped: nothing new
+    first.tensor.copy_(torch.frombuffer(bytearray(shard(5)[0]), dtype=torch.uint8))
+    first.commit(shard(5)[1])
+    store.keep_newest(2, ranks=[0])
+    memory = []
+    for it in range(6, 10):
+        memory.append(write(store, it, 0, *shard(it)).memory)
+        store.keep_newest(2, ranks=[0])
+    assert memory == ["held"] * 4 and inodes_of(store, 0) == files
+    assert [store.get(it, 0)[0] for it in (8, 9)] == [shard(8)[0], shard(9)[0]]
+
+
+def test_a_checkpoint_waits_for_the_memory_being_made_ready_rather_than_reserving_more(tmp_path):
+    store = ShardStore(tmp_path, 0)
+    size = len(shard(0)[0])
+    write(store, 1, 0, *shard(1))
+    go, started = threading.Event(), threading.Event()
+
+    def lock(slot):
+        started.set()
+        go.wait(10)
+
+    thread = store.prepare(0, size, files=2, lock=lock)
+    started.wait(10)
+    got = []
+    taker = threading.Thread(target=lambda: got.append(store.slot(2, 0, size)))
+    taker.start()
+    taker.join(0.3)
+    assert taker.is_alive() and not got  # waiting for the spare being made ready
+    go.set()
+    taker.join(10)
+    thread.join(10)
+    assert got[0].memory == "held" and len(inodes_of(store, 0)) == 2
+
+
+def test_memory_that_cannot_be_made_ready_ahead_leaves_the_checkpoint_to_say_so(tmp_path, monkeypatch):
+    store = ShardStore(tmp_path, 0)
+    size = len(shard(0)[0])
+    write(store, 1, 0, *shard(1))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    store.prepare(0, size, files=3).join(10)
+    assert not list(store.spare_dir.glob("*"))  # nothing half made left behind
+    with pytest.raises(StoreError, match="no room"):
+        store.slot(2, 0, size)  # not waiting for ever: it reserves its own, and says why it cannot
+
+
+def test_a_spare_left_half_made_by_a_crash_is_cleaned(tmp_path):
+    store = ShardStore(tmp_path, 0)
+    store.spare_dir.mkdir()
+    (store.spare_dir / "rank-00000-ready-99-0.tmp").write_bytes(b"x" * 100)
+    store.clean_partial()
+    assert not list(store.spare_dir.glob("*"))

@@ -42,13 +42,18 @@ def test_a_relaunched_single_node_job_resumes_from_memory(tmp_path):
     contract.write(contract.default(1, 2, replicas=1, persist=4), plan)
     rc, out = finish(torchrun(tmp_path, plan, 6, "first", "job"))
     assert rc == 0, out
-    for rank in (0, 1):  # both ranks share the machine's store: from the fourth checkpoint on (keep 2), each is
-        # written through the mapping of one of its own that was dropped, whichever rank dropped it
+    for rank in (0, 1):  # both ranks share the machine's store: from the second checkpoint on (keep 2), each is
+        # written through a mapping made ready while the first was written, or of one of its own that was dropped,
+        # whichever rank dropped it
         cks = json.loads((tmp_path / "first" / f"timings-rank-{rank:05d}.json").read_text())["checkpoints"]
-        assert [c["memory"] for c in cks] == ["new"] * 3 + ["held"] * 3, rank
+        assert [c["memory"] for c in cks] == ["new"] + ["held"] * 5, rank
     rc, out = finish(torchrun(tmp_path, plan, 10, "resumed", "job"))  # the same job, launched again
     assert rc == 0, out
     assert out.count('"msg": "recovered", "iteration": 6, "tier": "local"') == 2
+    for rank in (0, 1):  # the first checkpoint maps a spare the last launch left; the later ones, the kept shards
+        # of the last launch, mapped while the first was written
+        cks = json.loads((tmp_path / "resumed" / f"timings-rank-{rank:05d}.json").read_text())["checkpoints"]
+        assert [c["memory"] for c in cks] == ["spare"] + ["held"] * 3, rank
     rc, out = finish(torchrun(tmp_path, plan, 10, "straight", "other"))
     assert rc == 0 and '"tier": "fresh"' in out, out
     assert same_finals(tmp_path / "resumed", tmp_path / "straight", 2)
