@@ -183,7 +183,10 @@ class ShardStore:
         that every later checkpoint of ``rank`` finds a mapping held (:meth:`slot`). Called once the first
         checkpoint is in its slot (its size known), so as not to compete with its copy. A :meth:`slot` wanting
         memory while a spare is being made ready waits for it. Returns the thread, or None when there is nothing to
-        do. A failure (no room left) only ends the preparing: the checkpoint that then needs the memory says so."""
+        do (``files`` 0: nothing is made ready). A failure (no room left) only ends the preparing: the checkpoint
+        that then needs the memory says so."""
+        if files <= 0:
+            return None
         with self._lock:
             held_inos = {s.ino for s in self._held.values()} | {s.ino for s in self._spares.get(rank, [])}
         shards = [(it, self.paths(it, rank)[0]) for it in self.iterations()]

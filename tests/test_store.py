@@ -449,3 +449,9 @@ def test_a_spare_left_half_made_by_a_crash_is_cleaned(tmp_path):
     (store.spare_dir / "rank-00000-ready-99-0.tmp").write_bytes(b"x" * 100)
     store.clean_partial()
     assert not list(store.spare_dir.glob("*"))
+
+
+def test_nothing_is_made_ready_for_a_store_asked_for_no_files(tmp_path):
+    write(ShardStore(tmp_path, 0), 1, 0, *shard(1))
+    store = ShardStore(tmp_path, 0)  # another process's, which maps nothing of what the first left
+    assert store.prepare(0, len(shard(1)[0]), files=0) is None and not store._held
