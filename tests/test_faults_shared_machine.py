@@ -13,6 +13,9 @@ from fault_matrix import ITERS, assert_identical, run_job as run, tiers
 pytestmark = needs_fsdp  # the example trains with FSDP2
 SCRIPT = [str(Path(__file__).resolve().parent.parent / "examples" / "mlp" / "train.py")]
 RANKS = 4  # ranks 0-1 on machine 0, 2-3 on machine 1; each machine holds the other's shards (m = 2)
+# make test-long only: a rank killed while writing goes through the same recovery (every rank from its own machine's
+# memory, the machine's other rank included), with a torn checkpoint on top
+LONG = ("test_a_killed_rank_and_its_machines_other_rank_resume_from_that_machines_memory",)
 
 
 def run_job(tmp_path_factory, name, faults=""):
