@@ -392,6 +392,10 @@ class Checkpointer:
             self.event("checksum-failed", iteration=target, ranks=failed)  # those copies are gone: look again
         # newer iterations here are from a run that did not get past `target`: never to be mixed with their retraining
         abandoned = self.store.drop_after(target, ranks=self.held_ranks)
+        if where == "memory" and self.checkpointing:  # the shard's size is known: the next checkpoints' memory
+            # (this machine's files of this rank, an earlier process's or new) made ready while training goes on
+            self.store.prepare(self.rank, fetched.manifest["size"], self.plan.keep + 1,
+                               lock=device.slot_locker(next((p.device for p in self.model.parameters()), None)))
         if target == 0:
             self.event("start", tier="fresh", iteration=0, job=self.job, store=str(self.store.root),
                        durable=str(self.durable), abandoned=abandoned)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
@@ -69,6 +70,12 @@ def page_lock_slot(slot, device: torch.device) -> None:
     with torch.cuda.device(device):
         if slot.locked_for is None and page_lock(slot.tensor):
             slot.locked_for = device
+
+
+def slot_locker(device: torch.device | None):
+    """What :meth:`runtime.store.ShardStore.prepare` calls on each slot it makes ready for copies from ``device``
+    (None for a CPU device: nothing to lock)."""
+    return None if device is None or device.type != "cuda" else partial(page_lock_slot, device=device)
 
 
 def page_unlock(tensor: torch.Tensor, device: torch.device) -> None:

@@ -187,8 +187,7 @@ class InFlight:
         self.copied_at = time.perf_counter()
         if link.prepared != self.size:  # the first checkpoint (of this size) copied: the next ones' memory made ready
             link.prepared = self.size  # in the background, not competing with this copy
-            link.store.prepare(link.rank, self.size, link.files,
-                               lock=None if self.device is None else partial(device.page_lock_slot, device=self.device))
+            link.store.prepare(link.rank, self.size, link.files, lock=device.slot_locker(self.device))
         if self.schedule.defer_hash:  # hashing and the store's file cost host CPU: in the first idle span
             self.hash_go.wait()
         self.manifest = {"entries": self.entries, "size": self.size, **checksum(self.slot.view()),

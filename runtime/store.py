@@ -202,7 +202,7 @@ class ShardStore:
                 if it is None:
                     adopt_spares.append(path)
                 else:
-                    adopt_shards.append((it, path))
+                    adopt_shards.append((it, path, st.st_ino))
         new = max(0, files - files_now)
         if not (new or adopt_spares or adopt_shards):
             return None
@@ -214,35 +214,45 @@ class ShardStore:
         return thread
 
     def _prepare(self, rank: int, size: int, new: int, spares: list[Path], shards: list, lock) -> None:
-        def ready(slot: "Slot") -> "Slot":
+        def mapped(path: Path, it: int, ino: int | None = None) -> "Slot | None":
+            """A file of the store mapped (and locked); None if it is gone, or (``ino``) is another file now."""
+            try:
+                slot = Slot(self, it, rank, path, size, create=False)
+            except FileNotFoundError:
+                return None
+            if ino is not None and slot.ino != ino:
+                slot.close()
+                return None
             if lock is not None:
                 lock(slot)
             return slot
 
-        def add_spare(slot: "Slot") -> None:
+        def add_spare(slot: "Slot | None", counted: bool = True) -> None:
             with self._ready:
-                self._spares.setdefault(rank, []).append(slot)
-                self._pending[rank] -= 1
+                if slot is not None:
+                    self._spares.setdefault(rank, []).append(slot)
+                if counted:
+                    self._pending[rank] -= 1
                 self._ready.notify_all()
 
         try:
-            for path in spares:  # files left spare by an earlier process: mapped (and locked) here
-                try:
-                    add_spare(ready(Slot(self, -1, rank, path, size, create=False)))
-                except FileNotFoundError:  # taken or dropped meanwhile
-                    with self._ready:
-                        self._pending[rank] -= 1
+            for path in spares:  # files left spare by an earlier process (None: taken or dropped meanwhile)
+                add_spare(mapped(path, -1))
             for _ in range(new):
                 private_dir(self.spare_dir)
                 tmp = self.spare_dir / f"rank-{rank:05d}-ready-{os.getpid()}-{next(self._made)}.tmp"  # not a spare yet
-                slot = ready(Slot(self, -1, rank, tmp, size))
+                slot = Slot(self, -1, rank, tmp, size)
+                if lock is not None:
+                    lock(slot)
                 slot.tmp = tmp.with_suffix(".bin")
                 os.replace(tmp, slot.tmp)
                 add_spare(slot)
-            for it, path in shards:  # an earlier process's shards: mapped (and locked) before they become spares
-                try:
-                    slot = ready(Slot(self, it, rank, path, size, create=False))
-                except FileNotFoundError:
+            for it, path, ino in shards:  # an earlier process's shards: mapped (and locked) before they are spares
+                slot = mapped(path, it, ino)
+                if slot is None:  # dropped meanwhile: a spare now, if it is still this file
+                    spare = mapped(self._spare_path(rank, it), -1, ino)
+                    if spare is not None:
+                        add_spare(spare, counted=False)
                     continue
                 with self._lock:
                     if (it, rank) not in self._held:

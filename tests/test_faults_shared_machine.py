@@ -31,13 +31,17 @@ def sources(res):
     return {e["rank"]: e.get("source_machine") for e in res.records("recovered")}
 
 
+def memory(res, rank: int) -> list[tuple[int, str]]:
+    """(iteration, where its memory came from) of every checkpoint of ``rank``'s last process."""
+    cks = json.loads((res.out_dir / f"timings-rank-{rank:05d}.json").read_text())["checkpoints"]
+    return [(c["iteration"], c["memory"]) for c in cks]
+
+
 def test_every_rank_writes_its_checkpoints_into_memory_it_holds_once_the_store_is_full(baseline):
     """keep 2: checkpoint 1 takes new memory, and the memory of 2 and 3 is made ready meanwhile; every later one
     goes through a mapping the rank holds, whichever rank of its machine dropped the file (the one at close too)."""
     for r in range(RANKS):
-        cks = json.loads((baseline.out_dir / f"timings-rank-{r:05d}.json").read_text())["checkpoints"]
-        assert [c["iteration"] for c in cks] == list(range(1, ITERS + 1))
-        assert [c["memory"] for c in cks] == ["new"] + ["held"] * (ITERS - 1), r
+        assert memory(baseline, r) == [(1, "new")] + [(it, "held") for it in range(2, ITERS + 1)], r
 
 
 def test_a_killed_rank_and_its_machines_other_rank_resume_from_that_machines_memory(tmp_path_factory, baseline):
@@ -53,6 +57,10 @@ def test_a_lost_machines_two_ranks_come_back_from_their_peer(tmp_path_factory, b
     assert [e["machine"] for e in res.records("machine-lost")] == [1]
     assert tiers(res) == {0: ("local", 5), 1: ("local", 5), 2: ("peer", 5), 3: ("peer", 5)}
     assert sources(res) == {r: 0 for r in range(RANKS)}  # machine 0's ranks 0 and 1 had received 2's and 3's
+    # once recovered, every rank's memory for its next checkpoints is made ready while it trains: on the survivor,
+    # the files the processes before it left; on the new machine, new files beside the shard it received
+    for r in range(RANKS):
+        assert memory(res, r) == [(it, "held") for it in range(6, ITERS + 1)], r
     assert_identical(res, baseline)
 
 

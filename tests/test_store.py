@@ -455,3 +455,31 @@ def test_nothing_is_made_ready_for_a_store_asked_for_no_files(tmp_path):
     write(ShardStore(tmp_path, 0), 1, 0, *shard(1))
     store = ShardStore(tmp_path, 0)  # another process's, which maps nothing of what the first left
     assert store.prepare(0, len(shard(1)[0]), files=0) is None and not store._held
+
+
+def test_a_shard_dropped_while_it_is_being_made_ready_is_mapped_as_the_spare_it_became(tmp_path):
+    """A restarted process maps the shards an earlier one left; one of them dropped (made a spare) between the listing
+    and its turn is mapped where it went, so the checkpoint that reuses it still finds it held."""
+    before = ShardStore(tmp_path, 0)
+    for it in (1, 2, 3):
+        write(before, it, 0, *shard(it))
+        before.keep_newest(2, ranks=[0])  # 2 and 3 kept, 1's file the spare
+    size = len(shard(0)[0])
+    two = os.stat(before.paths(2, 0)[0]).st_ino
+    store, other = ShardStore(tmp_path, 0), ShardStore(tmp_path, 0)
+    go, locked = threading.Event(), []
+
+    def lock(slot):
+        locked.append(slot.ino)
+        go.wait(10)  # held up on the first file, the spare
+
+    thread = store.prepare(0, size, files=3, lock=lock)
+    while not locked:
+        thread.join(0.01)
+    other.slot(4, 0, size)  # another process takes the spare meanwhile
+    store.keep_newest(1, ranks=[0])  # and 2 is dropped: its file is the spare now
+    assert os.stat(store._spare_path(0, 2)).st_ino == two
+    go.set()
+    thread.join(10)
+    slot = store.slot(5, 0, size)
+    assert slot.memory == "held" and slot.ino == two and two in locked
