@@ -151,7 +151,8 @@ def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) ->
 
     def steady_cks(ranks):
         """Past the warm-up, not the one at close, and, where there are such, written through a mapping the rank
-        held: the first keep + 1 of a process (after a restart too) reserve, map and, on a GPU, page-lock theirs."""
+        held: a fresh process's first one reserves, maps and, on a GPU, page-locks its memory (ShardStore.prepare
+        readies the others')."""
         cks = [c for r in ranks for c in r.get("checkpoints", []) if c["iteration"] > WARMUP and not c.get("at_close")]
         return [c for c in cks if c.get("memory") == "held"] or cks
 
@@ -169,7 +170,8 @@ def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) ->
         "iteration_ckpt_s": _median(i["iteration_s"] for r in ckpt for i in steady(r)),
         "stall_s": _median(s for r in ckpt for it, s in stalls(r).items() if it > WARMUP),
         "local_s": _median(c["copied_s"] for c in cks),
-        # the slowest of a run's first checkpoints, written into memory not yet reserved (later ones reuse it)
+        # a run's first checkpoint (the slowest rank's), written into memory not yet reserved (later ones reuse it,
+        # or memory made ready meanwhile)
         "local_first_s": max((c["copied_s"] for r in ckpt for c in r.get("checkpoints", []) if c["memory"] == "new"),
                              default=None),
         "replicated_s": _median(c["complete_s"] - c["start_s"] for c in alone_cks),
