@@ -394,7 +394,7 @@ class Checkpointer:
         abandoned = self.store.drop_after(target, ranks=self.held_ranks)
         if where == "memory" and self.checkpointing:  # the shard's size is known: the next checkpoints' memory
             # (this machine's files of this rank, an earlier process's or new) made ready while training goes on
-            self.store.prepare(self.rank, fetched.manifest["size"], self.plan.keep + 1,
+            self.store.prepare(self.rank, fetched.manifest["size"], self._store_files,
                                lock=device.slot_locker(next((p.device for p in self.model.parameters()), None)))
         if target == 0:
             self.event("start", tier="fresh", iteration=0, job=self.job, store=str(self.store.root),
@@ -513,12 +513,18 @@ class Checkpointer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _link(self) -> Link:
         if self._link_obj is None:  # receives posted once, before any peer sends
-            files = self.plan.keep + 1  # each rank's in this machine's store: those kept and the one being written
-            receivers = [Receiver(self.rank, src, self.store, self.groups, self.host_cores, files)
+            receivers = [Receiver(self.rank, src, self.store, self.groups, self.host_cores, self._store_files)
                          for src in self.recv_from]
             self._link_obj = Link(self.rank, self.store, self.groups, self.send_to, receivers, self.collectives,
-                                  self.host_cores, on_commit=lambda it: self._fire("before_commit", it), files=files)
+                                  self.host_cores, on_commit=lambda it: self._fire("before_commit", it),
+                                  files=self._store_files)
         return self._link_obj
+
+    @property
+    def _store_files(self) -> int:
+        """The files of each rank this machine's store holds: the ``keep`` kept checkpoints and the one being
+        written (ShardStore.prepare makes them ready)."""
+        return self.plan.keep + 1
 
     def _timed(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)``, its time counted as the training thread's work on checkpoints this iteration."""
