@@ -339,10 +339,7 @@ class Job:
                         break
                     with self.lock:  # a machine that announced its loss as another failed is lost all the same
                         lost = sorted(self.waiting)
-                    for it in list(pending):
-                        pending[it] -= set(lost)
-                        if not pending[it]:
-                            del pending[it]
+                    pending = {it: left for it, machines in pending.items() if (left := machines - set(lost))}
                     self.restart_job(lost, f"machine {failed[0]} failed: {cause}")
                     continue
                 cause = None

@@ -80,7 +80,6 @@ class Link:
     host_cores: list[int] | None = None
     on_commit: Callable[[int], None] | None = None  # called with the iteration just before the local commit
     files: int = 0  # store files of each rank to have ready (ShardStore.prepare): the plan's keep + 1
-    prepared: int = -1  # the checkpoint size they were made ready for
     write_s: list[float] = field(default_factory=list)
     # the threads every checkpoint of this rank runs on: its copier and its sender
     workers: tuple[Worker, Worker] = field(default_factory=lambda: (Worker("gemini-copy"), Worker("gemini-send")))
@@ -185,9 +184,8 @@ class InFlight:
                     dst.copy_(src)
                 self.copied.set(b)
         self.copied_at = time.perf_counter()
-        if link.prepared != self.size:  # the first checkpoint (of this size) copied: the next ones' memory made ready
-            link.prepared = self.size  # in the background, not competing with this copy
-            link.store.prepare(link.rank, self.size, link.files, lock=device.slot_locker(self.device))
+        # the next checkpoints' memory made ready in the background (once per size: the first), after this copy
+        link.store.prepare(link.rank, self.size, link.files, lock=device.slot_locker(self.device))
         if self.schedule.defer_hash:  # hashing and the store's file cost host CPU: in the first idle span
             self.hash_go.wait()
         self.manifest = {"entries": self.entries, "size": self.size, **checksum(self.slot.view()),

@@ -118,6 +118,7 @@ class ShardStore:
         self._ready = threading.Condition(self._lock)  # a spare was made ready, or preparing ended
         self._pending: dict[int, int] = {}  # by rank: spares prepare() is still making ready
         self._made = itertools.count()  # names the files prepare() makes
+        self._prepared: dict[int, int] = {}  # by rank: the shard size prepare() was last called for
 
     def iteration_dir(self, iteration: int) -> Path:
         return self.dir / f"iter-{iteration:08d}"
@@ -183,10 +184,12 @@ class ShardStore:
         that every later checkpoint of ``rank`` finds a mapping held (:meth:`slot`). Called once the first
         checkpoint is in its slot (its size known), so as not to compete with its copy. A :meth:`slot` wanting
         memory while a spare is being made ready waits for it. Returns the thread, or None when there is nothing to
-        do (``files`` 0: nothing is made ready). A failure (no room left) only ends the preparing: the checkpoint
+        do (``files`` 0: nothing is made ready), and at once when it was called for this rank and size before, so
+        it may be called for every checkpoint. A failure (no room left) only ends the preparing: the checkpoint
         that then needs the memory says so."""
-        if files <= 0:
+        if files <= 0 or self._prepared.get(rank) == size:
             return None
+        self._prepared[rank] = size
         with self._lock:
             held_inos = {s.ino for s in self._held.values()} | {s.ino for s in self._spares.get(rank, [])}
         shards = [(it, self.paths(it, rank)[0]) for it in self.iterations()]
@@ -214,6 +217,11 @@ class ShardStore:
         return thread
 
     def _prepare(self, rank: int, size: int, new: int, spares: list[Path], shards: list, lock) -> None:
+        def locked(slot: "Slot") -> "Slot":
+            if lock is not None:
+                lock(slot)
+            return slot
+
         def mapped(path: Path, it: int, ino: int | None = None) -> "Slot | None":
             """A file of the store mapped (and locked); None if it is gone, or (``ino``) is another file now."""
             try:
@@ -223,9 +231,7 @@ class ShardStore:
             if ino is not None and slot.ino != ino:
                 slot.close()
                 return None
-            if lock is not None:
-                lock(slot)
-            return slot
+            return locked(slot)
 
         def add_spare(slot: "Slot | None", counted: bool = True) -> None:
             with self._ready:
@@ -241,9 +247,7 @@ class ShardStore:
             for _ in range(new):
                 private_dir(self.spare_dir)
                 tmp = self.spare_dir / f"rank-{rank:05d}-ready-{os.getpid()}-{next(self._made)}.tmp"  # not a spare yet
-                slot = Slot(self, -1, rank, tmp, size)
-                if lock is not None:
-                    lock(slot)
+                slot = locked(Slot(self, -1, rank, tmp, size))
                 slot.tmp = tmp.with_suffix(".bin")
                 os.replace(tmp, slot.tmp)
                 add_spare(slot)

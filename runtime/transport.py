@@ -228,7 +228,7 @@ class Receiver:
     def _loop(self) -> None:
         pin_thread(self.host_cores)
         g = self.groups.between(self.src, self.rank)
-        seq, prepared = 0, -1
+        seq = 0
         try:
             while True:
                 header = torch.empty(3, dtype=torch.int64)
@@ -249,9 +249,7 @@ class Receiver:
                 meta = json.loads(recv_bytes(self.src, g, (tag(seq, last), tag(seq, last + 1))))
                 slot.commit(meta)
                 del slot, body  # unmapped once its tensor is gone
-                if prepared != size:  # the first one (of this size) stored: the next ones' memory made ready
-                    prepared = size
-                    self.store.prepare(self.src, size, self.files)
+                self.store.prepare(self.src, size, self.files)  # the next ones' memory (once per size: the first)
                 self.done_at[seq] = time.perf_counter()
                 self.cpu[seq] = time.thread_time() - c0
                 seq += 1
