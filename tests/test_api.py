@@ -532,31 +532,35 @@ def test_the_checkpoint_is_the_state_as_of_its_step(tmp_path, device):
         dist.destroy_process_group()
 
 
-def _stream_pair(rank: int, folder: str, nbytes: int, chunk: int) -> None:
+# (bytes moved, chunk): more than the buffer and not whole chunks; exactly the buffer in one chunk; less than the
+# buffer, the last chunk partial
+STREAM_CASES = [(25_000, 3_000), (10_000, 10_000), (1_500, 1_024)]
+
+
+def _stream_pair(rank: int, folder: str) -> None:
     from runtime.transport import stream
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=rank, world_size=2)
     try:
-        buf = torch.arange(10_000, dtype=torch.int64).to(torch.uint8) if rank == 0 else torch.zeros(10_000,
-                                                                                                    dtype=torch.uint8)
-        stream(dist.isend if rank == 0 else dist.irecv, buf, 1 - rank, None, chunk, nbytes)
-        if rank == 1:  # what came over landed in place, cycling through whole chunks; nothing else was touched
-            filled = min(nbytes, 10_000 // chunk * chunk)
-            sent = torch.arange(10_000, dtype=torch.int64).to(torch.uint8)
-            assert torch.equal(buf[:filled], sent[:filled]) and not buf[filled:].any()
-        dist.barrier()
+        sent = torch.arange(10_000, dtype=torch.int64).to(torch.uint8)
+        for nbytes, chunk in STREAM_CASES:
+            buf = sent.clone() if rank == 0 else torch.zeros(10_000, dtype=torch.uint8)
+            stream(dist.isend if rank == 0 else dist.irecv, buf, 1 - rank, None, chunk, nbytes)
+            if rank == 1:  # what came over landed in place, cycling through whole chunks; nothing else was touched
+                filled = min(nbytes, 10_000 // chunk * chunk)
+                assert torch.equal(buf[:filled], sent[:filled]) and not buf[filled:].any(), (nbytes, chunk)
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("nbytes, chunk", [(25_000, 3_000), (10_000, 10_000), (1_500, 1_024)])
-def test_stream_moves_the_bytes_in_whole_chunks_of_its_buffer(tmp_path, nbytes, chunk):
+def test_stream_moves_the_bytes_in_whole_chunks_of_its_buffer(tmp_path):
     """transport.stream, which the probe and the state-path bench measure links with: sender and receiver agree on
     every message (a mismatch would hang or fail in gloo), through a buffer shorter than the transfer and not a
-    whole number of chunks long."""
+    whole number of chunks long. The cases run one after the other in one pair of processes."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_stream_pair, args=(str(tmp_path), nbytes, chunk), nprocs=2, join=True)
+    mp.spawn(_stream_pair, args=(str(tmp_path),), nprocs=2, join=True)
 
 
 @needs_fsdp_on_cpu

@@ -15,12 +15,12 @@ from runtime.state import unpack
 SCRIPT = "examples/tinygpt/train.py"
 SCRIPT_ARGS = ("--deterministic",)  # on a GPU, bit for bit only so (on the CPU it is anyway)
 # The matrix's scenarios whose path through the runtime is the same for any model (a shard killed half-written, a
-# checksum, a corrupted replica, the fall back to storage): `make test` runs them on the MLP example (test_faults_mlp),
-# `make test-long` here as well. A kill, and a lost machine then its peer, which restore AdamW's state from memory
-# and from peers, run here in both.
+# checksum, a corrupted replica, the fall back to storage, a shard fetched from a peer): `make test` runs them on the
+# MLP example (test_faults_mlp), `make test-long` here as well. The kill, which restores AdamW's state from memory,
+# runs here in both; a shard from a peer is the same bytes, loaded the same way.
 LONG = ("test_kill_while_writing_a_checkpoint", "test_corrupted_shard_is_detected_and_fetched_from_a_peer",
         "test_a_corrupted_replica_sent_to_a_replacement_is_caught_and_dropped",
-        "test_lose_a_whole_replica_group_falls_back_to_storage")
+        "test_lose_a_whole_replica_group_falls_back_to_storage", "test_lose_a_machine_then_its_peer_each_replaced")
 
 
 def test_durable_checkpoint_is_plain_dcp(baseline, tmp_path):
