@@ -213,8 +213,22 @@ def test_validate_reports_the_paired_overhead_of_a_rotation(tmp_path):
     ov = json.loads(r.stdout)["schedules"][0]["overhead_pct"]
     assert ov["measured"] == pytest.approx(2.0) and ov["rounds"] == pytest.approx([1.0, 2.0, 3.0, 2.0])
     assert ov["ci95"] == pytest.approx(3.182446 * (2 / 3) ** 0.5 / 2, rel=1e-5)
+    assert ov["sd"] == pytest.approx((2 / 3) ** 0.5)  # the rounds' spread: squares 1, 0, 1, 0 over n - 1 = 3
     text = cli("validate", str(run), "--warmup", "0")
-    assert text.returncode == 0 and f"2.0% ±{ov['ci95']:.1f}" in text.stdout
+    assert text.returncode == 0 and f"2.0% ±{ov['ci95']:.1f} sd 0.8" in text.stdout
+
+
+@pytest.mark.parametrize("predicted, measured, sd, agrees", [
+    (10.9, 10.0, None, True),  # within 10% of the measured overhead
+    (11.1, 10.0, None, False),
+    (11.1, 10.0, 0.5, False),  # the spread is narrower than 10%: 10% rules
+    (11.5, 10.0, 1.6, True),  # the spread is wider: within it
+    (8.8, 7.4, 1.3, False),
+    (-0.5, 0.0, 0.6, True),  # no measured overhead: only the spread allows any gap
+    (0.1, 0.0, None, False),
+])
+def test_an_overhead_agrees_within_10_percent_or_the_run_to_run_spread(predicted, measured, sd, agrees):
+    assert validate.overhead_agrees({"predicted": predicted, "measured": measured, "sd": sd}) is agrees
 
 
 @pytest.mark.parametrize("change, message", [
