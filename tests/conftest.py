@@ -44,18 +44,10 @@ def load_example(example: str, module: str):
     return mod
 
 
-# The files that run real training jobs (torch started in a dozen processes per job), longest first: they go to the
-# workers first, so that with `--dist loadfile` the quick files fill the gaps and the workers end together, rather
-# than one worker starting a 10-minute file while the other has run out of work.
-LONGEST_FIRST = ("test_faults_mlp.py", "test_faults_shared_machine.py", "test_calibrate.py", "test_torchrun.py",
-                 "test_faults_tinygpt.py", "test_agent.py", "interleaving.ipynb", "plan.ipynb")
-
-
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marks
 def pytest_collection_modifyitems(items):
     """A test module names in LONG the tests it shares with another module (the fault matrix on each example) that
-    `make test` runs only there: they are marked ``long``, and `make test-long` runs them too. The files in
-    LONGEST_FIRST go first."""
+    `make test` runs only there: they are marked ``long``, and `make test-long` runs them too."""
     for item in items:
         long = getattr(getattr(item, "module", None), "LONG", ())  # a notebook has no module
         if not long:
@@ -64,8 +56,6 @@ def pytest_collection_modifyitems(items):
             raise pytest.UsageError(f"{item.module.__name__}.LONG names no test: {unknown}")
         if item.originalname in long:
             item.add_marker(pytest.mark.long)
-    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: a file's order kept
 
 
 CLI = Runner()
