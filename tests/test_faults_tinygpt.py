@@ -16,9 +16,12 @@ SCRIPT = "examples/tinygpt/train.py"
 SCRIPT_ARGS = ("--deterministic",)  # on a GPU, bit for bit only so (on the CPU it is anyway)
 # The matrix's scenarios whose path through the runtime is the same for any model (a shard killed half-written, a
 # checksum, a corrupted replica, the fall back to storage, a shard fetched from a peer): `make test` runs them on the
-# MLP example (test_faults_mlp), `make test-long` here as well. The kill, which restores AdamW's state from memory,
-# runs here in both; a shard from a peer is the same bytes, loaded the same way.
-LONG = ("test_kill_while_writing_a_checkpoint", "test_corrupted_shard_is_detected_and_fetched_from_a_peer",
+# MLP example (test_faults_mlp), `make test-long` here as well. The same goes for the kill: its path is the MLP's, and
+# AdamW's state coming back bit for bit from memory in a new process is test_api's
+# test_a_new_process_resumes_from_memory_bit_for_bit; a shard from a peer is the same bytes, loaded the same way.
+# `make test` runs this example's failure-free job and reads its durable checkpoint with plain DCP.
+LONG = ("test_kill_one_worker_mid_iteration", "test_kill_while_writing_a_checkpoint",
+        "test_corrupted_shard_is_detected_and_fetched_from_a_peer",
         "test_a_corrupted_replica_sent_to_a_replacement_is_caught_and_dropped",
         "test_lose_a_whole_replica_group_falls_back_to_storage", "test_lose_a_machine_then_its_peer_each_replaced")
 
