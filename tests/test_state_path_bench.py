@@ -147,3 +147,18 @@ def test_the_copy_in_bench_runs_and_its_row_names_the_best_setting(tmp_path):
                         {"threads": 8, "stage_bytes": 512 << 20, "seconds": 0.025}])
     what, measured, _, _ = state_path.copy_in_row(gpu)
     assert measured == "11.9 GB/s / 26.8 GB/s / 42.9 GB/s (8 x 512 MiB)" and "buffers, apart: 17 ms" in what
+
+
+def test_the_header_says_how_much_cpu_other_tenants_took(tmp_path):
+    """bench/run.py reads the steal ticks of /proc/stat's cpu line at the start and at every write."""
+    run = __import__("run")  # bench/run.py
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\n")
+    before = run.cpu_jiffies(str(stat))
+    assert before == (35, 1000)
+    stat.write_text("cpu  300 0 100 1400 10 0 5 185 0 0\n")  # 1000 more ticks, 150 of them stolen
+    assert run.steal_line(before, run.cpu_jiffies(str(stat))).endswith(": 15.0%.")
+    assert run.cpu_jiffies(str(tmp_path / "absent")) is None
+    stat.write_text("intr 1 2 3\n")
+    assert run.cpu_jiffies(str(stat)) is None
+    assert run.steal_line(None, (1, 2)).endswith(": not known.")
