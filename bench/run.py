@@ -347,13 +347,12 @@ def cpu_jiffies(stat: str = "/proc/stat") -> tuple[int, int] | None:
 def steal_line(before: tuple[int, int] | None, after: tuple[int, int] | None) -> str:
     """The header's sentence on how much of the host's CPU other tenants took while the benches ran: on a shared
     VM that is what makes one run's figures noisier than another's."""
-    if before is None or after is None or after[1] <= before[1]:
-        return "CPU time taken by other tenants of the host (steal) during the run: not known."
-    share = 100 * (after[0] - before[0]) / (after[1] - before[1])
-    return f"CPU time taken by other tenants of the host (steal) during the run: {share:.1f}%."
+    known = before is not None and after is not None and after[1] > before[1]
+    share = f"{100 * (after[0] - before[0]) / (after[1] - before[1]):.1f}%" if known else "not known"
+    return f"CPU time taken by other tenants of the host (steal) during the run: {share}."
 
 
-STARTED = cpu_jiffies()  # when this run began (main() sets it again)
+STARTED: tuple[int, int] | None = None  # /proc/stat's figures when main() began
 
 
 def write_results(out: str, rows: list[tuple[str, str, str, str]]) -> None:
