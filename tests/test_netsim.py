@@ -146,3 +146,31 @@ def test_merge_intervals_per_group():
     g, a, b = merge_intervals(np.array([1, 0, 1, 1, 0]), np.array([0.0, 5, 1, 4, 0]), np.array([2.0, 6, 3, 5, 1]))
     assert list(zip(g.tolist(), a.tolist(), b.tolist())) == [(0, 0.0, 1.0), (0, 5.0, 6.0), (1, 0.0, 3.0),
                                                               (1, 4.0, 5.0)]
+
+
+def test_groups_started_at_one_instant_keep_each_flows_size_owner_and_kind():
+    """Groups started together join the active flows in one step; each flow keeps its own labels: one size for all
+    or one each (an empty flow is done at once and never listed), one owner for all, one each, or its position."""
+    env = simpy.Environment()
+    net = Network(env, {"a": 1.0, "b": 2.0, "c": 4.0})
+    events = {}
+
+    def start():
+        yield env.timeout(1.0)
+        events["one size, one owner"] = net.transfer_group(net.paths([["a"], ["b"]]), 2.0, kind="x", owners=7)
+        events["sizes, owners"] = net.transfer_group(net.paths([["a"], ["c"], ["b"]]), [1.0, 0.0, 4.0], kind="y",
+                                                     owners=[3, 4, 5])
+        events["positions"] = net.transfer_group(net.paths([["c"], ["c"]]), [0.0, 8.0], cls=1, kind="x")
+        events["all empty"] = net.transfer_group(net.paths([["a"]]), 0.0, kind="z")
+        assert events["all empty"].triggered and net.finished()["size"].size == 0  # nothing in flight yet
+
+    env.process(start())
+    env.run()
+    assert all(e.triggered for e in events.values())
+    t = net.finished()
+    rows = sorted(zip(t["size"].tolist(), t["owner"].tolist(), [net.kinds[k] for k in t["kind"]], t["cls"].tolist(),
+                      t["start"].tolist(), [net.links[f] for f in t["first"]]))
+    assert rows == [(1.0, 3, "y", 0, 1.0, "a"), (2.0, 7, "x", 0, 1.0, "a"), (2.0, 7, "x", 0, 1.0, "b"),
+                    (4.0, 5, "y", 0, 1.0, "b"), (8.0, 1, "x", 1, 1.0, "c")]
+    # a: y's 1 and x's 2 share it (y done at 3, x at 4); b: x's 2 and y's 4 (x at 3, y at 4); c: the 8 alone (at 3)
+    assert net.last_end == pytest.approx({"x": 4.0, "y": 4.0})

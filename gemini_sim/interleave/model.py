@@ -113,12 +113,17 @@ class IterationRun:
             self._busy[kind] = merge_intervals(t["first"][sel], t["start"][sel], t["end"][sel])
         return self._busy[kind]
 
-    def busy(self, link, kind: str | None = None) -> list[tuple[float, float]]:
-        """When ``link`` carried flows that start on it (of ``kind``, or any): merged (start, end) intervals."""
+    def busy_arrays(self, link, kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`busy` as two arrays (starts, ends)."""
         g, a, b = self.busy_all(kind)
         index = self.link_index.get(link, -1)
         lo, hi = np.searchsorted(g, index, "left"), np.searchsorted(g, index, "right")
-        return list(zip(a[lo:hi].tolist(), b[lo:hi].tolist()))
+        return a[lo:hi], b[lo:hi]
+
+    def busy(self, link, kind: str | None = None) -> list[tuple[float, float]]:
+        """When ``link`` carried flows that start on it (of ``kind``, or any): merged (start, end) intervals."""
+        a, b = self.busy_arrays(link, kind)
+        return list(zip(a.tolist(), b.tolist()))
 
 
 class _Progress:
@@ -196,7 +201,7 @@ class _Iteration:
         self.update_gate = self.d2h_done  # what the first optimizer update waits for
         self.ckpt_start: float | None = None
         self.flows = 0
-        self.copying: list = [[] for _ in range(self.n)]  # per machine, (start, end) of its chunks' GPU-to-CPU copies
+        self.copying: list = []  # (start, end) of the chunks' GPU-to-CPU copies (every machine's, in lockstep)
         self.placement = placement  # built once by the caller (build_placement) for every run it simulates
         self.plan = plan
         self.with_checkpoint = with_checkpoint
@@ -264,17 +269,16 @@ class _Iteration:
     def run_pipelines(self, sends_per_machine, cls: int, copy_release=0.0):
         """Copy every machine's shard out of the GPU from ``copy_release`` on, and send it to its peers in the
         batches ``sends_per_machine[i]``: lists of (release: time or event, [chunk sizes])."""
-        d2h_events, net_events = [], []
+        copied = _Progress(self.env)
+        d2h = self.env.event()
+        self.env.process(self._copy_out(copy_release, copied, d2h))
+        net_events = []
         for i, batches in enumerate(sends_per_machine):
-            copied = _Progress(self.env)
-            d2h, net = self.env.event(), self.env.event()
-            d2h_events.append(d2h)
-            net_events.append(net)
-            self.env.process(self._copy_out(i, copy_release, copied, d2h))
-            self.env.process(self._send(i, batches, cls, copied, net))
+            net_events.append(self.env.event())
+            self.env.process(self._send(i, batches, cls, copied, net_events[-1]))
 
         def join():
-            yield simpy.AllOf(self.env, d2h_events)
+            yield d2h
             self.d2h_complete = self.env.now
             self.d2h_done.succeed()
             yield simpy.AllOf(self.env, net_events)
@@ -282,16 +286,21 @@ class _Iteration:
 
         self.env.process(join())
 
-    def _copy_out(self, i, release, copied, done):
+    def _copy_out(self, release, copied, done):
+        """Every machine's GPU-to-CPU copies, chunk by chunk. A machine's PCIe link carries its own copies and
+        nothing else, and every machine has the same link and the same shard, so the machines copy in lockstep:
+        one group of flows per chunk (one flow per machine) and one progress that every machine's sender reads
+        give the same times as a copier per machine, at a fraction of the events."""
         if isinstance(release, simpy.Event):
             yield release
+        pcie = self._group("pcie", lambda: [[("pcie", i)] for i in range(self.n)])
         for size in self.chunks(self.shard):  # double-buffered: the next chunk is staged while this one copies
             if self.ckpt_start is None:
                 self.ckpt_start = self.env.now
-            self.flows += 1
+            self.flows += pcie.count
             start = self.env.now
-            yield self.net.transfer_group(self._group(("pcie", i), lambda: [[("pcie", i)]]), size, TRAIN, "d2h", i)
-            self.copying[i].append((start, self.env.now))
+            yield self.net.transfer_group(pcie, size, TRAIN, "d2h")  # flow i (owner i) is machine i's copy
+            self.copying.append((start, self.env.now))
             copied.level_at = copied.level_at + size
             copied.wake()
         copied.level_at = math.inf  # all of it is in CPU memory (no rounding left over)
@@ -329,7 +338,7 @@ class _Iteration:
         period = max(train_end, complete or 0.0)
         per = len(self.tl.ops)
         compute = [(a, b) for i, a, b in self.spans if self.tl.ops[i % per].stream == "compute"]
-        copy_overlap = max((overlap(c, compute) for c in self.copying if c), default=0.0)
+        copy_overlap = overlap(self.copying, compute)
         return IterationRun(period / self.k, spans[self.updates[0]][0], self.spans, table, list(self.net.kinds),
                             self.net.links, self.net.link_rate_log, self.ckpt_start, complete,
                             getattr(self, "d2h_complete", None), self.net.reallocations, self.flows, copy_overlap)

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from gemini_sim.cluster.workload import Timeline
 from gemini_sim.interleave.model import InterleaveConfig, IterationRun, _Cluster, chunk_size
 
 
 def idle_spans(run: IterationRun, link, until: float) -> list[tuple[float, float]]:
     """Spans in [0, until) in which no training flow used ``link``."""
-    busy = run.busy(link, "train")
-    spans, t = [], 0.0
-    for a, b in busy:
-        if a >= until:
-            break
-        spans.append((t, a))
-        t = b
-    spans.append((t, until))
-    return [(a, min(b, until)) for a, b in spans if min(b, until) - a > 1e-9]
+    a, b = run.busy_arrays(link, "train")  # merged, sorted by start
+    k = int(np.searchsorted(a, until, "left"))  # the busy intervals that start before ``until``
+    starts = np.concatenate(([0.0], b[:k]))
+    ends = np.minimum(np.concatenate((a[:k], [until])), until)
+    keep = ends - starts > 1e-9
+    return list(zip(starts[keep].tolist(), ends[keep].tolist()))
 
 
 def plan_gemini(shard: float, profile: IterationRun, cluster: _Cluster, pl, cfg: InterleaveConfig):

@@ -18,6 +18,7 @@ as distinct bottleneck levels. Nothing is done per flow in Python, so a 2048-mac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import simpy
@@ -74,11 +75,28 @@ class Paths:
 
 
 _COLUMNS = ("start", "end", "size", "first", "cls", "kind", "owner")  # of a finished flow
-_ACTIVE = ("start", "size", "first", "cls", "kind", "owner", "rem", "rate", "group")  # of a flow in flight
+# A flow in flight is a row of two arrays: its numbers (start, size, bytes left, rate) and its labels.
+START, SIZE, REM, RATE = range(4)
+FIRST, CLS, KIND, OWNER, GROUP = range(5)
 
 
-def _empty(columns) -> dict[str, np.ndarray]:
-    return {c: np.zeros(0, dtype=float if c in ("start", "end", "size", "rem", "rate") else np.intp) for c in columns}
+class _Started(NamedTuple):
+    """A group of flows started by :meth:`Network.transfer_group`, before it joins the active arrays."""
+
+    count: int
+    start: float
+    size: float | np.ndarray  # one for all, or one per flow
+    first: np.ndarray
+    cls: int
+    kind: int
+    owners: int | np.ndarray | None  # one for all, one per flow, or None: each flow's position
+    group: int
+    flow_of: np.ndarray
+    link_of: np.ndarray
+
+
+def _empty() -> dict[str, np.ndarray]:
+    return {c: np.zeros(0, dtype=float if c in ("start", "end", "size") else np.intp) for c in _COLUMNS}
 
 
 class Network:
@@ -95,17 +113,19 @@ class Network:
         self.record = record
         self.rate_log = rate_log
         self.kinds: list[str] = []  # kind names; flows carry their index
+        self._kind_index: dict[str, int] = {}
         self.last_end: dict[str, float] = {}  # kind -> when its last flow ended (kept even without ``record``)
         self.reallocations = 0
         self.link_rate_log: list[tuple[float, dict]] = []  # (time, {link: total rate}) at every change
-        # The active flows, one entry per flow in each array, and their link incidences.
-        self._a = _empty(_ACTIVE)
+        # The active flows, a row each in both arrays (columns START.. and FIRST..), and their link incidences.
+        self._f = np.zeros((0, 4))
+        self._i = np.zeros((0, 5), dtype=np.intp)
         self._inc_flow = np.zeros(0, dtype=np.intp)
         self._inc_link = np.zeros(0, dtype=np.intp)
-        self._new: list = []  # groups started at this instant, not yet in the arrays
+        self._new: list = []  # groups started at this instant, not yet in the arrays (transfer_group's tuples)
         self._groups: dict[int, list] = {}  # group -> [flows not finished, done event]
         self._next_group = 0
-        self._done: list[dict] = []  # finished flows, in batches of arrays
+        self._done: list[tuple] = []  # finished flows, in batches: (rows of _f, rows of _i, end time)
         self._version = 0
         self._last = 0.0
         self._pending = False  # a recomputation is due at the end of this instant
@@ -124,32 +144,44 @@ class Network:
 
     def transfer_group(self, paths: Paths, sizes, cls: int = 0, kind: str = "", owners=None) -> simpy.Event:
         """Start one flow per path now, of ``sizes`` bytes (one number for all, or one each); the event fires when
-        the last of them has arrived. ``kind`` and ``owners`` (one number per flow, default its position) label
-        the flows in :meth:`finished`."""
+        the last of them has arrived. ``kind`` and ``owners`` (one number for all, or one per flow; default each
+        flow's position) label the flows in :meth:`finished`.
+
+        Called once per ring step or chunk, so it only notes the group: the arrays of every group started at this
+        instant are built together when the rates are recomputed (:meth:`_take_new`)."""
         done = self.env.event()
         n = paths.count
-        sizes = np.broadcast_to(np.asarray(sizes, dtype=float), (n,))
-        keep = sizes > 0
-        if not keep.any():
-            done.succeed()
-            return done
-        if kind not in self.kinds:
+        first, flow_of, link_of = paths.first, paths.flow_of, paths.link_of
+        if np.ndim(sizes) == 0:
+            size = float(sizes)
+            if size <= 0 or not n:
+                return done.succeed()
+        else:
+            size = np.asarray(sizes, dtype=float)
+            if size.shape != (n,):
+                raise ValueError(f"{len(size)} sizes for {n} flows")
+            keep = size > 0
+            if not keep.all():  # empty flows are done at once
+                if not keep.any():
+                    return done.succeed()
+                new_index = np.cumsum(keep) - 1
+                inc = keep[flow_of]
+                flow_of, link_of, first, size = new_index[flow_of[inc]], link_of[inc], first[keep], size[keep]
+                if owners is None:
+                    owners = np.flatnonzero(keep)
+                elif np.ndim(owners):
+                    owners = np.asarray(owners, dtype=np.intp)[keep]
+        if owners is not None and np.ndim(owners) == 0:
+            owners = int(owners)
+        if kind not in self._kind_index:
+            self._kind_index[kind] = len(self.kinds)
             self.kinds.append(kind)
-        owners = np.arange(n, dtype=np.intp) if owners is None else np.broadcast_to(np.asarray(owners, np.intp), (n,))
-        flow_of, link_of = paths.flow_of, paths.link_of
-        if not keep.all():  # empty flows are done at once
-            new_index = np.cumsum(keep) - 1
-            inc = keep[flow_of]
-            flow_of, link_of = new_index[flow_of[inc]], link_of[inc]
         group = self._next_group
         self._next_group += 1
-        k = int(keep.sum())
+        k = len(first)
         self._groups[group] = [k, done]
-        self._new.append(({"start": np.full(k, self.env.now), "size": sizes[keep].copy(),
-                           "first": paths.first[keep], "cls": np.full(k, cls, dtype=np.intp),
-                           "kind": np.full(k, self.kinds.index(kind), dtype=np.intp), "owner": owners[keep],
-                           "rem": sizes[keep].copy(), "rate": np.zeros(k), "group": np.full(k, group, dtype=np.intp)},
-                          flow_of, link_of))
+        self._new.append(_Started(k, self.env.now, size, first, cls, self._kind_index[kind], owners, group,
+                                  flow_of, link_of))
         self._advance()
         self._request()
         return done
@@ -163,14 +195,18 @@ class Network:
         """Every finished flow (when ``record``): arrays ``start``, ``end``, ``size``, ``first`` (index of its first
         link in :attr:`links`), ``cls``, ``kind`` (index in :attr:`kinds`) and ``owner``, in order of completion."""
         if not self._done:
-            return _empty(_COLUMNS)
-        return {c: np.concatenate([d[c] for d in self._done]) for c in _COLUMNS}
+            return _empty()
+        f = np.concatenate([d[0] for d in self._done])
+        i = np.concatenate([d[1] for d in self._done])
+        end = np.repeat([d[2] for d in self._done], [len(d[0]) for d in self._done])
+        return {"start": f[:, START], "end": end, "size": f[:, SIZE], "first": i[:, FIRST], "cls": i[:, CLS],
+                "kind": i[:, KIND], "owner": i[:, OWNER]}
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _advance(self) -> None:
         dt = self.env.now - self._last
-        if dt > 0 and len(self._a["rem"]):
-            self._a["rem"] -= self._a["rate"] * dt
+        if dt > 0 and len(self._f):
+            self._f[:, REM] -= self._f[:, RATE] * dt
         self._last = self.env.now
 
     def _request(self) -> None:
@@ -194,35 +230,65 @@ class Network:
         self._reallocate()
 
     def _take_new(self) -> None:
+        """Append the groups started since the last recomputation to the active arrays, all in one go."""
         if not self._new:
             return
-        base = len(self._a["rem"])
-        arrays, flow_ofs, link_ofs = [self._a], [self._inc_flow], [self._inc_link]
-        for cols, flow_of, link_of in self._new:
-            arrays.append(cols)
-            flow_ofs.append(flow_of + base)
-            link_ofs.append(link_of)
-            base += len(cols["rem"])
-        self._a = {c: np.concatenate([a[c] for a in arrays]) for c in self._a}
-        self._inc_flow = np.concatenate(flow_ofs)
-        self._inc_link = np.concatenate(link_ofs)
-        self._new = []
+        new, self._new = self._new, []
+        counts = np.array([g.count for g in new], dtype=np.intp)
+        offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        total, base = int(counts.sum()), len(self._f)
+
+        def each(values, dtype=None):  # one value per group, repeated for its flows
+            return np.repeat(np.array(values, dtype=dtype), counts)
+
+        f = np.zeros((total, 4))
+        f[:, START] = each([g.start for g in new], float)
+        f[:, SIZE] = each([g.size if np.ndim(g.size) == 0 else 0.0 for g in new], float)
+        i = np.empty((total, 5), dtype=np.intp)
+        i[:, FIRST] = np.concatenate([g.first for g in new])
+        i[:, CLS] = each([g.cls for g in new], np.intp)
+        i[:, KIND] = each([g.kind for g in new], np.intp)
+        i[:, GROUP] = each([g.group for g in new], np.intp)
+        owner = i[:, OWNER]
+        owner[:] = np.arange(total, dtype=np.intp) - np.repeat(offsets, counts)  # default: the position in the group
+        fixed = [isinstance(g.owners, int) for g in new]
+        if any(fixed):
+            mine = each(fixed, bool)
+            owner[mine] = each([g.owners if k else 0 for g, k in zip(new, fixed)], np.intp)[mine]
+        for g, at in zip(new, offsets.tolist()):  # groups with a value per flow
+            if np.ndim(g.size):
+                f[at:at + g.count, SIZE] = g.size
+            if g.owners is not None and not isinstance(g.owners, int):
+                owner[at:at + g.count] = g.owners
+        f[:, REM] = f[:, SIZE]
+        self._f = np.concatenate((self._f, f))
+        self._i = np.concatenate((self._i, i))
+        flow_of = np.concatenate([g.flow_of for g in new]) + np.repeat(offsets + base, [len(g.flow_of) for g in new])
+        self._inc_flow = np.concatenate((self._inc_flow, flow_of))
+        self._inc_link = np.concatenate([self._inc_link] + [g.link_of for g in new])
 
     def _reallocate(self) -> None:
         self.reallocations += 1
         self._take_new()
-        a = self._a
-        left = self.cap.copy()
-        rates = np.zeros(len(a["rem"]))
-        inc_cls = a["cls"][self._inc_flow]
-        for cls in np.unique(a["cls"]):
-            sel = inc_cls == cls
-            flow_of, link_of = self._inc_flow[sel], self._inc_link[sel]
-            r = fill(flow_of, link_of, len(rates), left)
-            mine = a["cls"] == cls
-            rates[mine] = r[mine]
-            left -= np.bincount(link_of, weights=r[flow_of], minlength=len(left))
-        a["rate"] = rates
+        cls = self._i[:, CLS]
+        if not len(cls):
+            rates = np.zeros(0)
+        elif cls.min() == cls.max():  # one class: plain max-min fairness
+            rates = fill(self._inc_flow, self._inc_link, len(cls), self.cap)
+        else:  # strict priority: each class shares what the classes before it left
+            left = self.cap.copy()
+            rates = np.zeros(len(cls))
+            inc_cls = cls[self._inc_flow]
+            for c in range(int(cls.min()), int(cls.max()) + 1):
+                sel = inc_cls == c
+                if not sel.any():
+                    continue
+                flow_of, link_of = self._inc_flow[sel], self._inc_link[sel]
+                r = fill(flow_of, link_of, len(rates), left)
+                mine = cls == c
+                rates[mine] = r[mine]
+                left -= np.bincount(link_of, weights=r[flow_of], minlength=len(left))
+        self._f[:, RATE] = rates
         if self.rate_log:
             totals = np.bincount(self._inc_link, weights=rates[self._inc_flow], minlength=len(self.links))
             self.link_rate_log.append((self.env.now, {self.links[i]: float(totals[i]) for i in np.flatnonzero(totals)}))
@@ -230,11 +296,11 @@ class Network:
 
     def _schedule(self) -> None:
         self._version += 1
-        a = self._a
-        if not len(a["rem"]):
+        if not len(self._f):
             return
+        rem, rate = self._f[:, REM], self._f[:, RATE]
         with np.errstate(divide="ignore", invalid="ignore"):
-            left_s = np.where(a["rate"] > 0, a["rem"] / a["rate"], np.inf)
+            left_s = np.where(rate > 0, rem / rate, np.inf)
         dt = float(left_s.min())
         if dt == float("inf"):
             raise RuntimeError("flows starved: every active flow has rate 0 (a link with zero capacity?)")
@@ -246,24 +312,27 @@ class Network:
         if version != self._version:
             return  # superseded by a later start or end
         self._advance()
-        a = self._a
+        f, i = self._f, self._i
+        rem, rate = f[:, REM], f[:, RATE]
         with np.errstate(divide="ignore", invalid="ignore"):
-            finished = (a["rem"] <= np.maximum(1e-9 * a["size"], EPS)) | \
-                ((a["rate"] > 0) & (a["rem"] / a["rate"] < 1e-12))
+            finished = (rem <= np.maximum(1e-9 * f[:, SIZE], EPS)) | ((rate > 0) & (rem / rate < 1e-12))
         if finished.any():
-            for k in np.unique(a["kind"][finished]).tolist():
+            done_i = i[finished]
+            for k in np.flatnonzero(np.bincount(done_i[:, KIND], minlength=len(self.kinds))).tolist():
                 self.last_end[self.kinds[k]] = self.env.now
             if self.record:
-                done = {c: a[c][finished] for c in _COLUMNS if c != "end"}
-                self._done.append(done | {"end": np.full(int(finished.sum()), self.env.now)})
-            groups, counts = np.unique(a["group"][finished], return_counts=True)
+                self._done.append((f[finished], done_i, self.env.now))
             keep = ~finished
             new_index = np.cumsum(keep) - 1
             inc = keep[self._inc_flow]
             self._inc_flow = new_index[self._inc_flow[inc]]
             self._inc_link = self._inc_link[inc]
-            self._a = {c: v[keep] for c, v in a.items()}
-            for g, c in zip(groups.tolist(), counts.tolist()):
+            self._f, self._i = f[keep], i[keep]
+            groups = np.sort(done_i[:, GROUP])
+            edges = np.flatnonzero(np.diff(groups)) + 1  # where a new group starts in the sorted list
+            firsts = np.concatenate(([0], edges))
+            counts = np.diff(np.concatenate((firsts, [len(groups)])))
+            for g, c in zip(groups[firsts].tolist(), counts.tolist()):
                 entry = self._groups[g]
                 entry[0] -= c
                 if entry[0] == 0:
