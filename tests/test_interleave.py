@@ -218,3 +218,33 @@ def test_copy_slowdown_lengthens_the_compute_that_ran_beside_the_copy():
     heavy = dataclasses.replace(plain, cluster=dataclasses.replace(plain.cluster, copy_slowdown=0.9))
     assert simulate(plain, InterleaveConfig(schedule="naive"), threshold_pct=1.0).min_interval_iters < \
         simulate(heavy, InterleaveConfig(schedule="naive"), threshold_pct=1.0).min_interval_iters
+
+
+def _scan(overhead, threshold, kmax):
+    return next((k for k in range(1, kmax + 1) if overhead(k) <= threshold), None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(0, 50, allow_nan=False), min_size=1, max_size=40), st.floats(0, 20, allow_nan=False),
+       st.integers(1, 40))
+def test_the_interval_search_finds_what_a_scan_of_every_interval_finds(drops, threshold, kmax):
+    # Any overhead that falls as K grows: a running sum of drops from a start value, held beyond the list.
+    levels = [50.0]
+    for d in drops:
+        levels.append(max(levels[-1] - d, 0.0))
+    overhead = lambda k: levels[min(k - 1, len(levels) - 1)]  # noqa: E731
+    calls = []
+    found = interleave.simulation.smallest_interval(lambda k: calls.append(k) or overhead(k), threshold, kmax)
+    assert found == _scan(overhead, threshold, kmax)
+    assert len(calls) == len(set(calls)) and all(1 <= k <= kmax for k in calls)  # each K simulated once, in range
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.01, 100), st.floats(0.01, 5), st.integers(1, 64))
+def test_an_amortised_overhead_is_found_in_three_simulations(cost, threshold, kmax):
+    # A checkpoint's cost spread over the interval: c / K. The prediction from K = 1 is the answer, so the search
+    # simulates K = 1, the prediction and the K below it, not the doubling and bisection's 8 or so.
+    calls = []
+    found = interleave.simulation.smallest_interval(lambda k: calls.append(k) or cost / k, threshold, kmax)
+    assert found == _scan(lambda k: cost / k, threshold, kmax)
+    assert len(calls) <= 3

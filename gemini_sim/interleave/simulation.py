@@ -45,6 +45,7 @@ class InterleaveResult:
     spans: tuple = field(default=(), repr=False, compare=False)  # gemini: (start, end, bytes) of machine 0
     host_cpu_per_iteration_s: float = 0.0  # of the iteration time: the checkpoint's CPU on training's cores
     copy_slowdown_per_iteration_s: float = 0.0  # of the iteration time: compute slowed beside the GPU-to-CPU copy
+    intervals_played: tuple = ()  # the intervals K simulated with a checkpoint, in order (the search's after the first)
 
     @property
     def overhead_pct(self) -> float:
@@ -117,7 +118,8 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
         checkpoint_bytes_per_machine=full.checkpoint_bytes_per_machine, simulated_machines=preset.cluster.machines,
         sim_events=run.sim_events + profile.sim_events, flows=run.flows, run=run, baseline=base,
         timeline=timeline, spans=_spans_of(plans.get(cfg.interval), profile, cluster, pl, timeline),
-        host_cpu_per_iteration_s=host_part, copy_slowdown_per_iteration_s=copy_part)
+        host_cpu_per_iteration_s=host_part, copy_slowdown_per_iteration_s=copy_part,
+        intervals_played=tuple(plans))
 
 
 def host_delay(cfg: InterleaveConfig, run: IterationRun, copy_slowdown: float = 0.0) -> float:
@@ -146,22 +148,45 @@ def _overhead(pair, cfg: InterleaveConfig, copy_slowdown: float) -> float:
 
 def _min_interval(run_with, threshold_pct: float, kmax: int, cfg: InterleaveConfig,
                   copy_slowdown: float = 0.0) -> int | None:
-    """Smallest interval K (iterations per checkpoint) whose overhead is under the threshold, by doubling and then
-    bisection (overhead falls as K grows); None when even ``kmax`` is not enough."""
-    cache: dict[int, bool] = {}
+    """Smallest interval K (iterations per checkpoint) whose simulated overhead is under the threshold; None when
+    even ``kmax`` is not enough."""
+    return smallest_interval(
+        lambda k: _overhead(run_with(k), dataclasses.replace(cfg, interval=k), copy_slowdown), threshold_pct, kmax)
+
+
+def smallest_interval(overhead, threshold_pct: float, kmax: int) -> int | None:
+    """Smallest K in [1, kmax] with ``overhead(K) <= threshold_pct``, for an overhead that falls as K grows; None
+    when even ``kmax`` is not enough.
+
+    Each ``overhead(K)`` is a simulation of K iterations, so the search spends few of them: most of a checkpoint's
+    overhead is one cost amortised over the interval, about c / K, so the K that a failing K's overhead predicts
+    (K x overhead / threshold) is tried next, then the one just below it; doubling takes over when a prediction
+    falls short, and bisection settles what the predictions leave open. Any search gives the same K when the
+    overhead falls with K; this one only simulates fewer iterations."""
+    seen: dict[int, float] = {}
 
     def ok(k: int) -> bool:
-        if k not in cache:
-            cache[k] = _overhead(run_with(k), dataclasses.replace(cfg, interval=k), copy_slowdown) <= threshold_pct
-        return cache[k]
+        if k not in seen:
+            seen[k] = overhead(k)
+        return seen[k] <= threshold_pct
 
     if ok(1):
         return 1
-    lo, hi = 1, 2
-    while hi < kmax and not ok(hi):
-        lo, hi = hi, min(2 * hi, kmax)
-    if not ok(hi):
-        return None
+    lo, hi, predicted = 1, None, True  # lo fails; hi (once found) passes
+    while hi is None:
+        scaled = lo * seen[lo] / threshold_pct if threshold_pct > 0 else math.inf
+        guess = min(math.ceil(scaled - 1e-9), kmax) if math.isfinite(scaled) else 2 * lo
+        k = min(kmax, max(guess if predicted else 2 * lo, lo + 1))
+        if ok(k):
+            hi = k
+        elif k >= kmax:
+            return None
+        else:
+            lo, predicted = k, k == guess and predicted  # a prediction fell short once: double from here on
+    if hi - 1 > lo:  # a prediction is usually exact: then the K below it fails
+        if not ok(hi - 1):
+            return hi
+        hi -= 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if ok(mid):
