@@ -94,14 +94,14 @@ _SCALE_CASE = """
 import dataclasses, json, resource, sys, time
 from gemini_sim.cluster import config
 from gemini_sim import interleave
-n, over, schedule, placement, find, threshold, full = json.loads(sys.argv[1])
+n, over, schedule, placement, find, threshold, full, slow_nic = json.loads(sys.argv[1])
 if full:
     interleave.model.SLICE = 10 ** 9  # every machine simulated, even where a symmetric slice would do
 p = config.load_preset("llama3-405b")
 p = dataclasses.replace(p, cluster=dataclasses.replace(p.cluster, machines=n),
                         recovery=dataclasses.replace(p.recovery, placement=placement))
 t0 = time.perf_counter()
-r = interleave.simulate(p, interleave.InterleaveConfig(schedule=schedule, oversubscription=over),
+r = interleave.simulate(p, interleave.InterleaveConfig(schedule=schedule, oversubscription=over, slow_nic=slow_nic),
                         find_interval=find, threshold_pct=threshold)
 print(json.dumps({"s": time.perf_counter() - t0, "gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   "sim": r.simulated_machines, "flows": r.flows, "k": r.min_interval_iters,
@@ -110,12 +110,13 @@ print(json.dumps({"s": time.perf_counter() - t0, "gb": resource.getrusage(resour
 """
 
 
-def _scale_case(n, over, schedule="gemini", placement="auto", find=False, threshold=1.0, full=False) -> dict:
+def _scale_case(n, over, schedule="gemini", placement="auto", find=False, threshold=1.0, full=False,
+                slow_nic=1.0) -> dict:
     import json
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", _SCALE_CASE, json.dumps([n, over, schedule, placement, find,
-                                                                          threshold, full])],
+                                                                          threshold, full, slow_nic])],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -148,7 +149,9 @@ def bench_scale():
                         ("interval search, symmetry broken (naive, random placement, 0.02% budget)",
                          (2048, 2.0, "naive", "random", True, 0.02)),
                         ("one iteration, symmetry broken (gemini, random placement)",
-                         (2048, 2.0, "gemini", "random", False))):
+                         (2048, 2.0, "gemini", "random", False)),
+                        ("one iteration, symmetry broken (gemini, group placement, machine 0's NIC at half speed)",
+                         (2048, 2.0, "gemini", "auto", False, 1.0, False, 0.5))):
         r = _scale_case(*args)
         played = ", ".join(map(str, r["played"]))
         found = f", min interval {r['k']} (simulated with K = {played} iterations)" if args[4] else ""

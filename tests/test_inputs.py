@@ -48,6 +48,7 @@ CASES = [
     ["placement", "--replicas", "2", "--failures", "1", "--machines"],
     ["interleave", "--preset", "gemini-paper", "--schedule", "naive", "--jitter"],
     ["interleave", "--preset", "gemini-paper", "--schedule", "gemini", "--span-fill"],
+    ["interleave", "--preset", "gemini-paper", "--schedule", "blocking", "--slow-nic"],
     # the output's folder is a file: refused once the flags are read, so no valid value starts an optimisation
     ["plan", "--synthetic", "poisson", "-o", "{file}/p.json", "--max-overhead"],
     ["validate", "/nonexistent-run", "--warmup"],

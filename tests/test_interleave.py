@@ -248,3 +248,30 @@ def test_an_amortised_overhead_is_found_in_three_simulations(cost, threshold, km
     found = interleave.simulation.smallest_interval(lambda k: calls.append(k) or cost / k, threshold, kmax)
     assert found == _scan(lambda k: cost / k, threshold, kmax)
     assert len(calls) <= 3
+
+
+def test_one_slow_nic_bounds_the_rings_and_its_own_copies_as_if_every_nic_were_that_slow():
+    """Machine 0's NIC at half speed: every ring step waits for the two flows that cross it, and under `blocking`
+    the checkpoint ends with machine 0's pair; both end exactly when they would with every NIC at half speed."""
+    healthy, halved = small(), small(gbps=200.0)
+    tl = workload.zero3(healthy)
+    slow = simulate(healthy, InterleaveConfig(schedule="blocking", slow_nic=0.5), tl, find_interval=False)
+    all_slow = simulate(halved, InterleaveConfig(schedule="blocking"), tl, find_interval=False)
+    plain = simulate(healthy, InterleaveConfig(schedule="blocking"), tl, find_interval=False)
+    for attr in ("baseline_iteration_time_s", "iteration_time_s", "checkpoint_complete_s", "checkpoint_time_s"):
+        assert getattr(slow, attr) == pytest.approx(getattr(all_slow, attr), rel=1e-9), attr
+    assert slow.checkpoint_time_s > plain.checkpoint_time_s
+
+
+def test_a_slow_nic_breaks_the_symmetry_so_the_whole_cluster_is_simulated():
+    preset = small(machines=48, layers=3)
+    healthy = simulate(preset, InterleaveConfig(schedule="gemini"), find_interval=False)
+    slow = simulate(preset, InterleaveConfig(schedule="gemini", slow_nic=0.25), find_interval=False)
+    assert healthy.simulated_machines == 16 and slow.simulated_machines == 48
+    assert slow.baseline_iteration_time_s > healthy.baseline_iteration_time_s
+    # GEMINI plans machine 0's sends at its own NIC's speed: the shard needs a longer idle span than before.
+    used = [(a, b) for a, b, nbytes, _ in slow.spans if nbytes]
+    assert used and used != [(a, b) for a, b, nbytes, _ in healthy.spans if nbytes]
+    assert slow.checkpoint_time_s > healthy.checkpoint_time_s
+    with pytest.raises(UserError, match="slow NIC"):
+        InterleaveConfig(slow_nic=0.0)

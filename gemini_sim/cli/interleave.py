@@ -13,6 +13,7 @@ HELP = "play an iteration with checkpoint traffic under a schedule"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from gemini_sim.interleave import SCHEDULES
+    from gemini_sim.interleave.model import SLOWEST_NIC
 
     add_preset_args(p)
     p.add_argument("--schedule", default="gemini", help=f"one of: {', '.join(SCHEDULES)}")
@@ -25,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="overhead limit for the min interval, %% (default 1)")
     p.add_argument("--oversubscription", type=inputs.number(1, 1e6), default=1.0,
                    help="leaf/spine oversubscription (default 1)")
+    p.add_argument("--slow-nic", type=inputs.number(SLOWEST_NIC, 1), default=1.0, metavar="FRACTION",
+                   help="machine 0's NIC runs at this fraction of its bandwidth, a degraded link (default 1: healthy)")
     p.add_argument("--seed", type=inputs.SEED, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", metavar="FILE", help="Gantt chart of the simulated iteration(s)")
@@ -44,7 +47,7 @@ def run(args) -> int:
     cfg = interleave.InterleaveConfig(schedule=args.schedule, replicas=args.replicas,
                                       buffer_bytes=args.buffer_mb * 2 ** 20, jitter=args.jitter, seed=args.seed,
                                       interval=args.interval, oversubscription=args.oversubscription,
-                                      span_fill=args.span_fill, host_cpu_s=host)
+                                      span_fill=args.span_fill, host_cpu_s=host, slow_nic=args.slow_nic)
     res = interleave.simulate(preset, cfg, timeline, threshold_pct=args.threshold)
     if args.export_plan:
         _export_plan(args, preset, cfg, res)

@@ -29,6 +29,7 @@ from gemini_sim.cluster.workload import Timeline, ring_bytes_per_machine
 
 
 TRAIN, CKPT = 0, 1  # flow classes when checkpoint traffic yields
+SLOWEST_NIC = 1e-3  # the slowest a degraded NIC may be, as a share of its bandwidth (400 Gbit/s -> 400 Mbit/s)
 
 
 def chunk_size(buffer_bytes: float, shard_bytes: float) -> float:
@@ -48,6 +49,7 @@ class InterleaveConfig:
     oversubscription: float = 1.0
     span_fill: float = 1.0  # gemini: fill at most this fraction of each idle span (headroom for timeline jitter)
     host_cpu_s: float = 0.0  # CPU seconds one checkpoint costs a rank on the cores training runs on (host cost model)
+    slow_nic: float = 1.0  # machine 0's NIC runs at this fraction of its bandwidth (a degraded link); 1: all healthy
 
     def __post_init__(self):
         from gemini_sim.interleave.schedules import SCHEDULES
@@ -62,6 +64,8 @@ class InterleaveConfig:
             raise UserError(f"interval must be >= 1 iteration, got {self.interval}")
         if not 0 < self.span_fill <= 1:
             raise UserError(f"span fill must be in (0, 1], got {self.span_fill}")
+        if not (math.isfinite(self.slow_nic) and SLOWEST_NIC <= self.slow_nic <= 1):
+            raise UserError(f"the slow NIC's share of its bandwidth must be from {SLOWEST_NIC:g} to 1, got {self.slow_nic}")
         if not (math.isfinite(self.host_cpu_s) and self.host_cpu_s >= 0):
             raise UserError(f"host CPU per checkpoint must be a finite number >= 0, got {self.host_cpu_s}")
 
@@ -146,14 +150,16 @@ class _Progress:
 
 
 class _Cluster:
-    """Links and paths of the topology, plus one PCIe link per machine."""
+    """Links and paths of the topology, plus one PCIe link per machine; ``slow_nic``: machine 0's NIC runs at that
+    fraction of its bandwidth, both ways."""
 
-    def __init__(self, preset: Preset, oversubscription: float):
+    def __init__(self, preset: Preset, oversubscription: float, slow_nic: float = 1.0):
         self.n = preset.cluster.machines
         g = topology.build(preset.cluster, preset.storage, oversubscription)
         self.capacity = {}
         for a, b, data in g.edges(data=True):
-            self.capacity[(a, b)] = self.capacity[(b, a)] = data["gbps"] * GBPS
+            share = slow_nic if data["kind"] == "nic" and topology.machine(0) in (a, b) else 1.0
+            self.capacity[(a, b)] = self.capacity[(b, a)] = data["gbps"] * GBPS * share
         for i in range(self.n):
             self.capacity[("pcie", i)] = preset.cluster.pcie_gbps * GBPS
         self.graph = g
@@ -184,7 +190,7 @@ class _Iteration:
         self.ring_n = full.cluster.machines
         self.k = iterations or cfg.interval
         self.env = simpy.Environment()
-        self.cluster = cluster or _Cluster(preset, cfg.oversubscription)  # built once by the caller, else here
+        self.cluster = cluster or _Cluster(preset, cfg.oversubscription, cfg.slow_nic)  # built once by the caller
         self.net = Network(self.env, self.cluster.capacity, record=record,
                            rate_log=record and preset.cluster.machines <= RATE_LOG_MACHINES)
         self.n = preset.cluster.machines
@@ -383,10 +389,11 @@ def symmetric_slice(preset: Preset, cfg: InterleaveConfig) -> Preset:
     With a non-blocking fabric, every machine of a ring collective sends the same bytes to its successor over its
     own NIC, and every machine sends its shard to m-1 peers: each machine's NIC and PCIe carry the same flows
     whatever N is. So we simulate a slice of 16 machines (full ring bytes, full shard) and lose nothing. With an
-    oversubscribed spine, traffic between racks couples machines, and we simulate the whole cluster."""
+    oversubscribed spine, traffic between racks couples machines, and with a slow NIC one machine differs from the
+    rest: then we simulate the whole cluster."""
     n = preset.cluster.machines
     replicas = cfg.replicas or preset.recovery.replicas
-    if n <= 2 * SLICE or cfg.oversubscription > 1 or replicas > SLICE:
+    if n <= 2 * SLICE or cfg.oversubscription > 1 or cfg.slow_nic < 1 or replicas > SLICE:
         return preset
     size = SLICE - SLICE % replicas  # keep group placement possible in the slice
     per_rack = preset.cluster.machines_per_rack

@@ -79,7 +79,7 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
     full, preset = preset, symmetric_slice(preset, cfg)
     # The profile GEMINI plans with: one iteration without checkpoint traffic, with other jitter draws than the run.
     pl = build_placement(preset, cfg)  # once, for the profile, every interval tried and the plan
-    cluster = _Cluster(preset, cfg.oversubscription)  # once too: its topology, paths and flow groups
+    cluster = _Cluster(preset, cfg.oversubscription, cfg.slow_nic)  # once too: topology, paths, flow groups
     profile = _simulate(preset, timeline, dataclasses.replace(cfg, seed=cfg.seed + 1), pl, with_checkpoint=False,
                         iterations=1, full=full, cluster=cluster)
 
