@@ -65,7 +65,8 @@ class InterleaveConfig:
         if not 0 < self.span_fill <= 1:
             raise UserError(f"span fill must be in (0, 1], got {self.span_fill}")
         if not (math.isfinite(self.slow_nic) and SLOWEST_NIC <= self.slow_nic <= 1):
-            raise UserError(f"the slow NIC's share of its bandwidth must be from {SLOWEST_NIC:g} to 1, got {self.slow_nic}")
+            raise UserError(f"the slow NIC's share of its bandwidth must be from {SLOWEST_NIC:g} to 1, "
+                            f"got {self.slow_nic}")
         if not (math.isfinite(self.host_cpu_s) and self.host_cpu_s >= 0):
             raise UserError(f"host CPU per checkpoint must be a finite number >= 0, got {self.host_cpu_s}")
 

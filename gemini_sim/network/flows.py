@@ -243,23 +243,18 @@ class Network:
 
         f = np.zeros((total, 4))
         f[:, START] = each([g.start for g in new], float)
-        f[:, SIZE] = each([g.size if np.ndim(g.size) == 0 else 0.0 for g in new], float)
+        f[:, SIZE] = each([g.size if isinstance(g.size, float) else 0.0 for g in new], float)
         i = np.empty((total, 5), dtype=np.intp)
         i[:, FIRST] = np.concatenate([g.first for g in new])
         i[:, CLS] = each([g.cls for g in new], np.intp)
         i[:, KIND] = each([g.kind for g in new], np.intp)
         i[:, GROUP] = each([g.group for g in new], np.intp)
-        owner = i[:, OWNER]
-        owner[:] = np.arange(total, dtype=np.intp) - np.repeat(offsets, counts)  # default: the position in the group
-        fixed = [isinstance(g.owners, int) for g in new]
-        if any(fixed):
-            mine = each(fixed, bool)
-            owner[mine] = each([g.owners if k else 0 for g, k in zip(new, fixed)], np.intp)[mine]
-        for g, at in zip(new, offsets.tolist()):  # groups with a value per flow
-            if np.ndim(g.size):
+        i[:, OWNER] = np.arange(total, dtype=np.intp) - np.repeat(offsets, counts)  # default: the position in the group
+        for g, at in zip(new, offsets.tolist()):  # groups with sizes of their own, or owners
+            if not isinstance(g.size, float):
                 f[at:at + g.count, SIZE] = g.size
-            if g.owners is not None and not isinstance(g.owners, int):
-                owner[at:at + g.count] = g.owners
+            if g.owners is not None:
+                i[at:at + g.count, OWNER] = g.owners
         f[:, REM] = f[:, SIZE]
         self._f = np.concatenate((self._f, f))
         self._i = np.concatenate((self._i, i))
