@@ -237,6 +237,16 @@ def test_the_interval_search_finds_what_a_scan_of_every_interval_finds(drops, th
     found = interleave.simulation.smallest_interval(lambda k: calls.append(k) or overhead(k), threshold, kmax)
     assert found == _scan(overhead, threshold, kmax)
     assert len(calls) == len(set(calls)) and all(1 <= k <= kmax for k in calls)  # each K simulated once, in range
+    assert len(calls) <= 2 * kmax.bit_length() + 3  # doubling and bisection, plus the prediction and the K below it
+
+
+def test_an_overhead_that_falls_slowly_is_searched_by_doubling_not_one_k_at_a_time():
+    # Just over the budget until K = 30: each prediction says "one more", so following predictions would simulate
+    # K = 2, 3, ..., 30. After the first one falls short the search doubles and bisects instead.
+    calls = []
+    overhead = lambda k: 0.5 if k >= 30 else 1.001  # noqa: E731
+    assert interleave.simulation.smallest_interval(lambda k: calls.append(k) or overhead(k), 1.0, 32) == 30
+    assert len(calls) <= 2 * (32).bit_length() + 3
 
 
 @settings(max_examples=200, deadline=None)
