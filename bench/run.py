@@ -101,8 +101,8 @@ p = config.load_preset("llama3-405b")
 p = dataclasses.replace(p, cluster=dataclasses.replace(p.cluster, machines=n),
                         recovery=dataclasses.replace(p.recovery, placement=placement))
 t0 = time.perf_counter()
-r = interleave.simulate(p, interleave.InterleaveConfig(schedule=schedule, oversubscription=over, slow_nic=slow_nic),
-                        find_interval=find, threshold_pct=threshold)
+cfg = interleave.InterleaveConfig(schedule=schedule, oversubscription=over, slow_nic=slow_nic)
+r = interleave.simulate(p, cfg, find_interval=find, threshold_pct=threshold)
 print(json.dumps({"s": time.perf_counter() - t0, "gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   "sim": r.simulated_machines, "flows": r.flows, "k": r.min_interval_iters,
                   "played": r.intervals_played,
@@ -340,13 +340,11 @@ def main():
 
 def cpu_jiffies(stat: str = "/proc/stat") -> tuple[int, int] | None:
     """(CPU time stolen by the hypervisor for other tenants, all CPU time) so far, in clock ticks, from the
-    ``cpu`` line of /proc/stat (user nice system idle iowait irq softirq steal ...); None where it cannot be read."""
-    try:
-        fields = Path(stat).read_text().splitlines()[0].split()
-        ticks = [int(x) for x in fields[1:9]]
-    except (OSError, IndexError, ValueError):
-        return None
-    return (ticks[7], sum(ticks)) if fields[0] == "cpu" and len(ticks) == 8 else None
+    ``cpu`` line of /proc/stat (the runtime's reader); None where it cannot be read."""
+    from runtime.profiler import cpu_ticks
+
+    ticks = cpu_ticks(stat)
+    return None if ticks is None else (ticks[7], sum(ticks[:8]))
 
 
 def steal_line(before: tuple[int, int] | None, after: tuple[int, int] | None) -> str:

@@ -297,16 +297,27 @@ def device_rates(device: torch.device, nbytes: int = 256 << 20, reps: int = 5) -
             "copy_compute_slowdown": min(0.99, max(0.0, ratios[len(ratios) // 2] - 1))}
 
 
+def cpu_ticks(stat: str = "/proc/stat") -> list[int] | None:
+    """The host's CPU time since boot, all CPUs together, in clock ticks by kind, from the ``cpu`` line of
+    ``/proc/stat``: user, nice, system, idle, iowait, irq, softirq, steal (and more on newer kernels); None where it
+    cannot be read."""
+    try:
+        with open(stat) as f:
+            fields = f.readline().split()
+        ticks = [int(v) for v in fields[1:]]
+    except (OSError, ValueError):
+        return None
+    return ticks if fields and fields[0] == "cpu" and len(ticks) >= 8 else None
+
+
 def host_busy_s() -> float | None:
     """Seconds the host's CPUs have been busy since boot, all of them together, by ``/proc/stat`` (user, nice,
     system, irq and softirq time; a guest's time is in user, a hypervisor's steal is not the host's work); None
     where there is no ``/proc/stat``. Its resolution is the kernel's clock tick (10 ms), per CPU."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
+    ticks = cpu_ticks()
+    if ticks is None:
         return None
-    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    user, nice, system, _idle, _iowait, irq, softirq = ticks[:7]
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 

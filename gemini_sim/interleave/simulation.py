@@ -173,17 +173,13 @@ def smallest_interval(overhead, threshold_pct: float, kmax: int) -> int | None:
 
     if ok(1):
         return 1
-    lo, hi, predicted = 1, None, True  # lo fails; hi (once found) passes
-    while hi is None:
-        scaled = lo * seen[lo] / threshold_pct if threshold_pct > 0 else math.inf
-        guess = min(math.ceil(scaled - 1e-9), kmax) if math.isfinite(scaled) else 2 * lo
-        k = min(kmax, max(guess if predicted else 2 * lo, lo + 1))
-        if ok(k):
-            hi = k
-        elif k >= kmax:
+    scaled = seen[1] / threshold_pct if threshold_pct > 0 else math.inf  # the K that c / K predicts
+    lo, k = 1, min(kmax, max(2, math.ceil(scaled - 1e-9)) if math.isfinite(scaled) else 2)
+    while not ok(k):  # the prediction fell short: double from there
+        if k >= kmax:
             return None
-        else:
-            lo, predicted = k, False  # the prediction fell short: double from here on
+        lo, k = k, min(kmax, 2 * k)
+    hi = k  # lo fails, hi passes
     if hi - 1 > lo:  # a prediction is usually exact: then the K below it fails
         if not ok(hi - 1):
             return hi
