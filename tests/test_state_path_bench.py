@@ -39,6 +39,9 @@ def test_rows_judge_each_target_from_the_measurements():
     assert "10.00 Gbit/s per direction" in rows[1][0] and "the probe's 7.20" in rows[1][0] and "1500 ms" in rows[2][0]
     assert "first checkpoints, into memory not yet reserved, the slowest in local memory after 500 ms" in rows[1][0]
     assert "optimizer: 40 / 300 ms, where the copy alone at the measured 51.6 GB/s takes 23 ms" in rows[2][0]
+    assert "recoveries (local 50 ms, peer 2000 ms;" in rows[2][0]
+    both = state_path.rows_for(1, dict(rt, local_recoveries_s=[0.07, 0.05], peer_recoveries_s=[2.0, 2.4]), dcp)
+    assert "recoveries (local 70, 50 ms, peer 2000, 2400 ms;" in both[2][0]
     fast = state_path.rows_for(1, dict(rt, link_both_bytes_per_s=4e9), dcp)
     assert fast[1][3] == "FAIL" and "(30% of" in fast[1][1]  # 0.3 s at that rate
     nccl = state_path.rows_for(1, dict(rt, backend="cpu:gloo,cuda:nccl"), dcp)  # a GPU per rank: judged
@@ -162,3 +165,26 @@ def test_the_header_says_how_much_cpu_other_tenants_took(tmp_path):
     stat.write_text("intr 1 2 3\n")
     assert run.cpu_jiffies(str(stat)) is None
     assert run.steal_line(None, (1, 2)).endswith(": not known.")
+
+
+def test_the_fastest_recovery_counts_each_at_its_slowest_rank():
+    """A fault job recovers once per attempt after a fault; per recovery the slowest rank's figures count (recovery
+    ends with a barrier), and of the recoveries the fastest, with all of them listed in order."""
+    rec = lambda rank, tier, s, fetch, restore: {"msg": "recovered", "rank": rank, "tier": tier, "seconds": s,
+                                                 "fetch_s": fetch, "restore_s": restore, "iteration": 4}
+    attempts = [[{"msg": "start"}],
+                [rec(0, "local", 0.5, 0.1, 0.3), rec(1, "peer", 0.7, 0.4, 0.2)],
+                [rec(0, "local", 0.45, 0.2, 0.1), rec(1, "peer", 0.6, 0.3, 0.25)]]  # the same iteration again
+    assert state_path.fastest_recovery(attempts, "peer") == {"seconds": 0.6, "fetch_s": 0.3, "restore_s": 0.25,
+                                                             "all_s": [0.7, 0.6]}
+    assert state_path.fastest_recovery(attempts, "local")["all_s"] == [0.5, 0.45]
+    two = [[rec(0, "local", 0.5, 0.1, 0.3), rec(1, "local", 0.4, 0.3, 0.1)]]
+    assert state_path.fastest_recovery(two, "local") == {"seconds": 0.5, "fetch_s": 0.3, "restore_s": 0.3,
+                                                         "all_s": [0.5]}
+    assert state_path.fastest_recovery(attempts, "storage") is None
+
+
+def test_fault_jobs_fail_twice_while_the_job_runs_that_far():
+    assert state_path.faults("kill", (0, 1), 5, 10) == "kill:0:5,kill:1:7"  # two ranks: the agent retries both
+    assert state_path.faults("lose", (1,), 5, 6) == "lose:1:5"  # no iteration 7
+    assert state_path.faults("lose", (1,), 5, 7) == "lose:1:5,lose:1:7"
