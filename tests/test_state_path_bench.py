@@ -185,6 +185,6 @@ def test_the_fastest_recovery_counts_each_at_its_slowest_rank():
 
 
 def test_fault_jobs_fail_twice_while_the_job_runs_that_far():
-    assert state_path.faults("kill", (0, 1), 5, 10) == "kill:0:5,kill:1:7"  # two ranks: the agent retries both
-    assert state_path.faults("lose", (1,), 5, 6) == "lose:1:5"  # no iteration 7
-    assert state_path.faults("lose", (1,), 5, 7) == "lose:1:5,lose:1:7"
+    assert state_path.faults("kill", (0, 1), 5, 10) == "kill:0:5,kill:1:6"  # two ranks: the agent retries both
+    assert state_path.faults("lose", (1,), 5, 5) == "lose:1:5"  # no iteration 6
+    assert state_path.faults("lose", (1,), 5, 6) == "lose:1:5,lose:1:6"
