@@ -145,16 +145,16 @@ def bench_scale():
                 rows.append(("interleave at scale: one iteration with checkpoint traffic, gemini schedule, 2048 "
                              "machines, 2:1 oversubscribed spine, every machine simulated",
                              f"{r['s']:.2f} s, {r['gb']:.2f} GB", "<= 5 s, < 1 GB", "pass" if ok else "FAIL"))
-    for what, args, in (("interval search (gemini, group placement, 1% budget)", (2048, 2.0, "gemini", "auto", True)),
-                        ("interval search, symmetry broken (naive, random placement, 0.02% budget)",
-                         (2048, 2.0, "naive", "random", True, 0.02)),
-                        ("one iteration, symmetry broken (gemini, random placement)",
-                         (2048, 2.0, "gemini", "random", False)),
-                        ("one iteration, symmetry broken (gemini, group placement, machine 0's NIC at half speed)",
-                         (2048, 2.0, "gemini", "auto", False, 1.0, False, 0.5))):
-        r = _scale_case(*args)
+    big = dict(n=2048, over=2.0)
+    for what, case in (("interval search (gemini, group placement, 1% budget)", dict(find=True)),
+                       ("interval search, symmetry broken (naive, random placement, 0.02% budget)",
+                        dict(schedule="naive", placement="random", find=True, threshold=0.02)),
+                       ("one iteration, symmetry broken (gemini, random placement)", dict(placement="random")),
+                       ("one iteration, symmetry broken (gemini, group placement, machine 0's NIC at half speed)",
+                        dict(slow_nic=0.5))):
+        r = _scale_case(**big, **case)
         played = ", ".join(map(str, r["played"]))
-        found = f", min interval {r['k']} (simulated with K = {played} iterations)" if args[4] else ""
+        found = f", min interval {r['k']} (simulated with K = {played} iterations)" if case.get("find") else ""
         rows.append((f"interleave at scale: {what}, 2048 machines, 2:1 oversubscribed{found}",
                      f"{r['s']:.2f} s, {r['gb']:.2f} GB", "<= 60 s", "pass" if r["s"] <= 60 else "FAIL"))
     SECTIONS.append("\n".join(["## Interleaving model: scale", "", " ".join(bench_scale.__doc__.split()), ""]

@@ -323,11 +323,8 @@ class Network:
             self._inc_flow = new_index[self._inc_flow[inc]]
             self._inc_link = self._inc_link[inc]
             self._f, self._i = f[keep], i[keep]
-            groups = np.sort(done_i[:, GROUP])
-            edges = np.flatnonzero(np.diff(groups)) + 1  # where a new group starts in the sorted list
-            firsts = np.concatenate(([0], edges))
-            counts = np.diff(np.concatenate((firsts, [len(groups)])))
-            for g, c in zip(groups[firsts].tolist(), counts.tolist()):
+            groups, counts = np.unique(done_i[:, GROUP], return_counts=True)
+            for g, c in zip(groups.tolist(), counts.tolist()):
                 entry = self._groups[g]
                 entry[0] -= c
                 if entry[0] == 0:
