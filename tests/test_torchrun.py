@@ -18,7 +18,8 @@ MLP = ROOT / "examples" / "mlp" / "train.py"
 
 
 def torchrun(tmp_path, plan, iters, out, job, nodes=1, procs=2, env=None, extra=()):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), GEMINI_JOB=job, GEMINI_STORE_ROOT=str(tmp_path / "shm"),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               GEMINI_JOB=job, GEMINI_STORE_ROOT=str(tmp_path / "shm"),
                GEMINI_DURABLE_DIR=str(tmp_path / "durable" / job), GEMINI_EVENTS="1", **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}", *extra, str(MLP), "--plan",
            str(plan), "--iters", str(iters), "--out-dir", str(tmp_path / out)]
