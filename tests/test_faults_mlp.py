@@ -11,6 +11,10 @@ from conftest import needs_fsdp
 pytestmark = needs_fsdp  # the example trains with FSDP2
 
 SCRIPT = "examples/mlp/train.py"
+# make test-long only: a worker killed while it writes takes the recovery of the plain kill, with a torn checkpoint
+# that every machine abandons on top; make test runs that on machines of two ranks (test_faults_shared_machine's
+# test_a_rank_killed_while_writing_leaves_its_machines_other_checkpoint_whole)
+LONG = ("test_kill_while_writing_a_checkpoint",)
 
 
 def test_extra_state_is_in_the_durable_checkpoint(baseline):
