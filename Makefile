@@ -30,12 +30,14 @@ run: $(STAMP)
 
 # WORKERS: pytest processes (2, the CI machine's cores; a larger machine may give more).
 WORKERS ?= 2
+# whole files to a worker, in the order conftest.py gives them (the longest first)
+DIST := --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not long" tests --nbmake notebooks
+	$(BIN)/python -m pytest -q -n $(WORKERS) $(DIST) -m "not long" tests --nbmake notebooks
 
 # Everything make test runs, and the cases it leaves out (marked long: the fault matrix on the second example).
 test-long: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile tests --nbmake notebooks
+	$(BIN)/python -m pytest -q -n $(WORKERS) $(DIST) tests --nbmake notebooks
 
 # The tests on another torch than the pinned one (the runtime supports torch >= 2.6), in a venv of their own,
 # .venv-torch-VERSION: make test-torch TORCH=2.7.1. From PyPI that torch is a CUDA build (a few GB to download) that
@@ -44,7 +46,7 @@ TORCH ?= 2.6.0
 test-torch:
 	test -x .venv-torch-$(TORCH)/bin/python || $(PYTHON) -m venv .venv-torch-$(TORCH)
 	.venv-torch-$(TORCH)/bin/python -m pip install --quiet torch==$(TORCH) -e '.[test,runtime]'
-	.venv-torch-$(TORCH)/bin/python -m pytest -q -n $(WORKERS) --dist loadfile tests
+	.venv-torch-$(TORCH)/bin/python -m pytest -q -n $(WORKERS) $(DIST) tests
 
 runtime-demo: $(STAMP)
 	$(BIN)/python examples/tinygpt/demo.py out/runtime-demo

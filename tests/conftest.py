@@ -51,10 +51,26 @@ def load_example(example: str, module: str):
     return mod
 
 
+# make test's longest files and their summed test time in seconds (pytest --durations=0 on the 2-core CI host,
+# 2026-12-03), run longest first; the others follow in their own order. pytest-xdist hands whole files to the two
+# workers in this order (the Makefile's --no-loadscope-reorder: by default it orders files by their number of tests,
+# which left test_torchrun, two tests of a minute each, running alone at the end). Replaying pytest-xdist's
+# hand-out (tests/xdist_order.py) with the per-test times of three runs: the slower worker ends at 533, 567 and 611 s
+# this way, at 575, 611 and 648 s in the default order (the replay came within 10-25 s of the runs it replayed).
+LONGEST = {"tests/test_faults_mlp.py": 385, "tests/test_calibrate.py": 193, "tests/test_faults_shared_machine.py": 149,
+           "tests/test_torchrun.py": 119, "tests/test_agent.py": 110, "notebooks/interleaving.ipynb": 41,
+           "tests/test_faults_tinygpt.py": 34, "tests/test_fuzz_readers.py": 28, "notebooks/plan.ipynb": 23,
+           "tests/test_inputs.py": 22}
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marks
 def pytest_collection_modifyitems(items):
     """A test module names in LONG the tests it shares with another module (the fault matrix on each example) that
-    `make test` runs only there: they are marked ``long``, and `make test-long` runs them too."""
+    `make test` runs only there: they are marked ``long``, and `make test-long` runs them too. The files of LONGEST
+    go first, longest first."""
+    if missing := [name for name in LONGEST if not (ROOT / name).is_file()]:
+        raise pytest.UsageError(f"conftest.LONGEST names no file: {missing}")
+    items.sort(key=lambda item: -LONGEST.get(item.nodeid.split("::")[0], 0))
     for item in items:
         long = getattr(getattr(item, "module", None), "LONG", ())  # a notebook has no module
         if not long:
