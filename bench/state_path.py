@@ -120,8 +120,8 @@ def fastest_recovery(attempts: list[list[dict]], tier: str) -> dict | None:
     """Of a job's recoveries (``attempts``: each attempt's events, as :meth:`runtime.agent.JobResult.attempts` gives
     them; every attempt after a fault recovers once, each rank with its ``recovered`` event), the fastest in
     ``tier``: per recovery, the largest ``seconds``, ``fetch_s`` and ``restore_s`` over its ranks (recovery ends
-    with a barrier, so the slowest rank's time is the job's); the recovery with the least ``seconds``, with every recovery's
-    seconds in ``all_s`` (in order). None where there was none."""
+    with a barrier, so the slowest rank's time is the job's); the recovery with the least ``seconds``, with every
+    recovery's seconds in ``all_s`` (in order). None where there was none."""
     slowest = []
     for events in attempts:
         ranks = [e for e in events if e["msg"] == "recovered" and e["tier"] == tier]
@@ -137,7 +137,7 @@ def faults(kind: str, who: tuple[int, ...], at: int, iters: int) -> str:
     striking ``who[k % len(who)]`` (the agent does not retry a failure with the same cause as the one before: two
     kills strike two ranks). One iteration apart, so that the last attempt, whose timings the job's figures come
     from, still has most of the job's iterations."""
-    its = [at] + [i for i in range(at + 1, at + RECOVERIES) if i <= iters]
+    its = range(at, min(at + RECOVERIES, iters + 1))
     return ",".join(f"{kind}:{who[k % len(who)]}:{i}" for k, i in enumerate(its))
 
 
