@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_fsdp
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import state_path  # noqa: E402
 
@@ -63,6 +65,7 @@ def test_a_gpu_stall_counts_the_training_streams_wait_in_the_iteration_whose_upd
     assert state_path.stalls(cpu) == pytest.approx({1: 0.0011, 2: 0.0021, 3: 0.0031})
 
 
+@needs_fsdp  # a TinyGPT job under the agent
 def test_the_compute_bound_overhead_case_runs_and_pairs_its_rounds(tmp_path):
     """The compute-bound case (on a GPU in make bench): one job of one rank alternating turns without and with a
     checkpoint every iteration, paired per round; here on the CPU with a tiny model, where the row is information
