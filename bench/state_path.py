@@ -200,6 +200,8 @@ def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) ->
         "dim": dim, "layers": layers, "params": ckpt[0]["params"],
         "shard_bytes": shard,
         "device": ckpt[0].get("device", "cpu"), "backend": ckpt[0].get("backend", "gloo"),
+        # a rank whose driver would not page-lock the store's memory (its copies ran at pageable speed), and why
+        "page_lock_refused": next((r["page_lock_refused"] for r in ckpt if "page_lock_refused" in r), None),
         "iteration_s": _median(i["iteration_s"] for r in plain for i in steady(r)),
         "iteration_ckpt_s": _median(i["iteration_s"] for r in ckpt for i in steady(r)),
         "stall_s": _median(s for r in ckpt for it, s in stalls(r).items() if it > WARMUP),
@@ -434,10 +436,13 @@ def rows_for(gib: float, rt: dict, d: dict) -> list[tuple[str, str, str, str]]:
     else:
         overhead_judged = ("-", "info (the two ranks share one GPU: gloo collectives through the host bound them; "
                                 "the compute-bound case is its own row)")
+    why = rt.get("page_lock_refused")
+    unlocked = f"; the store's memory was NOT page-locked, so its copies ran at pageable speed ({why})" if why else ""
     rows = [
         (f"state path ({where}): training stall per checkpoint (on a GPU: the host's waits and the training "
          "stream's wait for the copy, timed with CUDA events) vs the copy alone at the measured "
-         f"{rt['copy_bytes_per_s'] / 1e9:.1f} GB/s", f"{rt['stall_s'] * 1e3:.1f} ms vs {copy_limit * 1e3:.1f} ms "
+         f"{rt['copy_bytes_per_s'] / 1e9:.1f} GB/s" + unlocked,
+         f"{rt['stall_s'] * 1e3:.1f} ms vs {copy_limit * 1e3:.1f} ms "
          f"({rt['stall_s'] / copy_limit:.2f}x)", "<= 1.3x", verdict(rt["stall_s"] <= 1.3 * copy_limit)),
         ("state path: until in local CPU memory / until also on the peer, training waiting (the link between two "
          f"processes here, driven as the runtime drives it: {gbit(rt['link_both_bytes_per_s'])} Gbit/s per direction "

@@ -639,6 +639,8 @@ class Checkpointer:
         stats["backend"] = dist.get_backend()
         p = next(self.model.parameters(), None)
         stats["device"] = torch.cuda.get_device_name(p.device) if p is not None and p.is_cuda else "cpu"
+        if why := device.refused():  # the checkpoints' copies ran at pageable speed
+            stats["page_lock_refused"] = why
         stats["iterations"] = self.iterations
         stats["checkpoints"] = self.checkpoints
         write_atomic(self.out_dir / f"timings-rank-{self.rank:05d}.json", json.dumps(stats, allow_nan=False))

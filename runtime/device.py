@@ -1,12 +1,15 @@
 """The accelerator's side of a checkpoint: CUDA tensors copied into the store's host memory at the PCIe limit.
 
 The store keeps each shard in a mapping of a /dev/shm file, so the copy outlives a crashed worker. A device-to-host
-copy into an ordinary mapping runs at pageable speed (about 12 GB/s on an H100 host, ../shared/GPU.md), so the
-mapping is page-locked once with ``cudaHostRegister`` (68 ms/GiB there, paid once per slot: slots are reused), after
-which copies into it run as fast as into pinned memory (about 54 GB/s). The copies run on a side stream of their
-own, after an event that marks the state as of the optimizer step; the training stream waits on the event of the
-last chunk only where the next update would overwrite the state (:meth:`runtime.pipeline.InFlight.wait_copied`),
-so the host never blocks on the copy and compute overlaps it.
+copy into an ordinary mapping runs at pageable speed (about 12 GB/s on an H100 host, ../shared/GPU.md), so the mapping
+is page-locked once with ``cudaHostRegister`` (68 ms/GiB there, paid once per slot: slots are reused), after which
+copies into it run as fast as into pinned memory (about 54 GB/s). Where the driver refuses (a sandbox that does not
+allow it, say), the copies run at pageable speed: the reason is logged once per process and written into the rank's
+timings, and the error the refusal left pending in the CUDA runtime is cleared, as PyTorch would otherwise report it
+at the next kernel launch on that thread. The copies run on a side stream of their own, after an event that marks the
+state as of the optimizer step; the training stream waits on the event of the last chunk only where the next update
+would overwrite the state (:meth:`runtime.pipeline.InFlight.wait_copied`), so the host never blocks on the copy and
+compute overlaps it.
 
 Recovery copies the other way (:func:`copy_in`). The store's mapping in a new process is not page-locked, and
 registering it would cost more than the copy, so the bytes go through two page-locked staging buffers: CPU threads
@@ -18,9 +21,11 @@ Everything else here is a no-op for CPU tensors: the CPU path copies with ``Tens
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import cache, partial
 
 import torch
 
@@ -33,8 +38,10 @@ FILL_PIECE = 8 << 20  # the part of a staging buffer one filling thread copies a
 # registered by one thread is fast for any copier and is unregistered from any thread
 HOST_REGISTER_PORTABLE = 1
 
+log = logging.getLogger("runtime")
 _streams: dict = {}
 _lock = threading.Lock()
+_refusal: list[str] = []  # why page-locking host memory first failed in this process (one reason at most)
 
 
 def side_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -54,22 +61,82 @@ def mark(device: torch.device) -> "torch.cuda.Event | None":
 
 def page_lock(tensor: torch.Tensor) -> bool:
     """Page-lock host memory (a store slot's mapping) for fast, asynchronous device copies; False where this
-    cannot be done (no CUDA, or the driver refused): copies then still work, at pageable speed."""
+    cannot be done (no CUDA, or the driver refused: the reason is logged once per process and kept, see
+    :func:`refused`): copies then still work, at pageable speed."""
     if not torch.cuda.is_available() or tensor.numel() == 0:
         return False
     try:
-        rc = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(),
-                                                  HOST_REGISTER_PORTABLE)
-    except (AttributeError, RuntimeError):  # a torch build without the binding, or a CUDA error raised
-        return False
-    return int(rc) == 0
+        cudart = torch.cuda.cudart()
+        rc = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(),
+                                     HOST_REGISTER_PORTABLE)
+    except (AttributeError, RuntimeError) as e:  # a torch build without the binding, or a CUDA error raised
+        return _refuse(f"cudaHostRegister: {type(e).__name__}: {e}")
+    if int(rc) == 0:
+        return True
+    try:
+        why = cudart.cudaGetErrorString(rc)
+    except (AttributeError, RuntimeError, TypeError):
+        why = f"CUDA error {int(rc)}"
+    return _refuse(f"cudaHostRegister: {why}")
+
+
+def _refuse(why: str) -> bool:
+    """Page-locking failed: clear the error it left, say so once per process, keep the reason; False."""
+    drain_cuda_error()
+    with _lock:
+        first = not _refusal
+        if first:
+            _refusal.append(why)
+    if first:
+        log.warning("page-locking CPU memory failed (%s): copies between the GPU and the checkpoint store run at "
+                    "pageable speed", why)
+    return False
+
+
+def refused() -> str | None:
+    """Why page-locking host memory failed in this process (the first reason), None where it never did; written
+    into the rank's timings (``page_lock_refused``)."""
+    return _refusal[0] if _refusal else None
+
+
+@cache
+def cudart_paths(maps: str = "/proc/self/maps") -> tuple[str, ...]:
+    """The CUDA runtime libraries mapped into this process (``libcudart.so.13``, or a wheel's bundled
+    ``libcudart-HASH.so.12``): where torch's CUDA calls go."""
+    try:
+        with open(maps) as f:
+            paths = {line.split(maxsplit=5)[5].strip() for line in f
+                     if line.count(" ") >= 5 and "libcudart" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return ()
+    return tuple(sorted(p.removesuffix(" (deleted)") for p in paths if p.startswith("/")))
+
+
+def drain_cuda_error() -> None:
+    """Consume the error a failed CUDA runtime call left pending on this thread. The runtime keeps it until
+    ``cudaGetLastError`` is called, and PyTorch checks that after its kernel launches, so an error we recovered from
+    would otherwise fail the next, unrelated kernel launch on this thread. Torch's ``cudart()`` binding has no
+    ``cudaGetLastError``: it is called in every CUDA runtime library mapped here (loading a mapped library again
+    returns the one loaded)."""
+    for path in cudart_paths():
+        try:
+            fn = ctypes.CDLL(path).cudaGetLastError
+        except (OSError, AttributeError):
+            continue
+        fn.restype, fn.argtypes = ctypes.c_int, []
+        fn()
 
 
 def page_lock_slot(slot, device: torch.device) -> None:
-    """Page-lock a store slot's mapping (runtime/store.py) for copies with ``device``, once per slot."""
+    """Page-lock a store slot's mapping (runtime/store.py) for copies with ``device``, once per slot: a slot
+    the driver refused is not tried again."""
+    if slot.locked_for is not None or slot.lock_refused:
+        return
     with torch.cuda.device(device):
-        if slot.locked_for is None and page_lock(slot.tensor):
+        if page_lock(slot.tensor):
             slot.locked_for = device
+        else:
+            slot.lock_refused = True
 
 
 def slot_locker(device: torch.device | None):
@@ -121,6 +188,17 @@ def waited_s(marks: tuple, block: bool = True) -> float | None:
     return before.elapsed_time(after) / 1000
 
 
+def staging(nbytes: int, pinned: bool) -> torch.Tensor:
+    """A staging buffer of ``nbytes``: page-locked where asked and CUDA allows, else ordinary memory (the copies
+    from it are then synchronous: slower, still correct; the refusal is reported as :func:`page_lock`'s)."""
+    if pinned:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as e:
+            _refuse(f"pinned allocation: {e}".splitlines()[0])
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
 def copy_in(pairs, device: torch.device, stage_bytes: int = STAGE_BYTES, threads: int = 4) -> None:
     """Copy CPU tensors into tensors on ``device`` through two staging buffers, page-locked on a GPU: while the
     device copies one buffer in (on the checkpoint's side stream, after what the current stream has queued),
@@ -137,7 +215,7 @@ def copy_in(pairs, device: torch.device, stage_bytes: int = STAGE_BYTES, threads
         return
     cuda = device.type == "cuda"
     size = min(stage_bytes, total)
-    stages = [torch.empty(size, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+    stages = [staging(size, pinned=cuda) for _ in range(2)]
     done: list = [None, None]  # per staging buffer: the event after the device's copies out of it
     stream = side_stream(device) if cuda else None
     if cuda:

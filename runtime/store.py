@@ -445,6 +445,7 @@ class Slot:
             torch.empty(0, dtype=torch.uint8)
         # the CUDA device whose copies this slot's memory was page-locked for (runtime/device.py), once per slot
         self.locked_for = None
+        self.lock_refused = False  # the driver refused to page-lock it: not tried again
         # where its memory came from (ShardStore.slot): "held", a mapping this process held already (nothing to map
         # or page-lock); "spare", the file of a dropped shard, mapped anew; "new", memory reserved for it
         self.memory = "new"

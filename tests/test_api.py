@@ -18,7 +18,7 @@ from conftest import needs_fsdp_on_cpu
 from runtime import Checkpointer, ConfigError, PlanError, StoreError
 from runtime import plan as plan_mod, schedules
 from runtime.state import unpack
-from runtime.store import ShardStore
+from runtime.store import ShardStore, Slot
 
 
 class Counter:
@@ -365,18 +365,121 @@ def test_the_fallback_wraps_and_restores_torch_distributed(world1):
     assert dist.all_reduce is original
 
 
-@pytest.mark.parametrize("failure", [AttributeError("no cudaHostRegister in this build"), RuntimeError("CUDA error")])
-def test_page_locking_that_cannot_be_done_leaves_the_copy_pageable(monkeypatch, failure):
-    """A torch build without the cudart binding, or a driver that raises, costs speed, never the checkpoint."""
+@pytest.mark.parametrize("failure", [AttributeError("no cudaHostRegister in this build"), RuntimeError("CUDA error"),
+                                     801])
+def test_page_locking_that_cannot_be_done_leaves_the_copy_pageable(monkeypatch, caplog, failure):
+    """A torch build without the cudart binding, a driver that raises or one that returns an error (801: not
+    supported) costs speed, never the checkpoint: the error left pending in the CUDA runtime is cleared (it would
+    fail the next kernel launch), the reason is logged once per process and kept for the timings."""
     from runtime import device as dev
 
     class Cudart:
         def cudaHostRegister(self, *args):
-            raise failure
+            if isinstance(failure, Exception):
+                raise failure
+            return failure
 
+        def cudaGetErrorString(self, rc):
+            return f"operation not supported ({rc})"
+
+    drained = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
-    assert dev.page_lock(torch.zeros(16, dtype=torch.uint8)) is False
+    monkeypatch.setattr(dev, "drain_cuda_error", lambda: drained.append(1))
+    monkeypatch.setattr(dev, "_refusal", [])
+    assert dev.refused() is None
+    with caplog.at_level("WARNING", logger="runtime"):
+        assert dev.page_lock(torch.zeros(16, dtype=torch.uint8)) is False
+        assert dev.page_lock(torch.zeros(16, dtype=torch.uint8)) is False
+    why = "operation not supported (801)" if failure == 801 else str(failure)
+    assert why in dev.refused() and dev.refused().startswith("cudaHostRegister: ")
+    assert len(drained) == 2
+    assert [r.getMessage() for r in caplog.records if "page-locking" in r.getMessage()] == [
+        f"page-locking CPU memory failed ({dev.refused()}): copies between the GPU and the checkpoint store run at "
+        "pageable speed"]
+
+
+@needs_fsdp_on_cpu
+def test_a_refused_page_lock_is_written_into_the_timings(world1, tmp_path, monkeypatch):
+    """The rank's timings say why its checkpoint copies ran at pageable speed (the bench's stall row quotes it), in
+    the timings format gemini-sim reads; a run where nothing was refused has no such field."""
+    from gemini_sim.plan import check_format
+    from runtime import device as dev
+
+    def timings(out):
+        model, opt = make(0)
+        ckpt = Checkpointer(plan_mod.default(1, 1, replicas=1), model, opt, store_root=out / "shm",
+                            durable_dir=out / "d", out_dir=out, profile_iters=0)
+        ckpt.recover()
+        train(model, opt, ckpt, 2)
+        ckpt.close()
+        data = json.loads((out / "timings-rank-00000.json").read_text())
+        return check_format(data, "gemini-sim-timings", str(out))
+
+    monkeypatch.setattr(dev, "_refusal", [])
+    assert "page_lock_refused" not in timings(tmp_path / "locked")
+    monkeypatch.setattr(dev, "_refusal", ["cudaHostRegister: operation not supported"])
+    assert timings(tmp_path / "refused")["page_lock_refused"] == "cudaHostRegister: operation not supported"
+
+
+def test_a_slot_the_driver_refused_is_not_tried_again(monkeypatch):
+    """Every checkpoint's copy asks for its slot to be page-locked; a slot once refused is left pageable, without
+    another driver call per checkpoint; a slot locked stays locked for its device."""
+    import contextlib
+
+    from runtime import device as dev
+
+    calls = []
+    monkeypatch.setattr(dev, "page_lock", lambda t: calls.append(t) or len(calls) > 1)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    refused, locked = Slot.__new__(Slot), Slot.__new__(Slot)
+    for slot in (refused, locked):
+        slot.tensor, slot.locked_for, slot.lock_refused = torch.zeros(4, dtype=torch.uint8), None, False
+    gpu = torch.device("cuda", 1)
+    for _ in range(3):
+        dev.page_lock_slot(refused, gpu)
+    assert len(calls) == 1 and refused.lock_refused and refused.locked_for is None
+    for _ in range(3):
+        dev.page_lock_slot(locked, gpu)
+    assert len(calls) == 2 and locked.locked_for == gpu and not locked.lock_refused
+
+
+def test_page_locked_staging_that_is_refused_falls_back_to_ordinary_memory(monkeypatch):
+    """Recovery's staging buffers: where CUDA will not pin memory, the copy in still runs, from ordinary memory."""
+    from runtime import device as dev
+
+    empty = torch.empty
+
+    def no_pinning(*args, pin_memory=False, **kw):
+        if pin_memory:
+            raise RuntimeError("CUDA error: operation not supported\nCUDA kernel errors might be reported later")
+        return empty(*args, **kw)
+
+    monkeypatch.setattr(torch, "empty", no_pinning)
+    monkeypatch.setattr(dev, "drain_cuda_error", lambda: None)
+    monkeypatch.setattr(dev, "_refusal", [])
+    buf = dev.staging(64, pinned=True)
+    assert buf.numel() == 64 and not buf.is_pinned()
+    assert dev.refused() == "pinned allocation: CUDA error: operation not supported"
+    assert dev.staging(8, pinned=False).numel() == 8
+
+
+def test_the_cuda_runtime_libraries_are_found_in_the_process_maps(tmp_path):
+    """drain_cuda_error clears the pending error in every CUDA runtime library mapped into the process: a system's
+    libcudart.so.13, a wheel's bundled libcudart-HASH.so.12 (even deleted since), each once; nothing else."""
+    from runtime import device as dev
+
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f00-7f10 r-xp 00000000 08:01 11 /usr/lib/x86_64-linux-gnu/libcudart.so.13.0.48\n"
+        "7f10-7f20 r--p 00010000 08:01 11 /usr/lib/x86_64-linux-gnu/libcudart.so.13.0.48\n"
+        "7f20-7f30 r-xp 00000000 08:01 12 /opt/venv/torch/lib/libcudart-9335f6a2.so.12 (deleted)\n"
+        "7f30-7f40 r-xp 00000000 08:01 13 /opt/my libcudart dir/libc.so.6\n"
+        "7f40-7f50 rw-p 00000000 00:00 0 \n"
+        "7f50-7f60 r-xp 00000000 08:01 14 /usr/lib/libcuda.so.1\n")
+    assert dev.cudart_paths(str(maps)) == ("/opt/venv/torch/lib/libcudart-9335f6a2.so.12",
+                                           "/usr/lib/x86_64-linux-gnu/libcudart.so.13.0.48")
+    assert dev.cudart_paths(str(tmp_path / "none")) == ()
 
 
 # --- on a GPU (skipped without CUDA; run on the GPU machine) ----------------------------------------------------
@@ -471,6 +574,26 @@ def test_the_training_streams_wait_for_a_copy_out_is_timed_on_the_device():
     waited = dev.waited_s(dev.wait_on(src.device, events[-1]))
     assert 0.0005 < waited < 1.0 and torch.equal(dst, src.cpu())
     assert dev.waited_s(dev.wait_on(src.device, events[-1])) < 0.0005
+
+
+@needs_cuda
+def test_a_refused_page_lock_does_not_fail_the_next_kernel_launch(monkeypatch):
+    """Registering memory twice makes the driver refuse (or it refuses the first time, where page-locking is not
+    allowed at all): the error it leaves pending in the CUDA runtime is cleared, or PyTorch's check after the next
+    kernel launch on this thread would raise it."""
+    from runtime import device as dev
+
+    monkeypatch.setattr(dev, "_refusal", [])
+    host = torch.zeros(1 << 20, dtype=torch.uint8)
+    locked = dev.page_lock(host)
+    try:
+        assert not (locked and dev.page_lock(host))
+        assert dev.refused() is not None
+        x = torch.ones(1024, device="cuda") * 2  # a kernel launch, checked with cudaGetLastError
+        assert x.sum().item() == 2048
+    finally:
+        if locked:
+            dev.page_unlock(host, torch.device("cuda", torch.cuda.current_device()))
 
 
 @pytest.fixture

@@ -51,6 +51,10 @@ def test_rows_judge_each_target_from_the_measurements():
     assert state_path.rows_for(1, dict(rt, backend="cpu:gloo,cuda:nccl", iteration_ckpt_s=1.03), dcp)[5][3] == "FAIL"
     cpu = state_path.rows_for(1, dict(rt, device="cpu"), dict(dcp, load_cold_s=None))
     assert cpu[5][3].startswith("info") and "against a warm load" in cpu[4][1]
+    assert "page-locked" not in rows[0][0]
+    unlocked = state_path.rows_for(1, dict(rt, page_lock_refused="cudaHostRegister: operation not supported"), dcp)
+    assert rows[0][0] + "; the store's memory was NOT page-locked, so its copies ran at pageable speed " \
+        "(cudaHostRegister: operation not supported)" == unlocked[0][0]
 
 
 def test_a_gpu_stall_counts_the_training_streams_wait_in_the_iteration_whose_update_waited():
