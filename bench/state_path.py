@@ -374,8 +374,8 @@ cores = len(os.sched_getaffinity(0))
 out = {"bytes": nbytes // pieces * pieces, "cores": cores, "device": torch.cuda.get_device_name(0)
        if device.type == "cuda" else "cpu", "configs": []}
 # first, as in a fresh process: torch keeps freed page-locked memory for reuse, so only the first allocation costs
-out["pin_two_stages"] = best(lambda: [torch.empty(dev.STAGE_BYTES, dtype=torch.uint8, pin_memory=True)
-                                      for _ in range(2)], 1) if device.type == "cuda" else None
+out["pin_two_stages"] = best(lambda: [dev.staging(dev.STAGE_BYTES, pinned=True) for _ in range(2)], 1) \
+    if device.type == "cuda" else None
 for threads in sorted({t for t in (2, 4, 8, 16) if t <= max(2, cores)}):
     for stage in (32 << 20, 128 << 20, 512 << 20):
         s = best(lambda: dev.copy_in(list(zip(dst, src)), device, stage_bytes=stage, threads=threads))
@@ -383,6 +383,7 @@ for threads in sorted({t for t in (2, 4, 8, 16) if t <= max(2, cores)}):
 out["default"] = best(lambda: dev.copy_in(list(zip(dst, src)), device))
 out["plain"] = best(lambda: [d.copy_(x) for d, x in zip(dst, src)])  # straight from the pageable mapping
 assert all(torch.equal(d.cpu(), x) for d, x in zip(dst, src))
+out["page_lock_refused"] = dev.refused()
 print(json.dumps(out))
 """
 
@@ -404,6 +405,8 @@ def copy_in_row(c: dict) -> tuple[str, str, str, str]:
     on_gpu = c.get("pin_two_stages") is not None
     note = (f"; allocating the two page-locked staging buffers, apart: {c['pin_two_stages'] * 1e3:.0f} ms" if on_gpu
             else "; on a CPU, recovery copies straight from the mapping, and the staging is there for GPUs")
+    if c.get("page_lock_refused"):
+        note += f"; page-locked memory was refused ({c['page_lock_refused']}): the staging was ordinary memory"
     return (f"state path: recovery's copy into the {c['device']} from a stored shard's mapping ({c['bytes'] / GiB:.2f} "
             f"GiB, {c['cores']} cores): a plain copy from the mapping / `runtime.device.copy_in` (staged), default / "
             f"best (threads x staging buffer){note}",

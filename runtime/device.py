@@ -150,7 +150,8 @@ def page_unlock(tensor: torch.Tensor, device: torch.device) -> None:
     otherwise go to device 0, where the first one would open a context on another rank's GPU)."""
     if torch.cuda.is_available() and tensor is not None and tensor.numel():
         with torch.cuda.device(device):
-            torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+            if int(torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())) != 0:
+                drain_cuda_error()  # (the memory is let go all the same)
 
 
 def copy_out(device: torch.device, pieces, ready) -> list:

@@ -257,10 +257,10 @@ def device_rates(device: torch.device, nbytes: int = 256 << 20, reps: int = 5) -
     ``reps`` copies of ``nbytes``), and by how much a bf16 matrix-multiply loop slows while a GPU -> CPU copy runs
     beside it on the checkpoint's side stream (the median of ``reps`` paired runs, timed with CUDA events on the
     compute stream; 0 when it does not slow). ../shared/GPU.md measured 54.8 / 51.6 GB/s and 1.5% on an H100."""
-    from .device import side_stream
+    from .device import side_stream, staging
 
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host = staging(nbytes, pinned=True)  # ordinary memory where pinning is refused: the rates checkpoints get then
 
     def best(run) -> float:
         out = float("inf")

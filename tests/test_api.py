@@ -444,6 +444,25 @@ def test_a_slot_the_driver_refused_is_not_tried_again(monkeypatch):
     assert len(calls) == 2 and locked.locked_for == gpu and not locked.lock_refused
 
 
+@pytest.mark.parametrize("rc", [0, 1])
+def test_unlocking_clears_the_error_a_failed_unregister_leaves(monkeypatch, rc):
+    import contextlib
+
+    from runtime import device as dev
+
+    class Cudart:
+        def cudaHostUnregister(self, ptr):
+            return rc
+
+    drained = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(dev, "drain_cuda_error", lambda: drained.append(1))
+    dev.page_unlock(torch.zeros(4, dtype=torch.uint8), torch.device("cuda", 0))
+    assert len(drained) == rc
+
+
 def test_page_locked_staging_that_is_refused_falls_back_to_ordinary_memory(monkeypatch):
     """Recovery's staging buffers: where CUDA will not pin memory, the copy in still runs, from ordinary memory."""
     from runtime import device as dev

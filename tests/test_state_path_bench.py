@@ -157,6 +157,10 @@ def test_the_copy_in_bench_runs_and_its_row_names_the_best_setting(tmp_path):
                         {"threads": 8, "stage_bytes": 512 << 20, "seconds": 0.025}])
     what, measured, _, _ = state_path.copy_in_row(gpu)
     assert measured == "11.9 GB/s / 26.8 GB/s / 42.9 GB/s (8 x 512 MiB)" and "buffers, apart: 17 ms" in what
+    assert c["page_lock_refused"] is None and "refused" not in what
+    what = state_path.copy_in_row(dict(gpu, page_lock_refused="pinned allocation: CUDA error: not supported"))[0]
+    assert what.endswith("; page-locked memory was refused (pinned allocation: CUDA error: not supported): the "
+                         "staging was ordinary memory")
 
 
 def test_the_header_says_how_much_cpu_other_tenants_took(tmp_path):
