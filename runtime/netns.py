@@ -66,7 +66,9 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def available() -> str | None:
-    """None when namespaces can be made here, else why not (one line)."""
+    """None when the set-up :func:`up` makes can be made here, else why not (one line). Tried for real, in a
+    namespace of its own that is removed after: a namespace, a bridge, a veth pair and a ``tc`` token bucket on it
+    (a sandbox may allow namespaces and not the rest)."""
     if not (shutil.which("ip") and shutil.which("tc")):
         return "the ip and tc tools are not installed"
     if os.geteuid() != 0:
@@ -75,7 +77,18 @@ def available() -> str | None:
     r = _ip("netns", "add", probe, check=False)
     if r.returncode != 0:
         return f"cannot create a network namespace: {r.stderr.strip()}"
-    _ip("netns", "del", probe, check=False)
+    try:  # inside the probe's namespace: nothing here can clash with the host's links, and all goes with it
+        for what, args in (("a bridge", ("link", "add", "gpb", "type", "bridge")),
+                           ("a veth link", ("link", "add", "gpv", "type", "veth", "peer", "name", "gpw"))):
+            r = _ip("-n", probe, *args, check=False)
+            if r.returncode != 0:
+                return f"cannot create {what} in a network namespace: {r.stderr.strip()}"
+        try:
+            _limit("gpv", 100, probe)
+        except subprocess.CalledProcessError as e:
+            return f"cannot limit a link's bandwidth with tc: {e.stderr.strip()}"
+    finally:
+        _ip("netns", "del", probe, check=False)
     return None
 
 

@@ -5,6 +5,7 @@ here (make calibrate is the full-size, bandwidth-limited run); plus the network-
 import filecmp
 import json
 import os
+import subprocess
 import threading
 import time
 
@@ -278,6 +279,21 @@ def test_namespaces_come_back_right_after_down_and_a_failed_set_up_is_one_line(t
     err = capsys.readouterr().err
     assert err.strip() == "error: cannot set up the network namespaces: ip link add: File exists"
     assert netns.current(0) is None
+
+
+@pytest.mark.skipif(netns.available() is not None, reason=f"network namespaces: {netns.available()}")
+def test_namespaces_are_unavailable_where_tc_cannot_limit_a_link(tmp_path, monkeypatch):
+    """A host (a sandbox, say) that makes namespaces but where tc fails is no place for the limited links: available()
+    says why in one line, and its probe namespace is gone."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "tc").write_text("#!/bin/sh\necho 'RTNETLINK answers: Operation not supported' >&2\nexit 2\n")
+    (fake / "tc").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert netns.available() == "cannot limit a link's bandwidth with tc: RTNETLINK answers: Operation not supported"
+    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not {n for n in after - before if n.startswith("gemini-probe")}
 
 
 def test_the_model_builds_its_tensors_on_the_tokens_device():
