@@ -7,18 +7,28 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test test-long test-torch bench clean runtime-demo calibrate netns-up netns-down gpu-wheels gpu-bench
 
 # OFFLINE=1: a machine with its own torch (and numpy, scipy, networkx, matplotlib) that reaches no registry, the
-# GPU machine: the venv sees the system's packages and installs the rest from wheels/ (made by make gpu-wheels).
+# GPU machine: the venv sees the packages $(PYTHON) sees and installs the rest from wheels/ (made by make gpu-wheels).
+# $(PYTHON) may itself be a venv's (the GPU machine's python3 is /opt/torch/.venv's), and a venv made from a venv
+# sees only the base interpreter's packages, not that venv's: so a .pth file in ours adds $(PYTHON)'s site
+# directories (after our own), and pip comes from wheels/ where it is not there.
 OFFLINE  ?=
 GPU_PY   ?= 3.12
 GPU_PKGS := "setuptools>=77" xxhash==4.1.0 simpy==4.1.2 tqdm==4.70.1 jsonschema==4.26.0 dask==2026.8.0 \
             distributed==2026.8.0 pytest==9.2.0 pytest-xdist==3.8.0 hypothesis==6.170.15 nbmake==1.5.5 ipykernel==7.4.0
+GPU_PIP  := pip==26.3
+SITES    := import site; print("import site; " + "; ".join("site.addsitedir(%r)" % p for p in site.getsitepackages()))
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(if $(OFFLINE),--system-site-packages) $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(if $(OFFLINE),--system-site-packages --without-pip) $(VENV)
 ifeq ($(OFFLINE),)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 else
+	$(PYTHON) -c '$(SITES)' > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_gemini_parent.pth"
+	$(BIN)/python -c 'import torch' 2> /dev/null || { echo "OFFLINE=1: $(PYTHON) has no torch for the venv to use" >&2; exit 2; }
+	$(BIN)/python -m pip --version > /dev/null 2>&1 || \
+	  $(BIN)/python $(firstword $(wildcard wheels/pip-*.whl) wheels/pip-missing.whl)/pip install --quiet --no-index \
+	  --find-links wheels $(GPU_PIP)
 	$(BIN)/python -m pip install --quiet --no-index --find-links wheels $(GPU_PKGS)
 	$(BIN)/python -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
 endif
@@ -76,7 +86,7 @@ clean:
 # Wheels for OFFLINE=1 (see above), for Python $(GPU_PY); carry wheels/ to that machine with the working tree.
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --python-version $(GPU_PY) --only-binary=:all: \
-	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d wheels $(GPU_PKGS)
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d wheels $(GPU_PKGS) $(GPU_PIP)
 
 # On the GPU machine (carry wheels/ from make gpu-wheels), after `make test OFFLINE=1` in a call of its own: the
 # runtime's checkpoint path against DCP at the first state size per rank (GIB: the sizes, default 1 and 8) with the
