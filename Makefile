@@ -87,6 +87,10 @@ clean:
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --python-version $(GPU_PY) --only-binary=:all: \
 	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d wheels $(GPU_PKGS) $(GPU_PIP)
+	# and make itself, unpacked, for a machine without it (bench/gpu_session.sh puts it on PATH there): from Debian's
+	# registry, so on a Debian or Ubuntu host (make 4.3 needs glibc 2.27 or later)
+	test -x wheels/make/usr/bin/make || ! command -v apt-get > /dev/null || \
+	  (cd wheels && apt-get download -q make 2> /dev/null && dpkg -x make_*.deb make && rm make_*.deb)
 
 # On the GPU machine (carry wheels/ from make gpu-wheels), after `make test OFFLINE=1` in a call of its own: the
 # runtime's checkpoint path against DCP at the first state size per rank (GIB: the sizes, default 1 and 8) with the
