@@ -634,7 +634,9 @@ def test_gpu_state_goes_to_page_locked_memory_and_back_bit_for_bit(world1_cuda, 
     ckpt.recover()
     train(model, opt, ckpt, 4, device="cuda")
     slots = list(ckpt.store._held.values())
-    assert slots and all(s.locked_for == torch.device("cuda", 0) for s in slots)
+    from runtime.device import refused
+
+    assert slots and all(s.locked_for == torch.device("cuda", 0) for s in slots), f"not page-locked: {refused()}"
     assert all(c["stream_wait_s"] >= 0 for c in ckpt.checkpoints)  # timed on the device
     ckpt.close()
     before = snapshot(model, opt)
