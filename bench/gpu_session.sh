@@ -42,7 +42,8 @@ step venv 180 make .venv/.installed OFFLINE=1 || exit 1
 cat "$OUT/gpu.txt" | tee -a "$OUT/session.log"
 
 if [ "$1" = test ]; then
-    step test "${TEST_S:-420}" make test OFFLINE=1 WORKERS="${WORKERS:-6}"
+    # one line per test as it ends (make test's -q and two -v): a run cut short by its limit still says which passed
+    PYTEST_ADDOPTS="${PYTEST_ADDOPTS:-} -v -v" step test "${TEST_S:-420}" make test OFFLINE=1 WORKERS="${WORKERS:-6}"
 else
     # straight into $OUT: if the device call's own limit (the session's device time left) kills everything, the
     # benches that finished are already there
