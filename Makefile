@@ -24,8 +24,10 @@ ifeq ($(OFFLINE),)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 else
-	$(PYTHON) -c '$(SITES)' > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_gemini_parent.pth"
-	$(BIN)/python -c 'import torch' 2> /dev/null || { echo "OFFLINE=1: $(PYTHON) has no torch for the venv to use" >&2; exit 2; }
+	$(PYTHON) -c '$(SITES)' > \
+	  "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_gemini_parent.pth"
+	$(BIN)/python -c 'import torch' 2> /dev/null || \
+	  { echo "OFFLINE=1: $(PYTHON) has no torch for the venv to use" >&2; exit 2; }
 	$(BIN)/python -m pip --version > /dev/null 2>&1 || \
 	  $(BIN)/python $(firstword $(wildcard wheels/pip-*.whl) wheels/pip-missing.whl)/pip install --quiet --no-index \
 	  --find-links wheels $(GPU_PIP)

@@ -32,7 +32,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, report
 
 # a machine without make: the one make gpu-wheels unpacked into wheels/make
 command -v make > /dev/null || export PATH="$PWD/wheels/make/usr/bin:$PATH"
-command -v make > /dev/null || { note "no make here, and none in wheels/make (make gpu-wheels on a Debian host)"; exit 1; }
+command -v make > /dev/null || { note "no make here, and none in wheels/make (make gpu-wheels on a Debian host)"
+                                 exit 1; }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"; nproc; } \
     > "$OUT/gpu.txt" 2>/dev/null
