@@ -365,13 +365,31 @@ def test_the_fallback_wraps_and_restores_torch_distributed(world1):
     assert dist.all_reduce is original
 
 
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """runtime.device on a pretend GPU: CUDA available, device contexts that do nothing, no refusal recorded yet,
+    drain_cuda_error counted in ``drained``; ``cudart(obj)`` makes ``torch.cuda.cudart()`` return ``obj``."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from runtime import device as dev
+
+    drained = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(dev, "drain_cuda_error", lambda: drained.append(1))
+    monkeypatch.setattr(dev, "_refusal", [])
+    return SimpleNamespace(dev=dev, drained=drained,
+                           cudart=lambda obj: monkeypatch.setattr(torch.cuda, "cudart", lambda: obj))
+
+
 @pytest.mark.parametrize("failure", [AttributeError("no cudaHostRegister in this build"), RuntimeError("CUDA error"),
                                      801])
-def test_page_locking_that_cannot_be_done_leaves_the_copy_pageable(monkeypatch, caplog, failure):
+def test_page_locking_that_cannot_be_done_leaves_the_copy_pageable(fake_cuda, caplog, failure):
     """A torch build without the cudart binding, a driver that raises or one that returns an error (801: not
     supported) costs speed, never the checkpoint: the error left pending in the CUDA runtime is cleared (it would
     fail the next kernel launch), the reason is logged once per process and kept for the timings."""
-    from runtime import device as dev
+    dev = fake_cuda.dev
 
     class Cudart:
         def cudaHostRegister(self, *args):
@@ -382,18 +400,14 @@ def test_page_locking_that_cannot_be_done_leaves_the_copy_pageable(monkeypatch, 
         def cudaGetErrorString(self, rc):
             return f"operation not supported ({rc})"
 
-    drained = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
-    monkeypatch.setattr(dev, "drain_cuda_error", lambda: drained.append(1))
-    monkeypatch.setattr(dev, "_refusal", [])
+    fake_cuda.cudart(Cudart())
     assert dev.refused() is None
     with caplog.at_level("WARNING", logger="runtime"):
         assert dev.page_lock(torch.zeros(16, dtype=torch.uint8)) is False
         assert dev.page_lock(torch.zeros(16, dtype=torch.uint8)) is False
     why = "operation not supported (801)" if failure == 801 else str(failure)
     assert why in dev.refused() and dev.refused().startswith("cudaHostRegister: ")
-    assert len(drained) == 2
+    assert len(fake_cuda.drained) == 2
     assert [r.getMessage() for r in caplog.records if "page-locking" in r.getMessage()] == [
         f"page-locking CPU memory failed ({dev.refused()}): copies between the GPU and the checkpoint store run at "
         "pageable speed"]
@@ -422,16 +436,12 @@ def test_a_refused_page_lock_is_written_into_the_timings(world1, tmp_path, monke
     assert timings(tmp_path / "refused")["page_lock_refused"] == "cudaHostRegister: operation not supported"
 
 
-def test_a_slot_the_driver_refused_is_not_tried_again(monkeypatch):
+def test_a_slot_the_driver_refused_is_not_tried_again(fake_cuda, monkeypatch):
     """Every checkpoint's copy asks for its slot to be page-locked; a slot once refused is left pageable, without
     another driver call per checkpoint; a slot locked stays locked for its device."""
-    import contextlib
-
-    from runtime import device as dev
-
+    dev = fake_cuda.dev
     calls = []
     monkeypatch.setattr(dev, "page_lock", lambda t: calls.append(t) or len(calls) > 1)
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     refused, locked = Slot.__new__(Slot), Slot.__new__(Slot)
     for slot in (refused, locked):
         slot.tensor, slot.locked_for, slot.lock_refused = torch.zeros(4, dtype=torch.uint8), None, False
@@ -445,28 +455,19 @@ def test_a_slot_the_driver_refused_is_not_tried_again(monkeypatch):
 
 
 @pytest.mark.parametrize("rc", [0, 1])
-def test_unlocking_clears_the_error_a_failed_unregister_leaves(monkeypatch, rc):
-    import contextlib
-
-    from runtime import device as dev
-
+def test_unlocking_clears_the_error_a_failed_unregister_leaves(fake_cuda, rc):
     class Cudart:
         def cudaHostUnregister(self, ptr):
             return rc
 
-    drained = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-    monkeypatch.setattr(dev, "drain_cuda_error", lambda: drained.append(1))
-    dev.page_unlock(torch.zeros(4, dtype=torch.uint8), torch.device("cuda", 0))
-    assert len(drained) == rc
+    fake_cuda.cudart(Cudart())
+    fake_cuda.dev.page_unlock(torch.zeros(4, dtype=torch.uint8), torch.device("cuda", 0))
+    assert len(fake_cuda.drained) == rc
 
 
-def test_page_locked_staging_that_is_refused_falls_back_to_ordinary_memory(monkeypatch):
+def test_page_locked_staging_that_is_refused_falls_back_to_ordinary_memory(fake_cuda, monkeypatch):
     """Recovery's staging buffers: where CUDA will not pin memory, the copy in still runs, from ordinary memory."""
-    from runtime import device as dev
-
+    dev = fake_cuda.dev
     empty = torch.empty
 
     def no_pinning(*args, pin_memory=False, **kw):
@@ -475,8 +476,6 @@ def test_page_locked_staging_that_is_refused_falls_back_to_ordinary_memory(monke
         return empty(*args, **kw)
 
     monkeypatch.setattr(torch, "empty", no_pinning)
-    monkeypatch.setattr(dev, "drain_cuda_error", lambda: None)
-    monkeypatch.setattr(dev, "_refusal", [])
     buf = dev.staging(64, pinned=True)
     assert buf.numel() == 64 and not buf.is_pinned()
     assert dev.refused() == "pinned allocation: CUDA error: operation not supported"

@@ -42,11 +42,9 @@ def replay(ids: list[str], times: dict[str, float], by_count: bool, workers: int
         if queue and len(todo[w]) <= 2:
             todo[w].extend(queue.pop(0))
 
-    for w in range(workers):
-        if queue:
-            todo[w].extend(queue.pop(0))
-    for w in range(workers):
-        give(w)
+    for _ in range(2):  # a file each to start with, then another for a worker with two tests or fewer
+        for w in range(workers):
+            give(w)
     while any(todo):
         w = min((w for w in range(workers) if todo[w]), key=clock.__getitem__)
         clock[w] += times.get(todo[w].pop(0), 0.0)
