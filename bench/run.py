@@ -286,7 +286,8 @@ def _state_path(first: bool):
     work = Path(tempfile.mkdtemp(prefix="gemini-state-path-"))
     sizes = state_path.default_sizes()
     return state_path.measure(sizes[:1] if first else sizes[1:], work, iters=10, batch=8, seq=128,
-                              overhead=state_path.compute_bound() if first else None, copy_in=first)
+                              overhead=state_path.compute_bound() if first else None, copy_in=first,
+                              limited_link=first and state_path.on_cpu())
 
 
 def bench_state_path():

@@ -16,6 +16,9 @@ For each size, on this host:
   them all. The two "machines" share this host (and its GPU) and talk gloo over loopback, so what bounds
   replication is that link, which costs the host's cores per byte: :func:`link_figures` measures it as the runtime
   uses it (its chunks, its window, one way and both ways at once), and the table compares against that;
+- where there is no GPU, replication and peer recovery over a real limited link (:func:`limited_link_figures`:
+  the two machines in network namespaces, 1 Gbit/s NICs, where this host allows them): what a link, not the
+  host's cores, bounds;
 - DCP in one process on the same state, the same device: ``dcp.save`` + ``os.sync()``, ``dcp.async_save`` (until
   it returns: training's stall; until its future is done and synced), ``dcp.load`` with the page cache warm, and
   cold where this host lets us drop it (root: ``/proc/sys/vm/drop_caches``).
@@ -66,12 +69,13 @@ def stalls(rank: dict) -> dict[int, float]:
             for i in rank["iterations"]}
 
 
-def _agent_job(plan: Path, folder: Path, args: list[str], faults: str = ""):
-    """Run TinyGPT (``args``: its command line) under the project's agent as ``plan`` says, in ``folder``; return
-    the job's result and every rank's timings."""
+def _agent_job(plan: Path, folder: Path, args: list[str], faults: str = "", netns: bool | int = False):
+    """Run TinyGPT (``args``: its command line) under the project's agent as ``plan`` says, in ``folder`` (its
+    machines in the network namespaces of set-up ``netns``, where given); return the job's result and every rank's
+    timings."""
     from runtime.agent import Job
 
-    j = Job(plan, folder, args, faults=faults, out_dir=folder / "out")
+    j = Job(plan, folder, args, faults=faults, out_dir=folder / "out", netns=netns)
     try:
         res = j.run(timeout=3600)
     finally:
@@ -159,6 +163,14 @@ def overhead_row(o: dict) -> tuple[str, str, str, str]:
             "info (CPU: training and copies share the cores)")
 
 
+def steady_cks(ranks: list[dict]) -> list[dict]:
+    """The ranks' checkpoints past the warm-up, not the one at close, and, where there are such, written through a
+    mapping the rank held: a fresh process's first one reserves, maps and, on a GPU, page-locks its memory
+    (ShardStore.prepare readies the others')."""
+    cks = [c for r in ranks for c in r.get("checkpoints", []) if c["iteration"] > WARMUP and not c.get("at_close")]
+    return [c for c in cks if c.get("memory") == "held"] or cks
+
+
 def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) -> dict:
     """The three agent jobs of one size; medians over the steady iterations (the first :data:`WARMUP` dropped)."""
     from runtime.agent import default_plan
@@ -181,14 +193,6 @@ def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) ->
     # machine 1 replaced: its rank comes back from machine 0's memory
     lost, _ = job("lose", faults=faults("lose", (1,), at, iters))
     steady = lambda rank: [i for i in rank["iterations"] if i["iteration"] > WARMUP]
-
-    def steady_cks(ranks):
-        """Past the warm-up, not the one at close, and, where there are such, written through a mapping the rank
-        held: a fresh process's first one reserves, maps and, on a GPU, page-locks its memory (ShardStore.prepare
-        readies the others')."""
-        cks = [c for r in ranks for c in r.get("checkpoints", []) if c["iteration"] > WARMUP and not c.get("at_close")]
-        return [c for c in cks if c.get("memory") == "held"] or cks
-
     cks, alone_cks = steady_cks(ckpt), steady_cks(alone)
     probe = json.loads((work / "checkpoint" / "out" / "probe.json").read_text())
     local, peer = fastest_recovery(killed.attempts(), "local"), fastest_recovery(lost.attempts(), "peer")
@@ -222,6 +226,73 @@ def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) ->
         "copy_bytes_per_s": probe.get("d2h_bytes_per_s", probe["copy_bytes_per_s"]),
         "h2d_bytes_per_s": probe.get("h2d_bytes_per_s", probe["copy_bytes_per_s"]),
     }
+
+
+LINK_MBIT = 1000  # the limited-link case: each machine's NIC, each way (a 1 Gbit/s Ethernet port)
+LINK_TAG = 3  # its network namespaces' set-up (runtime/netns.py; the tests use tag 1, make calibrate tag 0)
+# its state per rank and iterations: training's own collectives cross the limited link too (some 4 s an iteration
+# at 1 Gbit/s for this state, a checkpoint's transfer 1 s), so the case stays small
+LINK_GIB, LINK_ITERS = 0.1, 8
+
+
+def limited_link_figures(work: Path, batch: int, seq: int, gib: float = LINK_GIB, iters: int = LINK_ITERS,
+                         mbit: float = LINK_MBIT) -> dict:
+    """Replication and peer recovery where a link, not this host, bounds them: the two machines in network
+    namespaces of their own, each NIC limited to ``mbit`` Mbit/s each way by ``tc`` (:mod:`runtime.netns`), real
+    TCP between them. One job under the ``blocking`` schedule (replication runs alone) that loses machine 1
+    :data:`RECOVERIES` times (it comes back from machine 0's memory); the link measured between the same namespaces
+    as the runtime drives it. ``{"mbit", "not_measured": why}`` where this host cannot make the namespaces."""
+    from runtime import netns
+    from runtime.agent import default_plan
+
+    why = netns.available()
+    if why:
+        return {"mbit": mbit, "not_measured": why}
+    work.mkdir(parents=True, exist_ok=True)
+    plan = default_plan(work / "blocking.json", 2, 1, replicas=2, interval=1, persist=10 ** 6, schedule="blocking")
+    netns.up(2, mbit, LINK_TAG)
+    try:
+        lost, ranks = _agent_job(plan, work / "lose", _train_args(gib, 2, iters, batch, seq),
+                                 faults("lose", (1,), max(4, iters // 2), iters), netns=LINK_TAG)
+        peer = fastest_recovery(lost.attempts(), "peer")
+        if peer is None:
+            raise RuntimeError(f"limited-link job: no peer recovery recorded ({work})")
+        shard = _median(r["shard_bytes"] for r in ranks)
+        link = link_figures(int(shard), json.loads(plan.read_text())["schedule"]["chunk_bytes"], work, LINK_TAG)
+    finally:
+        netns.down(LINK_TAG)
+    return {"mbit": mbit, "gib": gib, "shard_bytes": shard,
+            "replicated_s": _median(c["complete_s"] - c["start_s"] for c in steady_cks(ranks)),
+            "peer_recovery_s": peer["seconds"], "peer_recoveries_s": peer["all_s"], "peer_fetch_s": peer["fetch_s"],
+            "peer_restore_s": peer["restore_s"],
+            "link_bytes_per_s": link["one_way"], "link_both_bytes_per_s": link["both_ways"]}
+
+
+def limited_link_rows(x: dict) -> list[tuple[str, str, str, str]]:
+    """The table's rows for :func:`limited_link_figures`: replication and peer recovery against the link."""
+    what = f"state path over a limited link (each machine's NIC limited to {x['mbit']:g} Mbit/s each way by tc)"
+    if "not_measured" in x:
+        return [(f"{what}: replication and recovery from the peer", f"not measured: {x['not_measured']}",
+                 ">= 80% of the link", "not measured")]
+    shard = x["shard_bytes"]
+    both_limit, link_limit = shard / x["link_both_bytes_per_s"], shard / x["link_bytes_per_s"]
+    gbit = lambda bytes_per_s: f"{bytes_per_s * 8 / 1e9:.2f} Gbit/s"
+    verdict = lambda share: "pass" if share >= 0.8 else "FAIL"
+    return [
+        (f"{what}: 2 machines x 1 rank on cpu (gloo), each in a network namespace of its own, {shard / GiB:.2f} GiB "
+         f"per rank; the link as the runtime drives it: {gbit(x['link_bytes_per_s'])} one "
+         f"way, {gbit(x['link_both_bytes_per_s'])} per direction with both ways busy, as replication uses it: "
+         f"{both_limit * 1e3:.0f} ms for the shard): until also on the peer, `blocking` schedule (the copy and the "
+         "sends alone, training waiting)",
+         f"{x['replicated_s'] * 1e3:.0f} ms ({100 * both_limit / x['replicated_s']:.0f}% of the link)",
+         ">= 80% of the link", verdict(both_limit / x["replicated_s"])),
+        (f"state path over the limited link: recovery from the peer's memory, the fastest of the job's "
+         f"({', '.join(f'{t * 1e3:.0f}' for t in x['peer_recoveries_s'])} ms; of which reading, checking and sending "
+         f"the shard: {x['peer_fetch_s'] * 1e3:.0f} ms, loading it into the model and optimizer: "
+         f"{x['peer_restore_s'] * 1e3:.0f} ms; the link one way: {link_limit * 1e3:.0f} ms)",
+         f"{x['peer_recovery_s'] * 1e3:.0f} ms ({100 * link_limit / x['peer_recovery_s']:.0f}% of the link)",
+         ">= 80% of the link", verdict(link_limit / x["peer_recovery_s"])),
+    ]
 
 
 _DCP = r"""
@@ -307,15 +378,25 @@ dist.destroy_process_group()
 """
 
 
-def link_figures(nbytes: int, chunk: int, work: Path) -> dict:
-    """The link between two processes of this host (the agent's "machines" without namespaces: loopback), driven
-    as the runtime drives it (its chunk size, :data:`runtime.transport.WINDOW` chunks in flight, a gloo group per
-    direction): bytes/s one way, and per direction with both ways busy at once, as replication uses it (on one
+def link_figures(nbytes: int, chunk: int, work: Path, netns: int | None = None) -> dict:
+    """The link between two processes of this host (the agent's "machines" without namespaces: loopback; with
+    ``netns``, the tag of a set-up of :mod:`runtime.netns`, its machines 0 and 1, through their limited NICs),
+    driven as the runtime drives it (its chunk size, :data:`runtime.transport.WINDOW` chunks in flight, a gloo group
+    per direction): bytes/s one way, and per direction with both ways busy at once, as replication uses it (on one
     host the two directions share its cores). The best of 3 transfers of ``nbytes`` (at most 1 GiB) each."""
+    from runtime import netns as ns_mod
+
     folder = Path(tempfile.mkdtemp(prefix="link-", dir=work))
     argv = [str(min(nbytes, GiB)), str(chunk), str(ROOT)]
-    procs = [subprocess.Popen([sys.executable, "-c", _LINK, str(r), str(folder), *argv], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+
+    def start(r: int) -> subprocess.Popen:
+        cmd, env = [sys.executable, "-c", _LINK, str(r), str(folder), *argv], None
+        if netns is not None:  # as the agent starts a machine's processes there
+            cmd = ["ip", "netns", "exec", ns_mod.ns(r, netns)] + cmd
+            env = dict(os.environ, GLOO_SOCKET_IFNAME=ns_mod.nic(r, netns))
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    procs = [start(r) for r in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
     if any(p.returncode for p in procs):
         err = next(e for (_, e), p in zip(outs, procs) if p.returncode).strip().splitlines()
@@ -485,10 +566,11 @@ COMPUTE_BOUND = (64, 512)
 
 
 def measure(sizes, work: Path, iters: int, batch: int, seq: int, overhead: tuple[int, int] | None = None,
-            copy_in: bool = True):
+            copy_in: bool = True, limited_link: bool = False):
     """The table's rows, a list of them per step (recovery's copy where ``copy_in``, then each size, with the
-    compute-bound overhead case after the first where ``overhead`` gives its batch and sequence length), as each step
-    finishes: a run cut short by a time limit keeps the steps before it."""
+    compute-bound overhead case after the first where ``overhead`` gives its batch and sequence length, and the
+    limited-link case after that where ``limited_link``), as each step finishes: a run cut short by a time limit
+    keeps the steps before it."""
     if copy_in and sizes:
         yield [copy_in_row(copy_in_figures(int(min(min(sizes), 1) * GiB), work))]
     for k, gib in enumerate(sizes):
@@ -496,6 +578,8 @@ def measure(sizes, work: Path, iters: int, batch: int, seq: int, overhead: tuple
         yield rows_for(gib, rt, dcp_figures(int(gib * GiB), work))
         if k == 0 and overhead:
             yield [overhead_row(overhead_figures(gib, work / "overhead", *overhead))]
+        if k == 0 and limited_link:
+            yield limited_link_rows(limited_link_figures(work / "limited-link", batch, seq))
 
 
 def compute_bound() -> tuple[int, int] | None:
@@ -503,6 +587,12 @@ def compute_bound() -> tuple[int, int] | None:
     import torch
 
     return COMPUTE_BOUND if torch.cuda.is_available() else None
+
+
+def on_cpu() -> bool:
+    """No GPU here. The limited-link case runs only then: what it measures, the runtime's transport over a real
+    link, is CPU work either way, and a GPU machine's time is kept for the rows only it can measure."""
+    return compute_bound() is None
 
 
 def default_sizes() -> list[float]:
@@ -541,7 +631,8 @@ def main(argv=None) -> int:
     work = Path(args.out or tempfile.mkdtemp(prefix="state-path-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for step in measure(args.gib or default_sizes(), work, args.iters, args.batch, args.seq, compute_bound()):
+    for step in measure(args.gib or default_sizes(), work, args.iters, args.batch, args.seq, compute_bound(),
+                        limited_link=on_cpu()):
         rows += step
         for r in step:
             print(" | ".join(r), flush=True)
