@@ -287,9 +287,9 @@ def limited_link_rows(x: dict) -> list[tuple[str, str, str, str]]:
          f"{x['replicated_s'] * 1e3:.0f} ms ({100 * both_limit / x['replicated_s']:.0f}% of the link)",
          ">= 80% of the link", verdict(both_limit / x["replicated_s"])),
         (f"state path over the limited link: recovery from the peer's memory, the fastest of the job's "
-         f"({', '.join(f'{t * 1e3:.0f}' for t in x['peer_recoveries_s'])} ms; of which reading, checking and sending "
-         f"the shard: {x['peer_fetch_s'] * 1e3:.0f} ms, loading it into the model and optimizer: "
-         f"{x['peer_restore_s'] * 1e3:.0f} ms; the link one way: {link_limit * 1e3:.0f} ms)",
+         f"({', '.join(f'{t * 1e3:.0f}' for t in x['peer_recoveries_s'])} ms; the shard all here after "
+         f"{x['peer_fetch_s'] * 1e3:.0f} ms; loading it into the model and optimizer, beside the transfer as it "
+         f"arrives: {x['peer_restore_s'] * 1e3:.0f} ms; the link one way: {link_limit * 1e3:.0f} ms)",
          f"{x['peer_recovery_s'] * 1e3:.0f} ms ({100 * link_limit / x['peer_recovery_s']:.0f}% of the link)",
          ">= 80% of the link", verdict(link_limit / x["peer_recovery_s"])),
     ]
@@ -538,11 +538,11 @@ def rows_for(gib: float, rt: dict, d: dict) -> list[tuple[str, str, str, str]]:
          f"{rt['replicated_s'] * 1e3:.0f} ms ({100 * both_limit / rt['replicated_s']:.0f}% of the link)",
          ">= 80% of the link", verdict(both_limit / rt["replicated_s"] >= 0.8)),
         ("state path: recovery from local memory / from the peer's, the fastest of each job's recoveries "
-         f"({recoveries(rt)}; of which loading the state into the model and "
-         f"optimizer: {rt['local_restore_s'] * 1e3:.0f} / {rt['peer_restore_s'] * 1e3:.0f} ms, where the copy alone at "
-         f"the measured {rt['h2d_bytes_per_s'] / 1e9:.1f} GB/s takes {shard / rt['h2d_bytes_per_s'] * 1e3:.0f} ms; "
-         f"from the peer, reading, checking and sending the shard: {rt['peer_fetch_s'] * 1e3:.0f} ms; the link one "
-         f"way: {link_limit * 1e3:.0f} ms)",
+         f"({recoveries(rt)}; loading the state into the model and optimizer: {rt['local_restore_s'] * 1e3:.0f} / "
+         f"{rt['peer_restore_s'] * 1e3:.0f} ms (from the peer, beside the transfer as the shard arrives), where the "
+         f"copy alone at the measured {rt['h2d_bytes_per_s'] / 1e9:.1f} GB/s takes "
+         f"{shard / rt['h2d_bytes_per_s'] * 1e3:.0f} ms; from the peer, the shard all here after "
+         f"{rt['peer_fetch_s'] * 1e3:.0f} ms; the link one way: {link_limit * 1e3:.0f} ms)",
          f"{rt['local_recovery_s'] * 1e3:.0f} ms / {rt['peer_recovery_s'] * 1e3:.0f} ms (peer: "
          f"{100 * link_limit / rt['peer_recovery_s']:.0f}% of the link)", ">= 80% of the link (peer)",
          verdict(link_limit / rt["peer_recovery_s"] >= 0.8)),

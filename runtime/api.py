@@ -296,10 +296,12 @@ class Checkpointer:
                 room[name] = t
             self.optimizer.state[p] = room
 
-    def _restore(self, tensors: dict[str, torch.Tensor], skeleton) -> None:
+    def _restore(self, tensors: dict[str, torch.Tensor], skeleton, ready=None) -> None:
         """Load a checkpoint's tensors and skeleton into the model, the optimizer and the extra state. ``tensors``
         may view the store's memory, whose file a later checkpoint reuses: every one is copied into a live tensor or
-        into one of its own, so nothing handed on views it."""
+        into one of its own, so nothing handed on views it. ``ready(name)``, for tensors still arriving: returns
+        once ``name``'s bytes are there; called before each is read (their shapes are known before)."""
+        ready = ready or (lambda name: None)
         self._capture.forget()  # no capture made before this restore is followed after it
         self._allocate_optimizer_state(tensors, skeleton)
         live, _ = flatten(self._capture.state())  # optimizer state is created here if there is none yet
@@ -307,13 +309,15 @@ class Checkpointer:
         if missing:
             raise StateError(f"the checkpoint does not match the model: it lacks {missing[0]!r}"
                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        merged, to_device = {}, []  # to_device: (destination on a GPU, source in CPU memory), copied in together
+        # to_device: (destination on a GPU, source in CPU memory), copied in together; their names
+        merged, to_device, names = {}, [], []
         with torch.no_grad():
             for k, src in tensors.items():
                 cur = live.get(k)
                 if cur is None:
                     if not k.startswith("extra/"):
                         raise StateError(f"the checkpoint holds {k!r}, which the model and optimizer do not have")
+                    ready(k)
                     merged[k] = src.clone()  # the user's object may keep it
                     continue
                 dst, loc = local(cur), local(src)
@@ -322,16 +326,19 @@ class Checkpointer:
                 elif dst.shape == loc.shape and dst.dtype == loc.dtype:
                     if dst.device.type == "cuda" and loc.device.type == "cpu" and dst.is_contiguous():
                         to_device.append((dst, loc))
+                        names.append(k)
                     else:
+                        ready(k)
                         dst.copy_(loc)
                     merged[k] = cur
                 elif k.startswith("extra/"):
+                    ready(k)
                     merged[k] = src.to(dst.device, copy=True)
                 else:
                     raise StateError(f"{k!r}: the checkpoint's {loc.dtype} {list(loc.shape)} does not fit this rank's "
                                      f"{dst.dtype} {list(dst.shape)}")
             if to_device:  # through page-locked staging at the PCIe rate, not from pageable memory
-                device.copy_in(to_device, to_device[0][0].device)
+                device.copy_in(to_device, to_device[0][0].device, ready=lambda i: ready(names[i]))
         state = unflatten(skeleton, merged)
         if not self._restored_in_place(live, state):
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
@@ -375,16 +382,22 @@ class Checkpointer:
             target, where = recovery.choose(per_machine, self.world, recovery.durable_iterations(self.durable))
             if where != "memory":
                 break
-            t = time.perf_counter()
+            t0_fetch = time.perf_counter()
             fetched = recovery.fetch_from_memory(self.plan, self.store, self.groups, self.rank, self.world,
                                                  self.ppm, target, per_machine)
             if fetched is None:
                 continue
-            fetch_s, t = time.perf_counter() - t, time.perf_counter()  # reading, and any transfer
+            t = time.perf_counter()
             # its checksum is checked meanwhile, in the background; the tensors view the store's mapping, and
-            # the restore copies every one out of it
-            self._restore(unpack(fetched.data, fetched.manifest, own=True), fetched.manifest["skeleton"])
-            restore_s, t = time.perf_counter() - t, time.perf_counter()
+            # the restore copies every one out of it, from a peer each as soon as its bytes have come
+            ready = fetched.entry_ready()
+            self._restore(unpack(fetched.data, fetched.manifest, own=True, ready=fetched.ready),
+                          fetched.manifest["skeleton"], ready=ready)
+            restore_s = time.perf_counter() - t
+            fetched.finish()
+            # until the shard was all in this machine's memory: reading it, or receiving it beside the restore
+            fetch_s = (fetched.incoming.done_at if fetched.incoming else t) - t0_fetch
+            t = time.perf_counter()
             failed = recovery.confirm(self.store, self.groups.control, self.rank, self.world, target, fetched)
             confirm_s = time.perf_counter() - t  # the rest of the checksum, and the ranks' agreement
             if not failed:

@@ -200,12 +200,14 @@ def staging(nbytes: int, pinned: bool) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
-def copy_in(pairs, device: torch.device, stage_bytes: int = STAGE_BYTES, threads: int = 4) -> None:
+def copy_in(pairs, device: torch.device, stage_bytes: int = STAGE_BYTES, threads: int = 4, ready=None) -> None:
     """Copy CPU tensors into tensors on ``device`` through two staging buffers, page-locked on a GPU: while the
     device copies one buffer in (on the checkpoint's side stream, after what the current stream has queued),
     ``threads`` CPU threads fill the other from the sources, which may be pageable (a store's mapping). ``pairs``:
-    (destination on ``device``, source on the CPU), contiguous, with as many bytes each. Returns when every byte
-    has arrived. On a CPU ``device`` the same staging runs with plain memory (what the CPU tests check)."""
+    (destination on ``device``, source on the CPU), contiguous, with as many bytes each. ``ready(k)``, for sources
+    still arriving: returns once pair ``k``'s source is all there; called before it is first read. Returns when
+    every byte has arrived. On a CPU ``device`` the same staging runs with plain memory (what the CPU tests
+    check)."""
     if not all(d.is_contiguous() for d, _ in pairs):
         raise ValueError("copy_in: a destination is not contiguous")
     pairs = [(as_bytes(d), as_bytes(s)) for d, s in pairs]
@@ -221,7 +223,7 @@ def copy_in(pairs, device: torch.device, stage_bytes: int = STAGE_BYTES, threads
     stream = side_stream(device) if cuda else None
     if cuda:
         stream.wait_stream(torch.cuda.current_stream(device))  # the destinations' earlier work comes first
-    flat = iter(pairs)
+    flat = iter(enumerate(pairs))
     dst, src, pos = None, None, 0  # the pair being staged, and how far
     with ThreadPoolExecutor(threads, thread_name_prefix="gemini-copy-in") as pool:
         for turn in range((total + size - 1) // size):
@@ -231,9 +233,11 @@ def copy_in(pairs, device: torch.device, stage_bytes: int = STAGE_BYTES, threads
             fills, copies, used = [], [], 0  # (staging slice, source slice); (destination slice, staging slice)
             while used < size:
                 if dst is None or pos == src.numel():
-                    nxt = next(flat, None)
+                    k, nxt = next(flat, (None, None))
                     if nxt is None:
                         break
+                    if ready is not None:
+                        ready(k)
                     (dst, src), pos = nxt, 0
                     continue
                 n = min(size - used, src.numel() - pos)

@@ -30,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 
 from .state import key_of, pack, unpack, verify
 from .store import write_atomic
-from .transport import recv_shard, send_shard
+from .transport import Incoming, send_shard
 
 COMPLETE = "COMPLETE"
 
@@ -93,13 +93,33 @@ def source_of(plan, it: int, rank: int, per_machine, ppm: int) -> int:
 
 @dataclass(frozen=True)
 class Fetched:
-    """This rank's shard as recovery fetched it (:func:`fetch_from_memory`), its checksum still being checked."""
+    """This rank's shard as recovery fetched it (:func:`fetch_from_memory`): from a peer still arriving, the shards
+    this rank serves still being sent, its checksum still being checked."""
     data: memoryview  # a mapping of the copy in this machine's store, writable: the restore copies out of it
     manifest: dict
     tier: str  # "local" or "peer"
     source: int  # the machine it came from
     served: list[int]  # the ranks whose shards this rank sent from its machine's store
     intact: Future  # -> bool: this rank's copy matches its checksum
+    sends: list  # the works of the shards this rank serves
+    incoming: Incoming | None = None  # the copy from a peer, as it arrives (None: it was in this machine's memory)
+
+    def ready(self, nbytes: int) -> None:
+        """Until the shard's first ``nbytes`` are in this machine's memory."""
+        if self.incoming is not None:
+            self.incoming.wait(nbytes)
+
+    def entry_ready(self):
+        """``ready(name)``: until the bytes of the shard's tensor ``name`` are in this machine's memory."""
+        ends = {e["name"]: e["offset"] + e["nbytes"] for e in self.manifest["entries"]}
+        return lambda name: self.ready(ends[name])
+
+    def finish(self) -> None:
+        """Until this rank's copy is all here and committed, and what it serves is sent."""
+        if self.incoming is not None:
+            self.incoming.join()
+        for w in self.sends:
+            w.wait()
 
 
 _verifier = ThreadPoolExecutor(1, thread_name_prefix="gemini-verify")  # checks a fetched copy beside the load
@@ -110,8 +130,11 @@ def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: 
     that need them. Collective. Copies are sent and used before their checksums are known: each rank checks only
     the copy it uses (its machine's, or the one it received), in the background while it loads the state, and
     :func:`confirm` tells every rank afterwards whether all were intact. So no machine hashes what it serves, and
-    the checks run on every machine at once, beside the transfers and the loading. None, on every rank, when a copy
-    the inventory listed can no longer be read (it is dropped, and the caller looks again)."""
+    the checks run on every machine at once, beside the transfers and the loading. Returns as soon as this rank's
+    copy can be loaded: from a peer, once its manifest has come (the caller loads each tensor as its bytes arrive,
+    :meth:`Fetched.ready`), with the shards this rank serves still being sent; :meth:`Fetched.finish` waits for
+    both. None, on every rank, when a copy the inventory listed can no longer be read (it is dropped, and the caller
+    looks again)."""
     machine, local = divmod(rank, ppm)
     sources = {r: source_of(plan, it, r, per_machine, ppm) for r in range(world)}
     # one sender per shard: the rank with the same local rank on the source machine
@@ -128,14 +151,20 @@ def fetch_from_memory(plan, store, groups, rank: int, world: int, ppm: int, it: 
     works = []
     for r in serve:
         works += send_shard(*held[r], r, groups.between(rank, r), 1)
-    if mine != machine:
+    incoming = None
+    if mine != machine:  # received into this machine's store: the local copy is back
         src = mine * ppm + local
-        held[rank] = recv_shard(src, groups.between(src, rank), 1, store, it, rank)  # the local copy is back
+        incoming = Incoming(src, groups.between(src, rank), 1, store, it, rank)
+        held[rank] = incoming.data, incoming.manifest
     data, manifest = held[rank]
-    intact = _verifier.submit(verify, data, manifest)
-    for w in works:
-        w.wait()
-    return Fetched(data, manifest, "local" if mine == machine else "peer", mine, serve, intact)
+
+    def check() -> bool:  # once it is all here
+        if incoming is not None:
+            incoming.join()
+        return verify(data, manifest)
+
+    return Fetched(data, manifest, "local" if mine == machine else "peer", mine, serve, _verifier.submit(check),
+                   works, incoming)
 
 
 def confirm(store, group, rank: int, world: int, it: int, fetched: Fetched) -> list[int]:

@@ -196,10 +196,13 @@ def pack(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, dict]:
     return data, {"entries": entries, "size": len(data), **checksum(data)}
 
 
-def unpack(data: bytes | bytearray | memoryview, manifest: dict, own: bool = False) -> dict[str, torch.Tensor]:
+def unpack(data: bytes | bytearray | memoryview, manifest: dict, own: bool = False,
+           ready=None) -> dict[str, torch.Tensor]:
     """The tensors :func:`pack` (or a checkpoint) wrote, as new CPU tensors (views of one private copy of
     ``data``; ``own``: ``data`` is already the caller's private, writable buffer, such as
-    :meth:`ShardStore.get`'s mapping, and the tensors view it without a copy)."""
+    :meth:`ShardStore.get`'s mapping, and the tensors view it without a copy). ``ready(n)``, for a buffer still
+    being received: returns once its first ``n`` bytes are there; called before an entry is copied here (an
+    unaligned one), as views read nothing until used."""
     buf = data if own else bytearray(data)
     if own and (not isinstance(buf, (bytearray, memoryview)) or getattr(buf, "readonly", False)):
         raise ValueError("unpack(own=True) needs a writable buffer")
@@ -213,6 +216,8 @@ def unpack(data: bytes | bytearray | memoryview, manifest: dict, own: bool = Fal
         raw = torch.frombuffer(buf, dtype=torch.uint8, offset=e["offset"], count=e["nbytes"]) if e["nbytes"] else \
             torch.empty(0, dtype=torch.uint8)
         if e["nbytes"] % DTYPES[e["dtype"]].itemsize or e["offset"] % DTYPES[e["dtype"]].itemsize:
+            if ready is not None:
+                ready(end)
             out[e["name"]] = raw.clone().view(DTYPES[e["dtype"]]).reshape(e["shape"])  # unaligned: its own copy
         else:
             out[e["name"]] = raw.view(DTYPES[e["dtype"]]).reshape(e["shape"])

@@ -175,15 +175,20 @@ def send_shard(data, manifest: dict, dst: int, group, tag_: int) -> list:
                     for k, (a, b) in enumerate(_shard_chunks(blob.numel()))]
 
 
-def recv_shard(src: int, group, tag_: int, store, iteration: int, rank: int) -> tuple[memoryview, dict]:
+def recv_shard(src: int, group, tag_: int, store, iteration: int, rank: int, started=None,
+               arrived: Progress | None = None) -> tuple[memoryview, dict]:
     """Receive what :func:`send_shard` sent straight into ``store`` as ``rank``'s shard of ``iteration`` (a slot of
     its memory, no second copy) and commit it there; returns its bytes (the slot's mapping, already in memory, not
     mapped again) and manifest. The slot's memory is reserved chunk by chunk by a thread of its own, ahead of the
-    chunks' receives, so a new machine's store (whose memory is all new) reserves while it receives, not first."""
+    chunks' receives, so a new machine's store (whose memory is all new) reserves while it receives, not first.
+    For using the shard as it arrives: ``started(bytes, manifest)`` is called once the slot exists, before its
+    bytes come, and ``arrived`` is set to how many of its first bytes are there as each chunk lands."""
     manifest = json.loads(recv_bytes(src, group, (tag_, tag_ + 1000)))
     n = torch.empty(1, dtype=torch.int64)
     dist.recv(n, src, group=group, tag=tag_ + 2000)
     slot = store.slot(iteration, rank, int(n.item()), reserve=False)
+    if started is not None:
+        started(slot.view(), manifest)
     chunks = _shard_chunks(slot.size)
     reserved, failed = Progress(), []
 
@@ -197,7 +202,7 @@ def recv_shard(src: int, group, tag_: int, store, iteration: int, rank: int) -> 
             reserved.set(math.inf)
 
     threading.Thread(target=reserve, daemon=True, name="gemini-reserve").start()
-    window = Window()
+    window = Window(None if arrived is None else lambda k: arrived.set(chunks[k][1]))
     for k, (a, b) in enumerate(chunks):
         reserved.wait_for(k + 1)
         if failed:
@@ -206,6 +211,51 @@ def recv_shard(src: int, group, tag_: int, store, iteration: int, rank: int) -> 
     window.drain()
     slot.commit(manifest)
     return slot.view(), manifest
+
+
+class Incoming:
+    """A shard :func:`recv_shard` receives in a thread of its own, to be used as it arrives: made once its manifest
+    and size have come (``data``, the slot's mapping, and ``manifest``; a receive that fails before raises here),
+    :meth:`wait` for its first bytes, :meth:`join` for all of it, committed. ``done_at``: when the shard was all
+    there (``time.perf_counter()``)."""
+
+    def __init__(self, src: int, group, tag_: int, store, iteration: int, rank: int):
+        self.arrived, self.done_at = Progress(), None
+        self.data, self.manifest, self._error = None, None, None
+        began = threading.Event()
+
+        def start(data, manifest) -> None:
+            self.data, self.manifest = data, manifest
+            began.set()
+
+        def receive() -> None:
+            try:
+                recv_shard(src, group, tag_, store, iteration, rank, started=start, arrived=self.arrived)
+                self.done_at = time.perf_counter()
+            except BaseException as e:  # handed to whoever waits, which raises it
+                self._error = e
+            finally:
+                began.set()
+                self.arrived.set(math.inf)  # all there, or never to be: no waiter is left behind
+
+        self._thread = threading.Thread(target=receive, daemon=True, name="gemini-recover-recv")
+        self._thread.start()
+        began.wait()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def wait(self, nbytes: int) -> None:
+        """Until the shard's first ``nbytes`` are there."""
+        self.arrived.wait_for(nbytes)
+        self._raise()
+
+    def join(self) -> None:
+        """Until the shard is all there and committed to the store."""
+        self._thread.join()
+        self._raise()
 
 
 class Receiver:

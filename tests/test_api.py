@@ -17,7 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from conftest import needs_fsdp_on_cpu
 from runtime import Checkpointer, ConfigError, PlanError, StoreError
 from runtime import plan as plan_mod, schedules
-from runtime.state import unpack
+from runtime.state import pack, unpack
 from runtime.store import ShardStore, Slot
 
 
@@ -500,6 +500,54 @@ def test_the_cuda_runtime_libraries_are_found_in_the_process_maps(tmp_path):
     assert dev.cudart_paths(str(tmp_path / "none")) == ()
 
 
+def arriving(data, manifest):
+    """A copy of a shard still being received: zeros until ``upto(n)`` brings its first ``n`` bytes (a receive
+    landing chunk by chunk); ``asked``: what was asked for, in order."""
+    buf, asked = bytearray(len(data)), []
+    ends = {e["name"]: e["offset"] + e["nbytes"] for e in manifest["entries"]}
+
+    def upto(n: int) -> None:
+        asked.append(n)
+        buf[:n] = bytes(data[:n])
+
+    return buf, upto, lambda name: upto(ends[name]), asked
+
+
+@needs_fsdp_on_cpu
+def test_a_restore_reads_each_tensor_only_once_its_bytes_have_arrived(world1, tmp_path):
+    """Recovery from a peer loads the shard as it arrives: the restore asks for each tensor's bytes before it reads
+    them (the copy here holds zeros until asked), and the state comes back bit for bit."""
+    plan = plan_mod.default(1, 1, replicas=1, persist=100)
+    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
+    model, opt = make(0, "adam")
+    counter = Counter()
+    ckpt = Checkpointer(plan, model, opt, extra={"loader": counter}, **kw)
+    ckpt.recover()
+    train(model, opt, ckpt, 3, counter)
+    ckpt.close()
+    data, manifest = ckpt.store.get(3, 0)
+    model2, opt2 = make(1, "adam")
+    counter2 = Counter()
+    ckpt2 = Checkpointer(plan, model2, opt2, extra={"loader": counter2}, **dict(kw, store_root=tmp_path / "new"))
+    buf, upto, ready, asked = arriving(data, manifest)
+    ckpt2._restore(unpack(buf, manifest, own=True, ready=upto), manifest["skeleton"], ready=ready)
+    assert_same(snapshot(model, opt), snapshot(model2, opt2)) and counter2.seen == 3
+    assert sorted(asked) == sorted(e["offset"] + e["nbytes"] for e in manifest["entries"])
+
+
+def test_unpack_copies_an_unaligned_entry_only_once_its_bytes_have_arrived():
+    """An entry at an offset its dtype cannot view gets a copy of its own, made in unpack: with ``ready``, only
+    once its bytes are there; the aligned ones are views, read later by whoever asks for them."""
+    tensors = {"a": torch.ones(3, dtype=torch.uint8), "b": torch.arange(4, dtype=torch.float32) + 1,
+               "c": torch.full((2,), 7, dtype=torch.uint8)}
+    data, manifest = pack(tensors)
+    buf, upto, _, asked = arriving(data, manifest)
+    got = unpack(buf, manifest, own=True, ready=upto)
+    assert asked == [3 + 16]  # "b", at offset 3
+    upto(len(data))  # the rest arrives
+    assert all(torch.equal(got[k], tensors[k]) for k in tensors)
+
+
 # --- on a GPU (skipped without CUDA; run on the GPU machine) ----------------------------------------------------
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -524,6 +572,24 @@ def test_copy_in_stages_every_byte_to_its_place(device, stage):
         dev.copy_in([(torch.zeros(4, 4, device=device).t(), torch.ones(4, 4))], torch.device(device))
     with pytest.raises(ValueError, match="differ in size"):
         dev.copy_in([(torch.zeros(4, device=device), torch.ones(5))], torch.device(device))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_copy_in_reads_each_source_only_once_it_has_arrived(device):
+    """copy_in's ``ready(k)``: called for each source, in order, before any of its bytes is staged (the sources
+    here are zeros until then)."""
+    from runtime import device as dev
+
+    truth = [torch.arange(n, dtype=torch.float32) + 1 for n in (3, 1000, 0, 77)]
+    srcs, asked = [torch.zeros_like(t) for t in truth], []
+
+    def ready(k: int) -> None:
+        asked.append(k)
+        srcs[k].copy_(truth[k])
+
+    dsts = [torch.zeros_like(t, device=device) for t in truth]
+    dev.copy_in(list(zip(dsts, srcs)), torch.device(device), stage_bytes=512, threads=2, ready=ready)
+    assert asked == [0, 1, 2, 3] and all(torch.equal(d.cpu(), t) for d, t in zip(dsts, truth))
 
 
 def _counted(rec, n: int, timeout: float = 10.0) -> bool:

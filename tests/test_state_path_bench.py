@@ -42,7 +42,8 @@ def test_rows_judge_each_target_from_the_measurements():
     assert "28.0x" in rows[4][1] and "+1.0%" in rows[5][1]
     assert "10.00 Gbit/s per direction" in rows[1][0] and "the probe's 7.20" in rows[1][0] and "1500 ms" in rows[2][0]
     assert "first checkpoints, into memory not yet reserved, the slowest in local memory after 500 ms" in rows[1][0]
-    assert "optimizer: 40 / 300 ms, where the copy alone at the measured 51.6 GB/s takes 23 ms" in rows[2][0]
+    assert "optimizer: 40 / 300 ms (from the peer, beside the transfer as the shard arrives), where the copy alone " \
+        "at the measured 51.6 GB/s takes 23 ms; from the peer, the shard all here after 1500 ms" in rows[2][0]
     assert "recoveries (local 50 ms, peer 2000 ms;" in rows[2][0]
     both = state_path.rows_for(1, dict(rt, local_recoveries_s=[0.07, 0.05], peer_recoveries_s=[2.0, 2.4]), dcp)
     assert "recoveries (local 70, 50 ms, peer 2000, 2400 ms;" in both[2][0]
@@ -213,8 +214,8 @@ def test_the_limited_link_rows_judge_replication_and_peer_recovery_against_the_l
     assert rows[0][1] == "1100 ms (99% of the link)" and rows[1][1] == "1300 ms (77% of the link)"
     assert "limited to 1000 Mbit/s each way by tc" in rows[0][0] and "0.96 Gbit/s one way, 0.88 Gbit/s per " \
         "direction" in rows[0][0] and "1091 ms for the shard" in rows[0][0]
-    assert "(1400, 1300 ms; of which reading, checking and sending the shard: 1050 ms, loading it into the model " \
-        "and optimizer: 200 ms; the link one way: 1000 ms)" in rows[1][0]
+    assert "(1400, 1300 ms; the shard all here after 1050 ms; loading it into the model and optimizer, beside the " \
+        "transfer as it arrives: 200 ms; the link one way: 1000 ms)" in rows[1][0]
     assert state_path.limited_link_rows(dict(x, peer_recovery_s=1.25))[1][3] == "pass"  # 80% exactly
     assert state_path.limited_link_rows(dict(x, replicated_s=1.37))[0][3] == "FAIL"  # 79.6%
 

@@ -347,6 +347,62 @@ def test_a_shard_sent_in_recovery_arrives_whole_in_chunks_reserved_as_they_come(
     mp.spawn(_send_a_shard, args=(str(tmp_path), (2 << 20) + (1 << 19) + 12), nprocs=2, join=True)
 
 
+def _send_slowly(rank: int, folder: str, size: int, quit_after: int | None) -> None:
+    """Rank 0 sends a shard as send_shard does, a chunk every 0.2 s (or, with ``quit_after``, exits after that many
+    chunks); rank 1 takes it with transport.Incoming, using each part as soon as it is there."""
+    import json
+    import time
+
+    import torch.distributed as dist
+
+    from runtime import transport
+
+    transport.RECOVERY_CHUNK = 1 << 20
+    dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=rank, world_size=2)
+    data, manifest = pack({"w": torch.arange(1, size // 4 + 1, dtype=torch.float32)})  # no zero byte-aligned word
+    chunks = transport._shard_chunks(len(data))
+    if rank == 0:
+        blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        for w in transport.isend_bytes(json.dumps(manifest).encode(), 1, None, (1, 1001)):
+            w.wait()
+        dist.send(torch.tensor([blob.numel()], dtype=torch.int64), 1, tag=2001)
+        for k, (a, b) in enumerate(chunks):
+            if k == quit_after:
+                os._exit(0)  # a source machine lost mid-transfer
+            time.sleep(0.2)
+            dist.send(blob[a:b], 1, tag=3001 + k)
+        dist.destroy_process_group()
+        return
+    store = ShardStore(os.path.join(folder, "machine1"), 1)
+    incoming = transport.Incoming(0, None, 1, store, 7, 1)
+    assert incoming.manifest == manifest and len(incoming.data) == len(data)
+    assert bytes(incoming.data[-4:]) != data[-4:]  # made before the bytes came: usable as they arrive
+    if quit_after is not None:
+        with pytest.raises(RuntimeError):
+            incoming.wait(len(data))
+        with pytest.raises(RuntimeError):
+            incoming.join()
+        assert store.get(7, 1) is None and incoming.done_at is None  # never committed
+        os._exit(0)  # the sender is gone: no orderly teardown of the group
+    for a, b in chunks:
+        incoming.wait(b)
+        assert bytes(incoming.data[:b]) == data[:b]
+    incoming.join()
+    got = store.get(7, 1)
+    assert bytes(got[0]) == data and {k: got[1][k] for k in manifest} == manifest and incoming.done_at is not None
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("quit_after", [None, 1])
+def test_a_shard_received_in_recovery_can_be_used_as_it_arrives(tmp_path, quit_after):
+    """transport.Incoming: the shard's mapping and manifest come first, each part can be used once wait() says it is
+    there, and join() returns with it committed; a sender lost mid-transfer makes the waits raise (a waiter is never
+    left hanging) and nothing is committed."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_send_slowly, args=(str(tmp_path), (3 << 20) + 12, quit_after), nprocs=2, join=True)
+
+
 def inodes_of(store: ShardStore, rank: int) -> set[int]:
     """The inodes of every file of ``rank`` in the store: shards, shards being written, spares."""
     paths = [*store.dir.glob(f"iter-*/rank-{rank:05d}.bin*"), *store.spare_dir.glob(f"rank-{rank:05d}-*")]
