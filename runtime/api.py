@@ -390,9 +390,8 @@ class Checkpointer:
             t = time.perf_counter()
             # its checksum is checked meanwhile, in the background; the tensors view the store's mapping, and
             # the restore copies every one out of it, from a peer each as soon as its bytes have come
-            ready = fetched.entry_ready()
             self._restore(unpack(fetched.data, fetched.manifest, own=True, ready=fetched.ready),
-                          fetched.manifest["skeleton"], ready=ready)
+                          fetched.manifest["skeleton"], ready=fetched.entry_ready())
             restore_s = time.perf_counter() - t
             fetched.finish()
             # until the shard was all in this machine's memory: reading it, or receiving it beside the restore
