@@ -188,9 +188,9 @@ class Job:
         if self.netns is not None:  # this machine's processes live in its namespace, behind its limited NIC
             from . import netns as ns_mod
 
-            prefix = ["ip", "netns", "exec", ns_mod.ns(m, self.netns)]
+            prefix, nic_env = ns_mod.inside(m, self.netns)
             local = [f"--local-addr={ns_mod.addr(m, self.netns)}"]
-            env["GLOO_SOCKET_IFNAME"] = ns_mod.nic(m, self.netns)
+            env.update(nic_env)
         cmd = prefix + [
                self.python, "-m", "torch.distributed.run", f"--nnodes={self.n}", f"--nproc-per-node={self.ppm}",
                f"--node-rank={m}", f"--master-addr={self.host}", f"--master-port={self.port}", *local,

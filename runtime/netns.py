@@ -51,6 +51,12 @@ def host_addr(tag: int = 0) -> str:
     return f"10.78.{tag}.254"
 
 
+def inside(m: int, tag: int = 0) -> tuple[list[str], dict[str, str]]:
+    """How a process runs as machine ``m`` of set-up ``tag``: the command prefix that puts it in the machine's
+    namespace, and the environment that makes gloo use the machine's limited NIC."""
+    return ["ip", "netns", "exec", ns(m, tag)], {"GLOO_SOCKET_IFNAME": nic(m, tag)}
+
+
 def _state(tag: int) -> Path:
     base = Path("/run") if os.access("/run", os.W_OK) else Path("/tmp")
     return base / f"gemini-netns-{tag}.json"
