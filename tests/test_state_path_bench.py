@@ -40,6 +40,8 @@ def test_rows_judge_each_target_from_the_measurements():
     assert verdicts[5].startswith("info (the two ranks share one GPU") and rows[5][2] == "-"
     assert "1.14x" in rows[0][1] and "(96% of" in rows[1][1] and "(peer: 60%" in rows[2][1]
     assert "28.0x" in rows[4][1] and "+1.0%" in rows[5][1]
+    # the copy alone: 1.2e9 B / 51.6 GB/s = 23 ms, a 1.4 s cold load 60 times as long (1.1 s warm: 47 times)
+    assert "copy alone at the measured 51.6 GB/s, 60x, the most this host allows" in rows[4][0]
     assert "10.00 Gbit/s per direction" in rows[1][0] and "the probe's 7.20" in rows[1][0] and "1500 ms" in rows[2][0]
     assert "first checkpoints, into memory not yet reserved, the slowest in local memory after 500 ms" in rows[1][0]
     assert "optimizer: 40 / 300 ms (from the peer, beside the transfer as the shard arrives), where the copy alone " \
@@ -53,7 +55,7 @@ def test_rows_judge_each_target_from_the_measurements():
     assert nccl[5][2:] == ("<= 2% (compute-bound, GPU)", "pass")
     assert state_path.rows_for(1, dict(rt, backend="cpu:gloo,cuda:nccl", iteration_ckpt_s=1.03), dcp)[5][3] == "FAIL"
     cpu = state_path.rows_for(1, dict(rt, device="cpu"), dict(dcp, load_cold_s=None))
-    assert cpu[5][3].startswith("info") and "against a warm load" in cpu[4][1]
+    assert cpu[5][3].startswith("info") and "against a warm load" in cpu[4][1] and " 47x, the most" in cpu[4][0]
     assert "page-locked" not in rows[0][0]
     unlocked = state_path.rows_for(1, dict(rt, page_lock_refused="cudaHostRegister: operation not supported"), dcp)
     assert rows[0][0] + "; the store's memory was NOT page-locked, so its copies ran at pageable speed " \
