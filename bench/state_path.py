@@ -440,12 +440,20 @@ path = os.path.join(folder, "shard.bin")  # a stored shard, read the way recover
 with open(path, "wb") as f:
     for d in dst:
         f.write(torch.randint(0, 256, (d.numel(),), dtype=torch.uint8).numpy().tobytes())
-with open(path, "rb") as f:
-    m = mmap.mmap(f.fileno(), nbytes // pieces * pieces, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    flat = torch.frombuffer(memoryview(m), dtype=torch.uint8)
-src = list(flat.split(nbytes // pieces))
+
+def mapping(populate=False):
+    # the stored shard mapped anew, as a recovering process maps it: no page of it mapped yet, each faulted in as it
+    # is first read; populate: all of them mapped in one call first (MADV_POPULATE_READ, Linux 5.14)
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), nbytes // pieces * pieces, flags=mmap.MAP_PRIVATE,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if populate:
+        m.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return list(torch.frombuffer(memoryview(m), dtype=torch.uint8).split(nbytes // pieces))
+
+src = mapping()
 
 def best(fn, repeats=2):
     times = []
@@ -471,6 +479,12 @@ for threads in sorted({t for t in (2, 4, 8, 16) if t <= max(2, cores)}):
         out["configs"].append({"threads": threads, "stage_bytes": stage, "seconds": s})
 out["default"] = best(lambda: dev.copy_in(list(zip(dst, src)), device))
 out["plain"] = best(lambda: [d.copy_(x) for d, x in zip(dst, src)])  # straight from the pageable mapping
+# the figures above read a mapping whose pages the first repeat mapped; recovery's is new
+out["fresh"] = best(lambda: dev.copy_in(list(zip(dst, mapping())), device))
+try:
+    out["fresh_populated"] = best(lambda: dev.copy_in(list(zip(dst, mapping(populate=True))), device))
+except OSError:  # a kernel (or sandbox) without MADV_POPULATE_READ
+    out["fresh_populated"] = None
 assert all(torch.equal(d.cpu(), x) for d, x in zip(dst, src))
 out["page_lock_refused"] = dev.refused()
 print(json.dumps(out))
@@ -496,6 +510,11 @@ def copy_in_row(c: dict) -> tuple[str, str, str, str]:
             else "; on a CPU, recovery copies straight from the mapping, and the staging is there for GPUs")
     if c.get("page_lock_refused"):
         note += f"; page-locked memory was refused ({c['page_lock_refused']}): the staging was ordinary memory"
+    if c.get("fresh") is not None:  # what recovery's own copy gets: its process maps the shard anew
+        populated = c.get("fresh_populated")
+        note += (f"; from a mapping made anew, as recovery's, its pages mapped as they are first read: the default "
+                 f"{rate(c['fresh'])}, with every page mapped in one call first (MADV_POPULATE_READ) "
+                 + (rate(populated) if populated is not None else "not possible here"))
     return (f"state path: recovery's copy into the {c['device']} from a stored shard's mapping ({c['bytes'] / GiB:.2f} "
             f"GiB, {c['cores']} cores): a plain copy from the mapping / `runtime.device.copy_in` (staged), default / "
             f"best (threads x staging buffer){note}",

@@ -157,13 +157,19 @@ def test_the_copy_in_bench_runs_and_its_row_names_the_best_setting(tmp_path):
     assert c["bytes"] == 8 << 20 and c["configs"] and all(x["seconds"] > 0 for x in c["configs"])
     what, measured, _, verdict = state_path.copy_in_row(c)
     assert "(0.01 GiB," in what and verdict == "info" and measured.count("GB/s") == 3
-    gpu = dict(c, device="NVIDIA H200", pin_two_stages=0.017, bytes=GiB, plain=0.09, default=0.04,
-               configs=[{"threads": 4, "stage_bytes": 128 << 20, "seconds": 0.04},
-                        {"threads": 8, "stage_bytes": 512 << 20, "seconds": 0.025}])
+    assert c["fresh"] > 0 and "fresh_populated" in c and "from a mapping made anew" in what
+    gpu = dict(c, device="NVIDIA H200", pin_two_stages=0.017, bytes=GiB, plain=0.09, default=0.04, fresh=0.08,
+               fresh_populated=0.05, configs=[{"threads": 4, "stage_bytes": 128 << 20, "seconds": 0.04},
+                                              {"threads": 8, "stage_bytes": 512 << 20, "seconds": 0.025}])
     what, measured, _, _ = state_path.copy_in_row(gpu)
     assert measured == "11.9 GB/s / 26.8 GB/s / 42.9 GB/s (8 x 512 MiB)" and "buffers, apart: 17 ms" in what
+    assert what.endswith("from a mapping made anew, as recovery's, its pages mapped as they are first read: the "
+                         "default 13.4 GB/s, with every page mapped in one call first (MADV_POPULATE_READ) 21.5 GB/s")
+    assert state_path.copy_in_row(dict(gpu, fresh_populated=None))[0].endswith("first (MADV_POPULATE_READ) not "
+                                                                              "possible here")
     assert c["page_lock_refused"] is None and "refused" not in what
-    what = state_path.copy_in_row(dict(gpu, page_lock_refused="pinned allocation: CUDA error: not supported"))[0]
+    what = state_path.copy_in_row(dict(gpu, fresh=None,
+                                       page_lock_refused="pinned allocation: CUDA error: not supported"))[0]
     assert what.endswith("; page-locked memory was refused (pinned allocation: CUDA error: not supported): the "
                          "staging was ordinary memory")
 
