@@ -171,14 +171,18 @@ def steady_cks(ranks: list[dict]) -> list[dict]:
     return [c for c in cks if c.get("memory") == "held"] or cks
 
 
-def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) -> dict:
-    """The three agent jobs of one size; medians over the steady iterations (the first :data:`WARMUP` dropped)."""
+def _two_machine_plan(path: Path, schedule: str = "naive") -> Path:
+    """The state-path jobs' plan: 2 machines x 1 rank, each shard on both, a checkpoint every iteration, DCP (which
+    is measured apart) never."""
     from runtime.agent import default_plan
 
+    return default_plan(path, 2, 1, replicas=2, interval=1, persist=10 ** 6, schedule=schedule)
+
+
+def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) -> dict:
+    """The three agent jobs of one size; medians over the steady iterations (the first :data:`WARMUP` dropped)."""
     dim, layers = shape_for(gib * GiB)
-    plan = default_plan(work / "plan.json", 2, 1, replicas=2, interval=1, persist=10 ** 6)  # DCP measured apart
-    blocking = default_plan(work / "blocking.json", 2, 1, replicas=2, interval=1, persist=10 ** 6,
-                            schedule="blocking")
+    plan, blocking = _two_machine_plan(work / "plan.json"), _two_machine_plan(work / "blocking.json", "blocking")
     args = _train_args(gib, 2, iters, batch, seq)
 
     def job(name: str, extra=(), faults: str = "", plan=plan):
@@ -243,13 +247,12 @@ def limited_link_figures(work: Path, batch: int, seq: int, gib: float = LINK_GIB
     :data:`RECOVERIES` times (it comes back from machine 0's memory); the link measured between the same namespaces
     as the runtime drives it. ``{"mbit", "not_measured": why}`` where this host cannot make the namespaces."""
     from runtime import netns
-    from runtime.agent import default_plan
 
     why = netns.available()
     if why:
         return {"mbit": mbit, "not_measured": why}
     work.mkdir(parents=True, exist_ok=True)
-    plan = default_plan(work / "blocking.json", 2, 1, replicas=2, interval=1, persist=10 ** 6, schedule="blocking")
+    plan = _two_machine_plan(work / "blocking.json", "blocking")
     netns.up(2, mbit, LINK_TAG)
     try:
         lost, ranks = _agent_job(plan, work / "lose", _train_args(gib, 2, iters, batch, seq),
@@ -272,6 +275,11 @@ LINK_SHARE = 0.8  # the target: replication and peer recovery at this share of t
 LINK_TARGET = f">= {LINK_SHARE:.0%} of the link"
 
 
+def gbit(bytes_per_s: float) -> str:
+    """A rate in bytes/s as Gbit/s, the number alone."""
+    return f"{bytes_per_s * 8 / 1e9:.2f}"
+
+
 def over_link(took_s: float, link_s: float) -> tuple[str, str]:
     """A transfer that took ``took_s`` where the link alone takes ``link_s``: ("N% of the link", its verdict)."""
     return f"{100 * link_s / took_s:.0f}% of the link", "pass" if link_s / took_s >= LINK_SHARE else "FAIL"
@@ -285,13 +293,12 @@ def limited_link_rows(x: dict) -> list[tuple[str, str, str, str]]:
                  LINK_TARGET, "not measured")]
     shard = x["shard_bytes"]
     both_limit, link_limit = shard / x["link_both_bytes_per_s"], shard / x["link_bytes_per_s"]
-    gbit = lambda bytes_per_s: f"{bytes_per_s * 8 / 1e9:.2f} Gbit/s"
     (replicated, replicated_ok), (peer, peer_ok) = over_link(x["replicated_s"], both_limit), \
         over_link(x["peer_recovery_s"], link_limit)
     return [
         (f"{what}: 2 machines x 1 rank on cpu (gloo), each in a network namespace of its own, {shard / GiB:.2f} GiB "
-         f"per rank; the link as the runtime drives it: {gbit(x['link_bytes_per_s'])} one "
-         f"way, {gbit(x['link_both_bytes_per_s'])} per direction with both ways busy, as replication uses it: "
+         f"per rank; the link as the runtime drives it: {gbit(x['link_bytes_per_s'])} Gbit/s one "
+         f"way, {gbit(x['link_both_bytes_per_s'])} Gbit/s per direction with both ways busy, as replication uses it: "
          f"{both_limit * 1e3:.0f} ms for the shard): until also on the peer, `blocking` schedule (the copy and the "
          "sends alone, training waiting)",
          f"{x['replicated_s'] * 1e3:.0f} ms ({replicated})", LINK_TARGET, replicated_ok),
@@ -535,7 +542,7 @@ def rows_for(gib: float, rt: dict, d: dict) -> list[tuple[str, str, str, str]]:
              f"{rt['params'] / 1e6:.0f}M params, AdamW), 2 machines x 1 rank on {rt['device']} ({rt['backend']})")
     copy_limit = shard / rt["copy_bytes_per_s"]
     link_limit, both_limit = shard / rt["link_bytes_per_s"], shard / rt["link_both_bytes_per_s"]
-    gbit = lambda bytes_per_s: f"{bytes_per_s * 8 / 1e9:.2f}"
+    restore_limit = shard / rt["h2d_bytes_per_s"]  # the restore's copy alone, at the probe's rate into the device
     ms = lambda s: "(not measured)" if s is None else f"{s * 1e3:.0f} ms"
     cold = d["load_cold_s"]
     load = cold or d["load_warm_s"]  # the DCP load recovery is judged against
@@ -570,7 +577,7 @@ def rows_for(gib: float, rt: dict, d: dict) -> list[tuple[str, str, str, str]]:
          f"({recoveries(rt)}; loading the state into the model and optimizer: {rt['local_restore_s'] * 1e3:.0f} / "
          f"{rt['peer_restore_s'] * 1e3:.0f} ms (from the peer, beside the transfer as the shard arrives), where the "
          f"copy alone at the measured {rt['h2d_bytes_per_s'] / 1e9:.1f} GB/s takes "
-         f"{shard / rt['h2d_bytes_per_s'] * 1e3:.0f} ms; from the peer, the shard all here after "
+         f"{restore_limit * 1e3:.0f} ms; from the peer, the shard all here after "
          f"{rt['peer_fetch_s'] * 1e3:.0f} ms; the link one way: {link_limit * 1e3:.0f} ms)",
          f"{rt['local_recovery_s'] * 1e3:.0f} ms / {rt['peer_recovery_s'] * 1e3:.0f} ms (peer: {peer})",
          f"{LINK_TARGET} (peer)", peer_ok),
@@ -580,7 +587,7 @@ def rows_for(gib: float, rt: dict, d: dict) -> list[tuple[str, str, str, str]]:
                                                                       "not allowed here (not root)"), "-", "info"),
         ("state path: local recovery vs cold dcp.load (both end in a copy into the model's and optimizer's memory: "
          f"were recovery that copy alone at the measured {rt['h2d_bytes_per_s'] / 1e9:.1f} GB/s, "
-         f"{load / (shard / rt['h2d_bytes_per_s']):.0f}x, the most this host allows)",
+         f"{load / restore_limit:.0f}x, the most this host allows)",
          f"{load / rt['local_recovery_s']:.1f}x faster" + ("" if cold is not None else " (against a warm load)"),
          ">= 40x", verdict(load / rt["local_recovery_s"] >= 40)),
         ("state path: iteration without / with a checkpoint every iteration", f"{rt['iteration_s']:.3f} s / "
