@@ -14,7 +14,8 @@ STAMP  := $(VENV)/.installed
 OFFLINE  ?=
 GPU_PY   ?= 3.12
 GPU_PKGS := "setuptools>=77,<82" xxhash==4.1.0 simpy==4.1.2 tqdm==4.70.1 jsonschema==4.26.0 dask==2026.8.0 \
-            distributed==2026.8.0 pytest==9.2.0 pytest-xdist==3.8.0 hypothesis==6.170.15 nbmake==1.5.5 ipykernel==7.4.0
+            distributed==2026.8.0 pytest==9.2.0 pytest-xdist==3.8.0 pytest-timeout==2.4.0 hypothesis==6.170.15 \
+            nbmake==1.5.5 ipykernel==7.4.0
 GPU_PIP  := pip==26.3
 SITES    := import site; print("import site; " + "; ".join("site.addsitedir(%r)" % p for p in site.getsitepackages()))
 

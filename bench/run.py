@@ -179,7 +179,7 @@ def bench_runtime():
              "--dim", "256", "--layers", "4"]
 
     def run(name, no_checkpoint=False, **kw):
-        job = Job(plan, work / name, train + (["--no-checkpoint"] if no_checkpoint else []), **kw)
+        job = Job(plan, work / name, train + (["--no-checkpoint"] if no_checkpoint else []), fresh=True, **kw)
         res = job.run(timeout=600)
         job.cleanup()
         if not res.ok:

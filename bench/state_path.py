@@ -75,7 +75,7 @@ def _agent_job(plan: Path, folder: Path, args: list[str], faults: str = "", netn
     timings."""
     from runtime.agent import Job
 
-    j = Job(plan, folder, args, faults=faults, out_dir=folder / "out", netns=netns)
+    j = Job(plan, folder, args, faults=faults, out_dir=folder / "out", netns=netns, fresh=True)
     try:
         res = j.run(timeout=3600)
     finally:

@@ -172,7 +172,11 @@ def make(*, machines: int, processes_per_machine: int, placement_strategy: str, 
     return d
 
 
-def default(machines: int, processes_per_machine: int, replicas: int = 2, interval: int = 1, persist: int = 5,
+DEFAULT_PERSIST = 100  # iterations between durable checkpoints in a plan made without a simulation
+
+
+def default(machines: int, processes_per_machine: int, replicas: int = 2, interval: int = 1,
+            persist: int = DEFAULT_PERSIST,
             schedule: str = "naive", chunk_bytes: int = 1 << 20) -> dict:
     """A plan without a simulation: GEMINI's placement (``auto``), a checkpoint every ``interval`` iterations and a
     durable one every ``persist``, chunks of ``chunk_bytes`` through a two-chunk staging buffer."""

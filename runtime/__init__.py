@@ -11,8 +11,9 @@ import importlib
 
 from .plan import Plan, PlanError
 
-_LAZY = {"Checkpointer": "api", "ConfigError": "api", "StateError": "state", "StoreError": "store"}
-__all__ = ["Checkpointer", "ConfigError", "Plan", "PlanError", "StateError", "StoreError"]
+_LAZY = {"Checkpointer": "api", "ConfigError": "config", "StateError": "state", "StoreError": "store",
+         "init_process_group": "distributed"}
+__all__ = ["Checkpointer", "ConfigError", "Plan", "PlanError", "StateError", "StoreError", "init_process_group"]
 
 
 def __getattr__(name: str):

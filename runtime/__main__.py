@@ -1,55 +1,140 @@
-"""``python -m runtime plan --machines N --procs K [--replicas M] -o plan.json``: the default plan for a job that has
-no plan from ``gemini-sim plan`` yet."""
+"""``python -m runtime COMMAND``: the runtime's own commands.
+
+- ``plan --machines N --procs K [--replicas M] -o plan.json``: the default plan for a job that has no plan from
+  ``gemini-sim plan`` yet;
+- ``jobs [--store-root DIR]``: what every job holds in memory on this host (a finished job holds nothing: its memory
+  was freed; what is listed belongs to a job running, or to one that died and may be resumed);
+- ``free JOB [JOB ...] [--store-root DIR]``: free those jobs' memory on this host (refused while a process uses it).
+
+A mistake is one line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from gemini_sim import plan as contract
 from gemini_sim.errors import UserError as ContractError
 
+from . import job as jobs
 from . import schedules
+from .config import ConfigError, check_name, default_store_root
 from .plan import PlanError, default
 
+PROG = "python -m runtime"
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime plan", description="Write the default plan (GEMINI's "
-                                 "placement) for a job that has no plan from `gemini-sim plan` yet.")
+
+class _Usage(ValueError):
+    """A command's mistake, said by that command."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not a usage block
+        raise _Usage(f"{self.prog}: error: {message}")
+
+
+def _plan(argv) -> int:
+    ap = _Parser(prog=f"{PROG} plan", description="Write the default plan (GEMINI's placement) for a job that has "
+                 "no plan from `gemini-sim plan` yet.")
     ap.add_argument("--machines", type=int, required=True)
     ap.add_argument("--procs", type=int, required=True, help="processes (ranks) per machine")
     ap.add_argument("--replicas", type=int, help="copies of every machine's checkpoint (default: 2, or 1 for one "
                     "machine)")
     ap.add_argument("--interval", type=int, default=1, help="iterations between in-memory checkpoints (default 1)")
-    ap.add_argument("--persist", type=int, default=100, help="iterations between durable checkpoints (default 100)")
+    ap.add_argument("--persist", type=int, help=f"iterations between durable checkpoints, a multiple of --interval "
+                    f"(default {contract.DEFAULT_PERSIST}, rounded up to one)")
     ap.add_argument("--schedule", default="naive", help=f"one of {', '.join(schedules.SCHEDULES)} (default naive)")
     ap.add_argument("-o", "--out", required=True, help="where to write the plan (JSON)")
     args = ap.parse_args(argv)
     replicas = args.replicas if args.replicas is not None else min(2, args.machines)
-    if not (1 <= args.machines <= 100_000 and 1 <= args.procs <= 1024 and 1 <= replicas <= args.machines
-            and 1 <= args.interval <= 10**9 and 1 <= args.persist <= 10**9):
-        ap.error("need 1 <= --machines <= 100000, 1 <= --procs <= 1024, 1 <= --replicas <= --machines, "
-                 "--interval and --persist >= 1")
+    if not (1 <= args.machines <= 100_000 and 1 <= args.procs <= 1024 and 1 <= args.interval <= 10**9):
+        ap.error("need 1 <= --machines <= 100000, 1 <= --procs <= 1024, 1 <= --interval <= 1e9")
+    if not 1 <= replicas <= args.machines:
+        ap.error(f"--replicas {replicas}: need 1 to --machines ({args.machines}) copies")
+    persist = args.persist if args.persist is not None else \
+        -(-contract.DEFAULT_PERSIST // args.interval) * args.interval
+    if not 1 <= persist <= 10**9 or persist % args.interval:
+        ap.error(f"--persist {persist}: need a multiple of --interval ({args.interval}) up to 1e9")
     out = Path(args.out)
     if out.is_dir() or not out.parent.is_dir():
         ap.error(f"cannot write {out}: " + ("it is a folder" if out.is_dir() else "its folder does not exist"))
-    try:
-        plan = default(args.machines, args.procs, replicas, args.interval, max(args.persist, args.interval),
-                       args.schedule)
-        contract.write(plan.data, out)
-    except (ValueError, PlanError, ContractError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    plan = default(args.machines, args.procs, replicas, args.interval, persist, args.schedule)
+    contract.write(plan.data, out)
     print(f"wrote {out}: {args.machines} machine(s) x {args.procs}, {replicas} cop{'y' if replicas == 1 else 'ies'} "
-          f"of every checkpoint in memory, schedule {args.schedule}")
+          f"of every checkpoint in memory, schedule {args.schedule}, durable every {persist} iterations")
     return 0
 
 
+def _root(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--store-root", help="the store root (default $GEMINI_STORE_ROOT, else /dev/shm/gemini-UID)")
+
+
+def _store_root(args) -> Path:
+    import os
+
+    return Path(args.store_root or os.environ.get("GEMINI_STORE_ROOT") or default_store_root())
+
+
+def _jobs(argv) -> int:
+    ap = _Parser(prog=f"{PROG} jobs", description="List what every job holds in memory on this host.")
+    _root(ap)
+    root = _store_root(ap.parse_args(argv))
+    held = jobs.jobs(root)
+    if not held:
+        print(f"no job holds memory in {root}")
+        return 0
+    print(f"{'job':<40} {'GiB':>8}  {'newest':>8}  {'last write':<19}  machines")
+    for h in held:
+        print(f"{h.job:<40} {h.bytes / 2**30:8.2f}  {h.newest if h.newest is not None else '-':>8}  "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h.modified)):<19}  "
+              f"{', '.join(m.removeprefix('machine-') for m in h.machines)}")
+    print(f"{sum(h.bytes for h in held) / 2**30:.2f} GiB in {root}; free a job's with: {PROG} free JOB")
+    return 0
+
+
+def _free(argv) -> int:
+    ap = _Parser(prog=f"{PROG} free", description="Free jobs' memory on this host (their durable checkpoints stay).")
+    ap.add_argument("job", nargs="+")
+    _root(ap)
+    args = ap.parse_args(argv)
+    root = _store_root(args)
+    folders = []
+    for name in args.job:
+        folder = root / check_name(name, "job name")
+        if not folder.is_dir() or folder.is_symlink():
+            ap.error(f"no job {name!r} holds memory in {root} ({PROG} jobs lists those that do)")
+        if busy := jobs.users(folder):
+            ap.error(f"job {name!r} is in use by process {', '.join(map(str, busy[:5]))}: stop it first")
+        folders.append((name, folder))
+    for name, folder in folders:
+        print(f"freed {jobs.free(folder) / 2**30:.2f} GiB of job {name}")
+    return 0
+
+
+COMMANDS = {"plan": _plan, "jobs": _jobs, "free": _free}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"{PROG}: error: give a command: plan, jobs or free ({PROG} COMMAND --help; the agent: python -m "
+              "runtime.agent)", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except _Usage as e:
+        print(e, file=sys.stderr)
+        return 2
+    except (ConfigError, PlanError, ContractError) as e:
+        print(f"{PROG} {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{PROG}: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not args or args[0] != "plan":
-        print("usage: python -m runtime plan --machines N --procs K [--replicas M] -o plan.json  (the agent: "
-              "python -m runtime.agent)", file=sys.stderr)
-        raise SystemExit(2)
-    raise SystemExit(main(args[1:]))
+    raise SystemExit(main())

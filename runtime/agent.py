@@ -17,10 +17,10 @@ fresh rendezvous; a replacement machine comes up with the lost machine's index a
 first root cause (the exception line, rank and machine) from the machines' logs; an attempt that fails with the
 same root cause as the one before it is not retried.
 
-Why not torchrun's own in-place restarts (``--max-restarts``)? In torch 2.13 the workers of every restart share one
-store without a per-attempt prefix, and a restart forced by another machine's failure does not count as a restart
-on the healthy agents, so restarted ranks can read the network addresses of the dead ones and fail to connect
-(seen here: "Connection refused" in gloo's connectFullMesh). A fresh rendezvous per job attempt avoids both.
+Why not torchrun's own in-place restarts (``--max-restarts``, which a plain torchrun launch may use:
+runtime.init_process_group starts the group again)? A lost machine's replacement needs its torchrun agent started
+anew, under the lost machine's index, and a restart forced by another machine's failure does not count as one on the
+healthy agents; a fresh rendezvous per job attempt, the same for every machine, keeps the attempts apart.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class JobResult:
     wall_s: float = 0.0
     logs: dict = field(default_factory=dict)
     root_cause: str | None = None  # the first failure's exception line, rank and machine
+    durable: Path = Path(".")  # the job's durable checkpoints (WORKDIR/durable/JOB)
 
     def records(self, msg: str) -> list[dict]:
         return [e for e in self.events if e["msg"] == msg]
@@ -121,7 +122,9 @@ class Job:
     runs under a torchrun agent per machine."""
 
     def __init__(self, plan_path, workdir, entry, faults="", store_root=None, max_restarts=4, netns: bool | int = False,
-                 out_dir=None, job_name="job", python=sys.executable, env=None):
+                 out_dir=None, job_name="job", python=sys.executable, env=None, fresh: bool = False):
+        """``fresh``: start the job afresh, dropping what an earlier run of it left in ``workdir`` (its durable
+        checkpoints and record); else a job of the same name there is resumed (runtime/job.py)."""
         self.plan = Plan.load(plan_path)
         if not entry:
             raise ValueError("no entry point: give the training script and its arguments after --")
@@ -168,6 +171,8 @@ class Job:
                                  f"MACHINES={self.n}` (or python -m runtime.netns up --machines {self.n})")
             self.host = ns_mod.addr(0, self.netns)  # machine 0's torchrun agent hosts the rendezvous
         # folders last, once nothing above can refuse the job: a refused job leaves none behind (in /dev/shm either)
+        if fresh:
+            shutil.rmtree(self.durable / job_name, ignore_errors=True)
         self.work.mkdir(parents=True, exist_ok=True)
         self.store_root = Path(store_root or tempfile.mkdtemp(prefix="gemini-rt-", dir="/dev/shm"
                                                               if Path("/dev/shm").is_dir() else None))
@@ -354,17 +359,18 @@ class Job:
             self._drain()  # every line the machines wrote is in the logs and events, also after a timeout
         return JobResult({m: p.returncode for m, p in self.procs.items()}, list(self.events), self.out,
                          time.time() - t0, {m: str(self.work / f"machine-{m}.{g}.log")
-                                            for m, g in self.generation.items()}, cause)
+                                            for m, g in self.generation.items()}, cause, self.durable / self.job_name)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.store_root, ignore_errors=True)
 
 
-def default_plan(path, machines: int, ppm: int, replicas: int = 2, interval: int = 1, persist: int = 5,
+def default_plan(path, machines: int, ppm: int, replicas: int = 2, interval: int = 1, persist: int | None = None,
                  schedule: str = "naive") -> Path:
     """Write the default plan (runtime/plan.py's :func:`default`) to ``path``."""
     from gemini_sim import plan as contract
 
+    persist = contract.DEFAULT_PERSIST if persist is None else persist
     contract.write(default_plan_for(machines, ppm, replicas, interval, persist, schedule).data, path)
     return Path(path)
 
@@ -397,7 +403,10 @@ def main(argv=None) -> int:
     ap.add_argument("--machines", type=int, default=4)
     ap.add_argument("--procs", type=int, default=2, help="processes per machine (without --plan)")
     ap.add_argument("--workdir", default="out/runtime", help="logs, durable checkpoints (durable/), outputs (out/)")
-    ap.add_argument("--job", default="job", help="the job's name in the store (default job)")
+    ap.add_argument("--job", default="job", help="the job's name (default job): a later run of the same name in the "
+                    "same --workdir resumes it from its durable checkpoints")
+    ap.add_argument("--fresh", action="store_true", help="start the job afresh, dropping what an earlier run of it "
+                    "left in --workdir")
     ap.add_argument("--max-restarts", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before the job is stopped")
     ap.add_argument("--fault", default="", help="test faults, e.g. kill:3:7 (rank 3 dies in iteration 7), lose:1:5 "
@@ -415,7 +424,7 @@ def main(argv=None) -> int:
     try:
         plan_path = args.plan or default_plan(work / "plan.json", args.machines, args.procs)
         job = Job(plan_path, work, entry, faults=args.fault, netns=args.netns, max_restarts=args.max_restarts,
-                  job_name=args.job)
+                  job_name=args.job, fresh=args.fresh)
     except (ValueError, PlanError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

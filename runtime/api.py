@@ -25,14 +25,16 @@ What it does (the modules beside it hold each concern):
   as the plan's schedule says (runtime/schedules.py, runtime/pipeline.py).
 - **Durable** (runtime/recovery.py): every ``persist_interval_iters`` a standard DCP checkpoint.
 - **Recovery** (:meth:`recover`): the newest iteration complete in memory or on durable storage, from this
-  machine's memory, a peer's, or DCP.
+  machine's memory, a peer's, or DCP; rank 0 prints one line saying where from.
+- **The job** (runtime/job.py): its name decides what a launch resumes; :meth:`close` finishes it (final state
+  durable, memory freed).
 - **Profiling** (runtime/profiler.py): the first ``profile_iters`` iterations, written in gemini-sim's profile
   format, with the per-iteration and per-checkpoint timings at :meth:`close`.
 
-Every rank of the job creates its Checkpointer, after ``torch.distributed.init_process_group``, in the same order
-(its constructor and :meth:`recover` and :meth:`close` are collective). Settings not given come from the
-environment the project's agent sets (``GEMINI_PLAN``, ``GEMINI_STORE_ROOT``, ``GEMINI_DURABLE_DIR``,
-``GEMINI_OUT_DIR``, ``GEMINI_JOB``), so a script runs unchanged under plain ``torchrun`` and under the agent.
+Every rank of the job creates its Checkpointer, after ``runtime.init_process_group`` (or torch's own, without
+torchrun's restarts), in the same order (its constructor and :meth:`recover` and :meth:`close` are collective).
+Settings not given come from the environment (runtime/config.py lists it), so a script runs unchanged under plain
+``torchrun`` and under the agent.
 """
 
 from __future__ import annotations
@@ -40,11 +42,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import sys
 import time
-from pathlib import Path
+import uuid
 from typing import Callable
 
 import torch
@@ -53,40 +54,32 @@ from torch.distributed.checkpoint.state_dict import set_state_dict
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from . import device, recovery, schedules
-from .distributed import fsdp_trains_on_cpu
+from . import budget, config, device, distributed, job as jobs, recovery, schedules
 from .capture import StateCapture
+from .config import ConfigError
+from .distributed import fsdp_trains_on_cpu
 from .pipeline import InFlight, Link
-from .plan import Plan, PlanError
+from .plan import PlanError
 from .profiler import Recorder
 from .state import TENSOR, StateError, entries_of, flatten, local, unflatten, unpack
-from .store import ShardStore, write_atomic
+from .store import ShardStore, StoreError, write_atomic
 from .transport import Groups, Progress, Receiver, stop
 
 log = logging.getLogger("runtime")
 HOOKS = ("before_update", "before_commit")
 
 
-class ConfigError(ValueError):
-    """The Checkpointer cannot start as asked (one line)."""
-
-
-def _env_path(value, env: str, default: str | None = None) -> Path | None:
-    v = value if value is not None else os.environ.get(env, default)
-    return Path(v) if v else None
-
-
-def _run_id() -> str | None:
-    """torchrun's ``--rdzv-id``, unless torchrun made one up for this launch alone (standalone: a random UUID), which
-    a relaunch would not find again."""
-    rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return None if re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", rid) or rid in (
-        "", "none") else rid
-
-
-def _check_fsdp_can_train(model: torch.nn.Module) -> None:
-    """FSDP2 on the CPU of a torch where it cannot train (:func:`~runtime.distributed.fsdp_trains_on_cpu`) would die
-    in the first forward pass with an AttributeError that names neither FSDP nor the version: say so at start."""
+def _check_model(model: torch.nn.Module) -> None:
+    """The runtime checkpoints FSDP2 models: every parameter a DTensor that ``fully_shard`` made. A parameter left
+    plain (``fully_shard`` on the blocks but not on the model itself, or no FSDP2 at all) would be checkpointed as one
+    rank's copy, so it is refused at start, in one line. FSDP2 on the CPU of a torch where it cannot train
+    (:func:`~runtime.distributed.fsdp_trains_on_cpu`) would die in the first forward pass with an AttributeError that
+    names neither FSDP nor the version: that is said at start too."""
+    plain = next((n for n, p in model.named_parameters() if not isinstance(p, DTensor)), None)
+    if plain is not None:
+        raise ConfigError(f"parameter {plain!r} is not sharded by FSDP2: the Checkpointer takes a model whose every "
+                          "parameter fully_shard() made a DTensor (apply fully_shard to the model itself too, after "
+                          "its blocks)")
     if not fsdp_trains_on_cpu() and any(isinstance(m, FSDPModule) for m in model.modules()) and \
             any(p.device.type == "cpu" for p in model.parameters()):
         raise ConfigError(f"FSDP2 cannot train on the CPU with torch {torch.__version__} (it can from torch 2.7): "
@@ -96,12 +89,6 @@ def _check_fsdp_can_train(model: torch.nn.Module) -> None:
 def _anchored(schedule: dict) -> bool:
     """Does the schedule open spans when this rank's own collectives end (gemini with ``after_collectives``)?"""
     return any("after_collectives" in s for s in schedule.get("spans", []))
-
-
-def default_store_root() -> Path:
-    """``/dev/shm/gemini-UID`` (under $TMPDIR or /tmp where there is no /dev/shm); jobs have folders inside."""
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
-    return base / f"gemini-{os.geteuid()}"
 
 
 def emit_line(line: str) -> None:
@@ -124,43 +111,40 @@ class Checkpointer:
     """In-memory checkpoints of every rank's training state, replicated and scheduled as a Plan says.
 
     plan: a :class:`~runtime.plan.Plan`, a path to plan.json or its parsed dict (default: ``$GEMINI_PLAN``).
-    model, optimizer: the FSDP2 model (``fully_shard``) and its optimizer, any kind.
+    model, optimizer: the FSDP2 model (every parameter sharded by ``fully_shard``) and its optimizer, any kind.
     extra: ``{name: object}`` with ``state_dict()``/``load_state_dict()`` (per rank), checkpointed alongside.
+    job: the job's name: what a relaunch resumes (default ``$GEMINI_JOB``, else torchrun's ``--rdzv-id``, else this
+        launch's own, which no later launch resumes; runtime/job.py).
     store_root: where machines keep checkpoints in memory, in ``ROOT/JOB/machine-NAME`` (default
-        ``$GEMINI_STORE_ROOT``, else ``/dev/shm/gemini-UID``); job: the name that tells jobs apart there (default
-        ``$GEMINI_JOB``, torchrun's ``--rdzv-id``, else ``default``): a relaunch must use the same to resume.
-    durable_dir: DCP checkpoints, on storage every machine sees (default ``$GEMINI_DURABLE_DIR``, else
-        ``./gemini-durable/JOB``).
+        ``$GEMINI_STORE_ROOT``, else ``/dev/shm/gemini-UID``).
+    durable_dir: DCP checkpoints, in ``DURABLE/JOB`` on storage every machine sees (default ``$GEMINI_DURABLE_DIR``,
+        else ``./gemini-durable``).
     out_dir: where the profile and timings are written (default ``$GEMINI_OUT_DIR``; None: not written).
     profile_iters: iterations profiled from the start (0: none). checkpoint: False runs without checkpoints (a
     baseline). host_cores: cores for the checkpoint's threads (default: not pinned). timeout_s: of the runtime's
-    own process groups.
+    own process groups. runtime/config.py lists every environment variable read.
     """
 
     def __init__(self, plan=None, model: torch.nn.Module | None = None, optimizer=None, *, extra: dict | None = None,
                  store_root=None, job: str | None = None, durable_dir=None, out_dir=None, profile_iters: int = 20,
                  checkpoint: bool = True, host_cores=None, timeout_s: float = 120.0):
         if not dist.is_available() or not dist.is_initialized():
-            raise ConfigError("call torch.distributed.init_process_group() before creating the Checkpointer")
+            raise ConfigError("call torch.distributed.init_process_group() (or runtime.distributed.init()) before "
+                              "creating the Checkpointer")
         if model is None or optimizer is None:
             raise ConfigError("the Checkpointer needs the model and its optimizer")
-        _check_fsdp_can_train(model)
-        if plan is None:
-            plan = os.environ.get("GEMINI_PLAN")
-            if not plan:
-                raise ConfigError("no plan: pass one (a path, a dict or a Plan) or set GEMINI_PLAN")
-        self.plan = Plan.coerce(plan)
-        if not isinstance(profile_iters, int) or profile_iters < 0:
-            raise ConfigError(f"profile_iters must be a whole number >= 0, got {profile_iters!r}")
-        if not (isinstance(timeout_s, (int, float)) and 0 < timeout_s < 1e6):
-            raise ConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        self.settings = s = config.resolve(plan, job=job, store_root=store_root, durable_dir=durable_dir,
+                                           out_dir=out_dir, profile_iters=profile_iters, checkpoint=checkpoint,
+                                           host_cores=host_cores, timeout_s=timeout_s)
+        self.plan = s.plan
+        _check_model(model)
         self.model, self.optimizer = model, optimizer
         self.extra = dict(extra or {})
-        self._capture = StateCapture(model, optimizer, self.extra)
-        self._layout: dict = {}  # what entries_of worked out for the captured tensors, reused while they are the same
         for name, obj in self.extra.items():
             if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
                 raise ConfigError(f"extra[{name!r}] has no state_dict()/load_state_dict()")
+        self._capture = StateCapture(model, optimizer, self.extra)
+        self._layout: dict = {}  # what entries_of worked out for the captured tensors, reused while they are the same
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.ppm = int(os.environ.get("LOCAL_WORLD_SIZE", self.plan.processes_per_machine))
         if self.world != self.plan.machines * self.plan.processes_per_machine \
@@ -169,12 +153,16 @@ class Checkpointer:
                             f"{self.plan.processes_per_machine} processes, this job has "
                             f"{self.world // max(self.ppm, 1)} x {self.ppm}")
         self.machine = self.rank // self.ppm
-        self.job = job or os.environ.get("GEMINI_JOB") or _run_id() or "default"
-        if "/" in self.job or self.job in (".", ".."):
-            raise ConfigError(f"job name {self.job!r} must not contain '/'")
-        root = (_env_path(store_root, "GEMINI_STORE_ROOT") or default_store_root()) / self.job
-        self.durable = _env_path(durable_dir, "GEMINI_DURABLE_DIR") or Path("gemini-durable") / self.job
-        self.out_dir = _env_path(out_dir, "GEMINI_OUT_DIR")
+        if self.rank == 0 and not distributed.started_here and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == \
+                "True" and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") not in ("", "0"):
+            print("gemini: warning: torchrun may restart this job (--max-restarts), and a process group started by "
+                  "torch.distributed.init_process_group() can fail to start again after a restart (its workers may "
+                  "read the addresses of the attempt before's): start it with runtime.distributed.init()",
+                  file=sys.stderr)
+        self.groups = Groups.create(s.timeout_s)
+        self.job, self.named = self._agree_on_job()
+        self.durable = s.durable(self.job)
+        self.out_dir = s.out_dir
         try:
             self.durable.mkdir(parents=True, exist_ok=True)
             if not os.access(self.durable, os.W_OK | os.X_OK):
@@ -183,19 +171,19 @@ class Checkpointer:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create {e.filename}: {e.strerror}") from None
-        store_name = os.environ.get("GEMINI_MACHINE_ID", "node")  # the agent names machines; torchrun: one a host
-        self.store = ShardStore(root, int(store_name) if store_name.isdigit() else store_name)
-        self.groups = Groups.create(timeout_s)
+        mid = s.machine_id  # the agent names machines by their index; under torchrun: one store folder a host
+        self.store = ShardStore(s.store_dir(self.job), int(mid) if mid.isdigit() else mid)
         # a crashed run's half-written shards go; before the ranks meet in _check_stores, so none of this machine's
         # ranks can have begun a new shard that another, later here, would take for a crashed run's
         self.store.clean_partial()
         self._check_stores()
-        self.host_cores = sorted(host_cores) if host_cores else None
+        self._job_record = self._begin_job()
+        self.host_cores = list(s.host_cores) if s.host_cores else None
         self.send_to, self.recv_from = self.plan.peers(self.rank)
         self.held_ranks = self.plan.held_on(self.machine)  # the shards this machine's store holds, of every rank
         self.schedule_dict = self.plan.schedule
         self.schedule = schedules.get(self.schedule_dict["name"])
-        self.checkpointing = bool(checkpoint)
+        self.checkpointing = s.checkpoint
         self.iteration = 0  # the last iteration whose after_step ran (or that recover() resumed from)
         self._hooks: dict[str, list[Callable[[int], None]]] = {h: [] for h in HOOKS}
         self._link_obj: Link | None = None  # made at the first checkpoint: the peers' receivers are posted then
@@ -216,8 +204,8 @@ class Checkpointer:
         self.checkpoints: list[dict] = []  # one record per checkpoint
         self._on_device: list[tuple[dict, tuple | None]] = []  # GPU checkpoints' records with their wait's marks
         self.collectives = Progress()
-        self.recorder = Recorder(profile_iters, self.collectives)
-        if profile_iters or _anchored(self.schedule_dict):
+        self.recorder = Recorder(s.profile_iters, self.collectives)
+        if s.profile_iters or _anchored(self.schedule_dict):
             self.recorder.install(self.model)
         self._handles = [model.register_forward_pre_hook(self._on_forward, prepend=True),  # before FSDP's gather
                          model.register_forward_hook(lambda *_: self.recorder.phase("backward"))]
@@ -227,19 +215,82 @@ class Checkpointer:
 
             faults.install(self, os.environ["GEMINI_FAULT"])
 
+    def _agree_on_job(self) -> tuple[str, bool]:
+        """(the job's name, whether a user named it), the same on every rank: the name the settings give, else one
+        rank 0 makes for this launch. Ranks given different names are refused."""
+        proposal = (self.settings.job or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+                    self.settings.job is not None, self.settings.named)
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, proposal, group=self.groups.control)
+        given = {(r, name) for r, (name, had, _) in enumerate(everyone) if had}
+        if given and len({name for _, name in given}) > 1 or 0 < len(given) < self.world:
+            shown = ", ".join(f"rank {r}: {name!r}" for r, name in sorted(given)[:4])
+            raise ConfigError(f"the ranks were given different job names ({shown}): give every rank the same "
+                              "GEMINI_JOB (or --rdzv-id)")
+        name, _, named = everyone[0]
+        return name, named
+
+    def _begin_job(self) -> dict:
+        """The job's record (runtime/job.py), read or made by rank 0 and given to every rank; a launch that cannot
+        be that job is refused on every rank."""
+        got = [jobs.begin(self.durable, self.job, self.plan.machines, self.ppm) if self.rank == 0 else None]
+        dist.broadcast_object_list(got, src=0, group=self.groups.control)
+        rec, refusal = got[0]
+        if refusal:
+            raise ConfigError(refusal)
+        return rec
+
     def _check_stores(self) -> None:
-        """Two machines must not share a store folder (two torchrun nodes on one host without GEMINI_MACHINE_ID
-        would): their copies of one shard would overwrite each other."""
-        mine = (socket.gethostname(), str(self.store.dir.resolve()), self.machine)
+        """What the runtime assumes of the launch, checked on every rank at once: ranks are numbered machine by
+        machine (rank = machine x processes per machine + local rank, as torchrun numbers them, the machine being
+        the node's rank in the rendezvous: ``--node-rank`` under a static rendezvous, the order nodes joined in
+        under c10d), the ranks of a machine share its host, and two machines do not share a store folder (two
+        torchrun nodes on one host without GEMINI_MACHINE_ID would): their copies of one shard would overwrite each
+        other."""
+        env = os.environ
+        mine = (socket.gethostname(), str(self.store.dir.resolve()), self.machine, env.get("LOCAL_RANK"),
+                env.get("GROUP_RANK"))
         everyone = [None] * self.world
         dist.all_gather_object(everyone, mine, group=self.groups.control)
         owner: dict[tuple[str, str], int] = {}
-        for host, folder, machine in everyone:
+        host_of: dict[int, str] = {}
+        for rank, (host, folder, machine, local_rank, node) in enumerate(everyone):
+            if (local_rank is not None and int(local_rank) != rank % self.ppm) or \
+                    (node is not None and int(node) != machine):
+                raise ConfigError(f"rank {rank} is local rank {local_rank} of node {node}, where the runtime takes it "
+                                  f"for local rank {rank % self.ppm} of machine {machine} (rank = machine x "
+                                  f"{self.ppm} + local rank): launch every node with --nproc-per-node {self.ppm}")
+            if host_of.setdefault(machine, host) != host:
+                raise ConfigError(f"machine {machine}'s ranks run on two hosts ({host_of[machine]} and {host}): "
+                                  f"launch {self.ppm} processes on each node (--nproc-per-node)")
             other = owner.setdefault((host, folder), machine)
             if other != machine:
                 raise ConfigError(f"machines {other} and {machine} share the store folder {folder} on {host}: give "
                                   "each node its own GEMINI_MACHINE_ID or GEMINI_STORE_ROOT (python -m runtime.agent "
                                   "does), or run one node per host")
+
+    def _check_room(self, shard: int, exact: bool) -> None:
+        """Refuse to start, on every rank and in one line, where a host's store has no room for the files the plan
+        keeps there (runtime/budget.py). Collective."""
+        st = os.statvfs(self.store.root)
+        row = budget.Row(socket.gethostname(), os.stat(self.store.root).st_dev, str(self.store.dir), shard,
+                         st.f_bavail * st.f_frsize, jobs.held_bytes(self.store.dir), exact)
+        rows = [None] * self.world
+        dist.all_gather_object(rows, row, group=self.groups.control)
+        why = budget.verdict(rows, [self.plan.peers(r)[1] for r in range(self.world)], self._store_files)
+        if why:
+            raise StoreError(why)
+
+    def _shard_bytes(self) -> tuple[int, bool]:
+        """(this rank's shard's bytes, exact): exact where the optimizer has its state, else estimated
+        (runtime/budget.py) without making that state, which only a throwaway optimizer step would."""
+        if self.optimizer.state:
+            return sum(e["nbytes"] for e in entries_of(flatten(self._capture.state())[0])[0]), True
+        model = sum(local(t).numel() * local(t).element_size()
+                    for t in [*self.model.parameters(), *self.model.buffers()])
+        extra = sum(local(t).numel() * local(t).element_size() for t in flatten(self._capture._extra())[0].values())
+        optim, _ = budget.optimizer_bytes(self.optimizer, local)
+        return model + extra + optim, False
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def add_hook(self, point: str, fn: Callable[[int], None]) -> None:
@@ -402,32 +453,74 @@ class Checkpointer:
             if not failed:
                 break
             self.event("checksum-failed", iteration=target, ranks=failed)  # those copies are gone: look again
+            if self.rank == 0:
+                print(f"gemini: job {self.job}: the copies of iteration {target} of rank(s) "
+                      f"{', '.join(map(str, failed))} failed their checksums; dropped, looking again", file=sys.stderr)
         # newer iterations here are from a run that did not get past `target`: never to be mixed with their retraining
         abandoned = self.store.drop_after(target, ranks=self.held_ranks)
+        tier, source, more = "fresh", None, {}
+        if where == "storage":
+            template, _ = flatten(self._capture.state())
+            self._restore(*recovery.load_durable(recovery.step_dir(self.durable, target), template, self.rank,
+                                                 self.groups.control))
+            tier = "storage"
+        elif where == "memory":
+            tier, source = fetched.tier, fetched.source
+            more = {"fetch_s": round(fetch_s, 4), "restore_s": round(restore_s, 4), "confirm_s": round(confirm_s, 4)}
+        if self.checkpointing:  # before the next checkpoints' memory is made ready, or training starts
+            self._check_room(*((fetched.manifest["size"], True) if where == "memory" else self._shard_bytes()))
         if where == "memory" and self.checkpointing:  # the shard's size is known: the next checkpoints' memory
             # (this machine's files of this rank, an earlier process's or new) made ready while training goes on
             self.store.prepare(self.rank, fetched.manifest["size"], self._store_files,
                                lock=device.slot_locker(next((p.device for p in self.model.parameters()), None)))
+        seconds = round(time.perf_counter() - t0, 4)
+        everyone = [None] * self.world  # every rank has loaded its state; rank 0 reports for the job
+        dist.all_gather_object(everyone, (self.machine, tier, source, seconds), group=self.groups.control)
+        finished = self._job_record.get("finished")
+        if self.rank == 0:
+            emit_line(self._report(target, where, everyone, finished))
+            if finished:
+                self._job_record = jobs.reopen(self.durable, self._job_record)  # it goes on from here
         if target == 0:
             self.event("start", tier="fresh", iteration=0, job=self.job, store=str(self.store.root),
                        durable=str(self.durable), abandoned=abandoned)
         else:
-            if where == "storage":
-                template, _ = flatten(self._capture.state())
-                self._restore(*recovery.load_durable(recovery.step_dir(self.durable, target), template, self.rank,
-                                                     self.groups.control))
-                tier, source, more = "storage", None, {}
-            else:
-                tier, source = fetched.tier, fetched.source
-                more = {"fetch_s": round(fetch_s, 4), "restore_s": round(restore_s, 4),
-                        "confirm_s": round(confirm_s, 4)}
-            dist.barrier(group=self.groups.control)
-            self.event("recovered", iteration=target, tier=tier, source_machine=source,
-                       seconds=round(time.perf_counter() - t0, 4), abandoned=abandoned, **more)
+            self.event("recovered", iteration=target, tier=tier, source_machine=source, seconds=seconds,
+                       abandoned=abandoned, **more)
         self.iteration = target
         self._recovered = True
         self._begin(target + 1)
         return target
+
+    def _report(self, target: int, where: str | None, everyone: list, finished: dict | None) -> str:
+        """The line rank 0 prints for the job once it has started or resumed."""
+        head = f"gemini: job {self.job}"
+        if target == 0:
+            line = (f"{head} starts afresh: {self.plan.machines} machine(s) x {self.ppm} process(es), a checkpoint "
+                    f"every {self.plan.interval} iteration(s) in memory ({len(self.plan.holders[0])} "
+                    f"cop{'y' if len(self.plan.holders[0]) == 1 else 'ies'}), durable every "
+                    f"{self.plan.persist_interval} in {self.durable}")
+        else:
+            seconds = max(e[3] for e in everyone)
+            if where == "storage":
+                how = f"from durable storage ({recovery.step_dir(self.durable, target)})"
+            else:
+                kinds: dict[str, list[int]] = {}
+                for m in range(self.plan.machines):
+                    mine = {(t, src) for machine, t, src, _ in everyone if machine == m}
+                    text = "its own memory" if mine == {("local", m)} else "; ".join(
+                        "its own memory" if t == "local" else f"machine {src}'s memory" for t, src in sorted(mine))
+                    kinds.setdefault(text, []).append(m)
+                how = "; ".join(f"machine{'s' if len(ms) > 1 else ''} {', '.join(map(str, ms))} from "
+                                f"{text.replace('its own', 'their own') if len(ms) > 1 else text}"
+                                for text, ms in kinds.items())
+            line = f"{head} resumed at iteration {target} in {seconds:.2f} s: {how}"
+            if finished:
+                line = (f"{head} finished at iteration {finished['iteration']} ({finished['at']}); resumed from its "
+                        f"final checkpoint at {target} in {seconds:.2f} s, to train on where the loop goes further")
+        if not self.named:
+            line += "; a job of this launch alone (set GEMINI_JOB to name one that a later launch resumes)"
+        return line
 
     # -- the training loop's calls -------------------------------------------------------------------------------
     def _on_forward(self, *_) -> None:
@@ -597,9 +690,11 @@ class Checkpointer:
         t0 = time.perf_counter()
         state = self._capture.state()
         tensors, skeleton = flatten(state)
-        extra = {k: local(v) for k, v in tensors.items() if k.startswith("extra/")}
+        # this rank's own: the extra state, and every tensor that is not a DTensor (buffers, scalar optimizer state),
+        # whose value is per rank, where DCP keeps one copy of a key
+        own = {k: local(v) for k, v in tensors.items() if k.startswith("extra/") or not isinstance(v, DTensor)}
         recovery.save_durable(recovery.step_dir(self.durable, iteration), {"model": state["model"],
-                              "optim": state["optim"]}, extra, skeleton, self.rank, self.groups.control)
+                              "optim": state["optim"]}, own, skeleton, self.rank, self.groups.control)
         self.timings.setdefault("persist_s", []).append(time.perf_counter() - t0)
 
     # -- the end -------------------------------------------------------------------------------------------------
@@ -612,9 +707,14 @@ class Checkpointer:
         if self.rank == 0:
             self.recorder.write(self.out_dir / "profile.json", n, self.ppm, src)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
         """Finish the checkpoint traffic (the last pending checkpoint too, so the final state is in memory), stop
-        the receivers, write the profile and timings. Collective."""
+        the receivers, write the profile and timings. Collective.
+
+        ``finished`` (the default): the job is done. Its final iteration is written durably (unless it was already),
+        its record says it finished, and its memory is freed on every machine; a later launch of the job says that
+        it finished and resumes from that final checkpoint (runtime/job.py). ``finished=False``: the memory and the
+        job stay, and a later launch resumes from memory (a loop that stops early, to go on later)."""
         if self._closed:
             return
         self._closed = True
@@ -638,7 +738,25 @@ class Checkpointer:
         if self.out_dir:
             self._write_timings()
         dist.barrier(group=self.groups.control)
+        if finished and self.settings.checkpoint:
+            self._finish()
         self.event("done", iterations=self.iteration)
+
+    def _finish(self) -> None:
+        """The job's clean end (see :meth:`close`). Collective."""
+        if self.iteration and self.iteration not in recovery.durable_iterations(self.durable):
+            self.persist(self.iteration)
+        self.store.release()  # this process's mappings of the store go, so that freeing it frees the memory
+        dist.barrier(group=self.groups.control)
+        if self.rank % self.ppm == 0:
+            jobs.free(self.store.dir)
+            try:
+                self.store.root.rmdir()  # the job's folder, once no machine of this host has one in it
+            except OSError:
+                pass
+        if self.rank == 0:
+            self._job_record = jobs.finish(self.durable, self._job_record, self.iteration)
+        dist.barrier(group=self.groups.control)
 
     def _write_timings(self) -> None:
         stats: dict = {"format": "gemini-sim-timings", "version": 1}  # gemini_sim/schema/timings-v1.schema.json

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from . import device
 from .state import checksum
 from .schedules import Schedule
+from .store import StoreError
 from .transport import (MAX_CHUNKS, Groups, Progress, Receiver, Window, chunk_bounds, isend_bytes, pin_thread,
                         tag)
 
@@ -312,6 +313,8 @@ class InFlight:
         return sum(self.cpu) + sum(r.cpu[self.seq] for r in self.link.receivers)
 
     def _raise(self) -> None:
+        if self.errors and isinstance(self.errors[0], StoreError):  # the store's own one-line error: as it is
+            raise StoreError(f"checkpoint {self.iteration} on rank {self.link.rank}: {self.errors[0]}") from None
         if self.errors:
             raise RuntimeError(f"checkpoint {self.iteration} failed on rank {self.link.rank}: "
                                f"{self.errors[0]}") from self.errors[0]

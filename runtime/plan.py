@@ -110,8 +110,8 @@ class Plan:
         return Plan.of(dict(self.data, schedule=schedule), self.source)
 
 
-def default(machines: int, processes_per_machine: int, replicas: int = 2, interval: int = 1, persist: int = 5,
-            schedule: str = "naive") -> Plan:
+def default(machines: int, processes_per_machine: int, replicas: int = 2, interval: int = 1,
+            persist: int = contract.DEFAULT_PERSIST, schedule: str = "naive") -> Plan:
     """GEMINI's placement (group when ``replicas`` divides ``machines``, else mixed), a checkpoint every
     ``interval`` iterations, a durable one every ``persist``."""
     return Plan.of(contract.default(machines, processes_per_machine, replicas=replicas, interval=interval,

@@ -12,7 +12,8 @@ the inventory again, so a corrupted copy costs a second round, never a wrong sta
 
 Durable checkpoints are standard DCP checkpoints (``dcp.save`` of ``{"model": ..., "optim": ...}`` as
 ``get_state_dict`` returns them), beside two files per rank: the state's skeleton as JSON (learning rates, a loader's
-position: runtime/state.py) and the user's extra tensors as raw bytes (they are per rank, DCP's keys are global).
+position: runtime/state.py) and, as raw bytes, the rank's own tensors: the user's extra state and every plain (not
+DTensor) tensor of the model and optimizer, such as buffers, whose values are per rank where DCP's keys are global.
 Loading asks DCP for tensors only and takes everything else from the JSON, so nothing is ever unpickled. A
 ``COMPLETE`` marker, written by rank 0 after every rank finished, makes one count.
 """
@@ -188,35 +189,39 @@ def dcp_key(key: str) -> str:
 
 
 def _rank_files(path: Path, rank: int) -> tuple[Path, Path]:
-    """This rank's own part of a durable checkpoint: the extra state's bytes and the skeleton with their manifest."""
+    """This rank's own part of a durable checkpoint: its own tensors' bytes and the skeleton with their manifest."""
     return Path(path) / f"state-rank-{rank:05d}.bin", Path(path) / f"state-rank-{rank:05d}.json"
 
 
-def save_durable(path: Path, state: dict, extra: dict, skeleton, rank: int, group) -> None:
+def save_durable(path: Path, state: dict, own: dict, skeleton, rank: int, group) -> None:
     """A standard DCP checkpoint of ``state`` (``{"model": ..., "optim": ...}`` as ``get_state_dict`` returns them:
-    plain DCP code loads it), and this rank's own part beside it: the skeleton as JSON and the extra state's tensors
-    as raw bytes."""
+    plain DCP code loads it), and this rank's own part beside it: the skeleton as JSON and, as raw bytes, the tensors
+    that are this rank's alone: the extra state, and every tensor of the model and optimizer that is not a DTensor
+    (buffers such as BatchNorm's running statistics, which FSDP2 leaves to each rank, and scalar optimizer state),
+    since DCP keeps a single copy of a plain tensor's key."""
     path = Path(path)
     dcp.save(state, checkpoint_id=str(path), process_group=group)
-    data, manifest = pack(extra)
+    data, manifest = pack(own)
     bin_path, json_path = _rank_files(path, rank)
     write_atomic(bin_path, data)
-    write_atomic(json_path, json.dumps({"skeleton": skeleton, "extra": manifest}))
+    write_atomic(json_path, json.dumps({"skeleton": skeleton, "own": manifest}))
     dist.barrier(group=group)
     if rank == 0:
         (path / COMPLETE).write_text("")  # DCP writes .metadata before every rank has finished its files
 
 
 def load_durable(path: Path, template: dict, rank: int, group=None) -> tuple[dict, object]:
-    """Load a durable checkpoint: the model's and optimizer's tensors into ``template``'s (flat keys, live tensors,
-    loaded in place; only tensors are asked of DCP, so nothing is unpickled), the extra state from this rank's file.
-    Returns the tensors and this rank's skeleton."""
+    """Load a durable checkpoint: the tensors of this rank's own file (see :func:`save_durable`), and the rest of the
+    model's and optimizer's from DCP into ``template``'s (flat keys, live tensors, loaded in place; only tensors are
+    asked of DCP, so nothing is unpickled). Returns the tensors and this rank's skeleton."""
     path = Path(path)
     bin_path, json_path = _rank_files(path, rank)
     meta = json.loads(json_path.read_text())
     data = bin_path.read_bytes()
-    if not verify(data, meta["extra"]):
+    manifest = meta.get("own", meta.get("extra"))  # "extra": before plain tensors were kept per rank
+    if not verify(data, manifest):
         raise RuntimeError(f"{path}: this rank's state file fails its checksum")
-    shared = {k: v for k, v in template.items() if not k.startswith("extra/")}
+    own = unpack(data, manifest)
+    shared = {k: v for k, v in template.items() if not k.startswith("extra/") and k not in own}
     dcp.load({dcp_key(k): v for k, v in shared.items()}, checkpoint_id=str(path), process_group=group)
-    return {**shared, **unpack(data, meta["extra"])}, meta["skeleton"]
+    return {**shared, **own}, meta["skeleton"]

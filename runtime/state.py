@@ -224,9 +224,11 @@ def unpack(data: bytes | bytearray | memoryview, manifest: dict, own: bool = Fal
     return out
 
 
-def write_shard(stem, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write tensors as ``STEM.bin`` (raw bytes) and ``STEM.json`` (the manifest), each atomically: a rank's final
-    parameters, say, to compare runs bit for bit or to read back with :func:`unpack`."""
+def write_shard(stem, tensors: Mapping[str, torch.Tensor], skeleton=None) -> None:
+    """Write tensors as ``STEM.bin`` (raw bytes) and ``STEM.json`` (the manifest, with ``skeleton`` if given), each
+    atomically: a rank's final state (``write_shard(stem, *checkpointer.capture())``: parameters, buffers, optimizer
+    and extra state, with the numbers of the skeleton), say, to compare runs bit for bit (both files) or to read back
+    with :func:`unpack`."""
     import json
     from pathlib import Path
 
@@ -235,5 +237,17 @@ def write_shard(stem, tensors: Mapping[str, torch.Tensor]) -> None:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     data, manifest = pack(tensors)
+    if skeleton is not None:
+        manifest["skeleton"] = skeleton
     write_atomic(stem.with_name(stem.name + ".bin"), data)
     write_atomic(stem.with_name(stem.name + ".json"), json.dumps(manifest))
+
+
+def same_shard(a, b) -> bool:
+    """Did :func:`write_shard` write the same state at stems ``a`` and ``b``: the same tensors bit for bit, under the
+    same names, shapes and dtypes, and the same skeleton?"""
+    import filecmp
+    from pathlib import Path
+
+    return all(filecmp.cmp(Path(a).with_name(Path(a).name + ext), Path(b).with_name(Path(b).name + ext), shallow=False)
+               for ext in (".bin", ".json"))

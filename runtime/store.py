@@ -416,6 +416,17 @@ class ShardStore:
         shutil.rmtree(self.dir, ignore_errors=True)
         private_dir(self.dir)
 
+    def release(self) -> None:
+        """Let go of every mapping this process holds of the store's files (committed shards and spares), once it
+        writes no more: what is freed then returns its memory."""
+        with self._ready:
+            self._ready.wait_for(lambda: not any(self._pending.values()))  # spares still being made ready
+            slots = list(self._held.values()) + [s for spares in self._spares.values() for s in spares]
+            self._held.clear()
+            self._spares.clear()
+        for slot in slots:
+            slot.close()
+
 
 class Slot:
     """One shard being written in place (see :meth:`ShardStore.slot`). Nothing of it counts until :meth:`commit`.

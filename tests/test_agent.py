@@ -168,7 +168,7 @@ def test_default_plan_command(tmp_path):
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.machines == 3 and plan.processes_per_machine == 2
     assert plan.data["placement"]["strategy"] == "mixed" and plan.holders[0] == [0, 1]  # 2 does not divide 3
-    for bad, message in ((["--machines", "2", "--procs", "1", "--replicas", "3"], "--replicas <= --machines"),
+    for bad, message in ((["--machines", "2", "--procs", "1", "--replicas", "3"], "--replicas 3: need 1 to --machines (2)"),
                          (["--machines", "1", "--procs", "1", "--schedule", "priority"], "network priorities")):
         r = subprocess.run([sys.executable, "-m", "runtime", "plan", *bad, "-o", str(tmp_path / "x.json")],
                            capture_output=True, text=True, cwd=ROOT, timeout=60)

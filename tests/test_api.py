@@ -74,13 +74,13 @@ def assert_same(a, b):
 @pytest.mark.parametrize("opt_kind, schedule", [("sgd", "naive"), ("adam", "blocking"), ("sgd", "gemini")])
 def test_a_new_process_resumes_from_memory_bit_for_bit(world1, tmp_path, opt_kind, schedule):
     plan = plan_mod.default(1, 1, replicas=1, persist=100, schedule=schedule)
-    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
+    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0, job="t")
     model, opt = make(0, opt_kind)
     counter = Counter()
     ckpt = Checkpointer(plan, model, opt, extra={"loader": counter}, **kw)
     assert ckpt.recover() == 0
     train(model, opt, ckpt, 4, counter)
-    ckpt.close()
+    ckpt.close(finished=False)  # the job stays open, its memory kept: as after a crash
     before = snapshot(model, opt)
     lr = opt.param_groups[0]["lr"]
 
@@ -100,7 +100,7 @@ def test_a_new_process_resumes_from_memory_bit_for_bit(world1, tmp_path, opt_kin
 
     # the same six iterations in one go give the same parameters
     model3, opt3 = make(0, opt_kind)
-    ckpt3 = Checkpointer(plan, model3, opt3, **dict(kw, store_root=tmp_path / "other"))
+    ckpt3 = Checkpointer(plan, model3, opt3, **dict(kw, job="straight"))
     ckpt3.recover()
     train(model3, opt3, ckpt3, 6)
     ckpt3.close()
@@ -126,7 +126,7 @@ def test_restored_tensors_do_not_change_when_the_store_reuses_their_file(world1,
     """After recovery nothing the user holds views the store: the recovered shard's file is recycled for later
     checkpoints (as a spare), and a tensor that still viewed it would change under the user."""
     plan = plan_mod.default(1, 1, replicas=1, persist=100)
-    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
+    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0, job="t")
     for run in range(2):
         model, opt = make(run)
         keeper = Keeper()
@@ -136,7 +136,7 @@ def test_restored_tensors_do_not_change_when_the_store_reuses_their_file(world1,
             assert start == 4 and torch.equal(keeper.loaded, torch.full((4096,), 4.0))
             keeper.seen = start
         train(model, opt, ckpt, 2 * plan.keep + 2 if run else 4, keeper, start=start)
-        ckpt.close()
+        ckpt.close(finished=False)
     assert torch.equal(keeper.loaded, torch.full((4096,), 4.0))
 
 
@@ -159,12 +159,12 @@ def test_the_inventory_lists_every_shard_a_machine_holds(world1, tmp_path):
 @needs_fsdp_on_cpu
 def test_a_listed_copy_that_cannot_be_read_is_dropped_not_retried_for_ever(world1, tmp_path, monkeypatch):
     plan = plan_mod.default(1, 1, replicas=1, persist=2)
-    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
+    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0, job="t")
     model, opt = make(0)
     ckpt = Checkpointer(plan, model, opt, **kw)
     ckpt.recover()
     train(model, opt, ckpt, 4)
-    ckpt.close()
+    ckpt.close(finished=False)
     before = snapshot(model, opt)
 
     real_get, tries = ShardStore.get, []
@@ -188,14 +188,14 @@ def test_a_listed_copy_that_cannot_be_read_is_dropped_not_retried_for_ever(world
 @needs_fsdp_on_cpu
 def test_the_durable_tier_is_read_without_unpickling_objects(world1, tmp_path, monkeypatch):
     plan = plan_mod.default(1, 1, replicas=1, persist=2)
-    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
+    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0, job="t")
     model, opt = make(0)
     ckpt = Checkpointer(plan, model, opt, extra={"loader": Counter()}, **kw)
     ckpt.recover()
     train(model, opt, ckpt, 4)
     before = snapshot(model, opt)
-    ckpt.close()
-    ShardStore(tmp_path / "shm", "node").wipe()  # this machine's memory is gone
+    ckpt.close(finished=False)
+    ShardStore(tmp_path / "shm" / "t", "node").wipe()  # this machine's memory is gone
 
     real_load = torch.load
 
@@ -258,16 +258,27 @@ def test_start_up_mistakes_are_one_line_errors(world1, tmp_path):
 
 def test_fsdp2_on_the_cpu_of_a_torch_that_cannot_is_refused_at_start(world1, tmp_path, monkeypatch):
     """torch 2.6's FSDP2 dies in its first CPU all-gather (its CPU stream has no record_event; seen with 2.6.0):
-    the Checkpointer says so at start. A model without FSDP2 is not concerned."""
+    the Checkpointer says so at start."""
     model, opt = make(0)
     monkeypatch.delattr(torch.cpu.Stream, "record_event", raising=False)  # as in torch 2.6
     with pytest.raises(ConfigError, match=r"FSDP2 cannot train on the CPU with torch .* from torch 2.7") as exc:
         Checkpointer(plan_mod.default(1, 1, replicas=1), model, opt, store_root=tmp_path / "s",
                      durable_dir=tmp_path / "d")
     assert "\n" not in str(exc.value)
-    plain = nn.Linear(2, 2)
-    Checkpointer(plan_mod.default(1, 1, replicas=1), plain, torch.optim.SGD(plain.parameters(), lr=0.1),
-                 store_root=tmp_path / "s", durable_dir=tmp_path / "d", profile_iters=0).close()
+
+
+@pytest.mark.parametrize("wrap", ["none", "blocks only"])
+def test_a_model_that_fsdp2_does_not_shard_whole_is_refused_in_one_line(world1, tmp_path, wrap):
+    """A plain tensor parameter would be checkpointed as one rank's copy (DCP keeps one per key): refused at start,
+    naming the parameter, whether the model has no FSDP2 at all or fully_shard was applied to its blocks alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    if wrap == "blocks only":
+        fully_shard(model[1], mesh=init_device_mesh("cpu", (1,)))
+    with pytest.raises(ConfigError, match=r"parameter '0.weight' is not sharded by FSDP2.*fully_shard") as exc:
+        Checkpointer(plan_mod.default(1, 1, replicas=1), model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     store_root=tmp_path / "s", durable_dir=tmp_path / "d", profile_iters=0)
+    assert "\n" not in str(exc.value)
 
 
 def test_without_process_group_the_checkpointer_says_so():
@@ -524,7 +535,7 @@ def test_a_restore_reads_each_tensor_only_once_its_bytes_have_arrived(world1, tm
     ckpt = Checkpointer(plan, model, opt, extra={"loader": counter}, **kw)
     ckpt.recover()
     train(model, opt, ckpt, 3, counter)
-    ckpt.close()
+    ckpt.close(finished=False)
     data, manifest = ckpt.store.get(3, 0)
     model2, opt2 = make(1, "adam")
     counter2 = Counter()
@@ -693,7 +704,7 @@ def test_gpu_state_goes_to_page_locked_memory_and_back_bit_for_bit(world1_cuda, 
     """Device tensors are copied on the side stream into the page-locked store, and a new process's model on the
     GPU gets them back exactly."""
     plan = plan_mod.default(1, 1, replicas=1, persist=100, schedule=schedule)
-    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0)
+    kw = dict(store_root=tmp_path / "shm", durable_dir=tmp_path / "durable", profile_iters=0, job="t")
     model, opt = make(0, "adam", "cuda")
     ckpt = Checkpointer(plan, model, opt, **kw)
     ckpt.recover()
@@ -703,7 +714,7 @@ def test_gpu_state_goes_to_page_locked_memory_and_back_bit_for_bit(world1_cuda, 
 
     assert slots and all(s.locked_for == torch.device("cuda", 0) for s in slots), f"not page-locked: {refused()}"
     assert all(c["stream_wait_s"] >= 0 for c in ckpt.checkpoints)  # timed on the device
-    ckpt.close()
+    ckpt.close(finished=False)  # the job stays open, its memory kept
     before = snapshot(model, opt)
     model2, opt2 = make(1, "adam", "cuda")
     ckpt2 = Checkpointer(plan, model2, opt2, **kw)

@@ -18,11 +18,13 @@ LONG = ("test_kill_while_writing_a_checkpoint",)
 
 
 def test_extra_state_is_in_the_durable_checkpoint(baseline):
-    step = baseline.out_dir.parent / "durable" / f"step-{ITERS:08d}"
+    step = baseline.durable / f"step-{ITERS:08d}"
     meta = json.loads((step / "state-rank-00002.json").read_text())
     extra = meta["skeleton"]["extra"]
     assert extra["loader"] == {"epoch": 0, "pos": 16 * ITERS}  # rank 2 read ITERS batches of 16
     assert extra["sched"]["last_epoch"] == ITERS
-    assert [e["name"] for e in meta["extra"]["entries"]] == ["extra/rng/cpu"]
+    # this rank's own tensors: batch norm's running statistics (each rank's differ) and the RNG state
+    assert [e["name"] for e in meta["own"]["entries"]] == [
+        "model/1.running_mean", "model/1.running_var", "model/1.num_batches_tracked", "extra/rng/cpu"]
     # SGD's momentum, not Adam's moments
     assert any(k.endswith("momentum_buffer") for k in json.dumps(meta["skeleton"]["optim"]).split('"'))

@@ -31,7 +31,7 @@ def test_durable_checkpoint_is_plain_dcp(baseline, tmp_path):
     parameter equals the four ranks' FSDP shards (dim 0) of the final iteration, concatenated."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    step = baseline.out_dir.parent / "durable" / f"step-{ITERS:08d}"
+    step = baseline.durable / f"step-{ITERS:08d}"
     dcp_to_torch_save(str(step), str(tmp_path / "full.pt"))
     full = torch.load(tmp_path / "full.pt", weights_only=True)
     shards = []
@@ -39,10 +39,10 @@ def test_durable_checkpoint_is_plain_dcp(baseline, tmp_path):
         data = (baseline.out_dir / f"final-rank-{r:05d}.bin").read_bytes()
         manifest = json.loads((baseline.out_dir / f"final-rank-{r:05d}.json").read_text())
         shards.append(unpack(data, manifest))
-    names = list(shards[0])
+    names = [k.removeprefix("model/") for k in shards[0] if k.startswith("model/")]  # the final state's parameters
     assert set(names) == set(full["model"])
     for name in names:
-        whole = torch.cat([s[name] for s in shards], dim=0)
+        whole = torch.cat([s["model/" + name] for s in shards], dim=0)
         assert torch.equal(whole, full["model"][name]), name
     assert full["optim"]["state"], "optimizer state missing from the DCP checkpoint"
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(next(iter(full["optim"]["state"].values())))

@@ -1,11 +1,14 @@
-"""A classifier MLP with dropout, trained with FSDP2 and SGD with momentum under a step LR schedule, reading a
-shuffled data set through a loader whose position is part of the checkpoint: nothing here is AdamW or a GPT.
+"""A classifier MLP with batch norm and dropout, trained with FSDP2 and SGD with momentum under a step LR schedule,
+reading a shuffled data set through a loader whose position is part of the checkpoint: nothing here is AdamW or a GPT.
 
     torchrun --nproc-per-node 2 examples/mlp/train.py --plan plan.json
     python -m runtime.agent --machines 4 --procs 1 -- examples/mlp/train.py --iters 12
 
 Checkpointed every iteration, beside model and optimizer: the LR scheduler, the loader's position and the RNG
-state dropout draws from (``extra``); a resumed run continues bit for bit as if it never stopped.
+state dropout draws from (``extra``); a resumed run continues bit for bit as if it never stopped. Batch norm's running
+statistics are buffers that FSDP2 leaves to each rank, and each rank's differ (each sees its own data): every tier
+must bring back every rank's own. The whole final state (parameters, buffers, optimizer, extra) is written out, so
+that runs can be compared bit for bit.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from runtime import Checkpointer
+from runtime import Checkpointer, init_process_group
 from runtime.state import write_shard
 
 
@@ -67,14 +70,14 @@ def main() -> None:
     ap.add_argument("--out-dir", help="final parameters, profile and timings (default: $GEMINI_OUT_DIR)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    init_process_group("cpu")  # torch.distributed's, in a form that torchrun's restarts can start again
     rank, world = dist.get_rank(), dist.get_world_size()
 
     torch.manual_seed(args.seed)
-    model = nn.Sequential(nn.Linear(32, args.hidden), nn.ReLU(), nn.Dropout(0.1),
+    model = nn.Sequential(nn.Linear(32, args.hidden), nn.BatchNorm1d(args.hidden), nn.ReLU(), nn.Dropout(0.1),
                           nn.Linear(args.hidden, args.hidden), nn.ReLU(), nn.Linear(args.hidden, 10))
     mesh = init_device_mesh("cpu", (world,))
-    for layer in (model[0], model[3]):
+    for layer in (model[0], model[4]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
@@ -96,7 +99,7 @@ def main() -> None:
     ckpt.close()
 
     out = Path(args.out_dir or os.environ.get("GEMINI_OUT_DIR", "out/mlp"))
-    write_shard(out / f"final-rank-{rank:05d}", dict(model.named_parameters()))  # to compare runs bit for bit
+    write_shard(out / f"final-rank-{rank:05d}", *ckpt.capture())  # the whole state, to compare runs bit for bit
     dist.destroy_process_group()
 
 

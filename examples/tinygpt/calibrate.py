@@ -72,7 +72,7 @@ def _run(plan: Path, d: Path, args, netns: bool, no_checkpoint: bool = False, ex
              "--profile-iters", str(args.profile_iters), "--batch", str(args.batch), "--seq", str(args.seq),
              "--accel-ms", str(args.accel_ms), "--deterministic",  # every run trains the same, bit for bit
              *args.pin_args, *extra] + (["--no-checkpoint"] if no_checkpoint else [])
-    job = Job(plan, d / "job", [str(TRAIN), *flags], netns=netns, out_dir=d)
+    job = Job(plan, d / "job", [str(TRAIN), *flags], netns=netns, out_dir=d, fresh=True)  # not an earlier run's
     try:
         res = job.run(timeout=args.timeout)
     finally:

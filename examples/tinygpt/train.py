@@ -26,8 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from model import ModelConfig, TinyGPT, batch  # beside this script
-from runtime import Checkpointer  # gemini
-from runtime.distributed import init as init_distributed
+from runtime import Checkpointer, init_process_group  # gemini
 from runtime.profiler import probe
 from runtime.state import write_shard
 from runtime.transport import pin_thread
@@ -68,7 +67,8 @@ def main() -> None:
     torch.set_num_threads(1)
     pin_thread(cores(args.host_cores))  # threads started from here on (gloo's, the checkpoint's): host cores
 
-    device = init_distributed(args.backend)  # NCCL, or gloo on the GPU when ranks share one, or gloo on the CPU
+    # gemini: NCCL, or gloo on the GPU when ranks share one, or gloo on the CPU; started again by torchrun's restarts
+    device = init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = ModelConfig(dim=args.dim, layers=args.layers, batch=args.batch, seq=args.seq, accel_ms=args.accel_ms,
                       exact_attention=args.deterministic)
@@ -107,7 +107,7 @@ def main() -> None:
     ckpt.close()  # gemini
 
     out = Path(args.out_dir or os.environ.get("GEMINI_OUT_DIR", "out/tinygpt"))
-    write_shard(out / f"final-rank-{rank:05d}", dict(model.named_parameters()))  # to compare runs bit for bit
+    write_shard(out / f"final-rank-{rank:05d}", *ckpt.capture())  # the whole state, to compare runs bit for bit
     dist.destroy_process_group()
 
 
