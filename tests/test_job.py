@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_fsdp_on_cpu
 from runtime import config, job as jobs
 from runtime.budget import Row, optimizer_bytes, verdict
 from runtime.config import ConfigError
@@ -150,6 +151,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+@needs_fsdp_on_cpu
 def test_a_store_too_small_for_the_plan_is_refused_at_start_in_one_line(world1, small_tmpfs, tmp_path):
     import torch
     from torch import nn
