@@ -9,7 +9,7 @@ from gemini_sim.replay.engine import ReplayResult
 from gemini_sim.failures.traces import KINDS, Trace
 
 COMPONENTS = (("lost_s", "lost progress"), ("retrieval_s", "retrieval"), ("stall_s", "checkpoint stalls"),
-              ("restart_s", "restart/replace"))
+              ("restart_s", "restart/replace"), ("degraded_s", "fewer machines"))
 KIND_COLORS = {"hardware": "tab:red", "software": "tab:blue", "network": "tab:green", "unknown": "tab:gray"}
 
 
@@ -31,7 +31,7 @@ def replay_table(results: list[ReplayResult]) -> str:
                      *(f"{getattr(r, k) / 3600:.2f}" for k, _ in COMPONENTS),
                      f"{100 * r.effective_fraction:.2f}%", f"{t['local']}/{t['peer']}/{t['storage']}"])
     return format_table(["strategy", "failures", "wasted h", "GPU-h wasted", "lost h", "retrieval h", "stall h",
-                         "restart h", "effective", "local/peer/storage"], rows)
+                         "restart h", "degraded h", "effective", "local/peer/storage"], rows)
 
 
 def header_lines(trace: Trace, preset: Preset) -> list[str]:
@@ -91,11 +91,12 @@ def plot_breakdown(results: list[ReplayResult], ax=None, title: str = ""):
 
 
 def cumulative_wasted(result: ReplayResult) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative wasted hours against job hours: failure costs as steps, checkpoint stalls spread evenly."""
+    """Cumulative wasted hours against job hours: failure costs as steps, checkpoint stalls and time on fewer
+    machines spread evenly."""
     horizon_h = result.horizon_s / 3600
     t = np.array([0.0] + [o.time_h for o in result.outcomes] + [horizon_h])
     steps = np.cumsum([0.0] + [(o.lost_s + o.retrieval_s + o.restart_s) / 3600 for o in result.outcomes] + [0.0])
-    stall_rate = result.stall_s / 3600 / horizon_h if horizon_h else 0.0
+    stall_rate = (result.stall_s + result.degraded_s) / 3600 / horizon_h if horizon_h else 0.0
     return t, steps + stall_rate * t
 
 

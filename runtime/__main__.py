@@ -22,7 +22,7 @@ from gemini_sim.errors import UserError as ContractError
 from . import job as jobs
 from . import schedules
 from .config import ConfigError, check_name, default_store_root
-from .plan import PlanError, default
+from .plan import Plan, PlanError, default, resized
 
 PROG = "python -m runtime"
 
@@ -40,7 +40,9 @@ def _plan(argv) -> int:
     ap = _Parser(prog=f"{PROG} plan", description="Write the default plan (GEMINI's placement) for a job that has "
                  "no plan from `gemini-sim plan` yet.")
     ap.add_argument("--machines", type=int, required=True)
-    ap.add_argument("--procs", type=int, required=True, help="processes (ranks) per machine")
+    ap.add_argument("--procs", type=int, help="processes (ranks) per machine (required without --like)")
+    ap.add_argument("--like", help="a plan to follow (its processes per machine, copies, schedule, intervals), for "
+                    "--machines machines: a job that goes on after losing machines, or grows")
     ap.add_argument("--replicas", type=int, help="copies of every machine's checkpoint (default: 2, or 1 for one "
                     "machine)")
     ap.add_argument("--interval", type=int, default=1, help="iterations between in-memory checkpoints (default 1)")
@@ -49,6 +51,18 @@ def _plan(argv) -> int:
     ap.add_argument("--schedule", default="naive", help=f"one of {', '.join(schedules.SCHEDULES)} (default naive)")
     ap.add_argument("-o", "--out", required=True, help="where to write the plan (JSON)")
     args = ap.parse_args(argv)
+    if args.like:
+        if not 1 <= args.machines <= 100_000:
+            ap.error("need 1 <= --machines <= 100000")
+        if any(v is not None for v in (args.procs, args.replicas, args.persist)):
+            ap.error("--like takes the plan's processes, copies and intervals: give only --machines with it")
+        out = _out(ap, args.out)
+        plan = resized(Plan.load(args.like), args.machines)
+        contract.write(plan.data, out)
+        print(f"wrote {out}: {plan.machines} machine(s) x {plan.processes_per_machine}, as {args.like}")
+        return 0
+    if args.procs is None:
+        ap.error("give --procs (or --like PLAN)")
     replicas = args.replicas if args.replicas is not None else min(2, args.machines)
     if not (1 <= args.machines <= 100_000 and 1 <= args.procs <= 1024 and 1 <= args.interval <= 10**9):
         ap.error("need 1 <= --machines <= 100000, 1 <= --procs <= 1024, 1 <= --interval <= 1e9")
@@ -58,14 +72,19 @@ def _plan(argv) -> int:
         -(-contract.DEFAULT_PERSIST // args.interval) * args.interval
     if not 1 <= persist <= 10**9 or persist % args.interval:
         ap.error(f"--persist {persist}: need a multiple of --interval ({args.interval}) up to 1e9")
-    out = Path(args.out)
-    if out.is_dir() or not out.parent.is_dir():
-        ap.error(f"cannot write {out}: " + ("it is a folder" if out.is_dir() else "its folder does not exist"))
+    out = _out(ap, args.out)
     plan = default(args.machines, args.procs, replicas, args.interval, persist, args.schedule)
     contract.write(plan.data, out)
     print(f"wrote {out}: {args.machines} machine(s) x {args.procs}, {replicas} cop{'y' if replicas == 1 else 'ies'} "
           f"of every checkpoint in memory, schedule {args.schedule}, durable every {persist} iterations")
     return 0
+
+
+def _out(ap, path: str) -> Path:
+    out = Path(path)
+    if out.is_dir() or not out.parent.is_dir():
+        ap.error(f"cannot write {out}: " + ("it is a folder" if out.is_dir() else "its folder does not exist"))
+    return out
 
 
 def _root(ap: argparse.ArgumentParser) -> None:

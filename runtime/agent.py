@@ -40,10 +40,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .plan import Plan, PlanError
+from .plan import Plan, PlanError, resized
 from .plan import default as default_plan_for
 
 ROOT = Path(__file__).resolve().parent.parent
+ON_LOSS = ("replace", "continue")  # what the agent does when a machine is lost
 # the last line of a Python traceback: "pkg.mod.SomeError: message" (torchrun's own summary lines are skipped)
 _EXC = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit))(?::\s*(.*))?$")
 _SKIP = ("ChildFailedError", "SignalException")
@@ -122,9 +123,16 @@ class Job:
     runs under a torchrun agent per machine."""
 
     def __init__(self, plan_path, workdir, entry, faults="", store_root=None, max_restarts=4, netns: bool | int = False,
-                 out_dir=None, job_name="job", python=sys.executable, env=None, fresh: bool = False):
+                 out_dir=None, job_name="job", python=sys.executable, env=None, fresh: bool = False,
+                 on_loss: str = "replace"):
         """``fresh``: start the job afresh, dropping what an earlier run of it left in ``workdir`` (its durable
-        checkpoints and record); else a job of the same name there is resumed (runtime/job.py)."""
+        checkpoints and record); else a job of the same name there is resumed (runtime/job.py). ``on_loss``: when a
+        machine is lost, ``replace`` it (a new machine, empty memory, under its index) or ``continue`` on the
+        machines left, with a plan for them (runtime/plan.py: :func:`resized`), resharding the state from their
+        memory."""
+        if on_loss not in ON_LOSS:
+            raise ValueError(f"on_loss {on_loss!r}: choose one of {', '.join(ON_LOSS)}")
+        self.on_loss = on_loss
         self.plan = Plan.load(plan_path)
         if not entry:
             raise ValueError("no entry point: give the training script and its arguments after --")
@@ -132,6 +140,7 @@ class Job:
         self.plan_path = Path(plan_path).resolve()
         self.n = self.plan.machines
         self.ppm = self.plan.processes_per_machine
+        self.store_ids = list(range(self.n))  # the store folder (GEMINI_MACHINE_ID) of each machine, by index
         self.work = Path(workdir)
         self.durable = self.work / "durable"
         self.out = Path(out_dir) if out_dir else self.work / "out"
@@ -181,7 +190,8 @@ class Job:
     def start_machine(self, m: int) -> None:
         gen = self.generation.get(m, -1) + 1
         self.generation[m] = gen
-        env = dict(os.environ, **self.extra_env, GEMINI_MACHINE_ID=str(m), GEMINI_FAULT=",".join(self.faults_left),
+        env = dict(os.environ, **self.extra_env, GEMINI_MACHINE_ID=str(self.store_ids[m]),
+                   GEMINI_FAULT=",".join(self.faults_left),
                    OMP_NUM_THREADS="1", GEMINI_LAUNCH_ID=self.launch_id, GEMINI_EVENTS="1",
                    GEMINI_MACHINE_GENERATION=str(gen), GEMINI_JOB_ATTEMPT=str(self.job_attempt),
                    GEMINI_PLAN=str(self.plan_path), GEMINI_STORE_ROOT=str(self.store_root),
@@ -245,7 +255,7 @@ class Job:
     def _kill(self, m: int) -> None:
         """SIGKILL machine m: its agent and every worker under it."""
         p = self.procs[m]
-        for pid in [p.pid] + self._pids(m):
+        for pid in [p.pid] + self._pids(self.store_ids[m]):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -291,10 +301,12 @@ class Job:
         return f"the agent of machine {failed[0]} exited with code {self.procs[failed[0]].returncode}"
 
     def restart_job(self, lost: list[int], why: str) -> None:
-        """Lose machines (kill them, wipe their memory), stop the others, and start the job again."""
+        """Lose machines (kill them, wipe their memory), stop the others, and start the job again: on as many
+        machines, the lost ones replaced, or (``on_loss="continue"``) on the machines left, renumbered in order, with
+        a plan for them."""
         for m in lost:
             self._kill(m)
-            shutil.rmtree(self.store_root / self.job_name / f"machine-{m:04d}", ignore_errors=True)
+            shutil.rmtree(self.store_root / self.job_name / f"machine-{self.store_ids[m]:04d}", ignore_errors=True)
             with self.lock:
                 self.events.append({"msg": "machine-lost", "machine": m, "t": time.time()})
         for m in range(self.n):
@@ -303,6 +315,18 @@ class Job:
         self._drain()  # every event of the attempt is in, so the faults that struck stay out of the next one
         with self.lock:
             self.events.append({"msg": "job-restart", "why": why, "machine": -1, "t": time.time()})
+        if self.on_loss == "continue" and lost and len(lost) < self.n:
+            self.store_ids = [sid for m, sid in enumerate(self.store_ids) if m not in lost]
+            self.n = len(self.store_ids)
+            self.plan = resized(self.plan, self.n)
+            self.plan_path = (self.work / f"plan-{self.n}-machines.json").resolve()
+            from gemini_sim import plan as contract
+
+            contract.write(self.plan.data, self.plan_path)
+            with self.lock:
+                self.events.append({"msg": "job-resized", "machines": self.n, "plan": str(self.plan_path),
+                                    "machine": -1, "t": time.time()})
+        self.procs = {}
         self.job_attempt += 1
         self.waiting.clear()
         self.port = free_port()
@@ -379,10 +403,13 @@ def summarize(res: JobResult, out=print) -> None:
     for e in res.events:
         if e["msg"] in ("fault", "machine-lost"):
             out(f"  FAILURE: {e.get('what', 'machine lost')} (rank {e.get('rank', '-')}, machine {e['machine']})")
+        elif e["msg"] == "job-resized":
+            out(f"  the job goes on on {e['machines']} machine(s), plan {e['plan']}")
         elif e["msg"] == "recovered":
             out(f"  rank {e['rank']}: recovered iteration {e['iteration']} from {e['tier']}"
-                + (f" (machine {e['source_machine']})" if e["tier"] == "peer" else "") + f" in {e['seconds']} s"
-                + (f" (fetch {e['fetch_s']}, load {e['restore_s']}, checks {e['confirm_s']})" if "fetch_s" in e
+                + (f" (machine {e['source_machine']})" if e["tier"] == "peer" else "")
+                + (f" (written by {e['from_world']} ranks)" if "from_world" in e else "") + f" in {e['seconds']} s"
+                + (f" (fetch {e['fetch_s']}, load {e['restore_s']}, checks {e['confirm_s']})" if "restore_s" in e
                    else ""))
     its = [e for e in res.records("iteration") if e["rank"] == 0]
     if its:
@@ -412,6 +439,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fault", default="", help="test faults, e.g. kill:3:7 (rank 3 dies in iteration 7), lose:1:5 "
                     "(machine 1 is lost in iteration 5); comma-separated, each strikes once, a later one after "
                     "the recovery from an earlier one (runtime/testing/faults.py)")
+    ap.add_argument("--on-loss", choices=ON_LOSS, default="replace", help="when a machine is lost: replace it "
+                    "(default), or continue on the machines left, with a plan for them, the state resharded from "
+                    "their memory")
     ap.add_argument("--netns", action="store_true", help="run every machine in its network namespace (make "
                     "netns-up first): links limited by tc instead of plain localhost")
     args = ap.parse_args(own)
@@ -424,7 +454,7 @@ def main(argv=None) -> int:
     try:
         plan_path = args.plan or default_plan(work / "plan.json", args.machines, args.procs)
         job = Job(plan_path, work, entry, faults=args.fault, netns=args.netns, max_restarts=args.max_restarts,
-                  job_name=args.job, fresh=args.fresh)
+                  job_name=args.job, fresh=args.fresh, on_loss=args.on_loss)
     except (ValueError, PlanError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -42,48 +42,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sys
 import time
-import uuid
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import set_state_dict
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from . import budget, config, device, distributed, job as jobs, recovery, schedules
+from . import config, device, distributed, job as jobs, recovery, restore, schedules, sources, startup
 from .capture import StateCapture
 from .config import ConfigError
-from .distributed import fsdp_trains_on_cpu
 from .pipeline import InFlight, Link
 from .plan import PlanError
 from .profiler import Recorder
-from .state import TENSOR, StateError, entries_of, flatten, local, unflatten, unpack
-from .store import ShardStore, StoreError, write_atomic
+from .state import entries_of, flatten, local, unpack
+from .files import write_atomic
+from .store import ShardStore
 from .transport import Groups, Progress, Receiver, stop
 
 log = logging.getLogger("runtime")
 HOOKS = ("before_update", "before_commit")
-
-
-def _check_model(model: torch.nn.Module) -> None:
-    """The runtime checkpoints FSDP2 models: every parameter a DTensor that ``fully_shard`` made. A parameter left
-    plain (``fully_shard`` on the blocks but not on the model itself, or no FSDP2 at all) would be checkpointed as one
-    rank's copy, so it is refused at start, in one line. FSDP2 on the CPU of a torch where it cannot train
-    (:func:`~runtime.distributed.fsdp_trains_on_cpu`) would die in the first forward pass with an AttributeError that
-    names neither FSDP nor the version: that is said at start too."""
-    plain = next((n for n, p in model.named_parameters() if not isinstance(p, DTensor)), None)
-    if plain is not None:
-        raise ConfigError(f"parameter {plain!r} is not sharded by FSDP2: the Checkpointer takes a model whose every "
-                          "parameter fully_shard() made a DTensor (apply fully_shard to the model itself too, after "
-                          "its blocks)")
-    if not fsdp_trains_on_cpu() and any(isinstance(m, FSDPModule) for m in model.modules()) and \
-            any(p.device.type == "cpu" for p in model.parameters()):
-        raise ConfigError(f"FSDP2 cannot train on the CPU with torch {torch.__version__} (it can from torch 2.7): "
-                          "train on GPUs, or upgrade torch")
 
 
 def _anchored(schedule: dict) -> bool:
@@ -137,7 +116,7 @@ class Checkpointer:
                                            out_dir=out_dir, profile_iters=profile_iters, checkpoint=checkpoint,
                                            host_cores=host_cores, timeout_s=timeout_s)
         self.plan = s.plan
-        _check_model(model)
+        startup.check_model(model)
         self.model, self.optimizer = model, optimizer
         self.extra = dict(extra or {})
         for name, obj in self.extra.items():
@@ -160,7 +139,7 @@ class Checkpointer:
                   "read the addresses of the attempt before's): start it with runtime.distributed.init()",
                   file=sys.stderr)
         self.groups = Groups.create(s.timeout_s)
-        self.job, self.named = self._agree_on_job()
+        self.job, self.named = startup.agree_on_job(s, self.world, self.groups.control)
         self.durable = s.durable(self.job)
         self.out_dir = s.out_dir
         try:
@@ -176,8 +155,9 @@ class Checkpointer:
         # a crashed run's half-written shards go; before the ranks meet in _check_stores, so none of this machine's
         # ranks can have begun a new shard that another, later here, would take for a crashed run's
         self.store.clean_partial()
-        self._check_stores()
-        self._job_record = self._begin_job()
+        startup.check_launch(self.store, self.machine, self.ppm, self.world, self.groups.control)
+        self._job_record = startup.begin_job(self.durable, self.job, self.plan.machines, self.ppm, self.rank,
+                                             self.groups.control)
         self.host_cores = list(s.host_cores) if s.host_cores else None
         self.send_to, self.recv_from = self.plan.peers(self.rank)
         self.held_ranks = self.plan.held_on(self.machine)  # the shards this machine's store holds, of every rank
@@ -215,83 +195,6 @@ class Checkpointer:
 
             faults.install(self, os.environ["GEMINI_FAULT"])
 
-    def _agree_on_job(self) -> tuple[str, bool]:
-        """(the job's name, whether a user named it), the same on every rank: the name the settings give, else one
-        rank 0 makes for this launch. Ranks given different names are refused."""
-        proposal = (self.settings.job or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-                    self.settings.job is not None, self.settings.named)
-        everyone = [None] * self.world
-        dist.all_gather_object(everyone, proposal, group=self.groups.control)
-        given = {(r, name) for r, (name, had, _) in enumerate(everyone) if had}
-        if given and len({name for _, name in given}) > 1 or 0 < len(given) < self.world:
-            shown = ", ".join(f"rank {r}: {name!r}" for r, name in sorted(given)[:4])
-            raise ConfigError(f"the ranks were given different job names ({shown}): give every rank the same "
-                              "GEMINI_JOB (or --rdzv-id)")
-        name, _, named = everyone[0]
-        return name, named
-
-    def _begin_job(self) -> dict:
-        """The job's record (runtime/job.py), read or made by rank 0 and given to every rank; a launch that cannot
-        be that job is refused on every rank."""
-        got = [jobs.begin(self.durable, self.job, self.plan.machines, self.ppm) if self.rank == 0 else None]
-        dist.broadcast_object_list(got, src=0, group=self.groups.control)
-        rec, refusal = got[0]
-        if refusal:
-            raise ConfigError(refusal)
-        return rec
-
-    def _check_stores(self) -> None:
-        """What the runtime assumes of the launch, checked on every rank at once: ranks are numbered machine by
-        machine (rank = machine x processes per machine + local rank, as torchrun numbers them, the machine being
-        the node's rank in the rendezvous: ``--node-rank`` under a static rendezvous, the order nodes joined in
-        under c10d), the ranks of a machine share its host, and two machines do not share a store folder (two
-        torchrun nodes on one host without GEMINI_MACHINE_ID would): their copies of one shard would overwrite each
-        other."""
-        env = os.environ
-        mine = (socket.gethostname(), str(self.store.dir.resolve()), self.machine, env.get("LOCAL_RANK"),
-                env.get("GROUP_RANK"))
-        everyone = [None] * self.world
-        dist.all_gather_object(everyone, mine, group=self.groups.control)
-        owner: dict[tuple[str, str], int] = {}
-        host_of: dict[int, str] = {}
-        for rank, (host, folder, machine, local_rank, node) in enumerate(everyone):
-            if (local_rank is not None and int(local_rank) != rank % self.ppm) or \
-                    (node is not None and int(node) != machine):
-                raise ConfigError(f"rank {rank} is local rank {local_rank} of node {node}, where the runtime takes it "
-                                  f"for local rank {rank % self.ppm} of machine {machine} (rank = machine x "
-                                  f"{self.ppm} + local rank): launch every node with --nproc-per-node {self.ppm}")
-            if host_of.setdefault(machine, host) != host:
-                raise ConfigError(f"machine {machine}'s ranks run on two hosts ({host_of[machine]} and {host}): "
-                                  f"launch {self.ppm} processes on each node (--nproc-per-node)")
-            other = owner.setdefault((host, folder), machine)
-            if other != machine:
-                raise ConfigError(f"machines {other} and {machine} share the store folder {folder} on {host}: give "
-                                  "each node its own GEMINI_MACHINE_ID or GEMINI_STORE_ROOT (python -m runtime.agent "
-                                  "does), or run one node per host")
-
-    def _check_room(self, shard: int, exact: bool) -> None:
-        """Refuse to start, on every rank and in one line, where a host's store has no room for the files the plan
-        keeps there (runtime/budget.py). Collective."""
-        st = os.statvfs(self.store.root)
-        row = budget.Row(socket.gethostname(), os.stat(self.store.root).st_dev, str(self.store.dir), shard,
-                         st.f_bavail * st.f_frsize, jobs.held_bytes(self.store.dir), exact)
-        rows = [None] * self.world
-        dist.all_gather_object(rows, row, group=self.groups.control)
-        why = budget.verdict(rows, [self.plan.peers(r)[1] for r in range(self.world)], self._store_files)
-        if why:
-            raise StoreError(why)
-
-    def _shard_bytes(self) -> tuple[int, bool]:
-        """(this rank's shard's bytes, exact): exact where the optimizer has its state, else estimated
-        (runtime/budget.py) without making that state, which only a throwaway optimizer step would."""
-        if self.optimizer.state:
-            return sum(e["nbytes"] for e in entries_of(flatten(self._capture.state())[0])[0]), True
-        model = sum(local(t).numel() * local(t).element_size()
-                    for t in [*self.model.parameters(), *self.model.buffers()])
-        extra = sum(local(t).numel() * local(t).element_size() for t in flatten(self._capture._extra())[0].values())
-        optim, _ = budget.optimizer_bytes(self.optimizer, local)
-        return model + extra + optim, False
-
     # -- hooks -------------------------------------------------------------------------------------------------
     def add_hook(self, point: str, fn: Callable[[int], None]) -> None:
         """Call ``fn(iteration)`` at ``point``: ``before_update`` (in :meth:`after_backward`, once the state is
@@ -318,107 +221,10 @@ class Checkpointer:
         rest copied) and the JSON skeleton."""
         return self._capture()
 
-    def _allocate_optimizer_state(self, tensors: dict[str, torch.Tensor], skeleton) -> None:
-        """Give a fresh optimizer room for the checkpoint's per-parameter state (empty tensors of its shapes, where
-        the parameters live, sharded like them), so that ``get_state_dict`` does not create that state with a
-        throwaway optimizer step, which cost most of a recovery on CPU. Nothing is done where the checkpoint's state
-        is not all tensors keyed by parameter name (``get_state_dict`` then creates it as before)."""
-        saved = (skeleton.get("optim", {}) if isinstance(skeleton, dict) else {}).get("state")
-        if self.optimizer.state or not isinstance(saved, dict):
-            return
-        params = dict(self.model.named_parameters())
-        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        fits = all(fqn in params and id(params[fqn]) in group_of and isinstance(st, dict)
-                   and all(isinstance(v, dict) and TENSOR in v for v in st.values()) for fqn, st in saved.items())
-        if not fits:  # checked before anything is made: a half-made state would stop get_state_dict making the rest
-            return
-        for fqn, st in saved.items():
-            p = params[fqn]
-            shard = local(p)
-            on_device = group_of[id(p)].get("capturable") or group_of[id(p)].get("fused")
-            room = {}
-            for name, ref in st.items():
-                src = tensors[ref[TENSOR]]
-                where = shard.device if src.dim() or on_device else torch.device("cpu")
-                t = torch.empty(src.shape, dtype=src.dtype, device=where)
-                if isinstance(p, DTensor) and src.shape == shard.shape and src.dim():
-                    t = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                           stride=p.stride())
-                room[name] = t
-            self.optimizer.state[p] = room
-
     def _restore(self, tensors: dict[str, torch.Tensor], skeleton, ready=None) -> None:
-        """Load a checkpoint's tensors and skeleton into the model, the optimizer and the extra state. ``tensors``
-        may view the store's memory, whose file a later checkpoint reuses: every one is copied into a live tensor or
-        into one of its own, so nothing handed on views it. ``ready(name)``, for tensors still arriving: returns
-        once ``name``'s bytes are there; called before each is read (their shapes are known before)."""
-        ready = ready or (lambda name: None)
-        self._capture.forget()  # no capture made before this restore is followed after it
-        self._allocate_optimizer_state(tensors, skeleton)
-        live, _ = flatten(self._capture.state())  # optimizer state is created here if there is none yet
-        missing = sorted(k for k in live if k not in tensors and not k.startswith("extra/"))
-        if missing:
-            raise StateError(f"the checkpoint does not match the model: it lacks {missing[0]!r}"
-                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        # to_device: (destination on a GPU, source in CPU memory), copied in together; their names
-        merged, to_device, names = {}, [], []
-        with torch.no_grad():
-            for k, src in tensors.items():
-                cur = live.get(k)
-                if cur is None:
-                    if not k.startswith("extra/"):
-                        raise StateError(f"the checkpoint holds {k!r}, which the model and optimizer do not have")
-                    ready(k)
-                    merged[k] = src.clone()  # the user's object may keep it
-                    continue
-                dst, loc = local(cur), local(src)
-                if loc.data_ptr() == dst.data_ptr() and loc.shape == dst.shape:  # loaded in place (DCP)
-                    merged[k] = cur
-                elif dst.shape == loc.shape and dst.dtype == loc.dtype:
-                    if dst.device.type == "cuda" and loc.device.type == "cpu" and dst.is_contiguous():
-                        to_device.append((dst, loc))
-                        names.append(k)
-                    else:
-                        ready(k)
-                        dst.copy_(loc)
-                    merged[k] = cur
-                elif k.startswith("extra/"):
-                    ready(k)
-                    merged[k] = src.to(dst.device, copy=True)
-                else:
-                    raise StateError(f"{k!r}: the checkpoint's {loc.dtype} {list(loc.shape)} does not fit this rank's "
-                                     f"{dst.dtype} {list(dst.shape)}")
-            if to_device:  # through page-locked staging at the PCIe rate, not from pageable memory
-                device.copy_in(to_device, to_device[0][0].device, ready=lambda i: ready(names[i]))
-        state = unflatten(skeleton, merged)
-        if not self._restored_in_place(live, state):
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
-        for name, obj in self.extra.items():
-            if name not in state.get("extra", {}):
-                raise StateError(f"the checkpoint has no extra state {name!r}")
-            obj.load_state_dict(state["extra"][name])
-
-    def _restored_in_place(self, live: dict, state: dict) -> bool:
-        """Finish a restore whose tensors were all copied into the live parameters, buffers and optimizer state
-        (what ``get_state_dict`` returns for FSDP2 modules and torch's optimizers): only the optimizer's
-        hyperparameters are left to set, which is all ``set_state_dict`` would add, at the cost of loading every
-        tensor again. False (nothing changed) where that does not hold: ``set_state_dict`` does it instead."""
-        storages = self._capture.live_storages() | {b.untyped_storage().data_ptr() for b in self.model.buffers()}
-        if any(local(t).untyped_storage().data_ptr() not in storages
-               for k, t in live.items() if not k.startswith("extra/")):
-            return False
-        groups = state["optim"].get("param_groups", [])
-        opt_state = state["optim"].get("state", {})
-        if len(groups) != len(self.optimizer.param_groups) or any(
-                not isinstance(v, torch.Tensor) for st in opt_state.values() for v in st.values()):
-            return False  # a non-tensor value in the optimizer's state: its owner is set by set_state_dict
-        for mine, saved in zip(self.optimizer.param_groups, groups):
-            if len(mine["params"]) != len(saved.get("params", ())):
-                return False
-        for mine, saved in zip(self.optimizer.param_groups, groups):
-            mine.update({k: v for k, v in saved.items() if k != "params"})
-        return True
+        """Load a checkpoint's tensors and skeleton into the model, the optimizer and the extra state
+        (runtime/restore.py)."""
+        restore.restore(self._capture, tensors, skeleton, ready)
 
     # -- recovery ------------------------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -429,8 +235,19 @@ class Checkpointer:
         t0 = time.perf_counter()
         fetched = None
         while True:  # again only when a copy could not be read or failed its checksum: gone from the next inventory
-            per_machine = recovery.gather_inventory(self.store, self.groups.control, self.world, self.ppm)
-            target, where = recovery.choose(per_machine, self.world, recovery.durable_iterations(self.durable))
+            per_machine, worlds = recovery.gather_inventory(self.store, self.groups.control, self.world, self.ppm)
+            target, where, old_world = recovery.choose(per_machine, self.world,
+                                                       recovery.durable_iterations(self.durable), worlds)
+            if where == "memory" and old_world != self.world:  # written by a job of another world size
+                t = time.perf_counter()
+                template, _ = flatten(self._capture.state())
+                got = sources.fetch_resharded(self.store, self.groups, self.rank, self.world, self.ppm, target,
+                                              old_world, per_machine, template)
+                if got is None:  # a copy could not be read or failed its checksum: gone from the next inventory
+                    continue
+                where, resharded = "resharded", time.perf_counter() - t
+                self._restore(*got)
+                break
             if where != "memory":
                 break
             t0_fetch = time.perf_counter()
@@ -461,14 +278,17 @@ class Checkpointer:
         tier, source, more = "fresh", None, {}
         if where == "storage":
             template, _ = flatten(self._capture.state())
-            self._restore(*recovery.load_durable(recovery.step_dir(self.durable, target), template, self.rank,
-                                                 self.groups.control))
-            tier = "storage"
+            path = recovery.step_dir(self.durable, target)
+            self._restore(*sources.load_durable(path, template, self.rank, self.groups.control))
+            tier, more = "storage", {"from_world": sources.durable_world(path)}
+        elif where == "resharded":
+            tier, more = "resharded", {"from_world": old_world, "fetch_s": round(resharded, 4)}
         elif where == "memory":
             tier, source = fetched.tier, fetched.source
             more = {"fetch_s": round(fetch_s, 4), "restore_s": round(restore_s, 4), "confirm_s": round(confirm_s, 4)}
         if self.checkpointing:  # before the next checkpoints' memory is made ready, or training starts
-            self._check_room(*((fetched.manifest["size"], True) if where == "memory" else self._shard_bytes()))
+            size, exact = (fetched.manifest["size"], True) if where == "memory" else startup.shard_bytes(self._capture)
+            startup.check_room(self.store, self.plan, self.world, self._store_files, size, exact, self.groups.control)
         if where == "memory" and self.checkpointing:  # the shard's size is known: the next checkpoints' memory
             # (this machine's files of this rank, an earlier process's or new) made ready while training goes on
             self.store.prepare(self.rank, fetched.manifest["size"], self._store_files,
@@ -478,7 +298,7 @@ class Checkpointer:
         dist.all_gather_object(everyone, (self.machine, tier, source, seconds), group=self.groups.control)
         finished = self._job_record.get("finished")
         if self.rank == 0:
-            emit_line(self._report(target, where, everyone, finished))
+            emit_line(self._report(target, where, everyone, finished, more.get("from_world")))
             if finished:
                 self._job_record = jobs.reopen(self.durable, self._job_record)  # it goes on from here
         if target == 0:
@@ -492,7 +312,8 @@ class Checkpointer:
         self._begin(target + 1)
         return target
 
-    def _report(self, target: int, where: str | None, everyone: list, finished: dict | None) -> str:
+    def _report(self, target: int, where: str | None, everyone: list, finished: dict | None,
+                from_world: int | None = None) -> str:
         """The line rank 0 prints for the job once it has started or resumed."""
         head = f"gemini: job {self.job}"
         if target == 0:
@@ -502,8 +323,12 @@ class Checkpointer:
                     f"{self.plan.persist_interval} in {self.durable}")
         else:
             seconds = max(e[3] for e in everyone)
+            changed = f", resharded from {from_world} ranks to {self.world}" if from_world not in (None, self.world) \
+                else ""
             if where == "storage":
-                how = f"from durable storage ({recovery.step_dir(self.durable, target)})"
+                how = f"from durable storage ({recovery.step_dir(self.durable, target)}){changed}"
+            elif where == "resharded":
+                how = f"from the machines' memory{changed} (DCP reading the stores)"
             else:
                 kinds: dict[str, list[int]] = {}
                 for m in range(self.plan.machines):
@@ -516,8 +341,8 @@ class Checkpointer:
                                 for text, ms in kinds.items())
             line = f"{head} resumed at iteration {target} in {seconds:.2f} s: {how}"
             if finished:
-                line = (f"{head} finished at iteration {finished['iteration']} ({finished['at']}); resumed from its "
-                        f"final checkpoint at {target} in {seconds:.2f} s, to train on where the loop goes further")
+                line = (f"{head} finished at iteration {finished['iteration']} ({finished['at']}); resumed at "
+                        f"{target} in {seconds:.2f} s, {how}, to train on where the loop goes further")
         if not self.named:
             line += "; a job of this launch alone (set GEMINI_JOB to name one that a later launch resumes)"
         return line

@@ -23,9 +23,11 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.tensor import DTensor
 
-from .state import TENSOR, flatten, local
+from .state import CHUNKS, TENSOR, WORLD, flatten, local
 
 log = logging.getLogger("runtime")
 CHECKS = 2  # captures along a new recipe compared with full ones
@@ -136,7 +138,7 @@ class _Recipe:
         for k, t in {**pg_tensors, **ex_tensors}.items():
             tensors[k] = local(t).detach().clone()
         return tensors, {"model": skel["model"], "optim": {"state": state_skel, "param_groups": pg_skel},
-                         "extra": ex_skel}
+                         "extra": ex_skel, CHUNKS: skel[CHUNKS], WORLD: skel[WORLD]}
 
 
 class StateCapture:
@@ -156,9 +158,10 @@ class StateCapture:
     def state(self) -> dict:
         """``get_state_dict`` of the model and optimizer, and every extra object's ``state_dict()``."""
         msd, osd = get_state_dict(self.model, self.optimizer)
-        return {"model": msd, "optim": osd, "extra": self._extra()}
+        return {"model": msd, "optim": osd, "extra": self.extra_state()}
 
-    def _extra(self) -> dict:
+    def extra_state(self) -> dict:
+        """Every extra object's ``state_dict()``."""
         return {k: o.state_dict() for k, o in self.extra.items()}
 
     def live_storages(self) -> set[int]:
@@ -174,7 +177,7 @@ class StateCapture:
         JSON skeleton."""
         with torch.no_grad():
             recipe = self._recipe if self.recipes else None
-            fast = recipe.capture(self.model, self.optimizer, self._extra()) \
+            fast = recipe.capture(self.model, self.optimizer, self.extra_state()) \
                 if recipe is not None and recipe.holds(self.model, self.optimizer) else None
             if fast is not None:
                 if self._checks:
@@ -202,7 +205,21 @@ class StateCapture:
         state = self.state()
         views: dict[int, torch.Tensor] = {}
         tensors, skeleton = flatten(state)
+        skeleton[CHUNKS] = chunks(tensors)
+        skeleton[WORLD] = dist.get_world_size()
         return (_views_and_copies(tensors, self.live_storages(), views), skeleton), views, state
+
+
+def chunks(tensors: dict[str, torch.Tensor]) -> dict[str, list[list[int]]]:
+    """For every DTensor leaf, ``[global shape, this shard's offsets in it]``: where the shard lies in the whole
+    tensor (DCP's chunk, from the DTensor's ``__create_chunk_list__``), so that a job of another layout can reshard
+    it (runtime/sources.py). A checkpoint's skeleton carries it under :data:`CHUNKS`."""
+    out = {}
+    for k, t in tensors.items():
+        if isinstance(t, DTensor):
+            (chunk,) = t.__create_chunk_list__()
+            out[k] = [list(t.shape), list(chunk.offsets)]
+    return out
 
 
 def _views_and_copies(tensors: dict[str, torch.Tensor], live: set[int], views: dict | None = None) -> dict:

@@ -9,7 +9,8 @@ record, ``DURABLE/JOB/job.json``, says how it was laid out and whether it finish
 - a launch under the name of a job that did not finish resumes it, from the newest complete copy;
 - a launch under the name of a finished job says so and resumes from its final checkpoint, which the finish wrote
   durably (it trains on only where its loop goes further);
-- a launch with another layout (machines x processes) than the record's is refused, in one line.
+- a launch with another layout (machines x processes) than the record's resumes it all the same, resharded from
+  memory or durable storage (runtime/sources.py), and the record notes the change.
 
 A clean finish (:meth:`runtime.Checkpointer.close`) writes the final iteration durably, marks the record finished and
 frees the job's memory on every machine. What a crashed job leaves in memory stays, for a relaunch to resume;
@@ -25,12 +26,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import write_atomic
+
 RECORD = "job.json"
 
 
 def _write(durable: Path, rec: dict) -> None:
-    from .store import write_atomic  # (torch is loaded there; python -m runtime jobs needs none)
-
     write_atomic(Path(durable) / RECORD, json.dumps(rec, indent=1))
 
 
@@ -47,19 +48,18 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
 
 
-def begin(durable: Path, job: str, machines: int, ppm: int) -> tuple[dict, str | None]:
-    """Rank 0, at start: the job's record (written if new) and the refusal, one line, if this launch cannot be that
-    job."""
+def begin(durable: Path, job: str, machines: int, ppm: int) -> dict:
+    """Rank 0, at start: the job's record, written if new; a launch of another layout than the record's is recorded
+    (``resized``): the job goes on, resharded (runtime/sources.py)."""
     rec = read_record(durable)
     if rec is None:
         rec = {"job": job, "machines": machines, "processes_per_machine": ppm, "created": _now(), "finished": None}
         _write(durable, rec)
-        return rec, None
-    if (rec.get("machines"), rec.get("processes_per_machine")) != (machines, ppm):
-        return rec, (f"job {job!r} was started on {rec.get('machines')} machines x {rec.get('processes_per_machine')} "
-                     f"processes and this launch has {machines} x {ppm}: relaunch it as it was, or start another job "
-                     "(GEMINI_JOB)")
-    return rec, None
+    elif (rec.get("machines"), rec.get("processes_per_machine")) != (machines, ppm):
+        change = {"at": _now(), "from": [rec.get("machines"), rec.get("processes_per_machine")], "to": [machines, ppm]}
+        rec = dict(rec, machines=machines, processes_per_machine=ppm, resized=rec.get("resized", []) + [change])
+        _write(durable, rec)
+    return rec
 
 
 def finish(durable: Path, rec: dict, iteration: int) -> dict:

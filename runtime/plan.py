@@ -116,3 +116,13 @@ def default(machines: int, processes_per_machine: int, replicas: int = 2, interv
     ``interval`` iterations, a durable one every ``persist``."""
     return Plan.of(contract.default(machines, processes_per_machine, replicas=replicas, interval=interval,
                                     persist=persist, schedule=schedule), "default plan")
+
+
+def resized(plan: Plan, machines: int) -> Plan:
+    """A plan like ``plan`` for ``machines`` machines: GEMINI's placement for them, as many copies (at most one a
+    machine), the same processes per machine, schedule, chunks and intervals (a job that goes on after losing
+    machines, or grows)."""
+    replicas = min(len(plan.holders[0]), machines)
+    return Plan.of(contract.default(machines, plan.processes_per_machine, replicas=replicas, interval=plan.interval,
+                                    persist=plan.persist_interval, schedule=plan.schedule["name"],
+                                    chunk_bytes=plan.schedule["chunk_bytes"]), f"{plan.source} for {machines} machines")

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .state import checksum
-from .store import write_atomic
+from .files import write_atomic
 from .transport import Progress, both_ways, pin_thread
 
 WRAPPED = {"all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",

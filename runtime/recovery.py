@@ -5,7 +5,9 @@ runtime's gloo group). An iteration is *complete in memory* when every rank's sh
 The ranks resume from the newest iteration that is complete in memory or on durable storage, whichever is newer; from
 memory each rank takes its shard from its own machine if it is there (tier ``local``), else from the first machine in
 the plan's retrieval order that holds it (tier ``peer``, sent over the network by the rank with the same local rank
-there). Otherwise every rank loads the durable checkpoint (tier ``storage``). The inventory lists committed shards of
+there). Where the job that wrote the iteration had another world size (every shard says which), the ranks reshard
+it from the stores through DCP instead (tier ``resharded``, runtime/sources.py). Otherwise every rank loads the
+durable checkpoint (tier ``storage``, resharded by DCP where the world size changed). The inventory lists committed shards of
 the right size without reading them; each rank checksums only the copy it uses, once, while it loads it (a served
 copy is checked by the rank that receives it); a copy that fails is dropped where it was read and every rank takes
 the inventory again, so a corrupted copy costs a second round, never a wrong state.
@@ -29,38 +31,54 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from .state import key_of, pack, unpack, verify
-from .store import write_atomic
+from .sources import rank_files
+from .state import pack, verify
+from .files import write_atomic
 from .transport import Incoming, send_shard
 
 COMPLETE = "COMPLETE"
 
 
-def gather_inventory(store, group, world: int, ppm: int) -> list[set[tuple[int, int]]]:
-    """What every machine's store holds, as seen by every rank: ``per_machine[m]`` = {(iteration, rank)}. Every
-    entry of every store: a machine of 8 ranks with 4 copies holds 32 shards an iteration, and with an iteration
-    being written beside the kept ones a fixed number of rows would cut the newest complete one short."""
-    inv = store.inventory()
+def gather_inventory(store, group, world: int, ppm: int) -> tuple[list[set[tuple[int, int]]], dict[int, int]]:
+    """What every machine's store holds, as seen by every rank: ``per_machine[m]`` = {(iteration, rank)}, and the
+    world size of the job that wrote each iteration (``worlds[it]``; -1 where its shards do not say, from before
+    they did: taken as this job's). Every entry of every store: a machine of 8 ranks with 4 copies holds 32 shards
+    an iteration, and with an iteration being written beside the kept ones a fixed number of rows would cut the
+    newest complete one short."""
+    inv = store.listing()
     rows = torch.tensor([len(inv)], dtype=torch.int64)
     dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=group)
-    t = torch.full((max(1, int(rows.item())), 2), -1, dtype=torch.int64)
+    t = torch.full((max(1, int(rows.item())), 3), -1, dtype=torch.int64)
     if inv:
         t[: len(inv)] = torch.tensor(inv, dtype=torch.int64)
     out = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(out, t, group=group)
     per_machine: list[set] = [set() for _ in range(world // ppm)]
+    seen: dict[int, set[int]] = {}
     for r, rows in enumerate(out):
-        for it, rank in rows.tolist():
+        for it, rank, w in rows.tolist():
             if it >= 0:
                 per_machine[r // ppm].add((it, rank))
-    return per_machine
+                seen.setdefault(it, set()).add(w)
+    # an iteration two layouts wrote (one abandoned, its shards left where recovery did not run) is no one's
+    worlds = {it: ws.pop() if len(ws) == 1 else AMBIGUOUS for it, ws in seen.items()}
+    return per_machine, worlds
 
 
-def complete_in_memory(per_machine, world: int) -> list[int]:
-    """Iterations of which every rank's shard is intact somewhere, oldest first."""
+AMBIGUOUS = -2
+
+
+def complete_in_memory(per_machine, world: int, worlds: dict[int, int] | None = None) -> list[tuple[int, int]]:
+    """(iteration, the world size that wrote it) of the iterations of which every rank's shard is intact somewhere,
+    oldest first; ``world``: this job's, for iterations whose shards do not say."""
     held = set().union(*per_machine) if per_machine else set()
-    its = {it for it, _ in held}
-    return sorted(it for it in its if all((it, r) in held for r in range(world)))
+    out = []
+    for it in sorted({it for it, _ in held}):
+        w = (worlds or {}).get(it, -1)
+        w = world if w == -1 else w
+        if w > 0 and all((it, r) in held for r in range(w)):
+            out.append((it, w))
+    return out
 
 
 def step_dir(durable: Path, iteration: int) -> Path:
@@ -77,14 +95,16 @@ def durable_iterations(durable: Path) -> list[int]:
     return sorted(out)
 
 
-def choose(per_machine, world: int, durable: list[int]) -> tuple[int, str | None]:
-    """(iteration to resume from, ``"memory"`` or ``"storage"``); (0, None) for a fresh start."""
-    complete = complete_in_memory(per_machine, world)
-    mem = complete[-1] if complete else 0
+def choose(per_machine, world: int, durable: list[int], worlds: dict[int, int] | None = None) \
+        -> tuple[int, str | None, int]:
+    """(iteration to resume from, ``"memory"`` or ``"storage"``, the world size that wrote it in memory, else this
+    job's); (0, None, world) for a fresh start. Memory wins a tie."""
+    complete = complete_in_memory(per_machine, world, worlds)
+    mem, mem_world = complete[-1] if complete else (0, world)
     disk = durable[-1] if durable else 0
     if mem == 0 and disk == 0:
-        return 0, None
-    return (mem, "memory") if mem >= disk else (disk, "storage")
+        return 0, None, world
+    return (mem, "memory", mem_world) if mem >= disk else (disk, "storage", world)
 
 
 def source_of(plan, it: int, rank: int, per_machine, ppm: int) -> int:
@@ -183,16 +203,6 @@ def confirm(store, group, rank: int, world: int, it: int, fetched: Fetched) -> l
     return failed
 
 
-def dcp_key(key: str) -> str:
-    """The DCP key of a flat state key (runtime/state.py's ``/``-joined path): DCP joins the path with dots."""
-    return ".".join(str(key_of(part)) for part in key.split("/"))
-
-
-def _rank_files(path: Path, rank: int) -> tuple[Path, Path]:
-    """This rank's own part of a durable checkpoint: its own tensors' bytes and the skeleton with their manifest."""
-    return Path(path) / f"state-rank-{rank:05d}.bin", Path(path) / f"state-rank-{rank:05d}.json"
-
-
 def save_durable(path: Path, state: dict, own: dict, skeleton, rank: int, group) -> None:
     """A standard DCP checkpoint of ``state`` (``{"model": ..., "optim": ...}`` as ``get_state_dict`` returns them:
     plain DCP code loads it), and this rank's own part beside it: the skeleton as JSON and, as raw bytes, the tensors
@@ -202,26 +212,9 @@ def save_durable(path: Path, state: dict, own: dict, skeleton, rank: int, group)
     path = Path(path)
     dcp.save(state, checkpoint_id=str(path), process_group=group)
     data, manifest = pack(own)
-    bin_path, json_path = _rank_files(path, rank)
+    bin_path, json_path = rank_files(path, rank)
     write_atomic(bin_path, data)
     write_atomic(json_path, json.dumps({"skeleton": skeleton, "own": manifest}))
     dist.barrier(group=group)
     if rank == 0:
         (path / COMPLETE).write_text("")  # DCP writes .metadata before every rank has finished its files
-
-
-def load_durable(path: Path, template: dict, rank: int, group=None) -> tuple[dict, object]:
-    """Load a durable checkpoint: the tensors of this rank's own file (see :func:`save_durable`), and the rest of the
-    model's and optimizer's from DCP into ``template``'s (flat keys, live tensors, loaded in place; only tensors are
-    asked of DCP, so nothing is unpickled). Returns the tensors and this rank's skeleton."""
-    path = Path(path)
-    bin_path, json_path = _rank_files(path, rank)
-    meta = json.loads(json_path.read_text())
-    data = bin_path.read_bytes()
-    manifest = meta.get("own", meta.get("extra"))  # "extra": before plain tensors were kept per rank
-    if not verify(data, manifest):
-        raise RuntimeError(f"{path}: this rank's state file fails its checksum")
-    own = unpack(data, manifest)
-    shared = {k: v for k, v in template.items() if not k.startswith("extra/") and k not in own}
-    dcp.load({dcp_key(k): v for k, v in shared.items()}, checkpoint_id=str(path), process_group=group)
-    return {**shared, **own}, meta["skeleton"]

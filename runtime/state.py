@@ -31,6 +31,8 @@ import xxhash
 DTYPES = {str(t): t for t in (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
                                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 TENSOR, TUPLE = "$tensor", "$tuple"
+CHUNKS = "$chunks"  # a checkpoint skeleton's key: where each DTensor shard lies in its whole tensor (capture.chunks)
+WORLD = "$world"  # and the world size of the job that wrote it
 
 
 class StateError(ValueError):
@@ -232,7 +234,7 @@ def write_shard(stem, tensors: Mapping[str, torch.Tensor], skeleton=None) -> Non
     import json
     from pathlib import Path
 
-    from .store import write_atomic
+    from .files import write_atomic
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from . import device
-from .state import verify
+from .files import write_atomic, write_file
+from .state import WORLD, verify
 
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
@@ -81,25 +82,6 @@ def private_dir(path: Path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise StoreError(f"checkpoint store {path} is not writable")
     return path
-
-
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path, data: bytes | str, mode: int = 0o644) -> None:
-    """Write a file whole or not at all: to ``PATH.tmp``, then renamed (every file the runtime writes goes so)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    _write_file(tmp, data.encode() if isinstance(data, str) else data, mode)
-    os.replace(tmp, path)
 
 
 class ShardStore:
@@ -285,7 +267,7 @@ class ShardStore:
         bin_path, _ = self.paths(iteration, rank)
         private_dir(bin_path.parent)
         tmp = bin_path.with_name(bin_path.name + ".tmp")
-        _write_file(tmp, data, PRIVATE_FILE)
+        write_file(tmp, data, PRIVATE_FILE)
         self._commit(tmp, iteration, rank, manifest)
 
     def _commit(self, tmp: Path, iteration: int, rank: int, manifest: dict) -> None:
@@ -316,15 +298,20 @@ class ShardStore:
         """(iteration, rank) of every committed shard held here whose bytes have the manifest's size. Cheap: the
         checksum is left to :meth:`get`, when the shard is read (hashing every held shard would cost recovery a pass
         over all of them)."""
+        return [(it, rank) for it, rank, _ in self.listing()]
+
+    def listing(self) -> list[tuple[int, int, int]]:
+        """:meth:`inventory`, with the world size of the job that wrote each shard (-1 where it does not say)."""
         out = []
         for d in _entries(self.dir, "iter-*"):
             it = int(d.name.split("-")[1])
             for j in _entries(d, "rank-*.json"):
                 rank = int(j.stem.split("-")[1])
                 try:
-                    size = json.loads(j.read_text()).get("size")
-                    if self.paths(it, rank)[0].stat().st_size == size:
-                        out.append((it, rank))
+                    meta = json.loads(j.read_text())
+                    if self.paths(it, rank)[0].stat().st_size == meta.get("size"):
+                        world = meta.get("skeleton", {}).get(WORLD, -1)
+                        out.append((it, rank, world if isinstance(world, int) and world > 0 else -1))
                 except (OSError, ValueError, AttributeError):
                     continue
         return out

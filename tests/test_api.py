@@ -153,7 +153,7 @@ def test_the_inventory_lists_every_shard_a_machine_holds(world1, tmp_path):
     held = {(it, r) for it in (4, 5, 6) for r in range(40)}
     for it, r in held:
         store.put(it, r, data, manifest)
-    assert recovery.gather_inventory(store, Groups.create(30).control, 1, 1) == [held]
+    assert recovery.gather_inventory(store, Groups.create(30).control, 1, 1) == ([held], {4: -1, 5: -1, 6: -1})
 
 
 @needs_fsdp_on_cpu

@@ -58,15 +58,15 @@ def test_settings_take_the_arguments_first_then_the_environment(tmp_path):
             config.resolve(plan, env=env, **kw)
 
 
-def test_the_record_says_what_a_launch_may_resume(tmp_path):
-    rec, refusal = jobs.begin(tmp_path, "exp", 2, 4)
-    assert refusal is None and rec["finished"] is None
+def test_the_record_says_what_a_launch_resumes(tmp_path):
+    rec = jobs.begin(tmp_path, "exp", 2, 4)
+    assert rec["finished"] is None and (rec["machines"], rec["processes_per_machine"]) == (2, 4)
     assert jobs.read_record(tmp_path) == rec  # written
-    again, refusal = jobs.begin(tmp_path, "exp", 2, 4)
-    assert refusal is None and again == rec  # the same job: the record as it was
-    _, refusal = jobs.begin(tmp_path, "exp", 4, 2)
-    assert refusal.startswith("job 'exp' was started on 2 machines x 4 processes and this launch has 4 x 2")
-    done = jobs.finish(tmp_path, rec, 12)
+    assert jobs.begin(tmp_path, "exp", 2, 4) == rec  # the same job: the record as it was
+    resized = jobs.begin(tmp_path, "exp", 4, 2)  # another layout: the job goes on, the change noted
+    assert (resized["machines"], resized["processes_per_machine"]) == (4, 2)
+    assert [c["from"] for c in resized["resized"]] == [[2, 4]] and jobs.read_record(tmp_path) == resized
+    done = jobs.finish(tmp_path, resized, 12)
     assert jobs.read_record(tmp_path)["finished"]["iteration"] == 12 and done["finished"]["at"]
     assert jobs.reopen(tmp_path, done)["finished"] is None and jobs.read_record(tmp_path)["finished"] is None
     (tmp_path / jobs.RECORD).write_text("{not json")

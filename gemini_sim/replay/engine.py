@@ -6,12 +6,18 @@ much time the checkpoint stalls took, in closed form when a failure arrives: the
 the number of failures, never with the number of iterations or checkpoints.
 
 Accounting. Wall time splits exactly into
-``useful progress + lost progress + checkpoint stalls + retrieval + restart``:
+``useful progress + lost progress + checkpoint stalls + retrieval + restart + degraded``:
 
 - *lost progress*: training work rolled back because it came after the last checkpoint that recovery could use;
 - *checkpoint stalls*: wall time training stood still while a checkpoint was taken;
 - *retrieval*: loading the checkpoint from the tier used (local memory, a peer's memory, remote storage);
-- *restart*: restarting the processes, plus replacing the lost machines when a failure took some.
+- *restart*: restarting the processes, plus replacing the lost machines when a failure took some;
+- *degraded*: under a policy that goes on without lost machines (``on_loss="continue"``), the share of the wall
+  time the missing machines would have trained: the job runs at (N - missing) / N of its speed until their
+  replacements come ``replace_s`` after the loss, then restarts once more on all N (restart and retrieval again,
+  from a peer's memory: the state is resharded onto the grown layout). A replacement that comes while the job is
+  recovering joins that recovery. The checkpoint schedule keeps its wall-clock interval while degraded, and the
+  placement is judged as on the whole cluster: approximations, stated.
 
 Recovery uses the cheapest tier that still holds the state: local CPU memory when no machine was lost, a peer's
 CPU memory when machines were lost but the placement kept a copy of every machine's checkpoint (checked on the
@@ -67,6 +73,7 @@ class ReplayResult:
     restart_s: float
     stall_s: float
     outcomes: tuple[Outcome, ...] = field(repr=False)
+    degraded_s: float = 0.0  # progress the missing machines would have made (on_loss="continue")
     capped_events: int = 0  # events that lost more machines than the cluster has
     sim_events: int = 0  # SimPy events processed: grows with failures, not with iterations
 
@@ -76,7 +83,7 @@ class ReplayResult:
 
     @property
     def wasted_s(self) -> float:
-        return self.lost_s + self.retrieval_s + self.restart_s + self.stall_s
+        return self.lost_s + self.retrieval_s + self.restart_s + self.stall_s + self.degraded_s
 
     @property
     def wasted_hours(self) -> float:
@@ -106,6 +113,7 @@ class ReplayResult:
                 "retrieval_hours": self.retrieval_s / 3600,
                 "checkpoint_stall_hours": self.stall_s / 3600,
                 "restart_hours": self.restart_s / 3600,
+                "degraded_hours": self.degraded_s / 3600,
             },
             "recovered_from": self.tier_counts(),
             "capped_events": self.capped_events,
@@ -142,8 +150,16 @@ class _TierClock:
         return n * self.tier.stall_s + min(self.tier.stall_s, x - self.first - n * self.tier.interval_s)
 
 
+@dataclass(frozen=True)
+class _Grow:
+    """Replacements for ``machines`` lost machines have come: the job grows back onto them."""
+
+    machines: int
+
+
 class _Job:
-    """The training job as SimPy processes: one that trains and recovers, one that injects the trace's failures."""
+    """The training job as SimPy processes: one that trains and recovers, one that injects the trace's failures (and,
+    under ``on_loss="continue"``, one per loss that brings the replacements)."""
 
     def __init__(self, env: simpy.Environment, trace: Trace, preset: Preset, pol: Policy, seed: int,
                  progress: Callable[[int], None] | None, random_phase: bool = False):
@@ -163,7 +179,9 @@ class _Job:
         self.rack_of = tuple(i // per_rack for i in range(self.n)) if per_rack else None
         self.progress_cb = progress
         self.P = 0.0  # training progress (seconds of useful work) in the model's current state
-        self.lost = self.retrieval = self.restart = self.stall = 0.0
+        self.lost = self.retrieval = self.restart = self.stall = self.degraded = 0.0
+        self.missing = 0  # machines the job runs without (on_loss="continue"), their replacements to come
+        self.grown = 0  # replacements that came while the job recovered: it starts again with them
         self.outcomes: list[Outcome] = []
         self.capped = 0
         self.pending_failed: set[int] = set()  # machines lost and not yet replaced
@@ -192,7 +210,10 @@ class _Job:
                 self._end_segment(self.env.now - start)
                 return
             except simpy.Interrupt as irq:
-                self._failure(self.env.now - start, irq.cause, during_recovery=False)
+                if isinstance(irq.cause, _Grow):  # a planned restart onto the replacements: nothing is lost
+                    self._grow(self.env.now - start, irq.cause.machines)
+                else:
+                    self._failure(self.env.now - start, irq.cause, during_recovery=False)
             while True:  # recover; a failure during recovery starts it over
                 start = self.env.now
                 restart, retrieve = self._recovery_parts()
@@ -201,19 +222,75 @@ class _Job:
                     self._charge_recovery(self.env.now - start, restart)
                     if self.env.now >= self.horizon:
                         return
-                    self.pending_failed.clear()
-                    self.pending_tier = None
+                    self._recovered()
                     break
                 except simpy.Interrupt as irq:
+                    if isinstance(irq.cause, _Grow):  # the replacements join this recovery, which goes on
+                        self.grown += irq.cause.machines
+                        rest = restart + retrieve - (self.env.now - start)
+                        try:
+                            yield self.env.timeout(min(rest, self.horizon - self.env.now))
+                        except simpy.Interrupt as again:
+                            self._charge_recovery(self.env.now - start, restart)
+                            self._failure(0.0, again.cause, during_recovery=True)
+                            continue
+                        self._charge_recovery(self.env.now - start, restart)
+                        if self.env.now >= self.horizon:
+                            return
+                        self._recovered()
+                        break
                     self._charge_recovery(self.env.now - start, restart)
                     self._failure(0.0, irq.cause, during_recovery=True)
+
+    def _grow(self, tau: float, machines: int) -> None:
+        """A planned restart onto ``machines`` replacements, ``tau`` into the segment: the job stops once its newest
+        memory checkpoint is complete (nothing is lost) and resumes from it, resharded; the remote tier's newest
+        checkpoint stays where it was."""
+        remote = self.clocks["storage"]
+        s = remote.last_complete(tau)
+        remote.debt = self._progress_at(tau) - self._progress_at(s) if s is not None else \
+            remote.debt + self._progress_at(tau)
+        if "memory" in self.clocks:
+            self.clocks["memory"].debt = 0.0
+        self._end_segment(tau)
+        self.missing -= machines
+        self.pending_tier = "peer"
+
+    def _recovered(self) -> None:
+        """The job trains again: on the machines left, where it goes on without lost ones, their replacements due
+        ``replace_s`` from now."""
+        self.missing -= self.grown
+        self.grown = 0
+        if self._continues() and self.pending_failed:
+            k = len(self.pending_failed)
+            self.missing += k
+            self.env.process(self._replace(k))
+        self.pending_failed.clear()
+        self.pending_tier = None
+
+    def _replace(self, machines: int):
+        yield self.env.timeout(self.preset.recovery.replace_s)
+        if self.proc.is_alive:
+            self.proc.interrupt(_Grow(machines))
+
+    def _continues(self) -> bool:
+        """Does the job go on without its lost machines (some left to train on)?"""
+        return self.pol.on_loss == "continue" and self.missing + len(self.pending_failed) < self.n
 
     # -- model -----------------------------------------------------------------------------------------------------
     def _stalls(self, x: float) -> float:
         return sum(c.stall_until(x) for c in self.clocks.values())
 
+    @property
+    def rate(self) -> float:
+        """The job's speed on the machines it has, as a share of the whole cluster's."""
+        return (self.n - self.missing) / self.n
+
     def _progress_at(self, x: float) -> float:
-        return x - self._stalls(x)
+        return self.rate * (x - self._stalls(x))
+
+    def _degraded(self, x: float) -> float:
+        return (1 - self.rate) * (x - self._stalls(x))
 
     def _choose_tier(self, event) -> str:
         lost_now = event.loses_machines
@@ -250,6 +327,7 @@ class _Job:
         now = p0 + self._progress_at(tau)
         lost = now - restore
         self.stall += self._stalls(tau)  # before the debts below move the schedules to the next segment
+        self.degraded += self._degraded(tau)
         # Where every tier's newest checkpoint stands relative to the restored state.
         remote = self.clocks["storage"]
         if tier != "storage":
@@ -267,7 +345,7 @@ class _Job:
 
     def _recovery_parts(self) -> tuple[float, float]:
         rec = self.preset.recovery
-        restart = rec.restart_s + (rec.replace_s if self.pending_failed else 0.0)
+        restart = rec.restart_s + (rec.replace_s if self.pending_failed and not self._continues() else 0.0)
         retrieve = {"local": self.pol.retrieve_local_s, "peer": self.pol.retrieve_peer_s,
                     "storage": self.pol.retrieve_remote_s}[self.pending_tier]
         return restart, retrieve
@@ -278,6 +356,7 @@ class _Job:
 
     def _end_segment(self, tau: float) -> None:
         self.stall += self._stalls(tau)
+        self.degraded += self._degraded(tau)
         self.P += self._progress_at(tau)
 
 
@@ -303,7 +382,7 @@ def replay(trace: Trace, preset: Preset, strategy: str | Policy, seed: int = 0,
         strategy=pol.strategy, description=pol.description, preset=preset.name, trace=trace.name,
         horizon_s=job.horizon, gpus=preset.cluster.gpus, useful_s=job.P, lost_s=job.lost,
         retrieval_s=job.retrieval, restart_s=job.restart, stall_s=job.stall, outcomes=tuple(job.outcomes),
-        capped_events=job.capped, sim_events=env.steps,
+        capped_events=job.capped, sim_events=env.steps, degraded_s=job.degraded,
     )
 
 

@@ -17,13 +17,17 @@ The strategies (figures from the GEMINI paper, SOSP 2023, unless noted):
 - ``gemini``: checkpoint to the CPU memory of the machine and m-1 peers as often as every iteration (interval
   max(t_ckpt, t_iter), rounded up to whole iterations), traffic interleaved with training (no stall; the
   interleaving model quantifies the real overhead), persisted to remote storage every 3 hours from CPU memory;
-  group placement, or mixed when m does not divide N.
+  group placement, or mixed when m does not divide N. A lost machine is waited for: the job restarts once its
+  replacement has come (the preset's ``replace_s``).
+- ``gemini-continue``: ``gemini``, but a job that loses machines goes on at once on the machines left, its state
+  resharded from their memory (the runtime's ``--on-loss continue``), at their share of the speed, and grows back
+  when the replacements come ``replace_s`` later (one more restart, the state resharded again).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from gemini_sim.cluster.config import Preset
@@ -50,6 +54,7 @@ class Policy:
     retrieve_peer_s: float = 0.0
     retrieve_remote_s: float = 0.0
     description: str = ""
+    on_loss: str = "wait"  # a lost machine: "wait" for its replacement, or "continue" on the machines left
 
 
 def _round_to_iterations(seconds: float, t_iter: float) -> float:
@@ -120,12 +125,19 @@ def memory_policy(p: Preset, interval_s: float, complete_s: float, stall_s: floa
                               f"remote every {p.storage.gemini_persist_interval_hours:g} h")
 
 
+def gemini_continue(p: Preset, mtbf_s: float) -> Policy:
+    pol = gemini(p, mtbf_s)
+    return replace(pol, strategy="gemini-continue", on_loss="continue",
+                   description=pol.description + "; goes on without lost machines until they are replaced")
+
+
 STRATEGIES: dict[str, Callable[[Preset, float], Policy]] = {
     "strawman": strawman,
     "highfreq": highfreq,
     "young-daly": young_daly,
     "async-remote": async_remote,
     "gemini": gemini,
+    "gemini-continue": gemini_continue,
 }
 
 
