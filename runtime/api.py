@@ -54,6 +54,7 @@ from . import config, device, distributed, job as jobs, recovery, restore, sched
 from .capture import StateCapture
 from .config import ConfigError
 from .pipeline import InFlight, Link
+from .preempt import Preemption
 from .plan import PlanError
 from .profiler import Recorder
 from .state import entries_of, flatten, local, unpack
@@ -101,12 +102,15 @@ class Checkpointer:
     out_dir: where the profile and timings are written (default ``$GEMINI_OUT_DIR``; None: not written).
     profile_iters: iterations profiled from the start (0: none). checkpoint: False runs without checkpoints (a
     baseline). host_cores: cores for the checkpoint's threads (default: not pinned). timeout_s: of the runtime's
-    own process groups. runtime/config.py lists every environment variable read.
+    own process groups. preempt_grace_s: on SIGTERM or SIGINT, write the newest checkpoint in memory durably within
+    this many seconds, then let the signal go on (default ``$GEMINI_PREEMPT_GRACE_S``, else off; runtime/preempt.py).
+    runtime/config.py lists every environment variable read.
     """
 
     def __init__(self, plan=None, model: torch.nn.Module | None = None, optimizer=None, *, extra: dict | None = None,
                  store_root=None, job: str | None = None, durable_dir=None, out_dir=None, profile_iters: int = 20,
-                 checkpoint: bool = True, host_cores=None, timeout_s: float = 120.0):
+                 checkpoint: bool = True, host_cores=None, timeout_s: float = 120.0,
+                 preempt_grace_s: float | None = None):
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError("call torch.distributed.init_process_group() (or runtime.distributed.init()) before "
                               "creating the Checkpointer")
@@ -114,7 +118,8 @@ class Checkpointer:
             raise ConfigError("the Checkpointer needs the model and its optimizer")
         self.settings = s = config.resolve(plan, job=job, store_root=store_root, durable_dir=durable_dir,
                                            out_dir=out_dir, profile_iters=profile_iters, checkpoint=checkpoint,
-                                           host_cores=host_cores, timeout_s=timeout_s)
+                                           host_cores=host_cores, timeout_s=timeout_s,
+                                           preempt_grace_s=preempt_grace_s)
         self.plan = s.plan
         startup.check_model(model)
         self.model, self.optimizer = model, optimizer
@@ -190,6 +195,8 @@ class Checkpointer:
         self._handles = [model.register_forward_pre_hook(self._on_forward, prepend=True),  # before FSDP's gather
                          model.register_forward_hook(lambda *_: self.recorder.phase("backward"))]
         self._closed = False
+        self._preempted = False  # a signal came: no checkpoint starts any more (runtime/preempt.py)
+        self._preemption = Preemption(self, s.preempt_grace_s) if s.preempt_grace_s and s.checkpoint else None
         if os.environ.get("GEMINI_FAULT"):  # test-only fault injection (the project's fault tests)
             from .testing import faults
 
@@ -402,14 +409,14 @@ class Checkpointer:
                 self._write_profile()
             if not _anchored(self.schedule_dict):  # nothing needs collectives counted: off the training's path
                 self.recorder.uninstall()
-        if self.checkpointing and iteration % self.plan.interval == 0:
+        if self.checkpointing and not self._preempted and iteration % self.plan.interval == 0:
             if self.schedule.blocking:  # training waits while the whole checkpoint is copied out and sent
                 self._timed(self._start, iteration, time.perf_counter(), released_in=iteration,
                             iteration_start=self._t0)
                 self._stall += self.wait()
             else:  # the state as of now: parameters and optimizer state as live views, the rest copied
                 self._pending = (iteration, self._timed(self.capture))
-        if self.checkpointing and iteration % self.plan.persist_interval == 0:
+        if self.checkpointing and not self._preempted and iteration % self.plan.persist_interval == 0:
             self.persist(iteration)
         dt = time.perf_counter() - self._t0
         self.timings.setdefault("iteration_s", []).append(dt)
@@ -422,6 +429,11 @@ class Checkpointer:
         self._stall = self._waited = self._host = 0.0
         self._record = {}
         self._began = self._backward_done = False
+
+    def _stop_checkpoints(self) -> None:
+        """A signal came (runtime/preempt.py): no checkpoint starts from now on; the one in flight completes."""
+        self._preempted = True
+        self._pending = None
 
     def annotate(self, **fields) -> None:
         """Extra fields for the current iteration's record in the timings (e.g. a calibration block's position)."""
@@ -543,6 +555,9 @@ class Checkpointer:
         if self._closed:
             return
         self._closed = True
+        if self._preemption is not None:  # a durable write a signal started ends first
+            self._preemption.wait()
+            self._preemption.uninstall()
         self.wait()
         if self._pending is not None:
             pending, state = self._pending

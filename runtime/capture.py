@@ -150,6 +150,7 @@ class StateCapture:
         self._checks = 0  # captures along the current recipe still compared with full ones
         self.recipes = True  # False once a recipe's capture differed from a full one
         self.fast_captures = 0  # captures that followed a recipe
+        self.layouts: dict = {}  # the last full capture's DTensor leaves: (mesh, placements, shape, stride) by key
 
     def forget(self) -> None:
         """The model or optimizer may have changed wholesale (a restore): the next capture takes the full path."""
@@ -207,6 +208,9 @@ class StateCapture:
         tensors, skeleton = flatten(state)
         skeleton[CHUNKS] = chunks(tensors)
         skeleton[WORLD] = dist.get_world_size()
+        # how each DTensor leaf is laid out, to make a DTensor of its stored shard again (runtime/preempt.py)
+        self.layouts = {k: (t.device_mesh, t.placements, t.shape, t.stride()) for k, t in tensors.items()
+                        if isinstance(t, DTensor)}
         return (_views_and_copies(tensors, self.live_storages(), views), skeleton), views, state
 
 

@@ -11,6 +11,8 @@ Every environment variable the runtime reads (docs/runtime.md, "Environment", li
   host; give each node its own when several share a host).
 - ``GEMINI_DURABLE_DIR``: where durable DCP checkpoints go (default ``./gemini-durable``), a folder per job inside.
 - ``GEMINI_OUT_DIR``: profile and timings (default: not written).
+- ``GEMINI_PREEMPT_GRACE_S``: on SIGTERM or SIGINT, write the newest checkpoint in memory durably within this many
+  seconds, then let the signal go on (runtime/preempt.py; default: off).
 - ``GEMINI_EVENTS``: ``1`` prints every event as a ``GEMINI {json}`` line on stdout (the agent reads them).
 - ``GEMINI_BACKEND``: :func:`runtime.distributed.init`'s backend; ``GEMINI_HOST_RANKS``, ``GEMINI_HOST_RANK_BASE``:
   set by the agent where several machines share a host's GPUs.
@@ -82,6 +84,7 @@ class Settings:
     checkpoint: bool
     host_cores: tuple[int, ...] | None
     timeout_s: float
+    preempt_grace_s: float | None = None  # SIGTERM/SIGINT write memory's newest checkpoint durably (None: off)
 
     def store_dir(self, job: str) -> Path:
         return self.store_root / job
@@ -97,7 +100,7 @@ def _path(value, env: Mapping[str, str], name: str) -> Path | None:
 
 def resolve(plan=None, *, job: str | None = None, store_root=None, durable_dir=None, out_dir=None,
             profile_iters: int = 20, checkpoint: bool = True, host_cores=None, timeout_s: float = 120.0,
-            env: Mapping[str, str] | None = None) -> Settings:
+            preempt_grace_s: float | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """The settings from the arguments, and the environment for what they leave out; a mistake is a one-line
     :class:`ConfigError` (or :class:`~runtime.plan.PlanError`)."""
     env = os.environ if env is None else env
@@ -114,6 +117,15 @@ def resolve(plan=None, *, job: str | None = None, store_root=None, durable_dir=N
         if not cores or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < 4096 for c in cores):
             raise ConfigError(f"host_cores must be core numbers from 0 to 4095, got {host_cores!r}")
         host_cores = tuple(sorted(set(cores)))
+    if preempt_grace_s is None and env.get("GEMINI_PREEMPT_GRACE_S"):
+        try:
+            preempt_grace_s = float(env["GEMINI_PREEMPT_GRACE_S"])
+        except ValueError:
+            raise ConfigError(f"GEMINI_PREEMPT_GRACE_S must be a number of seconds, got "
+                              f"{env['GEMINI_PREEMPT_GRACE_S']!r}") from None
+    if preempt_grace_s is not None and (isinstance(preempt_grace_s, bool) or not isinstance(
+            preempt_grace_s, (int, float)) or not 0 < preempt_grace_s <= 86400):
+        raise ConfigError(f"preempt_grace_s must be a number of seconds above 0, up to 86400, got {preempt_grace_s!r}")
     named = True
     if job is None:
         job, named = job_from(env)
@@ -125,4 +137,5 @@ def resolve(plan=None, *, job: str | None = None, store_root=None, durable_dir=N
                     durable_root=_path(durable_dir, env, "GEMINI_DURABLE_DIR") or Path("gemini-durable"),
                     out_dir=_path(out_dir, env, "GEMINI_OUT_DIR"), machine_id=machine_id,
                     profile_iters=profile_iters, checkpoint=bool(checkpoint), host_cores=host_cores,
-                    timeout_s=float(timeout_s))
+                    timeout_s=float(timeout_s),
+                    preempt_grace_s=None if preempt_grace_s is None else float(preempt_grace_s))
