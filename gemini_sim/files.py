@@ -1,14 +1,18 @@
 """The one place where files the user names are read and written.
 
-Reading is strict: text is UTF-8 (a byte-order mark is dropped), bounded in size; JSON has no NaN/Infinity, no
+Inputs are regular files (a folder, a device such as ``/dev/zero``, a FIFO or a socket is refused before a byte is
+read, so nothing hangs or fills memory), opened without blocking and read with a byte limit, so a file that grows
+while it is read cannot run past it. Reading is strict: text is UTF-8 (a byte-order mark is dropped); JSON has no NaN/Infinity, no
 number that overflows to infinity, no duplicate keys and at most :data:`MAX_DEPTH` levels of nesting; TOML has no
 ``nan``/``inf``. Every problem is a one-line :class:`~gemini_sim.errors.UserError` naming the file.
 
 Writing is checked before the work and atomic after it: :func:`output_file` and :func:`output_dir` refuse a path
-that cannot be written (an existing folder where a file goes, a file where a folder goes, a parent that is a file,
-no permission) before a command spends minutes computing, and :func:`write_atomic` / :func:`save_figure` write a
-temporary name in the same folder and rename it, so a crash or Ctrl-C leaves the old file or the new one, never half
-of one. JSON is written with ``allow_nan=False``: a non-finite number in output is a bug, not a file.
+that cannot be written (an existing folder where a file goes, a file where a folder goes, a device, FIFO or socket
+where a file goes, a parent that is a file, no permission) before a command spends minutes computing, and
+:func:`write_atomic` / :func:`save_figure` write a temporary name in the same folder and rename it, so a crash or
+Ctrl-C leaves the old file or the new one, never half of one. A symbolic link is followed: the file it points to is
+replaced, never the link. JSON is written with ``allow_nan=False``: a non-finite number in output is a bug, not a
+file.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -25,20 +30,48 @@ MAX_DEPTH = 64  # nesting of input JSON; the deepest real file (a plan) has 5 le
 MAX_BYTES = 1 << 30  # any input file; the largest real trace is a few hundred KB
 
 
-def read_text(path, what: str) -> str:
-    """The text of a file the user named (UTF-8, BOM dropped); unreadable, too large or not text: one line."""
-    p = Path(path)
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_bytes(path, what: str, limit: int = MAX_BYTES) -> bytes:
+    """The bytes of a file the user named: a regular file (anything else refused before it is read), at most
+    ``limit`` bytes; every problem is one line."""
     try:
-        if p.is_dir():
-            raise UserError(f"{path}: is a folder, not a {what} file")
-        size = p.stat().st_size
-        if size > MAX_BYTES:
-            raise UserError(f"{path}: {what} file is {size / 2**20:,.0f} MiB; at most {MAX_BYTES >> 20} MiB")
-        return p.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: {what} is not UTF-8 text (byte {exc.start})") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a FIFO does not block
     except OSError as exc:
         raise UserError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{path}: is {_kind(st.st_mode)}, not a {what} file")
+        if st.st_size > limit:
+            raise UserError(f"{path}: {what} file is {st.st_size / 2**20:,.0f} MiB; at most {limit >> 20} MiB")
+        os.set_blocking(fd, True)
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:  # it grew while being read
+                raise UserError(f"{path}: {what} file is larger than {limit >> 20} MiB")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+
+
+def read_text(path, what: str) -> str:
+    """The text of a file the user named (UTF-8, BOM dropped); unreadable, not a regular file, too large or not
+    text: one line."""
+    try:
+        return read_bytes(path, what).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: {what} is not UTF-8 text (byte {exc.start})") from None
 
 
 def _finite_float(text: str) -> float:
@@ -107,8 +140,13 @@ def load_toml(path, what: str) -> dict:
     """Read and parse a TOML file the user named; ``nan`` and ``inf`` are refused."""
     import tomllib
 
+    text = read_text(path, what)
+    too_deep = _too_deep_at(text, MAX_DEPTH)  # tomllib recurses per level: 20,000 would end in a RecursionError
+    if too_deep is not None:
+        raise UserError(f"{path}: TOML nested more than {MAX_DEPTH} levels deep (line "
+                        f"{text.count(chr(10), 0, too_deep) + 1})")
     try:
-        return tomllib.loads(read_text(path, what), parse_float=_finite_float)
+        return tomllib.loads(text, parse_float=_finite_float)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: invalid TOML: {exc}") from None
     except ValueError as exc:
@@ -135,13 +173,22 @@ def _parent_ready(path: Path, flag: str) -> None:
 
 
 def output_file(path, flag: str, suffixes: tuple[str, ...] | None = None) -> Path:
-    """Check, before any work, that ``path`` can be written as a file (its missing folders are created later).
+    """Check, before any work, that ``path`` can be written as a file (its missing folders are created later): a
+    new name, or a regular file (through a symbolic link, the file it points to). Returns the path to write.
 
     ``flag`` names the option in errors; ``suffixes`` (like ``(".png", ".pdf")``) are the allowed extensions.
     """
-    p = Path(path)
-    if p.is_dir() or str(path).endswith(os.sep):
+    if str(path).endswith(os.sep):
         raise UserError(f"{flag} {path}: is a folder; give a file name")
+    if any(len(part.encode()) > 255 for part in Path(path).parts):
+        raise UserError(f"{flag} {str(path)[:60]}...: a name in the path is longer than 255 bytes")
+    p = _followed(Path(path), flag)
+    if p.exists():
+        mode = p.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{flag} {path}: is a folder; give a file name")
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{flag} {path}: is {_kind(mode)}; give a file name")
     if suffixes is not None and p.suffix.lower() not in suffixes:
         raise UserError(f"{flag} {path}: the file name must end in {', '.join(suffixes)}")
     if p.exists() and not os.access(p, os.W_OK):
@@ -150,9 +197,20 @@ def output_file(path, flag: str, suffixes: tuple[str, ...] | None = None) -> Pat
     return p
 
 
+def _followed(p: Path, flag: str) -> Path:
+    """``p``, or the file its symbolic link points to (a link is followed, never replaced); a link that goes
+    nowhere or round in a loop is refused."""
+    if not p.is_symlink():
+        return p
+    try:
+        return p.resolve(strict=False)
+    except (OSError, RuntimeError) as exc:
+        raise UserError(f"{flag} {p}: a symbolic link that cannot be followed ({exc})") from None
+
+
 def output_dir(path, flag: str) -> Path:
     """Check, before any work, that ``path`` is or can become a writable folder."""
-    p = Path(path)
+    p = _followed(Path(path), flag)
     if p.exists():
         if not p.is_dir():
             raise UserError(f"{flag} {path}: is a file, not a folder")
@@ -164,8 +222,13 @@ def output_dir(path, flag: str) -> Path:
 
 
 def write_atomic(path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (through a symbolic
+    link: to the file it points to, the link kept)."""
     p = Path(path)
+    if p.is_symlink():
+        p = p.resolve(strict=False)
+    if p.exists() and not p.is_file():  # checked before the work too (output_file); a device is never replaced
+        raise UserError(f"{path}: is {_kind(p.stat().st_mode)}, not a file to write")
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:

@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 
 from gemini_sim.errors import UserError
-from gemini_sim.files import load_toml, output_dir, save_figure, write_atomic
+from gemini_sim.files import load_toml, output_dir, read_text, save_figure, write_atomic
 
 KINDS = {
     "replay": {"required": ("preset", "trace", "strategy"), "optional": ("seed",)},
@@ -91,6 +91,8 @@ def load_spec(path) -> dict:
     for key in KINDS[kind]["required"]:
         if key not in grid:
             raise UserError(f"{path}: missing key 'grid.{key}' for kind {kind}")
+    if not isinstance(spec.get("options", {}), dict):
+        raise UserError(f"{path}: 'options' must be a table ([options]), got a {type(spec['options']).__name__}")
     for key, value in spec.get("options", {}).items():
         if key not in OPTIONS:
             raise UserError(f"{path}: unknown key 'options.{key}'; valid: {', '.join(sorted(OPTIONS))}")
@@ -176,11 +178,23 @@ def run_cell_safe(kind: str, params: dict, options: dict, base: str) -> dict:
         return {**params, "status": "error", "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
 
 
-def read_results(path: Path) -> list[dict]:
+def read_results(path: Path, keys=()) -> list[dict]:
+    """The rows an earlier run of the sweep wrote to ``path`` (none if it is not there); a file that is not such a
+    table (not UTF-8 CSV with a ``status`` column and the grid's keys) is refused in one line, not overwritten."""
     if not path.exists():
         return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    import io
+
+    why = f"{path}: is not the results of a sweep of this grid; move it away or choose another --out"
+    try:
+        text = read_text(path, "sweep results")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = list(reader)
+    except (csv.Error, UserError) as exc:
+        raise UserError(f"{why} ({exc})") from None
+    if text.strip() and (not {"status", *keys} <= set(reader.fieldnames or ()) or any(None in r for r in rows)):
+        raise UserError(why)
+    return rows
 
 
 def _param_view(row: dict, keys) -> dict:
@@ -217,7 +231,7 @@ def run_sweep(spec_path, out_dir, scheduler: str | None = None, workers: int | N
     results_path = out / "results.csv"
     todo = cells(spec)
     keys = sorted(spec["grid"])
-    done_rows = [r for r in read_results(results_path) if r.get("status") == "ok"]
+    done_rows = [r for r in read_results(results_path, keys) if r.get("status") == "ok"]
     done = {cell_id(_param_view(r, keys)) for r in done_rows if all(k in r for k in keys)}
     pending = [c for c in todo if cell_id(c) not in done]
     base = str(Path(spec_path).resolve().parent)
@@ -241,7 +255,7 @@ def _dask_map(kind, pending, options, base, scheduler, workers, progress) -> lis
     if scheduler:
         try:
             client = Client(scheduler, timeout="10s")
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
             raise UserError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     else:
         cluster = LocalCluster(n_workers=workers or min(2, os.cpu_count() or 1), threads_per_worker=1,

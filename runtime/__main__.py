@@ -18,6 +18,7 @@ from pathlib import Path
 
 from gemini_sim import plan as contract
 from gemini_sim.errors import UserError as ContractError
+from gemini_sim.files import output_file
 
 from . import job as jobs
 from . import schedules
@@ -81,10 +82,9 @@ def _plan(argv) -> int:
 
 
 def _out(ap, path: str) -> Path:
-    out = Path(path)
-    if out.is_dir() or not out.parent.is_dir():
-        ap.error(f"cannot write {out}: " + ("it is a folder" if out.is_dir() else "its folder does not exist"))
-    return out
+    """The plan's output path, checked as every output is (gemini_sim/files.py: a new name or a regular file in a
+    writable folder)."""
+    return output_file(path, "-o")
 
 
 def _root(ap: argparse.ArgumentParser) -> None:

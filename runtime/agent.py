@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import ConfigError, check_name
 from .plan import Plan, PlanError, resized
 from .plan import default as default_plan_for
 
@@ -131,11 +132,12 @@ class Job:
         machines left, with a plan for them (runtime/plan.py: :func:`resized`), resharding the state from their
         memory."""
         if on_loss not in ON_LOSS:
-            raise ValueError(f"on_loss {on_loss!r}: choose one of {', '.join(ON_LOSS)}")
+            raise ConfigError(f"on_loss {on_loss!r}: choose one of {', '.join(ON_LOSS)}")
+        check_name(job_name, "job name")
         self.on_loss = on_loss
         self.plan = Plan.load(plan_path)
         if not entry:
-            raise ValueError("no entry point: give the training script and its arguments after --")
+            raise ConfigError("no entry point: give the training script and its arguments after --")
         self.entry = [str(e) for e in entry]
         self.plan_path = Path(plan_path).resolve()
         self.n = self.plan.machines
@@ -153,10 +155,14 @@ class Job:
         for kind, who, it in parse(faults):
             limit, what = (self.n, "machine") if kind == "lose" else (self.n * self.ppm, "rank")
             if who >= limit:
-                raise ValueError(f"fault {spec(kind, who, it)}: no {what} {who} in a job of {limit} {what}s")
+                raise ConfigError(f"fault {spec(kind, who, it)}: no {what} {who} in a job of {limit} {what}s")
+            if spec(kind, who, it) in self.faults_left:
+                raise ConfigError(f"fault {spec(kind, who, it)} is given twice")
             self.faults_left.append(spec(kind, who, it))
             if kind == "lose":
                 self.to_lose.setdefault(it, set()).add(who)
+        if entry[0] != "-m" and not Path(entry[0]).is_file():
+            raise ConfigError(f"no training script {entry[0]}" + (" (is a folder)" if Path(entry[0]).is_dir() else ""))
         self.python, self.job_name, self.extra_env = python, job_name, dict(env or {})
         self.port = 0
         self.launch_id = f"{os.getpid()}-{time.time_ns()}"  # tags every process of this job, for cleanup
@@ -176,7 +182,7 @@ class Job:
 
             state = ns_mod.current(self.netns)
             if state is None or state["machines"] < self.n:
-                raise ValueError(f"no network namespaces for {self.n} machines: run `make netns-up "
+                raise ConfigError(f"no network namespaces for {self.n} machines: run `make netns-up "
                                  f"MACHINES={self.n}` (or python -m runtime.netns up --machines {self.n})")
             self.host = ns_mod.addr(0, self.netns)  # machine 0's torchrun agent hosts the rendezvous
         # folders last, once nothing above can refuse the job: a refused job leaves none behind (in /dev/shm either)
@@ -418,11 +424,16 @@ def summarize(res: JobResult, out=print) -> None:
         + (f"; root cause: {res.root_cause}" if res.root_cause and not res.ok else ""))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not a usage block
+        raise ConfigError(f"{self.prog}: error: {message}")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     entry = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(prog="python -m runtime.agent", usage="%(prog)s [options] -- ENTRY [ARGS...]",
+    ap = _Parser(prog="python -m runtime.agent", usage="%(prog)s [options] -- ENTRY [ARGS...]",
                                  description="Run a training script that uses runtime.Checkpointer on N local "
                                  "'machines', replacing lost ones. ENTRY: a script, or -m MODULE.")
     ap.add_argument("--plan", help="plan.json (default: GEMINI's placement for --machines x --procs, m=2, a "
@@ -444,20 +455,32 @@ def main(argv=None) -> int:
                     "their memory")
     ap.add_argument("--netns", action="store_true", help="run every machine in its network namespace (make "
                     "netns-up first): links limited by tc instead of plain localhost")
-    args = ap.parse_args(own)
-    if not entry:
-        ap.error("no entry point: put the training script and its arguments after --")
-    if not (1 <= args.machines <= 64 and 1 <= args.procs <= 64 and 0 <= args.max_restarts <= 100
-            and 0 < args.timeout < 1e7):
-        ap.error("need 1 <= --machines, --procs <= 64, 0 <= --max-restarts <= 100, --timeout > 0")
-    work = Path(args.workdir)
+    made = None  # the default plan, written into the workdir only once the job is accepted
     try:
-        plan_path = args.plan or default_plan(work / "plan.json", args.machines, args.procs)
+        args = ap.parse_args(own)
+        if not entry:
+            ap.error("no entry point: put the training script and its arguments after --")
+        if not (1 <= args.machines <= 64 and 1 <= args.procs <= 64 and 0 <= args.max_restarts <= 100
+                and 0 < args.timeout < 1e7):
+            ap.error("need 1 <= --machines, --procs <= 64, 0 <= --max-restarts <= 100, 0 < --timeout < 1e7")
+        work = Path(args.workdir)
+        if args.plan:
+            plan_path = args.plan
+        else:
+            made = Path(tempfile.mkdtemp(prefix="gemini-plan-")) / "plan.json"
+            plan_path = default_plan(made, args.machines, args.procs, replicas=min(2, args.machines))
         job = Job(plan_path, work, entry, faults=args.fault, netns=args.netns, max_restarts=args.max_restarts,
                   job_name=args.job, fresh=args.fresh, on_loss=args.on_loss)
+        if made is not None:
+            job.plan_path = (work / "plan.json").resolve()
+            shutil.move(made, job.plan_path)
     except (ValueError, PlanError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        print(msg if msg.startswith(ap.prog) else f"{ap.prog}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if made is not None:
+            shutil.rmtree(made.parent, ignore_errors=True)
     try:
         res = job.run(timeout=args.timeout, echo=lambda line: print(f"agent: {line}", file=sys.stderr, flush=True))
     except TimeoutError as e:

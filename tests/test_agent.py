@@ -150,13 +150,18 @@ def test_root_cause_reads_the_first_exception_of_a_machine_log(tmp_path):
     (["--fault", "explode:1:2", "--", "x.py"], "expected KIND:WHO:ITERATION"),
     (["--machines", "2", "--procs", "1", "--fault", "lose:2:3", "--", "x.py"], "no machine 2 in a job of 2 machines"),
     (["--machines", "2", "--procs", "2", "--fault", "kill:4:3", "--", "x.py"], "no rank 4 in a job of 4 ranks"),
+    (["--machines", "2", "--fault", "kill:1:3,kill:1:3", "--", "x.py"], "fault kill:1:3 is given twice"),
+    (["--machines", "2", "--", "x.py"], "no training script x.py"),
+    (["--machines", "2", "--job", "../up", "--", "x.py"], "job name '../up' is not a name"),
+    (["--bogus", "--", "x.py"], "unrecognized arguments: --bogus"),
 ])
 def test_agent_command_line_mistakes_are_one_line(tmp_path, args, message):
     r = subprocess.run([sys.executable, "-m", "runtime.agent", "--workdir", str(tmp_path / "w"), *args],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) <= 3  # argparse's usage line, then the error
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("python -m runtime.agent: error: ")
+    assert not (tmp_path / "w").exists()  # a refused job leaves nothing behind, its default plan neither
 
 
 def test_default_plan_command(tmp_path):
