@@ -8,6 +8,7 @@ machines, intervals fit together). A plan with an unknown future ``schema_versio
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import json
 from datetime import datetime, timezone
 from importlib import metadata, resources
@@ -86,6 +87,12 @@ def validate(data, where: str = "plan") -> dict:
                         f"({SCHEMA_VERSION}); upgrade gemini-sim")
     if version < 1:
         raise UserError(f"{where}: $.schema_version: unknown version {version}")
+    cluster = data.get("cluster")
+    for key, limit in (("rank_to_machine", MAX_RANKS), ("holders", MAX_RANKS)):  # sized before the schema walks them
+        part = cluster if key == "rank_to_machine" else data.get("placement")
+        items = part.get(key) if isinstance(part, dict) else None
+        if isinstance(items, list) and len(items) > limit:
+            raise UserError(f"{where}: {key} lists {len(items):,} entries; at most {limit:,}")
     _against_schema(data, schema(version), where)
     _check_consistency(data, where)
     return data
@@ -101,8 +108,8 @@ def _check_consistency(d: dict, where: str) -> None:
     for r, m in enumerate(ranks):
         if m >= n:
             raise UserError(f"{where}: $.cluster.rank_to_machine[{r}]: machine {m} does not exist ({n} machines)")
-    counts = [ranks.count(m) for m in range(n)]
-    if any(x != ppm for x in counts):
+    counts = Counter(ranks)  # one pass: counting per machine was quadratic (2 minutes for 100,000 machines)
+    if any(counts[m] != ppm for m in range(n)):
         raise UserError(f"{where}: $.cluster.rank_to_machine: every machine must run {ppm} ranks")
     holders = p["holders"]
     if len(holders) != n:
@@ -143,6 +150,7 @@ def make(*, machines: int, processes_per_machine: int, placement_strategy: str, 
          spans=None, span_fill: float | None = None, preset: str = "", config_sha256: str = "",
          trace_sha256: str = "", predicted=None,
          keep: int = 2) -> dict:
+    check_ranks(machines, processes_per_machine)
     replicas = len(holders[0])
     persist = max(interval_iters, persist_interval_iters - persist_interval_iters % interval_iters)
     d = {
@@ -173,6 +181,15 @@ def make(*, machines: int, processes_per_machine: int, placement_strategy: str, 
 
 
 DEFAULT_PERSIST = 100  # iterations between durable checkpoints in a plan made without a simulation
+MAX_RANKS = 1 << 20  # a plan lists every rank: 2^20 ranks make a plan of some 10 MB, checked in seconds
+
+
+def check_ranks(machines: int, processes_per_machine: int) -> None:
+    """Refuse, before any work, a plan of more ranks than :data:`MAX_RANKS` (its size grows with them)."""
+    ranks = machines * processes_per_machine
+    if ranks > MAX_RANKS:
+        raise UserError(f"a plan for {machines:,} machines x {processes_per_machine:,} processes lists {ranks:,} "
+                        f"ranks (some {ranks * 7 / 1e6:,.0f} MB of JSON); at most {MAX_RANKS:,}")
 
 
 def default(machines: int, processes_per_machine: int, replicas: int = 2, interval: int = 1,
@@ -182,6 +199,7 @@ def default(machines: int, processes_per_machine: int, replicas: int = 2, interv
     durable one every ``persist``, chunks of ``chunk_bytes`` through a two-chunk staging buffer."""
     from gemini_sim.placement import layouts as placement
 
+    check_ranks(machines, processes_per_machine)  # before the placement is built for them
     strategy = placement.resolve(placement.AUTO, machines, replicas)
     pl = placement.build(strategy, machines, replicas)
     return make(machines=machines, processes_per_machine=processes_per_machine, placement_strategy=strategy,

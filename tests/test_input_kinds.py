@@ -219,3 +219,38 @@ def test_a_sweep_folder_with_a_results_file_not_its_own_is_refused_not_overwritt
         assert (tmp_path / "o" / "results.csv").read_bytes() == garbage
     else:  # an empty file holds no rows: the sweep runs and writes it
         assert rc == 0, err
+
+
+# values each within its range whose work together is not: refused in one line, from an estimate, before the work
+# (or done within the limits)
+@settings(max_examples=10, deadline=None)
+@given(machines=st.sampled_from([1000, 1_000_000]), replicas=st.sampled_from([2, 20, 1000]),
+       share=st.floats(0.01, 0.5), strategy=st.sampled_from(["group", "ring", "mixed"]))
+def test_a_huge_placement_is_answered_or_refused_within_the_limits(machines, replicas, share, strategy):
+    from conftest import gives_a_result_or_one_line
+
+    replicas = min(replicas, machines)
+    gives_a_result_or_one_line(["placement", "--machines", str(machines), "--replicas", str(replicas), "--strategy",
+                                strategy, "--failures", str(max(replicas, int(machines * share)))], "huge")
+
+
+@settings(max_examples=6, deadline=None)
+@given(interval=st.sampled_from([1, 2_000, 10_000]), preset=st.sampled_from(["gemini-paper", "llama3-405b"]))
+def test_a_long_interval_is_simulated_or_refused_within_the_limits(interval, preset):
+    from conftest import gives_a_result_or_one_line
+
+    gives_a_result_or_one_line(["interleave", "--preset", preset, "--schedule", "gemini", "--interval",
+                                str(interval)], "interval")
+
+
+def test_a_coupled_million_machine_cluster_and_a_plan_of_a_hundred_million_ranks_are_refused(tmp_path):
+    text = (ROOT / "gemini_sim" / "cluster" / "presets" / "gemini-paper.toml").read_text()
+    (tmp_path / "big.toml").write_text(text.replace("machines = 16", "machines = 1000000"))
+    rc, _, err = run_cli("interleave", "--config", str(tmp_path / "big.toml"), "--schedule", "gemini", "--slow-nic",
+                         "0.5", check_rc=None, timeout=60, address_space=LIMIT)
+    one_line_refusal(rc, err, "slow nic")
+    assert "simulate every machine" in err
+    rc, err = runtime_command(["runtime", "plan", "--machines", "100000", "--procs", "1024", "-o",
+                               str(tmp_path / "p.json")], tmp_path)
+    one_line_refusal(rc, err, "ranks")
+    assert "at most 1,048,576" in err and not (tmp_path / "p.json").exists()

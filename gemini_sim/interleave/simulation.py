@@ -66,6 +66,10 @@ class InterleaveResult:
                 "sim_events": self.sim_events, "flows": self.flows}
 
 
+MAX_SIM_EVENTS = 500_000  # SimPy events one interleave run may take: a minute or two on a 2-core host
+MAX_SIMULATED_MACHINES = 16_384  # machines simulated one by one (a coupled cluster): 2,048 took 0.9 s an iteration
+
+
 def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timeline: Timeline | None = None,
              threshold_pct: float = 1.0, find_interval: bool = True, max_interval: int = 32) -> InterleaveResult:
     """Simulate ``cfg.interval`` iterations without and with one checkpoint under ``cfg.schedule``."""
@@ -77,12 +81,24 @@ def simulate(preset: Preset, cfg: InterleaveConfig = InterleaveConfig(), timelin
     if not 1 <= replicas <= preset.cluster.machines:
         raise UserError(f"replicas ({replicas}) must be between 1 and machines ({preset.cluster.machines})")
     full, preset = preset, symmetric_slice(preset, cfg)
+    if preset.cluster.machines > MAX_SIMULATED_MACHINES:  # a coupled cluster (a slow NIC, an oversubscribed spine)
+        raise UserError(f"--slow-nic and --oversubscription simulate every machine, and this cluster has "
+                        f"{preset.cluster.machines:,}; at most {MAX_SIMULATED_MACHINES:,} (2,048 took about a second "
+                        "an iteration on a 2-core host)")
     # The profile GEMINI plans with: one iteration without checkpoint traffic, with other jitter draws than the run.
     pl = build_placement(preset, cfg)  # once, for the profile, every interval tried and the plan
     cluster = _Cluster(preset, cfg.oversubscription, cfg.slow_nic)  # once too: topology, paths, flow groups
     profile = _simulate(preset, timeline, dataclasses.replace(cfg, seed=cfg.seed + 1), pl, with_checkpoint=False,
                         iterations=1, full=full, cluster=cluster)
 
+    # the work is bounded before it is done: an interval of K iterations costs some K x (one iteration's events),
+    # played with and without the checkpoint
+    need = 2 * cfg.interval * profile.sim_events
+    if need > MAX_SIM_EVENTS:
+        fits = max(1, MAX_SIM_EVENTS // (2 * max(1, profile.sim_events)))
+        raise UserError(f"--interval {cfg.interval}: simulating {cfg.interval} iterations of this cluster takes some "
+                        f"{need:,} events (one iteration: {profile.sim_events:,}); at most {MAX_SIM_EVENTS:,}, that "
+                        f"is an interval of up to {fits:,} here")
     plans: dict = {}
 
     def run_with(k: int, record: bool = False) -> tuple[IterationRun, IterationRun]:

@@ -184,9 +184,15 @@ def resolve(strategy: str, machines: int, replicas: int) -> str:
     return strategy
 
 
+MAX_COPIES = 20_000_000  # machines x replicas a placement lists (some 1 GB of Python lists at the most)
+
+
 def build(strategy: str, machines: int, replicas: int, **options) -> Placement:
     """Build and validate a placement (``auto`` is resolved first). Options: ``seed`` (random), ``domains`` or
-    ``domain_of`` (domain-aware)."""
+    ``domain_of`` (domain-aware). A placement lists every copy: more than :data:`MAX_COPIES` is refused before."""
+    if machines * replicas > MAX_COPIES:
+        raise UserError(f"a placement of {machines:,} machines x {replicas:,} copies lists {machines * replicas:,} "
+                        f"copies; at most {MAX_COPIES:,}")
     strategy = resolve(strategy, machines, replicas)
     if strategy not in PLACEMENTS:
         raise unknown_name("placement strategy", strategy, PLACEMENTS)

@@ -31,6 +31,11 @@ from gemini_sim.errors import UserError
 from gemini_sim.placement.layouts import Placement, structure
 
 BRUTE_FORCE_LIMIT = 200_000  # largest C(N, k) enumerated for placements with no counting method
+# Work bounded before it is done. The exact counts add up big integers of some N bits, one term per group (or
+# ring gap) that may fail whole: measured on the 2-core host, 0.25-0.3 ns per term x N^1.585 (Karatsuba's
+# multiplication), so this budget is about a minute. Monte Carlo draws k of N machines per sample.
+EXACT_BUDGET = 2e11
+SAMPLE_BUDGET = 2e9  # samples x machines
 
 
 @dataclass(frozen=True)
@@ -168,16 +173,13 @@ def safe_count(p: Placement, k: int) -> int | None:
         return math.comb(n, k)
     if k > n:
         return 0
-    if p.strategy in ("group", "mixed", "ring", "domain-aware") and _is_structured(p):
+    method = safe_count_method(p, k)
+    if method == "closed form":
         groups, ring = structure(p)
         return structured_safe(groups, ring, m, k)
-    if m == 1:
-        return int(k == 0)
-    if m == 2:
-        return _independent_sets_by_size(_pairs_graph(p), k)[k]
-    if math.comb(n, k) <= BRUTE_FORCE_LIMIT:
-        return brute_force_safe(p, k)
-    return None
+    if method == "graph":
+        return int(k == 0) if m == 1 else _independent_sets_by_size(_pairs_graph(p), k)[k]
+    return brute_force_safe(p, k) if method == "enumeration" else None
 
 
 def _is_structured(p: Placement) -> bool:
@@ -230,10 +232,45 @@ def monte_carlo(p: Placement, sample_failed, samples: int = 20_000, seed: int = 
                     wilson(ok, samples), samples, expected_lost_checkpoints=float(lost.mean()))
 
 
+def exact_work(p: Placement, k: int) -> float:
+    """The work of the exact count for k failures, in :data:`EXACT_BUDGET`'s units (0: little or none)."""
+    n, m = p.machines, p.replicas
+    if k < m or k > n or p.strategy not in ("group", "mixed", "ring", "domain-aware"):
+        return 0.0
+    groups, ring = structure(p)
+    ring_terms = k // max(1, m - 1) + 1
+    terms = (ring_terms if groups == 0 else min(groups, k // m) + 1 if ring == 0
+             else (min(ring, k) + 1) * (min(groups, k // m) + 1 + ring_terms))
+    return terms * float(n) ** 1.585
+
+
+def check_work(p: Placement, k: int, samples: int) -> None:
+    """Refuse, in one line and before any of it, work beyond the budgets (see :data:`EXACT_BUDGET`)."""
+    work = exact_work(p, k)
+    if work > EXACT_BUDGET:
+        raise UserError(f"the exact P(recover) of {p.machines:,} machines, {p.replicas} copies and {k:,} failures adds "
+                        f"big integers of {p.machines:,} bits some {work / EXACT_BUDGET:,.0f} times longer than the "
+                        f"budget (about a minute): ask fewer machines or failures")
+    if samples * p.machines > SAMPLE_BUDGET and safe_count_method(p, k) is None:
+        raise UserError(f"{samples:,} Monte Carlo samples of {p.machines:,} machines exceed the budget of "
+                        f"{SAMPLE_BUDGET:,.0f} machine draws: ask fewer samples or machines")
+
+
+def safe_count_method(p: Placement, k: int) -> str | None:
+    """How :func:`safe_count` counts (None: it cannot, Monte Carlo then)."""
+    n, m = p.machines, p.replicas
+    if k < m or k > n or (p.strategy in ("group", "mixed", "ring", "domain-aware") and _is_structured(p)):
+        return "closed form"
+    if m in (1, 2):
+        return "graph"
+    return "enumeration" if math.comb(n, k) <= BRUTE_FORCE_LIMIT else None
+
+
 def probability(p: Placement, k: int, samples: int = 20_000, seed: int = 0) -> Recovery:
     """P(every checkpoint survives) when k machines fail uniformly at random: exact whenever a method exists."""
     if not 0 <= k <= p.machines:
         raise UserError(f"failures ({k}) must be between 0 and machines ({p.machines})")
+    check_work(p, k, samples)
     count = safe_count(p, k)
     if count is None:
         return monte_carlo(p, lambda rng: rng.choice(p.machines, k, replace=False).tolist(), samples, seed, k)
