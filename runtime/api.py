@@ -207,7 +207,7 @@ class Checkpointer:
         """Call ``fn(iteration)`` at ``point``: ``before_update`` (in :meth:`after_backward`, once the state is
         copied out) or ``before_commit`` (just before this rank's copy of a checkpoint is committed)."""
         if point not in self._hooks:
-            raise ValueError(f"unknown hook point {point!r}; points: {', '.join(HOOKS)}")
+            raise ConfigError(f"unknown hook point {point!r}; points: {', '.join(HOOKS)}")
         self._hooks[point].append(fn)
 
     def _fire(self, point: str, iteration: int) -> None:
@@ -397,7 +397,7 @@ class Checkpointer:
             raise RuntimeError("call recover() before training (on every rank): it resumes from the newest "
                                "checkpoint, or starts afresh, dropping what a previous run left in the stores")
         if not isinstance(iteration, int) or iteration != self.iteration + 1:
-            raise ValueError(f"after_step({iteration!r}): expected iteration {self.iteration + 1} (iterations count "
+            raise ConfigError(f"after_step({iteration!r}): expected iteration {self.iteration + 1} (iterations count "
                              "up by one from what recover() returned)")
         if self._inflight is not None and not self._backward_done:
             raise RuntimeError("after_backward() was not called before the optimizer step while a checkpoint was "

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
-from .state import CHUNKS, DTYPES, WORLD, key_of, unpack, verify
+from .state import CHUNKS, DTYPES, WORLD, StateError, key_of, unpack, verify
 
 TAG = 100  # the tags of the pieces sent in a resharding recovery: TAG + the index of the piece in the receiver's list
 
@@ -271,6 +271,6 @@ def load_durable(path: Path, template: dict, rank: int, group=None) -> tuple[dic
     data = bin_path.read_bytes()
     manifest = meta.get("own", meta.get("extra"))  # "extra": before plain tensors were kept per rank
     if not verify(data, manifest):
-        raise RuntimeError(f"{path}: this rank's state file fails its checksum")
+        raise StateError(f"{path}: this rank's state file fails its checksum")
     return load_through_dcp(template, dcp.FileSystemReader(str(path)), unpack(data, manifest), group), \
         meta["skeleton"]
