@@ -203,9 +203,12 @@ def _followed(p: Path, flag: str) -> Path:
     if not p.is_symlink():
         return p
     try:
-        return p.resolve(strict=False)
+        target = p.resolve(strict=False)
     except (OSError, RuntimeError) as exc:
         raise UserError(f"{flag} {p}: a symbolic link that cannot be followed ({exc})") from None
+    if not target.exists() and Path("/proc") in target.parents:  # /dev/stdout onto a pipe or a terminal
+        raise UserError(f"{flag} {p}: is a pipe or a terminal, not a file")
+    return target
 
 
 def output_dir(path, flag: str) -> Path:

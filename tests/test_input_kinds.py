@@ -254,3 +254,10 @@ def test_a_coupled_million_machine_cluster_and_a_plan_of_a_hundred_million_ranks
                                str(tmp_path / "p.json")], tmp_path)
     one_line_refusal(rc, err, "ranks")
     assert "at most 1,048,576" in err and not (tmp_path / "p.json").exists()
+
+
+def test_standard_output_as_an_output_file_is_refused_where_it_is_a_pipe(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gemini_sim.cli", "synth", "--synthetic", "burst", "--days", "2", "-o",
+                        "/dev/stdout"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    one_line_refusal(r.returncode, r.stderr, "/dev/stdout")
+    assert "is a pipe or a terminal" in r.stderr and Path("/dev/stdout").is_symlink()

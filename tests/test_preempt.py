@@ -34,16 +34,19 @@ def launch(tmp_path, iters: int, out: str, job: str, env=None):
 def test_sigterm_writes_the_newest_checkpoint_in_memory_durably(tmp_path):
     contract.write(contract.default(1, 2, replicas=1, persist=1000), tmp_path / "plan.json")
     p = launch(tmp_path, 100_000, "killed", "pre", env={"GEMINI_PREEMPT_GRACE_S": "60"})
-    deadline = time.monotonic() + 120
+    deadline, seen = time.monotonic() + 120, 0
     for line in p.stdout:  # until the job has trained a few iterations
-        if '"msg": "iteration"' in line and json.loads(line[7:])["iteration"] >= 8 or time.monotonic() > deadline:
+        if '"msg": "iteration"' in line:
+            seen = max(seen, json.loads(line[7:])["iteration"])
+        if seen >= 8 or time.monotonic() > deadline:
             break
     p.send_signal(signal.SIGTERM)  # as a scheduler does: torchrun passes it on to its workers
     _, err = p.communicate(timeout=120)
     found = re.search(r"gemini: job pre: SIGTERM: iteration (\d+) is durable in (\S+) \(", err)
     assert found, err[-3000:]
     it = int(found.group(1))
-    assert it >= 8 and (tmp_path / "durable" / "pre" / f"step-{it:08d}" / "COMPLETE").exists()
+    # the newest iteration complete in every rank's memory: the one before the last seen may still have been in flight
+    assert seen - 2 <= it and (tmp_path / "durable" / "pre" / f"step-{it:08d}" / "COMPLETE").exists()
     # the machines are gone, and their memory with them: a later launch loads the durable copy
     r = subprocess.run([sys.executable, "-m", "runtime", "free", "pre"], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, GEMINI_STORE_ROOT=str(tmp_path / "shm")))
