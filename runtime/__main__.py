@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from gemini_sim import plan as contract
 from gemini_sim.errors import UserError as ContractError
@@ -22,23 +21,14 @@ from gemini_sim.files import output_file
 
 from . import job as jobs
 from . import schedules
-from .config import ConfigError, check_name, default_store_root
+from .config import ConfigError, OneLineParser, check_name, resolve_store_root
 from .plan import Plan, PlanError, default, resized
 
 PROG = "python -m runtime"
 
 
-class _Usage(ValueError):
-    """A command's mistake, said by that command."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not a usage block
-        raise _Usage(f"{self.prog}: error: {message}")
-
-
 def _plan(argv) -> int:
-    ap = _Parser(prog=f"{PROG} plan", description="Write the default plan (GEMINI's placement) for a job that has "
+    ap = OneLineParser(prog=f"{PROG} plan", description="Write the default plan (GEMINI's placement) for a job that has "
                  "no plan from `gemini-sim plan` yet.")
     ap.add_argument("--machines", type=int, required=True)
     ap.add_argument("--procs", type=int, help="processes (ranks) per machine (required without --like)")
@@ -57,7 +47,7 @@ def _plan(argv) -> int:
             ap.error("need 1 <= --machines <= 100000")
         if any(v is not None for v in (args.procs, args.replicas, args.persist)):
             ap.error("--like takes the plan's processes, copies and intervals: give only --machines with it")
-        out = _out(ap, args.out)
+        out = output_file(args.out, "-o")
         plan = resized(Plan.load(args.like), args.machines)
         contract.write(plan.data, out)
         print(f"wrote {out}: {plan.machines} machine(s) x {plan.processes_per_machine}, as {args.like}")
@@ -73,7 +63,7 @@ def _plan(argv) -> int:
         -(-contract.DEFAULT_PERSIST // args.interval) * args.interval
     if not 1 <= persist <= 10**9 or persist % args.interval:
         ap.error(f"--persist {persist}: need a multiple of --interval ({args.interval}) up to 1e9")
-    out = _out(ap, args.out)
+    out = output_file(args.out, "-o")
     plan = default(args.machines, args.procs, replicas, args.interval, persist, args.schedule)
     contract.write(plan.data, out)
     print(f"wrote {out}: {args.machines} machine(s) x {args.procs}, {replicas} cop{'y' if replicas == 1 else 'ies'} "
@@ -81,26 +71,14 @@ def _plan(argv) -> int:
     return 0
 
 
-def _out(ap, path: str) -> Path:
-    """The plan's output path, checked as every output is (gemini_sim/files.py: a new name or a regular file in a
-    writable folder)."""
-    return output_file(path, "-o")
-
-
 def _root(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--store-root", help="the store root (default $GEMINI_STORE_ROOT, else /dev/shm/gemini-UID)")
 
 
-def _store_root(args) -> Path:
-    import os
-
-    return Path(args.store_root or os.environ.get("GEMINI_STORE_ROOT") or default_store_root())
-
-
 def _jobs(argv) -> int:
-    ap = _Parser(prog=f"{PROG} jobs", description="List what every job holds in memory on this host.")
+    ap = OneLineParser(prog=f"{PROG} jobs", description="List what every job holds in memory on this host.")
     _root(ap)
-    root = _store_root(ap.parse_args(argv))
+    root = resolve_store_root(ap.parse_args(argv).store_root)
     held = jobs.jobs(root)
     if not held:
         print(f"no job holds memory in {root}")
@@ -115,11 +93,11 @@ def _jobs(argv) -> int:
 
 
 def _free(argv) -> int:
-    ap = _Parser(prog=f"{PROG} free", description="Free jobs' memory on this host (their durable checkpoints stay).")
+    ap = OneLineParser(prog=f"{PROG} free", description="Free jobs' memory on this host (their durable checkpoints stay).")
     ap.add_argument("job", nargs="+")
     _root(ap)
     args = ap.parse_args(argv)
-    root = _store_root(args)
+    root = resolve_store_root(args.store_root)
     folders = []
     for name in args.job:
         folder = root / check_name(name, "job name")
@@ -129,7 +107,9 @@ def _free(argv) -> int:
             ap.error(f"job {name!r} is in use by process {', '.join(map(str, busy[:5]))}: stop it first")
         folders.append((name, folder))
     for name, folder in folders:
-        print(f"freed {jobs.free(folder) / 2**30:.2f} GiB of job {name}")
+        held = jobs.held_bytes(folder)
+        jobs.free(folder)
+        print(f"freed {held / 2**30:.2f} GiB of job {name}")
     return 0
 
 
@@ -144,11 +124,8 @@ def main(argv=None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except _Usage as e:
-        print(e, file=sys.stderr)
-        return 2
-    except (ConfigError, PlanError, ContractError) as e:
-        print(f"{PROG} {argv[0]}: error: {e}", file=sys.stderr)
+    except (ConfigError, PlanError, ContractError) as e:  # a parser's own is said by its command already
+        print(e if str(e).startswith(PROG) else f"{PROG} {argv[0]}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"{PROG}: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)

@@ -25,7 +25,6 @@ healthy agents; a fresh rendezvous per job attempt, the same for every machine, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -40,7 +39,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, check_name
+from .config import ConfigError, OneLineParser, check_name
+from gemini_sim.plan import DEFAULT_PERSIST
+
 from .plan import Plan, PlanError, resized
 from .plan import default as default_plan_for
 
@@ -395,12 +396,11 @@ class Job:
         shutil.rmtree(self.store_root, ignore_errors=True)
 
 
-def default_plan(path, machines: int, ppm: int, replicas: int = 2, interval: int = 1, persist: int | None = None,
-                 schedule: str = "naive") -> Path:
+def default_plan(path, machines: int, ppm: int, replicas: int = 2, interval: int = 1,
+                 persist: int = DEFAULT_PERSIST, schedule: str = "naive") -> Path:
     """Write the default plan (runtime/plan.py's :func:`default`) to ``path``."""
     from gemini_sim import plan as contract
 
-    persist = contract.DEFAULT_PERSIST if persist is None else persist
     contract.write(default_plan_for(machines, ppm, replicas, interval, persist, schedule).data, path)
     return Path(path)
 
@@ -424,16 +424,11 @@ def summarize(res: JobResult, out=print) -> None:
         + (f"; root cause: {res.root_cause}" if res.root_cause and not res.ok else ""))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not a usage block
-        raise ConfigError(f"{self.prog}: error: {message}")
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     entry = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    ap = _Parser(prog="python -m runtime.agent", usage="%(prog)s [options] -- ENTRY [ARGS...]",
+    ap = OneLineParser(prog="python -m runtime.agent", usage="%(prog)s [options] -- ENTRY [ARGS...]",
                                  description="Run a training script that uses runtime.Checkpointer on N local "
                                  "'machines', replacing lost ones. ENTRY: a script, or -m MODULE.")
     ap.add_argument("--plan", help="plan.json (default: GEMINI's placement for --machines x --procs, m=2, a "

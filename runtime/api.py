@@ -112,7 +112,7 @@ class Checkpointer:
                  checkpoint: bool = True, host_cores=None, timeout_s: float = 120.0,
                  preempt_grace_s: float | None = None):
         if not dist.is_available() or not dist.is_initialized():
-            raise ConfigError("call torch.distributed.init_process_group() (or runtime.distributed.init()) before "
+            raise ConfigError("call runtime.init_process_group() (or torch.distributed.init_process_group()) before "
                               "creating the Checkpointer")
         if model is None or optimizer is None:
             raise ConfigError("the Checkpointer needs the model and its optimizer")
@@ -141,7 +141,7 @@ class Checkpointer:
                 "True" and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") not in ("", "0"):
             print("gemini: warning: torchrun may restart this job (--max-restarts), and a process group started by "
                   "torch.distributed.init_process_group() can fail to start again after a restart (its workers may "
-                  "read the addresses of the attempt before's): start it with runtime.distributed.init()",
+                  "read the addresses of the attempt before's): start it with runtime.init_process_group()",
                   file=sys.stderr)
         self.groups = Groups.create(s.timeout_s)
         self.job, self.named = startup.agree_on_job(s, self.world, self.groups.control)

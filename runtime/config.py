@@ -24,6 +24,7 @@ Every environment variable the runtime reads (docs/runtime.md, "Environment", li
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -55,6 +56,20 @@ def default_store_root() -> Path:
     """``/dev/shm/gemini-UID`` (under $TMPDIR or /tmp where there is no /dev/shm); jobs have folders inside."""
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
     return base / f"gemini-{os.geteuid()}"
+
+
+def resolve_store_root(value=None, env: Mapping[str, str] | None = None) -> Path:
+    """The store root: ``value``, else ``$GEMINI_STORE_ROOT``, else :func:`default_store_root`."""
+    env = os.environ if env is None else env
+    return _path(value, env, "GEMINI_STORE_ROOT") or default_store_root()
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """The runtime's commands' parser: a mistake is a :class:`ConfigError` of one line, ``PROG: error: ...``, not a
+    usage block."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: error: {message}")
 
 
 def job_from(env: Mapping[str, str]) -> tuple[str | None, bool]:
@@ -133,7 +148,7 @@ def resolve(plan=None, *, job: str | None = None, store_root=None, durable_dir=N
         check_name(job, "job name")
     machine_id = check_name(env.get("GEMINI_MACHINE_ID") or "node", "GEMINI_MACHINE_ID")
     return Settings(plan=Plan.coerce(plan), job=job, named=named,
-                    store_root=_path(store_root, env, "GEMINI_STORE_ROOT") or default_store_root(),
+                    store_root=resolve_store_root(store_root, env),
                     durable_root=_path(durable_dir, env, "GEMINI_DURABLE_DIR") or Path("gemini-durable"),
                     out_dir=_path(out_dir, env, "GEMINI_OUT_DIR"), machine_id=machine_id,
                     profile_iters=profile_iters, checkpoint=bool(checkpoint), host_cores=host_cores,

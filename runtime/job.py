@@ -137,8 +137,6 @@ def users(folder: Path) -> list[int]:
     return found
 
 
-def free(folder: Path) -> int:
-    """Remove a job's (or one machine's) memory; the bytes it held."""
-    n = held_bytes(folder)
+def free(folder: Path) -> None:
+    """Remove a job's (or one machine's) memory."""
     shutil.rmtree(folder, ignore_errors=True)
-    return n

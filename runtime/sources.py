@@ -48,15 +48,6 @@ def dcp_key(key: str) -> str:
     return ".".join(str(key_of(part)) for part in key.split("/"))
 
 
-def _typed(raw: torch.Tensor, dtype: str, shape) -> torch.Tensor:
-    """Bytes (a flat uint8 tensor) as a tensor of ``dtype`` and ``shape``; copied first where they do not start at a
-    multiple of the dtype's size."""
-    dt = DTYPES[dtype]
-    if raw.numel() and (raw.data_ptr() % dt.itemsize):
-        raw = raw.clone()
-    return raw.view(dt).reshape(shape) if raw.numel() else torch.empty(shape, dtype=dt)
-
-
 class MemoryReader(StorageReader):
     """A DCP ``StorageReader`` over shards held in memory: ``metadata`` describes every piece of the checkpoint (what
     DCP's planner plans with, the same on every rank), ``pieces`` holds those this rank was given, by (DCP key, offsets
@@ -218,21 +209,20 @@ def fetch_resharded(store, groups, rank: int, world: int, ppm: int, it: int, old
         w.wait()
     pieces, own = {}, {}
     for s, src, names in requests:
-        entries = {e["name"]: e for e in manifests[s]["entries"]}
-        if src >= 0:
-            bounds, at = [], 0
+        if src >= 0:  # the bytes of ``names`` one after the other: their entries, at their places in the buffer
+            by_name, at, entries = {e["name"]: e for e in manifests[s]["entries"]}, 0, []
             for n in names:
-                bounds.append(arrived[s][at:at + entries[n]["nbytes"]])
-                at += entries[n]["nbytes"]
+                entries.append(dict(by_name[n], offset=at))
+                at += by_name[n]["nbytes"]
+            got = unpack(memoryview(arrived[s].numpy()), {"entries": entries}, own=True)
         else:
-            bounds = slices(s, names)
+            got = unpack(*held[s], own=True)
         chunks = manifests[s]["skeleton"][CHUNKS]
-        for n, raw in zip(names, bounds):
-            t = _typed(raw, entries[n]["dtype"], entries[n]["shape"])
+        for n in names:
             if n in chunks:
-                pieces[(dcp_key(n), tuple(chunks[n][1]))] = t
+                pieces[(dcp_key(n), tuple(chunks[n][1]))] = got[n]
             else:
-                own[n] = t.clone()  # copied out of the store's mapping, which a later checkpoint reuses
+                own[n] = got[n].clone()  # copied out of the store's mapping, which a later checkpoint reuses
     tensors = load_through_dcp(template, MemoryReader(metadata_of(manifests), pieces), own, groups.control)
     skeleton = {k: v for k, v in manifests[own_from]["skeleton"].items() if k not in (CHUNKS, WORLD)}
     return tensors, skeleton

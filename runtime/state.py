@@ -17,6 +17,7 @@ with ``torch.frombuffer``, never unpickled.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import math
 import os
@@ -24,6 +25,7 @@ import re
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 import xxhash
@@ -232,7 +234,6 @@ def write_shard(stem, tensors: Mapping[str, torch.Tensor], skeleton=None) -> Non
     and extra state, with the numbers of the skeleton), say, to compare runs bit for bit (both files) or to read back
     with :func:`unpack`."""
     import json
-    from pathlib import Path
 
     from .files import write_atomic
 
@@ -248,8 +249,5 @@ def write_shard(stem, tensors: Mapping[str, torch.Tensor], skeleton=None) -> Non
 def same_shard(a, b) -> bool:
     """Did :func:`write_shard` write the same state at stems ``a`` and ``b``: the same tensors bit for bit, under the
     same names, shapes and dtypes, and the same skeleton?"""
-    import filecmp
-    from pathlib import Path
-
     return all(filecmp.cmp(Path(a).with_name(Path(a).name + ext), Path(b).with_name(Path(b).name + ext), shallow=False)
                for ext in (".bin", ".json"))

@@ -190,3 +190,68 @@ def test_continue_or_wait_on_the_bundled_trace():
         assert a.tier == b.tier
         cycle = pol.remote.interval_s if a.tier == "storage" else pol.memory.interval_s
         assert abs(a.lost_s - b.lost_s) <= cycle
+
+
+def test_cli_replay_json_shape(cli, tmp_path):
+    rc, out, err = cli("replay", "--synthetic", "burst", "--days", "20", "--seed", "3", "--json",
+                       "--preset", "opt-175b", "--out", tmp_path)
+    d = json.loads(out)
+    names = [s["name"] for s in d["strategies"]]
+    assert names == list(strategies.STRATEGIES)
+    for s in d["strategies"]:
+        assert {"name", "wasted_hours", "gpu_hours_wasted", "failures", "components"} <= set(s)
+        assert set(s["components"]) == {"lost_progress_hours", "retrieval_hours", "checkpoint_stall_hours",
+                                        "restart_hours", "degraded_hours"}
+        assert s["wasted_hours"] == pytest.approx(sum(s["components"].values()))
+    assert d["trace"]["synthetic"] is True
+    for f in ("replay.json", "replay-breakdown.png", "replay-cumulative.png", "replay-trace.png"):
+        assert (tmp_path / f).stat().st_size > 0
+
+
+def test_cli_multiple_traces_and_strategy_subset(cli, tmp_path):
+    rc, out, err = cli("replay", "--trace", TRACES / "bloom176b.csv", TRACES / "bloom176b.csv", "--json",
+                       "--strategies", "gemini,strawman")
+    runs = json.loads(out)["runs"]
+    assert len(runs) == 2 and [s["name"] for s in runs[0]["strategies"]] == ["gemini", "strawman"]
+
+
+def test_cli_replicas_that_do_not_fit_memory(cli):
+    rc, out, err = cli("replay", "--synthetic", "poisson", "--preset", "gemini-paper", "--replicas", "60",
+                       check_rc=2)
+    assert "exceeds" in err or "GB missing" in err
+
+
+def test_replay_uses_the_configured_placement_under_rack_failures():
+    # gemini-paper has racks of 4; a failure that takes 4 machines takes a whole rack. Group placement keeps both
+    # copies of a checkpoint in one rack (remote storage needed); domain-aware puts them in different racks.
+    rack = Trace("r", (FailureEvent(5, "hardware", 4),), 10)
+    group = replay(rack, PAPER, "gemini")
+    aware_preset = dataclasses.replace(PAPER, recovery=dataclasses.replace(PAPER.recovery, placement="domain-aware"))
+    aware = replay(rack, aware_preset, "gemini")
+    assert group.outcomes[0].tier == "storage" and aware.outcomes[0].tier == "peer"
+    assert aware.wasted_s < group.wasted_s
+
+
+def test_placement_config_key_is_validated(tmp_path):
+    text = (config.resources.files("gemini_sim.cluster.presets") / "gemini-paper.toml").read_text()
+    f = tmp_path / "p.toml"
+    f.write_text(text.replace("replicas = 2", "replicas = 2\nplacement = \"hash\""))
+    with pytest.raises(config.UserError, match="recovery.placement"):
+        config.load_config(f)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(times=st.lists(st.sampled_from([0.0, 0.5, 10.0, 10.0, 37.25]), min_size=1, max_size=12),
+       extra=st.sampled_from([0.0, 0.0, 1e-9, 3.0]), name=st.sampled_from(list(strategies.STRATEGIES)),
+       seed=st.integers(0, 3))
+def test_every_row_of_a_trace_reaches_the_replay(tmp_path_factory, times, extra, name, seed):
+    """Failures replayed == failures in the trace, for any trace: rows at the same instant, a row at the job's last
+    instant (the default duration is the last failure's time), a row at time 0; read from CSV as a user writes it."""
+    rows = "".join(f"{t},hardware,1,row {i}\n" for i, t in enumerate(sorted(times)))
+    header = f"# duration_hours: {max(times) + extra}\n" if extra else ""
+    path = tmp_path_factory.mktemp("t") / "trace.csv"
+    path.write_text(header + "time_hours,kind,machines,note\n" + rows)
+    trace = traces.load_trace(path)
+    r = replay(trace, PAPER, name, seed=seed)
+    assert r.failures == len(times) == len(r.outcomes)
+    assert r.useful_s + r.wasted_s == pytest.approx(r.horizon_s, abs=1e-6 * r.horizon_s + 1e-6)

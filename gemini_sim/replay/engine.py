@@ -214,33 +214,27 @@ class _Job:
                     self._grow(self.env.now - start, irq.cause.machines)
                 else:
                     self._failure(self.env.now - start, irq.cause, during_recovery=False)
-            while True:  # recover; a failure during recovery starts it over
+            while True:  # recover; a failure during recovery starts it over, a replacement that comes joins it
                 start = self.env.now
                 restart, retrieve = self._recovery_parts()
-                try:
-                    yield self.env.timeout(min(restart + retrieve, self.horizon - start))
-                    self._charge_recovery(self.env.now - start, restart)
-                    if self.env.now >= self.horizon:
-                        return
-                    self._recovered()
-                    break
-                except simpy.Interrupt as irq:
-                    if isinstance(irq.cause, _Grow):  # the replacements join this recovery, which goes on
-                        self.grown += irq.cause.machines
-                        rest = restart + retrieve - (self.env.now - start)
-                        try:
-                            yield self.env.timeout(min(rest, self.horizon - self.env.now))
-                        except simpy.Interrupt as again:
-                            self._charge_recovery(self.env.now - start, restart)
-                            self._failure(0.0, again.cause, during_recovery=True)
-                            continue
-                        self._charge_recovery(self.env.now - start, restart)
-                        if self.env.now >= self.horizon:
-                            return
-                        self._recovered()
+                end, failure = min(start + restart + retrieve, self.horizon), None
+                while True:
+                    try:
+                        yield self.env.timeout(end - self.env.now)
                         break
-                    self._charge_recovery(self.env.now - start, restart)
-                    self._failure(0.0, irq.cause, during_recovery=True)
+                    except simpy.Interrupt as irq:
+                        if not isinstance(irq.cause, _Grow):
+                            failure = irq.cause
+                            break
+                        self.grown += irq.cause.machines
+                self._charge_recovery(self.env.now - start, restart)
+                if failure is not None:
+                    self._failure(0.0, failure, during_recovery=True)
+                    continue
+                if self.env.now >= self.horizon:
+                    return
+                self._recovered()
+                break
 
     def _grow(self, tau: float, machines: int) -> None:
         """A planned restart onto ``machines`` replacements, ``tau`` into the segment: the job stops once its newest
