@@ -80,7 +80,9 @@ netns-up: $(STAMP)
 netns-down: $(STAMP)
 	$(BIN)/python -m runtime.netns down
 
+# the peers section's peers (the bench extra) too; a machine without a registry runs the others
 bench: $(STAMP)
+	$(if $(OFFLINE),,$(BIN)/python -m pip install --quiet -e '.[dev,bench]')
 	$(BIN)/python bench/run.py --out bench/results.md
 
 clean:

@@ -302,9 +302,40 @@ def bench_state_path_large():
     return _state_path(first=False)
 
 
+PEERS_DATA = Path(__file__).resolve().parent / "data" / "peers-cpu.json"
+
+
+def bench_peers():
+    """The runtime beside lm-resiliency, DCP's async stager and dcp.save on the same job (bench/peers.py), at 0.25
+    and 1 GiB per rank (GEMINI_BENCH_PEERS_GIB: other sizes), 3 repeats alternating; the table goes after the main
+    one, the figures to bench/data/peers-cpu.json (notebooks/calibration.ipynb plots them)."""
+    import json
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peers
+
+    sizes = [float(g) for g in os.environ.get("GEMINI_BENCH_PEERS_GIB", "0.25 1").split()]
+    work = Path(tempfile.mkdtemp(prefix="gemini-peers-"))
+    missing = [a for a in peers.APPROACHES if not peers.available(a)]
+    section = ["## Peers: the same job under each in-memory checkpointing a user has", "",
+               " ".join(peers.__doc__.split("\n\n")[2].split()), "", *peers.settings(),
+               "Missing here (not installed: `pip install -e '.[bench]'`): " + ", ".join(missing) if missing else "",
+               ""]
+    data, at = {}, len(SECTIONS)
+    SECTIONS.append("")
+    for gib in sizes:
+        figures = peers.measure(gib, work / f"{gib:g}", repeats=3, rounds=2, progress=lambda m: print(m, flush=True))
+        data[f"{gib:g}"] = figures
+        section += peers.table(gib, figures) + [""]
+        write_atomic(PEERS_DATA, json.dumps(data, indent=1) + "\n")
+        SECTIONS[at] = "\n".join(section)  # each size's table as soon as it is measured
+        yield peers.summary_rows(gib, figures)
+
+
 BENCHES = {"replay": bench_replay_year, "placement": bench_placement_exact, "interleave": bench_interleave,
            "scale": bench_scale, "runtime": bench_runtime, "state-path": bench_state_path,
-           "calibration": bench_calibration, "state-path-large": bench_state_path_large}
+           "calibration": bench_calibration, "peers": bench_peers, "state-path-large": bench_state_path_large}
 SECTIONS: list[str] = []  # Markdown sections after the table (the scale table)
 
 
