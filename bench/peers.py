@@ -83,16 +83,31 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def launch(approach: str, work: Path, job_args: list[str], job: str, kill: str = "", timeout: float = 1800) -> list[dict]:
+def launch(approach: str, work: Path, job_args: list[str], job: str, kill: str = "", timeout: float = 1800,
+           store: Path | None = None) -> list[dict]:
     """One launch of the job under ``approach`` in ``work``: two torchrun nodes; ``kill="job@K"``: every process
-    SIGKILLed once rank 0 reaches the kill point, then the job launched again. Returns each rank's result."""
+    SIGKILLed once rank 0 reaches the kill point, then the job launched again. Returns each rank's result. The
+    runtime's store is where it is by default, in /dev/shm (a folder of its own there, removed after; ``store``:
+    another), not beside ``work``, which may be on a disk."""
     work.mkdir(parents=True, exist_ok=True)
+    own_store = store is None
+    if own_store:
+        store = Path(tempfile.mkdtemp(prefix="gemini-peers-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    try:
+        return _launch(approach, work, job_args, job, kill, timeout, store)
+    finally:
+        if own_store:
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def _launch(approach: str, work: Path, job_args: list[str], job: str, kill: str, timeout: float,
+            store: Path) -> list[dict]:
     if approach == "runtime" and not (work / "plan.json").exists():
         from gemini_sim import plan as contract
 
         contract.write(contract.default(2, 1), work / "plan.json")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               GEMINI_STORE_ROOT=str(work / "shm"), GEMINI_DURABLE_DIR=str(work / "durable"), GEMINI_JOB=job,
+               GEMINI_STORE_ROOT=str(store), GEMINI_DURABLE_DIR=str(work / "durable"), GEMINI_JOB=job,
                PEER_JOB=job, OMP_NUM_THREADS="1")
 
     def start():

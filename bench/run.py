@@ -308,7 +308,7 @@ PEERS_DATA = Path(__file__).resolve().parent / "data" / "peers-cpu.json"
 def bench_peers():
     """The runtime beside lm-resiliency, DCP's async stager and dcp.save on the same job (bench/peers.py), at 0.25
     and 1 GiB per rank (GEMINI_BENCH_PEERS_GIB: other sizes), 3 repeats alternating; the table goes after the main
-    one, the figures to bench/data/peers-cpu.json (notebooks/calibration.ipynb plots them)."""
+    one, the figures to bench/data/peers-cpu.json (notebooks/peers.ipynb plots them)."""
     import json
     import tempfile
 
