@@ -246,7 +246,7 @@ class InFlight:
         if self.device is None:
             # state on the CPU: the copy first, on a core of its own, then the sends. Sending while copying makes
             # the two (and the peers' shards arriving) share the host's cores: the copy, a few times faster than
-            # the link, took 4-5x as long beside the sends, and the update waits for it (bench/results.md, peers)
+            # the link, took several times as long beside the sends, and the update waits for it (bench/results.md)
             self.copied.wait_for(self.size)
 
         def sent(item) -> None:  # (chunk, when posted): its sends have left
