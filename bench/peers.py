@@ -29,6 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import state_path  # noqa: E402  (beside this file)
+from state_path import median  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "bench" / "peer_job.py"
 GiB = 2 ** 30
@@ -53,11 +57,9 @@ def available(approach: str) -> bool:
 
 
 def shape_for(gib: float) -> tuple[int, int]:
-    """(dim, layers) of a TinyGPT whose parameters and AdamW state come to about ``gib`` GiB per rank of 2: 12
-    bytes a parameter (fp32 weights, two moments), 12 dim^2 parameters a block."""
-    params = gib * GiB * 2 / 12
-    dim = 128 if params < 2e6 else 512 if params < 2e7 else 1024 if params < 1e8 else 2048
-    return dim, max(1, round(params / (12 * dim * dim)))
+    """(dim, layers) of a TinyGPT of about ``gib`` GiB of parameters and AdamW state per rank of 2 (down to dim 128,
+    for the tests' small states)."""
+    return state_path.shape_for(gib * GiB, 2, smallest=128)
 
 
 def _port() -> int:
@@ -151,11 +153,6 @@ def _launch(approach: str, work: Path, job_args: list[str], job: str, kill: str,
     return [json.loads((work / f"result-rank-{r}.json").read_text()) for r in (0, 1)]
 
 
-def _med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def run_figures(ranks: list[dict]) -> dict:
     """One training run's figures (rank 0's timings): the stall per checkpoint and the iteration without and with
     checkpoints (each block's first iteration left out), the overhead paired per round, the latencies."""
@@ -163,17 +160,17 @@ def run_figures(ranks: list[dict]) -> dict:
     rounds = sorted({i["round"] for i in its})
     per_round = []
     for r in rounds:
-        off = _med(i["iteration_s"] for i in its if i["round"] == r and not i["on"])
-        on = _med(i["iteration_s"] for i in its if i["round"] == r and i["on"])
+        off = median(i["iteration_s"] for i in its if i["round"] == r and not i["on"])
+        on = median(i["iteration_s"] for i in its if i["round"] == r and i["on"])
         if off and on:
             per_round.append(100 * (on / off - 1))
-    return {"stall_s": _med(i["stall_s"] for i in its if i["on"]),
-            "iteration_off_s": _med(i["iteration_s"] for i in its if not i["on"]),
-            "iteration_on_s": _med(i["iteration_s"] for i in its if i["on"]),
-            "overhead_pct": _med(per_round),
-            "cpu_s": _minus(_med(i["cpu_s"] for i in its if i["on"]), _med(i["cpu_s"] for i in its if not i["on"])),
-            "local_s": _med(lat[0] for lat in ranks[0]["latency"]),
-            "remote_s": _med(lat[1] for lat in ranks[0]["latency"]),
+    return {"stall_s": median(i["stall_s"] for i in its if i["on"]),
+            "iteration_off_s": median(i["iteration_s"] for i in its if not i["on"]),
+            "iteration_on_s": median(i["iteration_s"] for i in its if i["on"]),
+            "overhead_pct": median(per_round),
+            "cpu_s": _minus(median(i["cpu_s"] for i in its if i["on"]), median(i["cpu_s"] for i in its if not i["on"])),
+            "local_s": median(lat[0] for lat in ranks[0]["latency"]),
+            "remote_s": median(lat[1] for lat in ranks[0]["latency"]),
             "digests": digests(ranks), "state_bytes": ranks[0]["state_bytes"]}
 
 
@@ -279,7 +276,7 @@ def summary_rows(gib: float, figures: dict) -> list[tuple[str, str, str, str]]:
     peers = [a for a in figures if a != "runtime"]
     if "runtime" not in figures or not peers:
         return rows
-    med = lambda a, k: _med(r[k] for r in figures[a]["runs"])  # noqa: E731
+    med = lambda a, k: median(r[k] for r in figures[a]["runs"])  # noqa: E731
     for what, key in LEADS:
         mine = med("runtime", key)
         theirs = [(med(a, key), a) for a in peers if med(a, key) is not None

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -46,15 +47,18 @@ GiB = 2 ** 30
 WARMUP = 3  # a job's first iterations, left out of its medians
 
 
-def shape_for(state_bytes: float, world: int = 2) -> tuple[int, int]:
+DIMS = ((128, 2e6), (512, 2e7), (1024, 1e8), (2048, 8e8), (4096, math.inf))  # (dim, below this many parameters)
+
+
+def shape_for(state_bytes: float, world: int = 2, smallest: int = 512) -> tuple[int, int]:
     """(dim, layers) of a TinyGPT whose model + AdamW state is about ``state_bytes`` per rank of ``world``: 12 bytes
-    per parameter (fp32 weights and two moments), 12 dim^2 parameters per block."""
+    per parameter (fp32 weights and two moments), 12 dim^2 parameters per block; its dim ``smallest`` at least."""
     params = state_bytes * world / 12
-    dim = 512 if params < 2e7 else 1024 if params < 1e8 else 2048 if params < 8e8 else 4096
+    dim = next(d for d, below in DIMS if d >= smallest and params < below)
     return dim, max(1, round(params / (12 * dim * dim)))
 
 
-def _median(values) -> float | None:
+def median(values) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
 
@@ -110,7 +114,7 @@ def overhead_figures(gib: float, work: Path, batch: int, seq: int, rounds: int =
     if not per_round:
         raise RuntimeError(f"overhead job: no paired rounds measured (timings in {work / 'rotation' / 'out'})")
     mean, ci = mean_ci(per_round)
-    base = _median(i["iteration_s"] for i in ranks[0]["iterations"] if i["schedule"] == "none"
+    base = median(i["iteration_s"] for i in ranks[0]["iterations"] if i["schedule"] == "none"
                    and i.get("block_pos", 0) > 0)
     return {"overhead_pct": mean, "ci95": ci, "rounds": len(per_round), "iteration_s": base, "batch": batch,
             "seq": seq, "dim": dim, "layers": layers,
@@ -202,7 +206,7 @@ def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) ->
     local, peer = fastest_recovery(killed.attempts(), "local"), fastest_recovery(lost.attempts(), "peer")
     if local is None or peer is None:
         raise RuntimeError(f"state-path jobs: no {'local' if local is None else 'peer'} recovery recorded ({work})")
-    shard = _median(r["shard_bytes"] for r in ckpt)
+    shard = median(r["shard_bytes"] for r in ckpt)
     link = link_figures(int(shard), json.loads(plan.read_text())["schedule"]["chunk_bytes"], work)
     return {
         "dim": dim, "layers": layers, "params": ckpt[0]["params"],
@@ -210,16 +214,16 @@ def runtime_figures(gib: float, work: Path, iters: int, batch: int, seq: int) ->
         "device": ckpt[0].get("device", "cpu"), "backend": ckpt[0].get("backend", "gloo"),
         # a rank whose driver would not page-lock the store's memory (its copies ran at pageable speed), and why
         "page_lock_refused": next((r["page_lock_refused"] for r in ckpt if "page_lock_refused" in r), None),
-        "iteration_s": _median(i["iteration_s"] for r in plain for i in steady(r)),
-        "iteration_ckpt_s": _median(i["iteration_s"] for r in ckpt for i in steady(r)),
-        "stall_s": _median(s for r in ckpt for it, s in stalls(r).items() if it > WARMUP),
-        "local_s": _median(c["copied_s"] for c in cks),
+        "iteration_s": median(i["iteration_s"] for r in plain for i in steady(r)),
+        "iteration_ckpt_s": median(i["iteration_s"] for r in ckpt for i in steady(r)),
+        "stall_s": median(s for r in ckpt for it, s in stalls(r).items() if it > WARMUP),
+        "local_s": median(c["copied_s"] for c in cks),
         # a run's first checkpoint (the slowest rank's), written into memory not yet reserved (later ones reuse it,
         # or memory made ready meanwhile)
         "local_first_s": max((c["copied_s"] for r in ckpt for c in r.get("checkpoints", []) if c["memory"] == "new"),
                              default=None),
-        "replicated_s": _median(c["complete_s"] - c["start_s"] for c in alone_cks),
-        "replicated_beside_training_s": _median(c["complete_s"] - c["start_s"] for c in cks),
+        "replicated_s": median(c["complete_s"] - c["start_s"] for c in alone_cks),
+        "replicated_beside_training_s": median(c["complete_s"] - c["start_s"] for c in cks),
         "local_recovery_s": local["seconds"], "peer_recovery_s": peer["seconds"],
         "local_recoveries_s": local["all_s"], "peer_recoveries_s": peer["all_s"],
         "probe_link_bytes_per_s": probe["network_bytes_per_s"],
@@ -260,12 +264,12 @@ def limited_link_figures(work: Path, batch: int, seq: int, gib: float = LINK_GIB
         peer = fastest_recovery(lost.attempts(), "peer")
         if peer is None:
             raise RuntimeError(f"limited-link job: no peer recovery recorded ({work})")
-        shard = _median(r["shard_bytes"] for r in ranks)
+        shard = median(r["shard_bytes"] for r in ranks)
         link = link_figures(int(shard), json.loads(plan.read_text())["schedule"]["chunk_bytes"], work, LINK_TAG)
     finally:
         netns.down(LINK_TAG)
     return {"mbit": mbit, "gib": gib, "shard_bytes": shard,
-            "replicated_s": _median(c["complete_s"] - c["start_s"] for c in steady_cks(ranks)),
+            "replicated_s": median(c["complete_s"] - c["start_s"] for c in steady_cks(ranks)),
             "peer_recovery_s": peer["seconds"], "peer_recoveries_s": peer["all_s"], "peer_fetch_s": peer["fetch_s"],
             "peer_restore_s": peer["restore_s"],
             "link_bytes_per_s": link["one_way"], "link_both_bytes_per_s": link["both_ways"]}
