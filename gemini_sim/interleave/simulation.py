@@ -190,11 +190,15 @@ def smallest_interval(overhead, threshold_pct: float, kmax: int) -> int | None:
     if ok(1):
         return 1
     scaled = seen[1] / threshold_pct if threshold_pct > 0 else math.inf  # the K that c / K predicts
-    lo, k = 1, min(kmax, max(2, math.ceil(scaled - 1e-9)) if math.isfinite(scaled) else 2)
+    # the prediction, rounded down where it is within rounding of a whole K (c / threshold a hair over 5: 5),
+    # else up; where rounding down falls short, the K above it is tried before doubling
+    rounded = min(kmax, max(2, math.ceil(scaled - 1e-9)) if math.isfinite(scaled) else 2)
+    above = math.isfinite(scaled) and math.ceil(scaled) > rounded
+    lo, k = 1, rounded
     while not ok(k):  # the prediction fell short: double from there
         if k >= kmax:
             return None
-        lo, k = k, min(kmax, 2 * k)
+        lo, k = k, min(kmax, k + 1 if k == rounded and above else 2 * k)
     hi = k  # lo fails, hi passes
     if hi - 1 > lo:  # a prediction is usually exact: then the K below it fails
         if not ok(hi - 1):
