@@ -293,6 +293,10 @@ class Checkpointer:
         elif where == "memory":
             tier, source = fetched.tier, fetched.source
             more = {"fetch_s": round(fetch_s, 4), "restore_s": round(restore_s, 4), "confirm_s": round(confirm_s, 4)}
+        seconds = round(time.perf_counter() - t0, 4)
+        everyone = [None] * self.world  # every rank has loaded its state; rank 0 reports for the job (gathered
+        # before the next checkpoints' memory is made ready below, which would compete with it for the host's cores)
+        dist.all_gather_object(everyone, (self.machine, tier, source, seconds), group=self.groups.control)
         if self.checkpointing:  # before the next checkpoints' memory is made ready, or training starts
             size, exact = (fetched.manifest["size"], True) if where == "memory" else startup.shard_bytes(self._capture)
             startup.check_room(self.store, self.plan, self.world, self._store_files, size, exact, self.groups.control)
@@ -300,9 +304,6 @@ class Checkpointer:
             # (this machine's files of this rank, an earlier process's or new) made ready while training goes on
             self.store.prepare(self.rank, fetched.manifest["size"], self._store_files,
                                lock=device.slot_locker(next((p.device for p in self.model.parameters()), None)))
-        seconds = round(time.perf_counter() - t0, 4)
-        everyone = [None] * self.world  # every rank has loaded its state; rank 0 reports for the job
-        dist.all_gather_object(everyone, (self.machine, tier, source, seconds), group=self.groups.control)
         finished = self._job_record.get("finished")
         if self.rank == 0:
             emit_line(self._report(target, where, everyone, finished, more.get("from_world")))
