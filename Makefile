@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-long test-torch bench clean runtime-demo calibrate netns-up netns-down gpu-wheels gpu-bench
+.PHONY: run test test-long test-torch test-titan bench clean runtime-demo calibrate netns-up netns-down gpu-wheels gpu-bench
 
 # OFFLINE=1: a machine with its own torch (and numpy, scipy, networkx, matplotlib) that reaches no registry, the
 # GPU machine: the venv sees the packages $(PYTHON) sees and installs the rest from wheels/ (made by make gpu-wheels).
@@ -61,6 +61,13 @@ test-torch:
 	.venv-torch-$(TORCH)/bin/python -m pip install --quiet torch==$(TORCH) -e '.[test,runtime]'
 	.venv-torch-$(TORCH)/bin/python -m pytest -q -n $(WORKERS) $(DIST) tests
 
+# TorchTitan's Llama 3 under the Checkpointer (examples/titan) and its fault matrix, in a venv of its own: TorchTitan
+# pulls datasets, tensorboard, tokenizers and more that nothing else needs. CI runs it after make test.
+test-titan:
+	test -x .venv-titan/bin/python || $(PYTHON) -m venv .venv-titan
+	.venv-titan/bin/python -m pip install --quiet -e '.[dev,titan]'
+	.venv-titan/bin/python -m pytest -q -n $(WORKERS) tests/test_faults_titan.py
+
 runtime-demo: $(STAMP)
 	$(BIN)/python examples/tinygpt/demo.py out/runtime-demo
 
@@ -86,7 +93,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py --out bench/results.md
 
 clean:
-	rm -rf $(VENV) .venv-torch-* out .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-torch-* .venv-titan out .pytest_cache .hypothesis
 
 # Wheels for OFFLINE=1 (see above), for Python $(GPU_PY); carry wheels/ to that machine with the working tree.
 gpu-wheels:
