@@ -191,16 +191,26 @@ def kill_figures(ranks: list[dict], reference: dict[str, list[str]]) -> dict:
             "bitwise": bool(got) and all(reference.get(it) == d for it, d in got.items())}
 
 
+def kill_summary(runs: list[dict]) -> dict:
+    """The repeats of one kill: the most iterations any lost, the recoveries' times (``recoveries``, of the runs
+    that resumed from a checkpoint; ``recover_s`` their median), and whether every one ended bit for bit."""
+    times = [r["recover_s"] for r in runs if r["lost"] < KILL_AT]
+    return {"lost": max(r["lost"] for r in runs), "recover_s": median(times), "recoveries": times,
+            "bitwise": all(r["bitwise"] for r in runs), "repeats": len(runs)}
+
+
 def measure(gib: float, work: Path, repeats: int = 3, rounds: int = 3, block: int = 4, latency: int = 3,
             approaches=APPROACHES, progress=print) -> dict:
-    """Every approach's figures at ``gib`` GiB per rank: ``repeats`` training runs each (alternating) and one run of
-    each kill. Returns {approach: {"runs": [...], "worker": {...}, "job": {...}}}."""
+    """Every approach's figures at ``gib`` GiB per rank: ``repeats`` training runs each and ``repeats`` runs of each
+    kill (alternating: the order turns each repeat). Returns {approach: {"runs": [...], "worker": {...}, "job":
+    {...}}}."""
     dim, layers = shape_for(gib)
     shape = ["--dim", str(dim), "--layers", str(layers), "--block", str(block)]
     args = shape + ["--rounds", str(rounds), "--latency", str(latency)]
     kill_args = shape + ["--rounds", "1"]  # long enough to die and recover; compared where a round ends
     approaches = [a for a in approaches if available(a)]
     out: dict = {a: {"runs": []} for a in approaches}
+    kills: dict = {(a, kind): [] for a in approaches for kind in ("worker", "job")}
     for rep in range(repeats):
         order = approaches[rep % len(approaches):] + approaches[:rep % len(approaches)]
         for a in order:
@@ -208,14 +218,18 @@ def measure(gib: float, work: Path, repeats: int = 3, rounds: int = 3, block: in
             folder = work / f"{a}-run{rep}"
             out[a]["runs"].append(run_figures(launch(a, folder, args, f"peer-{rep}")))
             shutil.rmtree(folder, ignore_errors=True)
+    for rep in range(repeats):
+        order = approaches[rep % len(approaches):] + approaches[:rep % len(approaches)]
+        for a in order:
+            for kind in ("worker", "job"):
+                progress(f"peers: {gib:g} GiB, {a}, {kind} SIGKILL {rep + 1}/{repeats}")
+                folder = work / f"{a}-{kind}"
+                ranks = launch(a, folder, kill_args, f"peer-{kind}", kill=f"{kind}@{KILL_AT}")
+                kills[(a, kind)].append(kill_figures(ranks, out[a]["runs"][0]["digests"]))
+                shutil.rmtree(folder, ignore_errors=True)
     for a in approaches:
-        reference = out[a]["runs"][0]["digests"]
         for kind in ("worker", "job"):
-            progress(f"peers: {gib:g} GiB, {a}, {kind} SIGKILL")
-            folder = work / f"{a}-{kind}"
-            out[a][kind] = kill_figures(launch(a, folder, kill_args, f"peer-{kind}", kill=f"{kind}@{KILL_AT}"),
-                                        reference)
-            shutil.rmtree(folder, ignore_errors=True)
+            out[a][kind] = kill_summary(kills[(a, kind)])
         # every approach trains the same job: the same state at the end of the rounds
         out[a]["same_training"] = all(r["digests"] == out[approaches[0]]["runs"][0]["digests"] for r in out[a]["runs"])
     return out
@@ -256,7 +270,8 @@ def table(gib: float, figures: dict) -> list[str]:
     row("until on the peer (DCP: on disk)", lambda f: _spread([r["remote_s"] for r in f["runs"]], ms))
     for kind, what in (("worker", "a worker SIGKILLed"), ("job", "every process SIGKILLed")):
         row(f"{what}: iterations lost", lambda f, k=kind: "all" if f[k]["lost"] >= KILL_AT else str(f[k]["lost"]))
-        row(f"{what}: the recovery", lambda f, k=kind: ms(f[k]["recover_s"]) if f[k]["lost"] < KILL_AT else "-")
+        row(f"{what}: the recovery", lambda f, k=kind: _spread(f[k]["recoveries"], ms) if f[k]["lost"] < KILL_AT
+            else "-")
         row(f"{what}: final state bit for bit", lambda f, k=kind: "yes" if f[k]["bitwise"] else "**no**")
     return lines
 
@@ -287,6 +302,14 @@ def summary_rows(gib: float, figures: dict) -> list[tuple[str, str, str, str]]:
         fmt = pct if key == "overhead_pct" else ms
         rows.append((f"peers ({gib:g} GiB per rank): {what}, the runtime vs the best of the others ({who})",
                      f"{fmt(mine)} vs {fmt(best)}", "the runtime ahead", "pass" if mine <= best else "FAIL"))
+    for kind, what in (("worker", "a worker SIGKILLed"), ("job", "every process SIGKILLed")):
+        mine = figures["runtime"][kind]["recover_s"]
+        theirs = [(figures[a][kind]["recover_s"], a) for a in peers if figures[a][kind]["recover_s"] is not None]
+        if mine is not None and theirs:
+            best, who = min(theirs)
+            rows.append((f"peers ({gib:g} GiB per rank): {what}, the recovery (median of the repeats), the runtime vs "
+                         f"the best of the others ({who})", f"{ms(mine)} vs {ms(best)}", "the runtime ahead",
+                         "pass" if mine <= best else "FAIL"))
     lost = {a: figures[a]["job"]["lost"] for a in figures}
     rows.append((f"peers ({gib:g} GiB per rank): every process SIGKILLed, iterations lost: "
                  + ", ".join(f"{a} {v}" for a, v in lost.items()), str(lost["runtime"]), "none lost",

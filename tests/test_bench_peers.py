@@ -30,6 +30,7 @@ def test_every_approach_on_a_small_state(tmp_path):
         for kind in ("worker", "job"):
             assert f[kind]["bitwise"], (a, kind, f[kind])
             assert 0 <= f[kind]["lost"] <= peers.KILL_AT, (a, kind, f[kind])
+            assert f[kind]["repeats"] == 1 and len(f[kind]["recoveries"]) == (f[kind]["lost"] < peers.KILL_AT)
     # what each keeps when it dies in the iteration after KILL_AT: the runtime and dcp.save lose nothing (the
     # runtime's memory outlives its processes); DCP's async save loses at most the one in flight; lm-resiliency's
     # memory dies with the job (its disk tier is written every 100 steps), but a lost worker's peers flush it
@@ -45,6 +46,16 @@ def test_every_approach_on_a_small_state(tmp_path):
     assert sum(line.startswith("| ") for line in lines) == 1 + 5 + 6  # the header, 5 measures, 2 x 3 kill rows
     rows = peers.summary_rows(0.001, figures)
     assert rows[-2][1] == "0" and rows[-1][1] == "yes"
+    recoveries = [r for r in rows if "the recovery" in r[0]]
+    assert len(recoveries) == 2 and all(r[1].endswith(" ms") for r in recoveries)
+
+
+def test_the_repeats_of_a_kill_are_summed_up():
+    runs = [{"lost": 0, "recover_s": 0.2, "bitwise": True}, {"lost": 1, "recover_s": 0.1, "bitwise": True},
+            {"lost": peers.KILL_AT, "recover_s": 0.05, "bitwise": False}]  # the last resumed from nothing
+    got = peers.kill_summary(runs)
+    assert got["lost"] == peers.KILL_AT and got["recoveries"] == [0.2, 0.1] and got["repeats"] == 3
+    assert got["recover_s"] == pytest.approx(0.15) and not got["bitwise"]
 
 
 @pytest.mark.parametrize("gib", [0.25, 1.0])
