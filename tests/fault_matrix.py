@@ -17,9 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 ITERS = 10
 
 
-def run_job(tmp_path_factory, script, name, faults="", machines=4, ppm=1):
+def run_job(tmp_path_factory, script, name, faults="", machines=4, ppm=1, make_plan=None):
+    """A job of ``script`` under the agent; its plan the matrix's (group placement) or ``make_plan(path)``'s."""
     work = tmp_path_factory.mktemp(name)
-    plan = default_plan(work / "plan.json", machines=machines, ppm=ppm, replicas=2, interval=1, persist=5)
+    plan = make_plan(work / "plan.json") if make_plan else \
+        default_plan(work / "plan.json", machines=machines, ppm=ppm, replicas=2, interval=1, persist=5)
     job = Job(plan, work, [*script, "--iters", str(ITERS)], faults=faults)
     try:
         res = job.run(timeout=300)

@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--flavor", default="debugmodel", choices=sorted(llama3_args), help="TorchTitan's model flavour")
     ap.add_argument("--layers", type=int, default=None, help="fewer blocks than the flavour's (default: its own)")
+    ap.add_argument("--replicate", type=int, default=1, help="HSDP: replica groups, each sharding the model over "
+                    "world / REPLICATE ranks (default 1: FSDP over every rank)")
     ap.add_argument("--batch", type=int, default=2, help="sequences per rank per iteration")
     ap.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     ap.add_argument("--lr", type=float, default=8e-4)
@@ -66,7 +68,13 @@ def main() -> None:
         margs = dataclasses.replace(margs, n_layers=args.layers)
     with torch.device("meta"):
         model = Transformer(margs)
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
+    if args.replicate < 1 or world % args.replicate:
+        raise SystemExit(f"--replicate {args.replicate} does not divide the {world} ranks")
+    if args.replicate == 1:  # FSDP over every rank
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
+    else:  # HSDP: each parameter sharded within a group of ranks and replicated across the groups
+        mesh = init_device_mesh(device.type, (args.replicate, world // args.replicate),
+                                mesh_dim_names=("dp_replicate", "dp_shard"))
     apply_fsdp(model, mesh, param_dtype=torch.float32, reduce_dtype=torch.float32, pp_enabled=False)
     if dist.get_backend() == "gloo":  # gloo lacks the PREMUL_SUM that FSDP reduces with for a divide factor of 1:
         for m in model.modules():     # the same sum, reduced as a plain SUM
