@@ -166,24 +166,12 @@ class InFlight:
         for k, v in enumerate(self.views):
             spans.append((pos, pos + v.numel(), k))
             pos += v.numel()
-        pieces, j = [], 0  # per chunk: (destination slice, source view) for every tensor it crosses
-        for a, b in self.bounds:
-            chunk = []
-            while a < b:
-                while spans[j][1] <= a:
-                    j += 1
-                s0, s1, k = spans[j]
-                end = min(b, s1)
-                chunk.append((out[a:end], self.views[k][a - s0:end - s0]))
-                a = end
-            pieces.append(chunk)
         if self.device is not None:
-            self._copy_from_device(pieces)
-        else:
-            for (_, b), chunk in zip(self.bounds, pieces):
-                for dst, src in chunk:
-                    dst.copy_(src)
-                self.copied.set(b)
+            self._copy_from_device(self._pieces(out, spans))
+        else:  # copied whole before the first send (see _send): tensor by tensor, not chunk by chunk
+            for s0, s1, k in spans:
+                out[s0:s1].copy_(self.views[k])
+            self.copied.set(self.size)
         self.copied_at = time.perf_counter()
         # the next checkpoints' memory made ready in the background (once per size: the first), after this copy
         link.store.prepare(link.rank, self.size, link.files, lock=device.slot_locker(self.device))
@@ -197,6 +185,21 @@ class InFlight:
         self.slot.commit(self.manifest)
         link.write_s.append(time.perf_counter() - t0)
         self.committed.set()
+
+    def _pieces(self, out: torch.Tensor, spans: list) -> list:
+        """Per chunk, (destination slice, source view) for every tensor it crosses."""
+        pieces, j = [], 0
+        for a, b in self.bounds:
+            chunk = []
+            while a < b:
+                while spans[j][1] <= a:
+                    j += 1
+                s0, s1, k = spans[j]
+                end = min(b, s1)
+                chunk.append((out[a:end], self.views[k][a - s0:end - s0]))
+                a = end
+            pieces.append(chunk)
+        return pieces
 
     def _copy_from_device(self, pieces) -> None:
         """Queue every chunk's device-to-host copy on the side stream, then mark each chunk copied as its event
