@@ -1,10 +1,11 @@
 """One checkpoint of one rank in flight: copy out, send to the peers, receive theirs.
 
-1. **Copy out.** A copier thread copies the live state, chunk by chunk (``schedule.chunk_bytes``), straight into
-   the machine's :class:`~runtime.store.ShardStore` (a slot of its shared memory): that is the local copy, committed
-   once complete, with its checksum. The optimizer update that would overwrite the state waits for the last chunk
-   (:meth:`InFlight.wait_copied`). With ``buffer_bytes`` = two chunks this is the simulator's double-buffered
-   device-to-host copy.
+1. **Copy out.** A copier thread copies the live state straight into the machine's
+   :class:`~runtime.store.ShardStore` (a slot of its shared memory): that is the local copy, committed once complete,
+   with its checksum. From a GPU it copies chunk by chunk (``schedule.chunk_bytes``); with ``buffer_bytes`` = two
+   chunks this is the simulator's double-buffered device-to-host copy. On the CPU it copies tensor by tensor, the
+   whole state before the first send. The optimizer update that would overwrite the state waits for the last chunk
+   (:meth:`InFlight.wait_copied`).
 2. **Send.** A sender thread sends each chunk to the plan's peers as soon as the chunk is in CPU memory *and* the
    schedule (runtime/schedules.py) releases it, so copying chunk k+1 overlaps sending k; up to
    :data:`~runtime.transport.WINDOW` chunks of a release are in flight at once. The peers' long-lived
