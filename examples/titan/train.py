@@ -2,10 +2,13 @@
 
 The model is ``torchtitan.models.llama3``'s Transformer in its smallest flavour (``debugmodel``: dim 256, 6 layers,
 vocabulary 2048), built on the meta device, sharded by TorchTitan's ``apply_fsdp`` (its embedding, each block, its
-norm and output together, then the root; the gradient divided by the batch's tokens in the loss, as TorchTitan's
-trainer does, and on gloo, which lacks the PREMUL_SUM that FSDP then reduces with, summed as a plain SUM) and initialised by its ``init_weights``; AdamW and a warm-up schedule with TorchTitan's default
-settings, gradients clipped to norm 1. The tokens are synthetic (a seeded draw per rank and iteration), so nothing is
-downloaded. Install TorchTitan with ``pip install -e '.[titan]'`` (``make test-titan`` does, in a venv of its own).
+norm and output together, then the root) and initialised by its ``init_weights``. As in TorchTitan's trainer, FSDP
+does not divide the gradient and the loss is divided by the batch's tokens instead; on gloo, which lacks the
+PREMUL_SUM that FSDP then reduces with, FSDP is asked for a plain SUM, the same gradients. AdamW and a warm-up
+schedule with TorchTitan's default settings, gradients clipped to norm 1. ``--replicate R`` makes it HSDP: R replica
+groups of consecutive ranks, each sharding the model. The tokens are synthetic (a seeded draw per rank and
+iteration), so nothing is downloaded. Install TorchTitan with ``pip install -e '.[titan]'`` (``make test-titan``
+does, in a venv of its own).
 
     torchrun --nproc-per-node 2 examples/titan/train.py --plan plan.json --iters 20
     python -m runtime.agent --machines 4 --procs 1 -- examples/titan/train.py --iters 20
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -56,6 +60,8 @@ def main() -> None:
     ap.add_argument("--backend", default=None, help="auto (default, or $GEMINI_BACKEND), nccl, gloo, cpu")
     ap.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit for bit on a GPU)")
     args = ap.parse_args()
+    if args.replicate < 1:
+        ap.error(f"--replicate must be at least 1, got {args.replicate}")
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -68,8 +74,9 @@ def main() -> None:
         margs = dataclasses.replace(margs, n_layers=args.layers)
     with torch.device("meta"):
         model = Transformer(margs)
-    if args.replicate < 1 or world % args.replicate:
-        raise SystemExit(f"--replicate {args.replicate} does not divide the {world} ranks")
+    if world % args.replicate:
+        print(f"train.py: error: --replicate {args.replicate} does not divide the job's {world} ranks", file=sys.stderr)
+        sys.exit(2)
     if args.replicate == 1:  # FSDP over every rank
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
     else:  # HSDP: each parameter sharded within a group of ranks and replicated across the groups
