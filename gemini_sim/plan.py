@@ -194,14 +194,20 @@ def check_ranks(machines: int, processes_per_machine: int) -> None:
 
 def default(machines: int, processes_per_machine: int, replicas: int = 2, interval: int = 1,
             persist: int = DEFAULT_PERSIST,
-            schedule: str = "naive", chunk_bytes: int = 1 << 20) -> dict:
+            schedule: str = "naive", chunk_bytes: int = 1 << 20, hsdp: int | None = None) -> dict:
     """A plan without a simulation: GEMINI's placement (``auto``), a checkpoint every ``interval`` iterations and a
-    durable one every ``persist``, chunks of ``chunk_bytes`` through a two-chunk staging buffer."""
+    durable one every ``persist``, chunks of ``chunk_bytes`` through a two-chunk staging buffer. ``hsdp=R``: an HSDP
+    job of R replica groups of consecutive machines, its copies where the replicas are (placement ``hsdp``)."""
     from gemini_sim.placement import layouts as placement
 
     check_ranks(machines, processes_per_machine)  # before the placement is built for them
-    strategy = placement.resolve(placement.AUTO, machines, replicas)
-    pl = placement.build(strategy, machines, replicas)
+    if hsdp is not None:
+        pl = placement.hsdp(machines, replicas, hsdp)
+        placement.check(pl)
+        strategy = pl.strategy
+    else:
+        strategy = placement.resolve(placement.AUTO, machines, replicas)
+        pl = placement.build(strategy, machines, replicas)
     return make(machines=machines, processes_per_machine=processes_per_machine, placement_strategy=strategy,
                 holders=pl.holders, schedule=schedule, chunk_bytes=chunk_bytes, buffer_bytes=2 * chunk_bytes,
                 interval_iters=interval, persist_interval_iters=persist)

@@ -1,7 +1,7 @@
 """``python -m runtime COMMAND``: the runtime's own commands.
 
-- ``plan --machines N --procs K [--replicas M] -o plan.json``: the default plan for a job that has no plan from
-  ``gemini-sim plan`` yet;
+- ``plan --machines N --procs K [--replicas M] [--hsdp R] -o plan.json``: the default plan for a job that has no
+  plan from ``gemini-sim plan`` yet (``--hsdp``: its copies where an HSDP job's replicas are);
 - ``jobs [--store-root DIR]``: what every job holds in memory on this host (a finished job holds nothing: its memory
   was freed; what is listed belongs to a job running, or to one that died and may be resumed);
 - ``free JOB [JOB ...] [--store-root DIR]``: free those jobs' memory on this host (refused while a process uses it).
@@ -36,6 +36,9 @@ def _plan(argv) -> int:
                     "--machines machines: a job that goes on after losing machines, or grows")
     ap.add_argument("--replicas", type=int, help="copies of every machine's checkpoint (default: 2, or 1 for one "
                     "machine)")
+    ap.add_argument("--hsdp", type=int, metavar="R", help="the job is HSDP with R replica groups of consecutive "
+                    "machines: every machine's copies on machines that hold the same shard in other groups "
+                    "(copies default to 2, at most R)")
     ap.add_argument("--interval", type=int, default=1, help="iterations between in-memory checkpoints (default 1)")
     ap.add_argument("--persist", type=int, help=f"iterations between durable checkpoints, a multiple of --interval "
                     f"(default {contract.DEFAULT_PERSIST}, rounded up to one)")
@@ -45,7 +48,7 @@ def _plan(argv) -> int:
     if args.like:
         if not 1 <= args.machines <= 100_000:
             ap.error("need 1 <= --machines <= 100000")
-        if any(v is not None for v in (args.procs, args.replicas, args.persist)):
+        if any(v is not None for v in (args.procs, args.replicas, args.persist, args.hsdp)):
             ap.error("--like takes the plan's processes, copies and intervals: give only --machines with it")
         out = output_file(args.out, "-o")
         plan = resized(Plan.load(args.like), args.machines)
@@ -59,15 +62,22 @@ def _plan(argv) -> int:
         ap.error("need 1 <= --machines <= 100000, 1 <= --procs <= 1024, 1 <= --interval <= 1e9")
     if not 1 <= replicas <= args.machines:
         ap.error(f"--replicas {replicas}: need 1 to --machines ({args.machines}) copies")
+    if args.hsdp is not None:
+        if not 1 <= args.hsdp <= args.machines or args.machines % args.hsdp:
+            ap.error(f"--hsdp {args.hsdp}: the replica groups must divide the {args.machines} machines")
+        replicas = min(replicas, args.hsdp) if args.replicas is None else replicas
+        if replicas > args.hsdp:
+            ap.error(f"--replicas {replicas}: HSDP's {args.hsdp} replica groups hold only {args.hsdp} of each shard")
     persist = args.persist if args.persist is not None else \
         -(-contract.DEFAULT_PERSIST // args.interval) * args.interval
     if not 1 <= persist <= 10**9 or persist % args.interval:
         ap.error(f"--persist {persist}: need a multiple of --interval ({args.interval}) up to 1e9")
     out = output_file(args.out, "-o")
-    plan = default(args.machines, args.procs, replicas, args.interval, persist, args.schedule)
+    plan = default(args.machines, args.procs, replicas, args.interval, persist, args.schedule, args.hsdp)
     contract.write(plan.data, out)
     print(f"wrote {out}: {args.machines} machine(s) x {args.procs}, {replicas} cop{'y' if replicas == 1 else 'ies'} "
-          f"of every checkpoint in memory, schedule {args.schedule}, durable every {persist} iterations")
+          f"of every checkpoint in memory{' where the HSDP replicas are' if args.hsdp else ''}, schedule "
+          f"{args.schedule}, durable every {persist} iterations")
     return 0
 
 

@@ -111,11 +111,12 @@ class Plan:
 
 
 def default(machines: int, processes_per_machine: int, replicas: int = 2, interval: int = 1,
-            persist: int = contract.DEFAULT_PERSIST, schedule: str = "naive") -> Plan:
+            persist: int = contract.DEFAULT_PERSIST, schedule: str = "naive", hsdp: int | None = None) -> Plan:
     """GEMINI's placement (group when ``replicas`` divides ``machines``, else mixed), a checkpoint every
-    ``interval`` iterations, a durable one every ``persist``."""
+    ``interval`` iterations, a durable one every ``persist``; ``hsdp=R``: an HSDP job's R replica groups, its copies
+    where the replicas are (gemini_sim/placement/layouts.py: ``hsdp``)."""
     return Plan.of(contract.default(machines, processes_per_machine, replicas=replicas, interval=interval,
-                                    persist=persist, schedule=schedule), "default plan")
+                                    persist=persist, schedule=schedule, hsdp=hsdp), "default plan")
 
 
 def resized(plan: Plan, machines: int) -> Plan:

@@ -173,7 +173,15 @@ def test_default_plan_command(tmp_path):
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.machines == 3 and plan.processes_per_machine == 2
     assert plan.data["placement"]["strategy"] == "mixed" and plan.holders[0] == [0, 1]  # 2 does not divide 3
+    r = subprocess.run([sys.executable, "-m", "runtime", "plan", "--machines", "6", "--procs", "1", "--hsdp", "3", "-o",
+                        str(tmp_path / "hsdp.json")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    plan = Plan.load(tmp_path / "hsdp.json")  # 3 replica groups of 2 machines: copies 2 machines apart
+    assert plan.data["placement"]["strategy"] == "hsdp"
+    assert plan.holders == [[0, 2], [1, 3], [2, 4], [3, 5], [4, 0], [5, 1]]
     for bad, message in ((["--machines", "2", "--procs", "1", "--replicas", "3"], "--replicas 3: need 1 to --machines (2)"),
+                         (["--machines", "4", "--procs", "1", "--hsdp", "3"], "--hsdp 3: the replica groups must"),
+                         (["--machines", "4", "--procs", "1", "--hsdp", "2", "--replicas", "3"], "hold only 2"),
                          (["--machines", "1", "--procs", "1", "--schedule", "priority"], "network priorities")):
         r = subprocess.run([sys.executable, "-m", "runtime", "plan", *bad, "-o", str(tmp_path / "x.json")],
                            capture_output=True, text=True, cwd=ROOT, timeout=60)

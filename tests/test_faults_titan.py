@@ -20,16 +20,14 @@ HSDP = ("--replicate", "2")  # 2 replica groups (machines 0-1 and 2-3), each sha
 
 
 def hsdp_plan(path):
-    """The copies where the replicas are: machine i's on machine i + 2, the one that holds the same shard (the
-    domain-aware placement with each replica group a domain)."""
+    """The copies where the replicas are: machine i's on machine i + 2, the one that holds the same shard
+    (``python -m runtime plan --hsdp 2``)."""
     from gemini_sim import plan as contract
-    from gemini_sim.placement import layouts
+    from runtime.plan import default
 
-    p = layouts.build("domain-aware", 4, 2, domains=2)
-    assert p.holders == ((0, 2), (1, 3), (2, 0), (3, 1))
-    contract.write(contract.make(machines=4, processes_per_machine=1, placement_strategy=p.strategy,
-                                 holders=p.holders, schedule="naive", chunk_bytes=1 << 20, buffer_bytes=2 << 20,
-                                 interval_iters=1, persist_interval_iters=5), path)
+    plan = default(4, 1, replicas=2, interval=1, persist=5, hsdp=2)
+    assert plan.holders == [[0, 2], [1, 3], [2, 0], [3, 1]]
+    contract.write(plan.data, path)
     return path
 
 

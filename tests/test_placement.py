@@ -202,3 +202,36 @@ def test_cli_placement(cli, tmp_path):
 def test_cli_placement_errors(cli, args, needle):
     rc, out, err = cli("placement", *args, check_rc=2)
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("machines,groups,replicas", [(4, 2, 2), (6, 3, 2), (8, 4, 3), (12, 4, 4), (6, 2, 1)])
+def test_hsdp_puts_every_copy_where_a_replica_of_the_shard_is(machines, groups, replicas):
+    """HSDP's layout: machine i's copies on machines of its column (the same position in other replica groups, which
+    hold the same shard), in distinct groups; so losing whole groups, fewer than the copies, loses no checkpoint, and
+    losing the groups of a column's copies does (brute force over every set of groups)."""
+    from itertools import combinations
+
+    p = placement.hsdp(machines, replicas, groups)
+    placement.check(p)
+    per_group = machines // groups
+    for i, hs in enumerate(p.holders):
+        assert hs[0] == i and all(h % per_group == i % per_group for h in hs)
+        assert len({h // per_group for h in hs}) == replicas
+    for lost in range(1, groups + 1):
+        for gs in combinations(range(groups), lost):
+            failed = [m for m in range(machines) if m // per_group in gs]
+            gone = any(all(h // per_group in gs for h in hs) for hs in p.holders)  # every copy of one lost
+            assert p.survives(failed) == (not gone), (gs, p.holders)
+            assert lost >= replicas or not gone  # fewer groups lost than copies: every checkpoint survives
+            assert gone or lost < groups  # every group lost: every checkpoint with it
+    if groups % replicas == 0:  # GEMINI's groups within each column: a relabelling of its group placement
+        grouped = placement.group(machines, replicas)
+        for k in range(1, min(machines, 4)):
+            assert recovery.probability(p, k).exact == recovery.probability(grouped, k).exact
+
+
+@pytest.mark.parametrize("machines,replicas,groups,message", [(4, 2, 3, "must divide"), (4, 3, 2, "hold only 2"),
+                                                              (4, 2, 0, "must divide")])
+def test_hsdp_refuses_groups_it_cannot_place(machines, replicas, groups, message):
+    with pytest.raises(UserError, match=message):
+        placement.hsdp(machines, replicas, groups)

@@ -168,6 +168,25 @@ def domain_aware(machines: int, replicas: int, domains: int | None = None,
                      {"domain_of": tuple(domain_of), "order": tuple(order)})
 
 
+def hsdp(machines: int, replicas: int, groups: int) -> Placement:
+    """The copies of an HSDP job where the replicas are: its ``groups`` replica groups of ``machines / groups``
+    consecutive machines each hold every shard, machine i's shard at position i mod (machines / groups) of every
+    group, so that position's machines (a *column*) hold the same shard. Machine i's checkpoint goes to ``replicas``
+    machines of its column, placed over the column's machines as GEMINI places them over a cluster's (:func:`mixed`:
+    groups of ``replicas`` where they divide ``groups``). Losing fewer whole groups than there are copies then loses
+    no checkpoint. Not one of :data:`PLACEMENTS`: it needs the job's groups (``python -m runtime plan --hsdp``)."""
+    _check(machines, replicas)
+    if not 1 <= groups <= machines or machines % groups:
+        raise UserError(f"HSDP's {groups} replica groups must divide the {machines} machines")
+    if replicas > groups:
+        raise UserError(f"{replicas} copies of every checkpoint, but HSDP's {groups} replica groups hold only {groups} "
+                        f"of each shard")
+    per_group = machines // groups
+    within = mixed(groups, replicas).holders  # over a column's machines, by group
+    holders = tuple(tuple(i % per_group + g * per_group for g in within[i // per_group]) for i in range(machines))
+    return Placement("hsdp", machines, replicas, holders, {"groups": groups})
+
+
 PLACEMENTS: dict[str, Callable[..., Placement]] = {
     "group": group, "mixed": mixed, "ring": ring, "random": random, "domain-aware": domain_aware,
 }
