@@ -43,19 +43,16 @@ import xxhash
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples" / "tinygpt"))
 from model import ModelConfig, TinyGPT, batch  # noqa: E402  (the TinyGPT example's model and data)
 
 from runtime import init_process_group  # noqa: E402  (a process group that torchrun's restarts can start again)
+from runtime.files import write_atomic  # noqa: E402
+from runtime.state import local  # noqa: E402
 
 APPROACHES = ("runtime", "lm-resiliency", "dcp-async", "dcp")
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def live_tensors(model, opt) -> list[torch.Tensor]:
@@ -300,8 +297,8 @@ def main() -> None:
     train_iters = 2 * args.rounds * args.block
     iters: list[dict] = []
 
-    def step(it: int) -> dict:
-        t, cpu = time.perf_counter(), time.process_time()
+    def train(it: int) -> float:
+        """Iteration ``it`` up to its update (dying after its backward where the kill says); the stall before it."""
         x, y = batch(cfg, 0, it, rank)
         torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
         if kill_at is not None and it == kill_at + 1 and attempt == 0 and not relaunched:
@@ -315,6 +312,11 @@ def main() -> None:
         stall = time.perf_counter() - c
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return stall
+
+    def step(it: int) -> dict:
+        t, cpu = time.perf_counter(), time.process_time()
+        stall = train(it)
         c = time.perf_counter()
         ck.checkpoint(it)
         stall += time.perf_counter() - c
@@ -336,20 +338,14 @@ def main() -> None:
     if kill_at is None:
         ck.set_on(True)
         for it in range(train_iters + 1, train_iters + 1 + args.latency):
-            x, y = batch(cfg, 0, it, rank)
-            torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
-            ck.before_update()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train(it)
             latency.append(ck.quiet(it))
     ck.close()
     out = {"approach": args.approach, "rank": rank, "attempt": attempt, "recovered": start, "recover_s": recover_s,
            "digests": digests, "iterations": iters, "latency": latency, "train_iters": train_iters,
            "state_bytes": sum(local(t).numel() * local(t).element_size() for t in live_tensors(model, opt)),
            "torch": torch.__version__}
-    tmp = work / f".result-rank-{rank}.json"
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, work / f"result-rank-{rank}.json")
+    write_atomic(work / f"result-rank-{rank}.json", json.dumps(out))
     dist.barrier()
     dist.destroy_process_group()
 

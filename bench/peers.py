@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,9 @@ import state_path  # noqa: E402  (beside this file)
 from state_path import median  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from runtime.agent import free_port  # noqa: E402  (no torch: the agent's own free port)
+
 JOB = ROOT / "bench" / "peer_job.py"
 GiB = 2 ** 30
 APPROACHES = ("runtime", "lm-resiliency", "dcp-async", "dcp")
@@ -60,12 +62,6 @@ def shape_for(gib: float) -> tuple[int, int]:
     """(dim, layers) of a TinyGPT of about ``gib`` GiB of parameters and AdamW state per rank of 2 (down to dim 128,
     for the tests' small states)."""
     return state_path.shape_for(gib * GiB, 2, smallest=128)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -113,7 +109,7 @@ def _launch(approach: str, work: Path, job_args: list[str], job: str, kill: str,
                PEER_JOB=job, OMP_NUM_THREADS="1")
 
     def start():
-        port = _port()
+        port = free_port()
         rdzv = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                 f"--rdzv-id={job}-{port}", "--max-restarts=1"]
         return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rdzv, str(JOB), "--approach",
