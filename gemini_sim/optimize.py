@@ -86,10 +86,12 @@ def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, pro
              schedules=None, placements=None, replicas=None, timeline: Timeline | None = None,
              buffer_bytes: float = 1 << 30, seed: int = 0, max_interval: int = 16, progress=None,
              config_sha256: str = "", trace_sha256: str = "", host_cpu_s=None,
-             span_fill: float | None = None) -> OptimizeResult:
+             span_fill: float | None = None, hsdp: int | None = None) -> OptimizeResult:
     """``host_cpu_s(m)``: the CPU seconds a checkpoint with m replicas costs a rank on training's cores (the host cost
     model of a measured set-up, calibration.host_cpu_s; None: nothing). ``span_fill``: the gemini schedule's (None:
-    1, the whole of each idle span)."""
+    1, the whole of each idle span). ``hsdp=R``: the job is HSDP with R replica groups of consecutive machines; the
+    copies go where the replicas are (placement ``hsdp``), so each costs a rank's own part only, neither traffic nor
+    memory (simulated as no copy on the network and one checkpoint in memory), and at most R copies are tried."""
     if max_overhead_pct < 0:
         raise UserError(f"--max-overhead must be >= 0, got {max_overhead_pct}")
     n = preset.cluster.machines
@@ -100,28 +102,25 @@ def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, pro
     placements = list(placements or placement_mod.PLACEMENTS)
     shard_gb = preset.checkpoint_bytes_per_machine / 1e9
     fit = max(1, min(n, int(preset.cluster.cpu_memory_gb // shard_gb))) if shard_gb > 0 else n
+    if hsdp is not None:
+        placement_mod.hsdp(n, 1, hsdp)  # a one-line error where the groups do not divide the machines
+        fit = hsdp  # every copy but the own one is a replica's: one checkpoint in memory, whatever m
+        placements = ["hsdp"]
     replica_options = sorted(set(replicas or range(1, min(4, fit) + 1)))
     if not replica_options or min(replica_options) > fit:
         raise UserError(f"no replica count fits: one checkpoint needs {shard_gb:.1f} GB per machine and "
                         f"'cluster.cpu_memory_gb' is {preset.cluster.cpu_memory_gb:g}")
     cands: list[Candidate] = []
     sims: dict = {}
+    simulated: dict = {}  # (copies on the network, schedule) -> {interval: simulation}
     for m in replica_options:
+        sent = 1 if hsdp is not None else m  # HSDP: no copy crosses the network
         for sched in schedules:
-            cfg = interleave.InterleaveConfig(schedule=sched, replicas=m, buffer_bytes=buffer_bytes, seed=seed,
-                                              host_cpu_s=host_cpu_s(m) if host_cpu_s else 0.0,
-                                              span_fill=span_fill or 1.0)
-            first = interleave.simulate(preset.with_replicas(m), cfg, timeline, threshold_pct=max(max_overhead_pct,
-                                        1e-6), max_interval=max_interval)
-            for k in _intervals(first, max_overhead_pct, max_interval):
-                if k == 1:
-                    sims[(m, sched, k)] = first
-                elif sched == "blocking":
-                    sims[(m, sched, k)] = _blocking_every(first, k)
-                else:
-                    sims[(m, sched, k)] = interleave.simulate(preset.with_replicas(m),
-                                                              dataclasses.replace(cfg, interval=k), timeline,
-                                                              find_interval=False)
+            if (sent, sched) not in simulated:
+                simulated[(sent, sched)] = _simulate(preset, sent, sched, max_overhead_pct, max_interval, timeline,
+                                                     buffer_bytes, seed, host_cpu_s, span_fill)
+            for k, sim in simulated[(sent, sched)].items():
+                sims[(m, sched, k)] = sim
             if progress:
                 progress(1)
     built: dict = {}  # (strategy, m) -> (placement, P(recover | 2 failures)): built once for every schedule, k
@@ -129,7 +128,7 @@ def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, pro
         layouts = ["none"] if m == 1 else [p for p in placements if not (p == "group" and n % m)]
         for strategy in layouts:
             if (strategy, m) not in built:
-                pl = _placement(preset, strategy, m)
+                pl = placement_mod.hsdp(n, m, hsdp) if strategy == "hsdp" else _placement(preset, strategy, m)
                 built[(strategy, m)] = pl, recovery.probability(pl, min(2, n), samples=4000, seed=seed).probability
             pl, prob = built[(strategy, m)]
             cands.append(_score(preset, trace, m, sched, k, strategy, sim, max_overhead_pct, seed, prob, pl))
@@ -149,14 +148,35 @@ def optimize(preset: Preset, trace: Trace, max_overhead_pct: float = 1.0, *, pro
                  "recovery_probability_k2": best.recovery_probability_k2, "trace": trace.name,
                  "trace_synthetic": trace.synthetic}
     the_plan = plan_for(preset, pl, sim, best.schedule, best.interval_iters, buffer_bytes, ppm, predicted,
-                        span_fill=span_fill, config_sha256=config_sha256, trace_sha256=trace_sha256)
+                        span_fill=span_fill, config_sha256=config_sha256, trace_sha256=trace_sha256,
+                        replica_groups=hsdp if pl.strategy == "hsdp" else None)
     plan_mod.validate(the_plan, "optimized plan")
     return OptimizeResult(best, tuple(cands), tuple(pareto_front([c for c in cands if c.reason != "memory"])),
                           the_plan)
 
 
+def _simulate(preset: Preset, m: int, sched: str, max_overhead_pct: float, max_interval: int, timeline,
+              buffer_bytes: float, seed: int, host_cpu_s, span_fill) -> dict:
+    """Simulations of ``sched`` with ``m`` copies, by interval: every interval the overhead limit may allow."""
+    cfg = interleave.InterleaveConfig(schedule=sched, replicas=m, buffer_bytes=buffer_bytes, seed=seed,
+                                      host_cpu_s=host_cpu_s(m) if host_cpu_s else 0.0, span_fill=span_fill or 1.0)
+    first = interleave.simulate(preset.with_replicas(m), cfg, timeline, threshold_pct=max(max_overhead_pct, 1e-6),
+                                max_interval=max_interval)
+    out = {}
+    for k in _intervals(first, max_overhead_pct, max_interval):
+        if k == 1:
+            out[k] = first
+        elif sched == "blocking":
+            out[k] = _blocking_every(first, k)
+        else:
+            out[k] = interleave.simulate(preset.with_replicas(m), dataclasses.replace(cfg, interval=k), timeline,
+                                         find_interval=False)
+    return out
+
+
 def plan_for(preset: Preset, pl, sim: interleave.InterleaveResult, schedule: str, interval: int,
-             buffer_bytes: float, ppm: int, predicted: dict, span_fill: float | None = None, **provenance) -> dict:
+             buffer_bytes: float, ppm: int, predicted: dict, span_fill: float | None = None,
+             replica_groups: int | None = None, **provenance) -> dict:
     """The plan that runs a simulated configuration: placement ``pl``, ``schedule`` every ``interval`` iterations
     (gemini: the simulation's idle spans), persisting at the preset's GEMINI interval."""
     persist = max(1, round(preset.storage.gemini_persist_interval_hours * 3600 / sim.baseline_iteration_time_s))
@@ -167,7 +187,7 @@ def plan_for(preset: Preset, pl, sim: interleave.InterleaveResult, schedule: str
                          buffer_bytes=int(buffer_bytes), interval_iters=interval, persist_interval_iters=persist,
                          spans=sim.spans if gemini and sim.spans else None,
                          span_fill=span_fill if gemini else None, preset=preset.name, predicted=predicted,
-                         **provenance)
+                         replica_groups=replica_groups, **provenance)
 
 
 def _blocking_every(first: interleave.InterleaveResult, k: int) -> interleave.InterleaveResult:
@@ -186,7 +206,7 @@ def _placement(preset: Preset, strategy: str, replicas: int):
 
 def _score(preset, trace, m, sched, k, strategy, sim, max_overhead, seed, prob: float, pl) -> Candidate:
     shard_gb = preset.checkpoint_bytes_per_machine / 1e9
-    memory = m * shard_gb
+    memory = max(placement_mod.memory_bytes(pl, shard_gb)) if m > 1 else shard_gb  # HSDP replicas' copies: ~0
     p = preset.with_replicas(m)
     if strategy != "none":
         p = dataclasses.replace(p, recovery=dataclasses.replace(p.recovery, placement=strategy))

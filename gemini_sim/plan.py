@@ -123,6 +123,16 @@ def _check_consistency(d: dict, where: str) -> None:
             raise UserError(f"{where}: $.placement.holders[{i}]: expected {p['replicas']} distinct machines")
         if any(h >= n for h in hs):
             raise UserError(f"{where}: $.placement.holders[{i}]: machine index out of range (0..{n - 1})")
+    groups = p.get("replica_groups")
+    if groups is not None:
+        if n % groups:
+            raise UserError(f"{where}: $.placement.replica_groups: {groups} replica groups do not divide the {n} "
+                            f"machines")
+        per = n // groups
+        for i, hs in enumerate(holders):
+            if any(h % per != i % per for h in hs):
+                raise UserError(f"{where}: $.placement.holders[{i}]: with {groups} replica groups every holder of "
+                                f"machine {i} must be at its position ({i % per}) in a group")
     if k["persist_interval_iters"] % k["interval_iters"]:
         raise UserError(f"{where}: $.checkpoint.persist_interval_iters: must be a multiple of interval_iters "
                         f"({k['interval_iters']})")
@@ -149,7 +159,7 @@ def make(*, machines: int, processes_per_machine: int, placement_strategy: str, 
          chunk_bytes: int, buffer_bytes: int, interval_iters: int, persist_interval_iters: int,
          spans=None, span_fill: float | None = None, preset: str = "", config_sha256: str = "",
          trace_sha256: str = "", predicted=None,
-         keep: int = 2) -> dict:
+         keep: int = 2, replica_groups: int | None = None) -> dict:
     check_ranks(machines, processes_per_machine)
     replicas = len(holders[0])
     persist = max(interval_iters, persist_interval_iters - persist_interval_iters % interval_iters)
@@ -165,6 +175,8 @@ def make(*, machines: int, processes_per_machine: int, placement_strategy: str, 
         "provenance": {"tool": "gemini-sim", "version": tool_version(),
                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     }
+    if replica_groups is not None:
+        d["placement"]["replica_groups"] = replica_groups
     if preset:
         d["cluster"]["preset"] = preset
     if span_fill is not None:
@@ -210,7 +222,7 @@ def default(machines: int, processes_per_machine: int, replicas: int = 2, interv
         pl = placement.build(strategy, machines, replicas)
     return make(machines=machines, processes_per_machine=processes_per_machine, placement_strategy=strategy,
                 holders=pl.holders, schedule=schedule, chunk_bytes=chunk_bytes, buffer_bytes=2 * chunk_bytes,
-                interval_iters=interval, persist_interval_iters=persist)
+                interval_iters=interval, persist_interval_iters=persist, replica_groups=hsdp)
 
 
 def show(d: dict) -> str:
@@ -221,7 +233,9 @@ def show(d: dict) -> str:
         f"{d['provenance']['version']} on {d['provenance']['created']}",
         f"cluster:    {c['machines']} machines x {c['processes_per_machine']} processes"
         + (f" (preset {c['preset']})" if c.get("preset") else ""),
-        f"placement:  {p['strategy']}, {p['replicas']} copies of every machine's checkpoint in CPU memory",
+        f"placement:  {p['strategy']}, {p['replicas']} copies of every machine's checkpoint in CPU memory"
+        + (f" ({p['replica_groups']} HSDP replica groups: the copies on other machines are their replicas, sent and "
+           f"stored as each rank's own part only)" if p.get("replica_groups") else ""),
     ]
     groups = ", ".join("{" + ",".join(map(str, h)) + "}" for h in p["holders"][:6])
     lines.append(f"            holders: {groups}{' ...' if len(p['holders']) > 6 else ''}")

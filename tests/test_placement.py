@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import json
 import math
@@ -235,3 +236,39 @@ def test_hsdp_puts_every_copy_where_a_replica_of_the_shard_is(machines, groups, 
 def test_hsdp_refuses_groups_it_cannot_place(machines, replicas, groups, message):
     with pytest.raises(UserError, match=message):
         placement.hsdp(machines, replicas, groups)
+
+
+@pytest.mark.parametrize("machines,groups,replicas", [(4, 2, 2), (8, 4, 3), (12, 4, 4)])
+def test_copies_held_as_hsdp_replicas_cost_only_the_own_part(machines, groups, replicas):
+    """On the hsdp placement every copy off the machine is a replica's: it sends and holds ``own_bytes``, so a
+    machine holds one shard and the own parts of the m-1 machines it keeps copies of; on any other placement the
+    same call counts whole shards (brute force over the holders)."""
+    shard, own = 1e9, 120.0
+    p = placement.hsdp(machines, replicas, groups)
+    per = machines // groups
+    for i, hs in enumerate(p.holders):
+        assert [placement.replica_of(p, i, h) for h in hs] == [False] + [True] * (replicas - 1)
+        assert all(h % per == i % per for h in hs)
+    assert placement.memory_bytes(p, shard, own) == [shard + (replicas - 1) * own] * machines
+    assert placement.check_memory(p, shard, 1.0) == pytest.approx(1.0)  # one shard fits where m would not
+    preset = config.load_preset("gemini-paper")
+    g = topology.build(dataclasses.replace(preset.cluster, machines=machines), preset.storage)
+    c = comm.cost(p, shard, g, own_bytes=own)
+    assert c.sent_bytes == c.received_bytes == tuple([(replicas - 1) * own] * machines)
+    grouped = placement.build("ring", machines, replicas)
+    assert not any(placement.replica_of(grouped, i, h) for i, hs in enumerate(grouped.holders) for h in hs)
+    assert placement.memory_bytes(grouped, shard, own) == [replicas * shard] * machines
+    assert comm.cost(grouped, shard, g, own_bytes=own).sent_bytes == tuple([(replicas - 1) * shard] * machines)
+
+
+def test_cli_placement_hsdp(cli):
+    rc, out, _ = cli("placement", "--machines", "16", "--replicas", "2", "--hsdp", "4", "--failures", "2",
+                     "--preset", "gemini-paper")
+    shard = config.load_preset("gemini-paper").checkpoint_bytes_per_machine / 1e9
+    exact = recovery.probability(placement.hsdp(16, 2, 4), 2).probability
+    assert f"hsdp: N=16 m=2 k=2: P(recover from CPU memory) = {exact:.12g} [exact]" in out
+    assert f"CPU memory needed per machine: {shard:.1f} GB (copies held as HSDP replicas" in out
+    assert "sent only the ranks' own parts" in out
+    rc, _, err = cli("placement", "--machines", "16", "--replicas", "2", "--hsdp", "3", "--failures", "2",
+                     check_rc=2)
+    assert err.strip() == "gemini-sim: error: HSDP's 3 replica groups must divide the 16 machines"

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from gemini_sim.cluster import config
 from gemini_sim import interleave, optimize as optimizer, plan
-from gemini_sim.placement import layouts as placement
+from gemini_sim.placement import layouts as placement, survival as recovery
 from gemini_sim.errors import UserError
 from gemini_sim.failures.synthetic import SyntheticSpec, generate
 
@@ -64,6 +64,9 @@ def test_round_trip_property(tmp_path_factory, n, m, ppm, k, persist, schedule, 
     (lambda d: d["placement"].update(replicas="two"), "$.placement.replicas: 'two' is not of type 'integer'"),
     (lambda d: d.update(schema_version=2), "schema_version 2 is newer"),
     (lambda d: d.update(schema_version="1"), "$.schema_version: expected an integer"),
+    (lambda d: d["placement"].update(replica_groups=3), "$.placement.replica_groups: 3 replica groups do not divide"),
+    (lambda d: d["placement"].update(replica_groups=2), "$.placement.holders[0]: with 2 replica groups every holder"),
+    (lambda d: d["placement"].update(replica_groups=0), "$.placement.replica_groups: 0 is less than the minimum"),
 ])
 def test_schema_errors_name_the_path(mutate, needle):
     d = copy.deepcopy(a_plan())
@@ -130,6 +133,36 @@ def test_the_host_cost_counts_in_every_candidate():
         extra = 100 * 0.02 * t / c.interval_iters / plain.baseline_iteration_time_s
         assert c.overhead_pct == pytest.approx(plain.overhead_pct + extra, rel=1e-9)
     assert costly.best.interval_iters > 1 and costly.best.overhead_pct <= 1.0
+
+
+def test_an_hsdp_job_is_planned_with_its_copies_on_its_replicas():
+    """``hsdp=R``: only the hsdp placement, at most R copies; each copy off the machine is an HSDP replica's, so
+    it costs no traffic (every candidate simulated as the job with no copy on the network) and no memory (one
+    checkpoint per machine, whatever m), so copies that would not fit as whole shards do; P(recover) is the hsdp
+    placement's; the plan names the replica groups."""
+    trace = generate(SyntheticSpec("poisson", 2000, 10, 8, seed=1))
+    preset = small_preset()
+    shard_gb = preset.checkpoint_bytes_per_machine / 1e9
+    preset = dataclasses.replace(preset, cluster=dataclasses.replace(preset.cluster, cpu_memory_gb=1.5 * shard_gb))
+    kw = dict(schedules=["naive", "gemini"], max_interval=4)
+    with pytest.raises(UserError, match="no replica count fits"):  # 2 whole shards do not fit
+        optimizer.optimize(preset, trace, 0.5, replicas=[2], **kw)
+    res = optimizer.optimize(preset, trace, 0.5, hsdp=4, **kw)
+    plain = optimizer.optimize(preset, trace, 0.5, replicas=[1], **kw)
+    one = {(c.schedule, c.interval_iters): c for c in plain.candidates}
+    assert {c.replicas for c in res.candidates} == {1, 2, 3, 4}
+    for c in res.candidates:
+        assert c.placement == ("hsdp" if c.replicas > 1 else "none")
+        assert c.memory_gb_per_machine == pytest.approx(shard_gb) and c.reason != "memory"
+        assert c.overhead_pct == one[(c.schedule, c.interval_iters)].overhead_pct
+        if c.replicas > 1:
+            exact = recovery.probability(placement.hsdp(8, c.replicas, 4), 2).probability
+            assert c.recovery_probability_k2 == pytest.approx(exact)
+    d = plan.validate(res.plan)
+    assert d["placement"]["replica_groups"] == 4 and d["placement"]["strategy"] == "hsdp"
+    assert d["placement"]["holders"] == [list(h) for h in placement.hsdp(8, res.best.replicas, 4).holders]
+    with pytest.raises(UserError, match="HSDP's 3 replica groups must divide the 8 machines"):
+        optimizer.optimize(preset, trace, 0.5, hsdp=3, **kw)
 
 
 def test_infeasible_requests_are_clear_errors():
@@ -212,7 +245,7 @@ def test_one_vocabulary_for_simulator_plan_and_runtime():
     """Schedules, tiers and the 'auto' placement rule are defined once, in the Plan's module, and every side uses
     them: the simulator's schedule registry, the schema's enums, the replay's tiers, the runtime's registry."""
     from gemini_sim import interleave
-    from gemini_sim.placement import layouts as placement
+    from gemini_sim.placement import layouts as placement, survival as recovery
     from gemini_sim.replay import engine as replay
     from gemini_sim import plan as contract
     from runtime import schedules as runtime_schedules

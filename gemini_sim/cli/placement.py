@@ -20,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=inputs.REPLICAS, required=True, metavar="M")
     p.add_argument("--strategy", default="mixed", help=f"one of: {', '.join(placement_mod.PLACEMENTS)}")
     p.add_argument("--failures", required=True, metavar="K", help="K, or a range like 1-8 for a table")
+    p.add_argument("--hsdp", type=inputs.whole(1, 1_000_000), metavar="R",
+                   help="an HSDP job of R replica groups of consecutive machines: its copies where the replicas "
+                   "are (placement hsdp; --strategy is not used), each costing only a rank's own part in memory and "
+                   "traffic")
     p.add_argument("--domains", type=inputs.whole(1, 1_000_000), metavar="D",
                    help="failure domains (D blocks of consecutive machines); "
                    "used by domain-aware (default: M) and by --bursts")
@@ -36,8 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _placement_rows(args, strategy: str, ks: list[int]):
     from gemini_sim.placement import layouts as placement, survival as recovery
 
-    pl = placement.build(strategy, args.machines, args.replicas, seed=args.seed,
-                         domains=args.domains or args.replicas)
+    if strategy == "hsdp":
+        pl = placement.hsdp(args.machines, args.replicas, args.hsdp)
+    else:
+        pl = placement.build(strategy, args.machines, args.replicas, seed=args.seed,
+                             domains=args.domains or args.replicas)
     if args.bursts:
         dom = placement.domains_of(args.machines, args.domains)
         return pl, [recovery.monte_carlo(pl, recovery.burst_sampler(dom, k), args.samples, args.seed, k)
@@ -62,7 +69,7 @@ def run(args) -> int:
         raise UserError(f"--domains must be between 1 and --machines ({args.machines}), got {args.domains}")
     if args.plot:
         files.output_file(args.plot, "--plot", files.FIGURE_SUFFIXES)
-    pl, rows = _placement_rows(args, args.strategy, ks)
+    pl, rows = _placement_rows(args, "hsdp" if args.hsdp else args.strategy, ks)
     memory = None
     if args.preset or args.config:
         preset = config.load_config(args.config) if args.config else config.load_preset(args.preset)
@@ -86,7 +93,11 @@ def run(args) -> int:
               + (f", failures in bursts of whole domains ({args.domains} domains)" if args.bursts else ""))
         print(report.format_table(["k", "P(recover)", "method", "ci95", "E[lost ckpts]"], table))
     if memory is not None:
-        print(f"CPU memory needed per machine: {memory:.1f} GB")
+        print(f"CPU memory needed per machine: {memory:.1f} GB"
+              + (" (copies held as HSDP replicas cost only each rank's own part)" if args.hsdp else ""))
+    if args.hsdp:
+        print(f"checkpoint traffic: every copy on another machine is on an HSDP replica, sent only the ranks' own "
+              f"parts (the state that is not sharded: a few KB a checkpoint)")
     if args.plot:
         print(f"wrote {args.plot}")
     return 0
@@ -99,7 +110,7 @@ def _plot_placement(args, ks: list[int], path: Path) -> None:
 
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
-    for strategy in placement.PLACEMENTS:
+    for strategy in [*placement.PLACEMENTS, *(["hsdp"] if args.hsdp else [])]:
         if strategy == "group" and args.machines % args.replicas:
             continue
         _, rows = _placement_rows(args, strategy, ks)

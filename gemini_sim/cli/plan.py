@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedules", help="comma-separated schedules to consider (default all)")
     p.add_argument("--processes-per-machine", type=inputs.whole(1, 1024),
                    help="ranks per machine (default: GPUs per machine)")
+    p.add_argument("--hsdp", type=inputs.whole(1, 1_000_000), metavar="R",
+                   help="the job is HSDP with R replica groups of consecutive machines: copies only where its replicas "
+                   "are (placement hsdp), which cost neither traffic nor memory beyond each rank's own part")
     p.add_argument("-o", "--output", metavar="PLAN.json")
     p.add_argument("--plot", metavar="FILE", help="plot the candidates and the Pareto front")
     p.add_argument("--json", action="store_true")
@@ -65,7 +68,7 @@ def run(args) -> int:
         res = optimizer.optimize(
             preset, trace, args.max_overhead, processes_per_machine=args.processes_per_machine, schedules=names,
             replicas=[args.replicas] if args.replicas else None, timeline=timeline, seed=args.seed,
-            progress=bar.update, host_cpu_s=host_of, span_fill=args.span_fill,
+            progress=bar.update, host_cpu_s=host_of, span_fill=args.span_fill, hsdp=args.hsdp,
             config_sha256=plan_mod.sha256_of(args.config) if args.config else "",
             trace_sha256=plan_mod.sha256_of(args.trace[0]) if args.trace else "")
     plan_mod.write(res.plan, args.output)

@@ -249,9 +249,28 @@ def check(p: Placement) -> None:
                         f"expected {p.replicas} each")
 
 
+def replica_of(p: Placement, owner: int, holder: int) -> bool:
+    """Does ``holder`` hold ``owner``'s checkpoint as an HSDP replica (placement :func:`hsdp`: a machine at the same
+    position of another replica group, whose training state holds the same shard)? Such a copy costs only the
+    owner's own part (its state that is not sharded: a few KB) in traffic and memory; the runtime builds the rest
+    from the holder's own checkpoint (runtime/replicas.py)."""
+    groups = p.options.get("groups") if p.strategy == "hsdp" else None
+    return bool(groups) and holder != owner and (holder - owner) % (p.machines // groups) == 0
+
+
+def memory_bytes(p: Placement, checkpoint_bytes: float, own_bytes: float = 0.0) -> list[float]:
+    """For every machine, the bytes one checkpoint of every machine takes in its CPU memory: its own, and every
+    copy it holds (``own_bytes`` of a copy it holds as an HSDP replica, :func:`replica_of`)."""
+    out = [0.0] * p.machines
+    for owner, hs in enumerate(p.holders):
+        for h in hs:
+            out[h] += own_bytes if replica_of(p, owner, h) else checkpoint_bytes
+    return out
+
+
 def check_memory(p: Placement, checkpoint_bytes_per_machine: float, cpu_memory_gb: float) -> float:
     """Raise if the busiest machine's checkpoints do not fit its CPU memory; return the GB it needs."""
-    need = max(len(x) for x in p.stored_on()) * checkpoint_bytes_per_machine / 1e9
+    need = max(memory_bytes(p, checkpoint_bytes_per_machine)) / 1e9
     if need > cpu_memory_gb:
         raise UserError(f"placement {p.strategy} with {p.replicas} replicas needs {need:.1f} GB of CPU memory per "
                         f"machine, {need - cpu_memory_gb:.1f} GB more than the {cpu_memory_gb:g} GB configured")

@@ -10,7 +10,7 @@ import networkx as nx
 
 from gemini_sim.cluster import topology
 from gemini_sim.cluster.config import GBPS
-from gemini_sim.placement.layouts import Placement
+from gemini_sim.placement.layouts import Placement, replica_of
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,9 @@ class CommCost:
                 "transfers": self.transfers}
 
 
-def cost(p: Placement, shard_bytes: float, graph: nx.Graph) -> CommCost:
-    """Route every replica transfer (owner -> each peer holder) on its shortest path; links are full duplex."""
+def cost(p: Placement, shard_bytes: float, graph: nx.Graph, own_bytes: float = 0.0) -> CommCost:
+    """Route every replica transfer (owner -> each peer holder) on its shortest path; links are full duplex. A
+    holder that holds the owner's shard as an HSDP replica (layouts.replica_of) is sent ``own_bytes`` only."""
     sent = [0.0] * p.machines
     recv = [0.0] * p.machines
     load: dict = defaultdict(float)
@@ -46,14 +47,15 @@ def cost(p: Placement, shard_bytes: float, graph: nx.Graph) -> CommCost:
     transfers = 0
     for owner, hs in enumerate(p.holders):
         for h in hs[1:]:
-            sent[owner] += shard_bytes
-            recv[h] += shard_bytes
+            nbytes = own_bytes if replica_of(p, owner, h) else shard_bytes
+            sent[owner] += nbytes
+            recv[h] += nbytes
             transfers += 1
             key = (owner, h)
             if key not in paths:
                 paths[key] = nx.shortest_path(graph, topology.machine(owner), topology.machine(h))
             path = paths[key]
             for a, b in zip(path, path[1:]):
-                load[(a, b)] += shard_bytes
+                load[(a, b)] += nbytes
     seconds = {k: v / (graph.edges[k]["gbps"] * GBPS) for k, v in load.items()}
     return CommCost(tuple(sent), tuple(recv), dict(load), seconds, transfers)
