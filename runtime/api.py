@@ -456,11 +456,14 @@ class Checkpointer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _link(self) -> Link:
         if self._link_obj is None:  # receives posted once, before any peer sends
-            receivers = [Receiver(self.rank, src, self.store, self.groups, self.host_cores, self._store_files)
-                         for src in self.recv_from]
+            replica = self.plan.replica
+            receivers = [Receiver(self.rank, src, self.store, self.groups, self.host_cores, self._store_files,
+                                  replica(src, self.rank), self.settings.timeout_s) for src in self.recv_from]
+            thin = frozenset(dst for dst in self.send_to if replica(self.rank, dst))
             self._link_obj = Link(self.rank, self.store, self.groups, self.send_to, receivers, self.collectives,
                                   self.host_cores, on_commit=lambda it: self._fire("before_commit", it),
-                                  files=self._store_files)
+                                  files=self._store_files, thin=thin,
+                                  replicated=bool(thin) or any(r.replica for r in receivers))
         return self._link_obj
 
     @property
@@ -501,7 +504,9 @@ class Checkpointer:
                                  "released_in": ck.released_in, "start_s": ck.release_at - t0,
                                  "copied_s": (ck.copied_at or done) - ck.release_at, "complete_s": done - t0,
                                  "data_s": ck.data_done() - t0, "cpu_s": ck.cpu_seconds(), "bytes": ck.size,
-                                 "peers": len(ck.link.send_to), "cores": ck.cores, "memory": ck.slot.memory,
+                                 "sent_bytes": ck.sent_bytes, "peers": len(ck.link.send_to),
+                                 "held_bytes": ck.size + sum(r.sizes[ck.seq] for r in ck.link.receivers),
+                                 "cores": ck.cores, "memory": ck.slot.memory,
                                  "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent]})
         if ck.device is not None:
             self._on_device.append((self.checkpoints[-1], ck.stream_wait))

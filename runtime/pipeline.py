@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import device
-from .state import checksum
+from . import device, replicas
+from .state import CHUNKS, checksum
 from .schedules import Schedule
 from .store import StoreError
 from .transport import (MAX_CHUNKS, Groups, Progress, Receiver, Window, chunk_bounds, isend_bytes, pin_thread,
@@ -82,6 +82,11 @@ class Link:
     host_cores: list[int] | None = None
     on_commit: Callable[[int], None] | None = None  # called with the iteration just before the local commit
     files: int = 0  # store files of each rank to have ready (ShardStore.prepare): the plan's keep + 1
+    # peers (of send_to) that hold this rank's DTensor pieces as an HSDP replica: sent this rank's own part only
+    # (runtime/replicas.py); ``replicated``: this rank sends to or receives from such a peer, so its checkpoints
+    # carry the digest of their DTensor pieces
+    thin: frozenset = frozenset()
+    replicated: bool = False
     write_s: list[float] = field(default_factory=list)
     # the threads every checkpoint of this rank runs on: its copier and its sender
     workers: tuple[Worker, Worker] = field(default_factory=lambda: (Worker("gemini-copy"), Worker("gemini-send")))
@@ -105,6 +110,9 @@ class InFlight:
         self.release_at = release_at  # perf_counter of the iteration start the schedule's times count from
         self.entries, self.views, self.skeleton = entries, views, skeleton
         self.size = sum(e["nbytes"] for e in entries)
+        self._shared = set(skeleton.get(CHUNKS, {})) if link.thin or link.replicated else set()
+        self.own_size = sum(e["nbytes"] for e in entries if e["name"] not in self._shared)
+        self.sent_bytes = 0  # to every peer (after wait)
         chunk = max(1, int(plan_schedule["chunk_bytes"]))
         self.chunk = max(chunk, math.ceil(self.size / MAX_CHUNKS))
         self.bounds = chunk_bounds(self.size, self.chunk)
@@ -180,6 +188,8 @@ class InFlight:
             self.hash_go.wait()
         self.manifest = {"entries": self.entries, "size": self.size, **checksum(self.slot.view()),
                          "skeleton": self.skeleton}
+        if link.replicated:
+            self.manifest[replicas.DIGEST] = replicas.digest(self.slot.view(), self.entries, self._shared)
         t0 = time.perf_counter()
         if link.on_commit:
             link.on_commit(self.iteration)
@@ -244,8 +254,11 @@ class InFlight:
     def _send(self) -> None:
         link, me = self.link, self.link.rank
         group = lambda dst: link.groups.between(me, dst)
-        header = torch.tensor([self.iteration, self.size, self.chunk], dtype=torch.int64)
-        for w in [dist.isend(header, dst, group=group(dst), tag=tag(self.seq, 0)) for dst in link.send_to]:
+        full = [dst for dst in link.send_to if dst not in link.thin]  # the rest get this rank's own part only
+        thin = [dst for dst in link.send_to if dst in link.thin]
+        headers = [torch.tensor([self.iteration, self.size if dst in full else self.own_size, self.chunk],
+                                dtype=torch.int64) for dst in link.send_to]
+        for w in [dist.isend(h, dst, group=group(dst), tag=tag(self.seq, 0)) for h, dst in zip(headers, link.send_to)]:
             w.wait()
         if self.device is None:
             # state on the CPU: the copy first, on a core of its own, then the sends. Sending while copying makes
@@ -256,7 +269,7 @@ class InFlight:
         def sent(item) -> None:  # (chunk, when posted): its sends have left
             self.sent.append((item[0], item[1] - self.release_at, time.perf_counter() - self.release_at))
 
-        for r, offset, idx, after in self.releases:
+        for r, offset, idx, after in self.releases if full else ():  # to HSDP replicas alone: nothing to release
             self._wait_release(r, offset, after)
             self.hash_go.set()
             window = Window(landed=sent)  # a chunk's sends to every peer, up to WINDOW chunks at once
@@ -267,17 +280,23 @@ class InFlight:
                     return
                 window.add(lambda: ((k, time.perf_counter()),
                                     [dist.isend(self.slot.tensor[a:b], dst, group=group(dst), tag=tag(self.seq, 1 + k))
-                                     for dst in link.send_to]))
+                                     for dst in full]))
             window.drain()  # a release's chunks have all left before the next release is waited for
         self.committed.wait()
         if self.errors:
             return
-        last = 1 + len(self.bounds)
         meta = json.dumps(self.manifest).encode()
-        works = [w for dst in link.send_to for w in isend_bytes(meta, dst, group(dst), (tag(self.seq, last),
-                                                                                        tag(self.seq, last + 1)))]
+        works, own_bounds = [], chunk_bounds(self.own_size, self.chunk)
+        if thin:  # a few KB: after the commit, with the manifest
+            own = replicas.own_part(self.slot.tensor, self.entries, self._shared)
+            works += [dist.isend(own[a:b], dst, group=group(dst), tag=tag(self.seq, 1 + k))
+                      for dst in thin for k, (a, b) in enumerate(own_bounds)]
+        for dst in link.send_to:
+            last = 1 + len(self.bounds if dst in full else own_bounds)
+            works += isend_bytes(meta, dst, group(dst), (tag(self.seq, last), tag(self.seq, last + 1)))
         for w in works:
             w.wait()
+        self.sent_bytes = self.size * len(full) + self.own_size * len(thin)
 
     # -- the training thread's view ----------------------------------------------------------------------------------
     def iteration_started(self, t: float) -> None:

@@ -69,6 +69,20 @@ class Plan:
         return [list(h) for h in self.data["placement"]["holders"]]
 
     @property
+    def replica_groups(self) -> int | None:
+        """An HSDP job's replica groups (``placement.replica_groups``), None for another job."""
+        return self.data["placement"].get("replica_groups")
+
+    def replica(self, a: int, b: int) -> bool:
+        """Do ranks ``a`` and ``b`` hold the same DTensor pieces: the same position in two HSDP replica groups (the
+        same local rank on machines at the same position of their groups)?"""
+        groups, ppm = self.replica_groups, self.processes_per_machine
+        if not groups or a == b or a % ppm != b % ppm:
+            return False
+        per = self.machines // groups
+        return (a // ppm) % per == (b // ppm) % per
+
+    @property
     def schedule(self) -> dict:
         return self.data["schedule"]
 

@@ -162,14 +162,20 @@ def _sha256(block) -> bytes:
 def _tree(data, digest) -> str:
     """``digest`` of the ``digest``s of the 64 MiB blocks of ``data``, the blocks hashed by a pool of threads (both
     hashes let go of the GIL), as hex."""
+    return tree_of([data], digest)
+
+
+def tree_of(pieces, digest=_xxh3, head: bytes = b"") -> str:
+    """:func:`_tree` over several buffers one after the other (``head``, hashed in first: what else the digest
+    covers), each cut into blocks of at most 64 MiB, all the blocks hashed by one pool, as hex."""
     global _hashers
-    view = memoryview(data).cast("B")
-    blocks = [view[i:i + HASH_BLOCK] for i in range(0, len(view), HASH_BLOCK)] or [view]
+    views = [memoryview(p).cast("B") for p in pieces]
+    blocks = [v[i:i + HASH_BLOCK] for v in views for i in range(0, len(v), HASH_BLOCK)] or [memoryview(b"")]
     if len(blocks) > 1:
         with _hashers_lock:  # one pool per process, whichever thread hashes first
             if _hashers is None:
                 _hashers = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="gemini-hash")
-    return digest(b"".join((_hashers.map if len(blocks) > 1 else map)(digest, blocks))).hex()
+    return digest(head + b"".join((_hashers.map if len(blocks) > 1 else map)(digest, blocks))).hex()
 
 
 def checksum(data) -> dict:

@@ -5,6 +5,10 @@ Layout::
     ROOT/machine-0003/iter-00000042/rank-00006.bin    raw bytes of every tensor of rank 6's shard, concatenated
     ROOT/machine-0003/iter-00000042/rank-00006.json   manifest: names, dtypes, shapes, offsets, size, checksum
 
+A *thin copy* (runtime/replicas.py: an HSDP replica's copy of a peer's shard) is a shard file of the peer's own
+part only, its manifest the whole shard's with a ``replica`` key naming the rank of this machine whose shard of the
+same iteration holds the rest: it is listed only while that shard is, and :meth:`ShardStore.get` builds the whole.
+
 A shard is written atomically: bytes to ``*.bin.tmp``, rename, then the manifest to ``*.json.tmp``, rename. A shard
 is listed (:meth:`ShardStore.inventory`) only when its manifest exists and the bytes have its size, so a half-written
 file from a worker killed mid-write is never listed; its checksum is checked when it is read (:meth:`get`), or, in
@@ -35,8 +39,9 @@ from pathlib import Path
 
 import torch
 
-from . import device
+from . import device, replicas
 from .files import write_atomic, write_file
+from .replicas import REPLICA
 from .state import WORLD, verify
 
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
@@ -136,6 +141,7 @@ class ShardStore:
         self._pending: dict[int, int] = {}  # by rank: spares prepare() is still making ready
         self._made = itertools.count()  # names the files prepare() makes
         self._prepared: dict[int, int] = {}  # by rank: the shard size prepare() was last called for
+        self._committed = threading.Condition()  # a shard was committed by this process (wait_committed)
 
     def iteration_dir(self, iteration: int) -> Path:
         return self.dir / f"iter-{iteration:08d}"
@@ -310,6 +316,23 @@ class ShardStore:
         os.replace(tmp, bin_path)
         meta = dict(manifest, iteration=iteration, rank=rank)
         write_atomic(json_path, json.dumps(meta), PRIVATE_FILE)  # the manifest is committed last
+        with self._committed:
+            self._committed.notify_all()
+
+    def wait_committed(self, iteration: int, rank: int, timeout: float) -> dict | None:
+        """The manifest of ``rank``'s shard of ``iteration`` once this process has committed it (None if it has not
+        within ``timeout`` seconds): a thin copy is checked against its twin's (runtime/replicas.py)."""
+        json_path = self.paths(iteration, rank)[1]
+
+        def read() -> dict | None:
+            try:
+                return json.loads(json_path.read_text())
+            except (OSError, ValueError):
+                return None
+
+        with self._committed:
+            self._committed.wait_for(lambda: json_path.exists(), timeout)
+        return read()
 
     def get(self, iteration: int, rank: int, check: bool = True) -> tuple[memoryview, dict] | None:
         """The shard's bytes and manifest if it is complete and intact (``check``: its checksum verified), else
@@ -325,6 +348,13 @@ class ShardStore:
                                             prot=mmap.PROT_READ | mmap.PROT_WRITE)) if size else memoryview(b"")
         except (OSError, ValueError):
             return None
+        if REPLICA in manifest:  # a thin copy: the whole shard made of it and its twin's (runtime/replicas.py)
+            thin = manifest.pop(REPLICA)
+            twin = self.get(iteration, thin["rank"], check=False) \
+                if len(data) == thin.get("bytes") and thin.get("rank") != rank else None
+            data = replicas.rebuild(dict(manifest, **{REPLICA: thin}), data, *twin) if twin is not None else None
+            if data is None:
+                return None
         if len(data) != manifest.get("size") or (check and not verify(data, manifest)):
             return None
         return data, manifest
@@ -340,15 +370,23 @@ class ShardStore:
         out = []
         for d in _entries(self.dir, "iter-*"):
             it = int(d.name.split("-")[1])
+            found, twins = [], {}
             for j in _entries(d, "rank-*.json"):
                 rank = int(j.stem.split("-")[1])
                 try:
                     meta = json.loads(j.read_text())
-                    if self.paths(it, rank)[0].stat().st_size == meta.get("size"):
+                    thin = meta.get(REPLICA)
+                    size = meta.get("size") if thin is None else thin.get("bytes")
+                    if self.paths(it, rank)[0].stat().st_size == size:
                         world = meta.get("skeleton", {}).get(WORLD, -1)
-                        out.append((it, rank, world if isinstance(world, int) and world > 0 else -1))
+                        found.append((it, rank, world if isinstance(world, int) and world > 0 else -1))
+                        if thin is not None:
+                            twins[rank] = thin.get("rank")
                 except (OSError, ValueError, AttributeError):
                     continue
+            # a thin copy counts while its twin's shard of the same iteration is here whole
+            whole = {rank for _, rank, _ in found if rank not in twins}
+            out += [row for row in found if row[1] not in twins or twins[row[1]] in whole]
         return out
 
     def discard(self, iteration: int, rank: int) -> None:

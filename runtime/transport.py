@@ -20,6 +20,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import replicas
+
 TAG_BASE = 10_000  # checkpoint traffic tags: TAG_BASE + (checkpoint sequence number % 100) * 1000 + message index
 MAX_CHUNKS = 990
 # chunks in flight per peer and direction: a gloo message waits for its receive to be posted, so one at a time pays
@@ -264,13 +266,18 @@ class Receiver:
     iteration starts a little earlier than ours is not held back. A header with a negative size ends it
     (:func:`stop`)."""
 
-    def __init__(self, rank: int, src: int, store, groups: Groups, host_cores=None, files: int = 0):
+    def __init__(self, rank: int, src: int, store, groups: Groups, host_cores=None, files: int = 0,
+                 replica: bool = False, timeout_s: float = 120.0):
         self.rank, self.src, self.store, self.groups, self.host_cores = rank, src, store, groups, host_cores
         self.files = files  # store files of the peer's shards to have ready (ShardStore.prepare)
+        # the peer is an HSDP twin of this rank: it sends its own part only, kept as a thin copy once the digest of
+        # its DTensor pieces is that of this rank's own checkpoint of the same iteration (runtime/replicas.py)
+        self.replica, self.timeout_s = replica, timeout_s
         self.stored = Progress()  # checkpoints stored
         self.done_at: dict[int, float] = {}  # seq -> when it was stored (perf_counter)
         self.data_at: dict[int, float] = {}  # seq -> when its last chunk arrived
         self.cpu: dict[int, float] = {}  # seq -> CPU seconds spent receiving and storing it
+        self.sizes: dict[int, int] = {}  # seq -> bytes it stored (a thin copy: the peer's own part)
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._loop, daemon=True, name=f"gemini-recv-{src}")
         self.thread.start()
@@ -297,9 +304,12 @@ class Receiver:
                 self.data_at[seq] = time.perf_counter()
                 last = 1 + len(bounds)
                 meta = json.loads(recv_bytes(self.src, g, (tag(seq, last), tag(seq, last + 1))))
+                if self.replica:
+                    meta = replicas.accept(self.store, iteration, self.rank, self.src, meta, size, self.timeout_s)
                 slot.commit(meta)
                 del slot, body  # unmapped once its tensor is gone
                 self.store.prepare(self.src, size, self.files)  # the next ones' memory (once per size: the first)
+                self.sizes[seq] = size
                 self.done_at[seq] = time.perf_counter()
                 self.cpu[seq] = time.thread_time() - c0
                 seq += 1

@@ -58,7 +58,8 @@ def load_example(example: str, module: str):
 # hand-out (tests/xdist_order.py) with the per-test times of three runs: the slower worker ends at 533, 567 and 611 s
 # this way, at 575, 611 and 648 s in the default order (the replay came within 10-25 s of the runs it replayed).
 LONGEST = {"tests/test_faults_mlp.py": 385, "tests/test_calibrate.py": 193, "tests/test_faults_shared_machine.py": 149,
-           "tests/test_torchrun.py": 119, "tests/test_agent.py": 110, "notebooks/interleaving.ipynb": 41,
+           "tests/test_torchrun.py": 119, "tests/test_agent.py": 110, "tests/test_hsdp.py": 60,
+           "notebooks/interleaving.ipynb": 41,
            "tests/test_faults_tinygpt.py": 34, "tests/test_fuzz_readers.py": 28, "notebooks/plan.ipynb": 23,
            "tests/test_inputs.py": 22}
 

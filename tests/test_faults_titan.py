@@ -3,6 +3,7 @@ and a warm-up schedule), on the CPU build. TorchTitan is an extra of its own: `m
 of its own and runs this module; where it is not installed (`make test`), the module is skipped."""
 
 import importlib.util
+import json
 
 import pytest
 
@@ -42,3 +43,6 @@ def test_hsdp_loses_a_whole_replica_group_and_recovers_from_the_other_ones_memor
     assert sorted(e["machine"] for e in res.records("machine-lost")) == [0, 1]
     assert tiers(res) == {0: ("peer", 7), 1: ("peer", 7), 2: ("local", 7), 3: ("local", 7)}
     assert_identical(res, baseline)
+    for path in baseline.out_dir.glob("timings-rank-*.json"):  # the holders were sent each rank's own part only
+        cks = json.loads(path.read_text())["checkpoints"]
+        assert cks and all(0 < c["sent_bytes"] < c["bytes"] / 1000 for c in cks), path

@@ -8,7 +8,9 @@ or on N emulated machines, with machine replacement, under the project's agent:
 
     python -m runtime.agent --machines 4 --procs 2 -- examples/tinygpt/train.py --iters 20
 
-The lines marked ``# gemini`` are all that checkpointing adds to the training script. The other options serve the
+``--replicate R`` makes it HSDP (R replica groups of consecutive ranks); run it under a plan that knows them
+(``python -m runtime plan --machines 4 --procs 1 --hsdp 2``), and each copy lies on a replica, sent only the rank's
+own part. The lines marked ``# gemini`` are all that checkpointing adds to the training script. The other options serve the
 calibration (examples/tinygpt/calibrate.py): an emulated accelerator, schedules run in turn, a bandwidth probe,
 pinning training and the checkpoint's threads to separate cores.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -46,6 +49,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="sequences per rank per iteration")
     ap.add_argument("--seq", type=int, default=32, help="tokens per sequence")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--replicate", type=int, default=1, help="HSDP: R replica groups of consecutive ranks, each "
+                    "sharding the model over its ranks (default 1: FSDP over every rank)")
     ap.add_argument("--out-dir", help="final parameters, profile and timings (default: $GEMINI_OUT_DIR)")
     ap.add_argument("--accel-ms", type=float, default=0.0, help="emulated accelerator: each block's forward waits "
                     "this many ms more, its backward twice as many, with the CPU free (default 0: off)")
@@ -61,6 +66,8 @@ def main() -> None:
                     "too (deterministic algorithms, attention by plain matrix products): the fault tests compare "
                     "a recovered run's parameters with an uninterrupted run's")
     args = ap.parse_args()
+    if args.replicate < 1:
+        ap.error(f"--replicate must be at least 1, got {args.replicate}")
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts: its fixed workspace
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -74,7 +81,13 @@ def main() -> None:
                       exact_attention=args.deterministic)
     torch.manual_seed(args.seed)
     model = TinyGPT(cfg).to(device)
-    mesh = init_device_mesh(device.type, (world,))
+    if world % args.replicate:
+        print(f"train.py: error: --replicate {args.replicate} does not divide the job's {world} ranks", file=sys.stderr)
+        sys.exit(2)
+    # FSDP over every rank, or HSDP: sharded within each replica group, replicated across them
+    groups = (args.replicate, world // args.replicate)
+    mesh = init_device_mesh(device.type, (world,)) if args.replicate == 1 else \
+        init_device_mesh(device.type, groups, mesh_dim_names=("replicate", "shard"))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
