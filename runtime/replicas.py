@@ -66,15 +66,25 @@ def thin(manifest: dict, twin: int, nbytes: int) -> dict:
 
 
 def rebuild(manifest: dict, own: memoryview, twin: memoryview, twin_manifest: dict) -> memoryview | None:
-    """A thin copy's whole shard (new memory): its own entries from ``own``, the others from the twin's shard of the
-    same iteration by name; None where the twin's shard lacks one of them or holds it in another layout."""
-    out = bytearray(manifest["size"])
+    """A thin copy's whole shard: its own entries from ``own``, the others from the twin's shard of the same
+    iteration by name; None where the twin's shard lacks one of them or holds it in another layout. Where the twin's
+    shard is laid out as this one (HSDP twins' are: the same names, dtypes and shapes in the same order), ``twin``,
+    a private (copy-on-write) mapping of it, becomes the shard: the own entries are written over the twin's, and
+    only their pages are copied. Else the shard is put together in new memory."""
     theirs = {e["name"]: e for e in twin_manifest["entries"]}
+    if len(twin) == manifest["size"] and not getattr(twin, "readonly", True) and all(
+            (t := theirs.get(e["name"])) is not None and (t["offset"], t["nbytes"], t["dtype"], t["shape"])
+            == (e["offset"], e["nbytes"], e["dtype"], e["shape"]) for e in manifest["entries"]):
+        out = twin
+    else:
+        out = bytearray(manifest["size"])
     where = manifest[REPLICA]["own"]
     for e in manifest["entries"]:
         a, n = e["offset"], e["nbytes"]
         if e["name"] in where:
             src, at = own, where[e["name"]]
+        elif out is twin:  # in place already
+            continue
         else:
             t = theirs.get(e["name"])
             if t is None or (t["dtype"], t["shape"], t["nbytes"]) != (e["dtype"], e["shape"], n):

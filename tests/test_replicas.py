@@ -12,12 +12,12 @@ from runtime.state import CHUNKS, pack, verify
 from runtime.store import ShardStore
 
 
-def shard(seed: int, own_value: float, shape=(64,)) -> tuple[bytes, dict]:
+def shard(seed: int, own_value: float, shape=(64,), positions: int = 3) -> tuple[bytes, dict]:
     """A rank's shard: two DTensor pieces (the same for the same ``seed``), buffers and step counters of its own."""
     g = torch.Generator().manual_seed(seed)
-    tensors = {"model/w": torch.randn(shape, generator=g), "optim/state/w/step": torch.tensor(own_value),
-               "optim/state/w/exp_avg": torch.randn(shape, generator=g),
-               "extra/loader/pos": torch.tensor([int(own_value)] * 3)}
+    tensors = {"optim/state/w/step": torch.tensor(own_value), "model/w": torch.randn(shape, generator=g),
+               "extra/loader/pos": torch.tensor([int(own_value)] * positions),
+               "optim/state/w/exp_avg": torch.randn(shape, generator=g)}
     data, manifest = pack(tensors)
     manifest["skeleton"] = {CHUNKS: {"model/w": [[128], [0]], "optim/state/w/exp_avg": [[128], [0]]}}
     return data, manifest
@@ -46,14 +46,18 @@ def put_thin(store, it, rank, twin, data, manifest):
     return own.numel()
 
 
-def test_a_thin_copy_is_rebuilt_whole_from_its_twins_shard(store):
-    mine, twin = shard(1, 3.0), shard(1, 9.0)
+@pytest.mark.parametrize("positions", [3, 5])
+def test_a_thin_copy_is_rebuilt_whole_from_its_twins_shard(store, positions):
+    """Over a private mapping of the twin's shard where both are laid out alike, else in new memory (a twin whose
+    own part is longer: its DTensor pieces lie elsewhere)."""
+    mine, twin = shard(1, 3.0), shard(1, 9.0, positions=positions)
     store.put(5, 2, *twin)
     own = put_thin(store, 5, 0, 2, *mine)
     assert own == 4 + 3 * 8  # the step counter and the loader's position: the DTensor pieces were not stored
     assert sorted(store.inventory()) == [(5, 0), (5, 2)]
     data, manifest = store.get(5, 0)
     assert bytes(data) == mine[0] and replicas.REPLICA not in manifest and verify(data, manifest)
+    assert isinstance(data.obj, bytearray) == (positions != 3)
     assert store.get(5, 2)[0].tobytes() == twin[0]  # the twin's own shard is untouched
 
 
@@ -63,7 +67,7 @@ def test_a_thin_copy_is_gone_with_its_twins_shard_or_a_damaged_byte(store):
     put_thin(store, 5, 0, 2, *mine)
     bin_path = store.paths(5, 2)[0]
     raw = bytearray(bin_path.read_bytes())
-    raw[0] ^= 1  # a byte of the twin's DTensor pieces
+    raw[next(e["offset"] for e in twin[1]["entries"] if e["name"] == "model/w")] ^= 1  # of its DTensor pieces
     bin_path.write_bytes(raw)
     assert store.get(5, 0) is None  # the rebuilt shard fails the sender's checksum
     assert store.get(5, 0, check=False) is not None  # read unchecked, as recovery reads it (and checks it after)
