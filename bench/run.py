@@ -258,7 +258,8 @@ def bench_calibration():
         if r.get("checkpoint_cpu_s_predicted") is not None:
             rows.append((f"calibration: `{r['schedule']}` CPU of one checkpoint per rank: the runtime's own threads "
                          f"measured / the process's extra CPU per iteration measured / predicted from the probe "
-                         f"(the processes' and the kernel's share, which the process figure leaves out)",
+                         f"(whole checkpoints taken by the probe, and the kernel's share, which the process figure "
+                         f"leaves out)",
                          f"{r['checkpoint_cpu_s'] or 0:.4f} / {r['extra_cpu_s'] or 0:.4f} / "
                          f"{r['checkpoint_cpu_s_predicted']:.4f} s" + (
                              f"; the training thread capturing and starting checkpoints: "

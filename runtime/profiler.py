@@ -368,14 +368,57 @@ def _transfer_cpu(ckpt, other: int | None, rate: float | None, seconds: float = 
     return per
 
 
+def _checkpoint_cpu(ckpt, repeats: int = 3) -> dict | None:
+    """What one whole checkpoint of the current state costs a rank's process in CPU seconds (collective): every
+    rank takes checkpoints the runtime's way (its store, the plan's peers and chunks, its receivers, gloo's threads)
+    with nothing else running, all sent at once as ``naive`` sends them; after ``keep + 1`` to warm up (the store's
+    files made), ``repeats`` are timed with the process's CPU clock, all its threads together: copy, hash, commit,
+    sends, receives and the runtime's own bookkeeping, which a cost per byte sent alone leaves out. The mean over
+    the ranks, with the shard's bytes and the copies each rank sent. Left where they were not made: None where a
+    store already holds a checkpoint (the probe's must not mix with a job's) or no rank sends a copy. The store
+    keeps none of them."""
+    from .pipeline import InFlight
+    from .schedules import get
+    from .state import entries_of
+
+    busy = torch.tensor([len(ckpt.store.iterations()) + (ckpt._inflight is not None) + (ckpt._pending is not None)])
+    dist.all_reduce(busy, group=ckpt.groups.control)
+    copies = torch.tensor([len(ckpt.send_to)])
+    dist.all_reduce(copies, op=dist.ReduceOp.MAX, group=ckpt.groups.control)
+    if int(busy.item()) or not int(copies.item()):
+        return None
+    naive = dict(ckpt.plan.schedule, name="naive")
+    warm, cpu = ckpt.plan.keep + 1, 0.0
+    for k in range(warm + repeats):
+        tensors, skeleton = ckpt.capture()
+        entries, views = entries_of(tensors, ckpt._layout)
+        dist.barrier(group=ckpt.groups.control)
+        c0 = time.process_time()
+        flight = InFlight(ckpt._link(), k + 1, entries, views, skeleton, get("naive"), naive, 1, ckpt.ppm,
+                          ckpt._seq, time.perf_counter(), k + 1).start()
+        ckpt._seq += 1
+        flight.flush()
+        flight.wait()
+        ckpt.store.keep_newest(ckpt.plan.keep, ranks=ckpt.held_ranks)
+        dist.barrier(group=ckpt.groups.control)  # both ends' threads are done with it
+        if k >= warm:
+            cpu += time.process_time() - c0
+    ckpt.store.drop_after(-1, ckpt.held_ranks)
+    mine = torch.tensor([cpu / repeats, sum(e["nbytes"] for e in entries), len(ckpt.send_to)], dtype=torch.float64)
+    dist.all_reduce(mine, group=ckpt.groups.control)
+    per, shard, sent = (float(x) / ckpt.world for x in mine)
+    return {"cpu_s": per, "shard_bytes": round(shard), "copies": sent}
+
+
 def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
     """Measure what the simulator needs to know about this set-up (collective: every rank calls it): the network's
     point-to-point bandwidth between machine 0 and machine 1 (rank 0 and its counterpart, each direction, over the
     runtime's own groups), and the rate at which rank 0 copies memory on the checkpoint's cores (the stand-in for the
     GPU-to-CPU copy when training on CPU). It also measures what a checkpoint costs the host: CPU seconds per byte
     copied and checksummed (runtime/state.py's checksum), sent, received and spent by the kernel on the way
-    (:func:`_transfer_cpu`), and whether the checkpoint's threads share cores with training's (``compute_cores``:
-    the cores of training's own thread; None: not pinned, so shared). On a GPU it adds :func:`device_rates` and how
+    (:func:`_transfer_cpu`), what a whole checkpoint costs a rank's process (:func:`_checkpoint_cpu`: call the
+    probe once the optimizer has its state), and whether the checkpoint's threads share cores with training's
+    (``compute_cores``: the cores of training's own thread; None: not pinned, so shared). On a GPU it adds :func:`device_rates` and how
     many of the job's ranks share rank 0's GPU (``ranks_per_device``: the copies of ranks sharing a GPU share its
     PCIe link). Rank 0 writes ``probe.json`` (``path``, default in the Checkpointer's out_dir) and returns it; the
     others return None."""
@@ -394,6 +437,7 @@ def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
                 rates.append(nbytes / (time.perf_counter() - t))
     rate = sorted(rates)[len(rates) // 2] if rates else None  # this rank's, where it received
     transfer = _transfer_cpu(ckpt, other, rate)
+    whole = _checkpoint_cpu(ckpt)
     device = next(ckpt.model.parameters()).device
     sharing = None
     if device.type == "cuda":
@@ -422,6 +466,8 @@ def probe(ckpt, path: Path | None = None, compute_cores=None) -> dict | None:
                   "copy_bytes_per_s": a.numel() / best, "probe_bytes": nbytes,
                   "host_cpu_s_per_byte": {"copy": copy_cpu / a.numel(), "hash": hash_cpu / a.numel(), **transfer},
                   "checkpoint_shares_training_cores": shared}
+        if whole:
+            result["checkpoint_cpu"] = whole
         if sharing:
             result.update(device_rates(device), ranks_per_device=sharing)
         path = Path(path) if path else (ckpt.out_dir / "probe.json" if ckpt.out_dir else None)

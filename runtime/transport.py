@@ -278,6 +278,7 @@ class Receiver:
         self.data_at: dict[int, float] = {}  # seq -> when its last chunk arrived
         self.cpu: dict[int, float] = {}  # seq -> CPU seconds spent receiving and storing it
         self.sizes: dict[int, int] = {}  # seq -> bytes it stored (a thin copy: the peer's own part)
+        self.arrivals: dict[int, list] = {}  # seq -> (chunk, when it was all here) of each chunk, in order
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._loop, daemon=True, name=f"gemini-recv-{src}")
         self.thread.start()
@@ -297,7 +298,8 @@ class Receiver:
                 slot = self.store.slot(iteration, self.src, size)
                 body = slot.tensor
                 bounds = chunk_bounds(size, chunk)
-                window = Window()  # receives posted ahead of the data
+                got = self.arrivals.setdefault(seq, [])
+                window = Window(landed=lambda k: got.append((k, time.perf_counter())))  # receives posted ahead
                 for k, (a, b) in enumerate(bounds):
                     window.add(lambda: (k, [dist.irecv(body[a:b], self.src, group=g, tag=tag(seq, 1 + k))]))
                 window.drain()

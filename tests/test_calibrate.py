@@ -71,6 +71,10 @@ def test_runtime_writes_a_profile_the_simulator_reads(run_dir):
     assert probe["network_bytes_per_s"] > 0 and probe["copy_bytes_per_s"] > 0
     per = probe["host_cpu_s_per_byte"]  # what a byte of checkpoint costs: each part measured, the kernel's too
     assert set(per) == {"copy", "hash", "transfer", "kernel"} and per["transfer"] > 0
+    # and a whole checkpoint's CPU, taken once the optimizer has its state: the shard the run's checkpoints have
+    whole = probe["checkpoint_cpu"]
+    shard = {json.loads(f.read_text())["shard_bytes"] for f in base.glob("timings-rank-*.json")}
+    assert whole["cpu_s"] > 0 and whole["copies"] == 1 and shard == {whole["shard_bytes"]}
     # every file the runtime wrote is what its schema (gemini_sim/schema/) says
     plan_mod.check_format(probe, "gemini-sim-probe", "probe.json")
     for f in per_rank:
@@ -83,6 +87,9 @@ def test_runtime_writes_a_profile_the_simulator_reads(run_dir):
         "checkpoints"]]
     assert cks and all(c["chunks"] for c in cks)
     assert all(min(posted for _, posted, _ in c["chunks"]) >= c["copied_s"] - 1e-3 for c in cks)  # from the release
+    # when each chunk from the peer landed: every one of its chunks (shards of one size), oldest first
+    assert all([k for k, _ in c["arrived"]] == [k for k, _, _ in c["chunks"]] for c in cks)
+    assert all(all(a <= b for (_, a), (_, b) in zip(c["arrived"], c["arrived"][1:])) for c in cks)
 
 
 def test_the_hosts_busy_cpu_counts_every_thread():

@@ -276,6 +276,13 @@ def test_the_host_cost_comes_from_the_probe(tmp_path):
                                                                               "send": 3e-10}}))
     with pytest.raises(UserError, match="host_cpu_s_per_byte"):  # neither a transfer cost nor both halves
         validate.host_cost(d, 2)
+    # whole checkpoints measured (of a 1.5 MB shard sent to 1 peer): that, scaled to the shard, a shard's moved
+    # bytes more or less per copy, the kernel's share on top
+    whole = {"cpu_s": 0.004, "shard_bytes": 1_500_000, "copies": 1}
+    (d / "probe.json").write_text(json.dumps(probe | {"host_cpu_s_per_byte": now, "checkpoint_cpu": whole}))
+    for m in (1, 2, 3):
+        cpu = 0.008 + (m - 2) * 3e6 * 9e-10 + 3e6 * (m - 1) * 5e-10
+        assert validate.host_cost(d, m) == (pytest.approx(cpu), True)
 
 
 def test_a_gpu_probe_gives_the_simulator_its_copy_rates_and_slowdown(tmp_path):

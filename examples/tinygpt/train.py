@@ -10,9 +10,9 @@ or on N emulated machines, with machine replacement, under the project's agent:
 
 ``--replicate R`` makes it HSDP (R replica groups of consecutive ranks); run it under a plan that knows them
 (``python -m runtime plan --machines 4 --procs 1 --hsdp 2``), and each copy lies on a replica, sent only the rank's
-own part. The lines marked ``# gemini`` are all that checkpointing adds to the training script. The other options serve the
-calibration (examples/tinygpt/calibrate.py): an emulated accelerator, schedules run in turn, a bandwidth probe,
-pinning training and the checkpoint's threads to separate cores.
+own part. The lines marked ``# gemini`` are all that checkpointing adds to the training script. The other options
+serve the calibration (examples/tinygpt/calibrate.py): an emulated accelerator, schedules run in turn, a bandwidth
+probe (after the first iteration), pinning training and the checkpoint's threads to separate cores.
 """
 
 from __future__ import annotations
@@ -97,8 +97,6 @@ def main() -> None:
                         profile_iters=args.profile_iters, checkpoint=not args.no_checkpoint,
                         host_cores=cores(args.host_cores))
     start = ckpt.recover()  # gemini: 0, or the iteration it resumed from
-    if args.probe:
-        probe(ckpt, compute_cores=cores(args.compute_cores))
     rotation = [None if p == "none" else json.loads(Path(p).read_text())["schedule"]
                 for p in filter(None, args.rotate.split(","))]
     pin_thread(cores(args.compute_cores))  # training's own thread: the cores standing in for the accelerator
@@ -117,6 +115,10 @@ def main() -> None:
         if device.type == "cuda":  # as a loop that logs its loss does: the iteration's time is the device's, the
             torch.cuda.current_stream(device).synchronize()  # host not running ahead into the next iterations
         ckpt.after_step(it)  # gemini
+        if args.probe and it == start + 1:  # once the optimizer has its state: the checkpoints it takes are whole
+            pin_thread(cores(args.host_cores))  # the host's cores, not those standing in for the accelerator
+            probe(ckpt, compute_cores=cores(args.compute_cores))
+            pin_thread(cores(args.compute_cores))
     ckpt.close()  # gemini
 
     out = Path(args.out_dir or os.environ.get("GEMINI_OUT_DIR", "out/tinygpt"))
