@@ -269,9 +269,11 @@ class InFlight:
         def sent(item) -> None:  # (chunk, when posted): its sends have left
             self.sent.append((item[0], item[1] - self.release_at, time.perf_counter() - self.release_at))
 
-        for r, offset, idx, after in self.releases if full else ():  # to HSDP replicas alone: nothing to release
+        for r, offset, idx, after in self.releases:
             self._wait_release(r, offset, after)
             self.hash_go.set()
+            if not full:  # to HSDP replicas alone: the first release lets the hash go, nothing more is released
+                break
             window = Window(landed=sent)  # a chunk's sends to every peer, up to WINDOW chunks at once
             for k in idx:
                 a, b = self.bounds[k]

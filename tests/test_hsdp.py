@@ -50,6 +50,8 @@ def test_hsdp_sends_and_holds_only_each_ranks_own_part_as_the_simulator_says(hsd
     cks = checkpoints(hsdp_baseline)
     assert sorted(cks) == [0, 1, 2, 3]
     placement = layouts.hsdp(4, 2, 2)
+    preset = config.load_preset("gemini-paper")
+    graph = topology.build(dataclasses.replace(preset.cluster, machines=4), preset.storage)
     for rank, records in cks.items():
         assert len(records) >= ITERS - 1
         shard = {c["bytes"] for c in records}
@@ -58,8 +60,6 @@ def test_hsdp_sends_and_holds_only_each_ranks_own_part_as_the_simulator_says(hsd
         assert len(shard) == len(sent) == len(held) == 1, (shard, sent, held)
         shard, own, held = shard.pop(), sent.pop(), held.pop()
         assert 0 < own < shard / 1000  # the own part: a few step counters, against the shard's parameters and state
-        preset = config.load_preset("gemini-paper")
-        graph = topology.build(dataclasses.replace(preset.cluster, machines=4), preset.storage)
         cost = linkload.cost(placement, shard, graph, own_bytes=own)
         assert cost.sent_bytes[rank] == own and cost.received_bytes[rank] == own
         assert layouts.memory_bytes(placement, shard, own)[rank] == held == shard + own
