@@ -77,18 +77,21 @@ def install(ckpt, text: str) -> None:
             return
         ckpt.wait()
         dist.barrier(group=ckpt.groups.control)
-        if mine("kill", iteration):
-            die("killed mid-iteration", spec("kill", ckpt.rank, iteration))
-        if mine("lose", iteration):
-            ckpt.event("lose-me", iteration=iteration, machine=ckpt.machine,
-                       fault=spec("lose", ckpt.machine, iteration))
-            time.sleep(3600)  # the agent kills this machine now
         for kind, rank, it in faults:  # the replicas this process's machine holds for a rank of another machine
             if kind == "corrupt-copies" and it == iteration - 1 and rank % ckpt.ppm == local \
                     and rank // ckpt.ppm != ckpt.machine and ckpt.store.paths(it, rank)[0].exists():
                 flip(it, rank)
                 ckpt.event("fault", what=f"corrupted this machine's copy of rank {rank}'s shard",
                            fault=spec(kind, rank, it))
+        # every copy is corrupted before a process dies or a machine goes: the agent's restart kills every worker,
+        # and one killed while it rewrote a copy left a short file, never listed, instead of a corrupted one
+        dist.barrier(group=ckpt.groups.control)
+        if mine("kill", iteration):
+            die("killed mid-iteration", spec("kill", ckpt.rank, iteration))
+        if mine("lose", iteration):
+            ckpt.event("lose-me", iteration=iteration, machine=ckpt.machine,
+                       fault=spec("lose", ckpt.machine, iteration))
+            time.sleep(3600)  # the agent kills this machine now
         if mine("corrupt-kill", iteration - 1):  # the peers have it: a bit flips in this machine's copy
             flip(iteration - 1, ckpt.rank)
             die("corrupted its stored shard", spec("corrupt-kill", ckpt.rank, iteration - 1))
