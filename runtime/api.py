@@ -505,11 +505,11 @@ class Checkpointer:
                                  "copied_s": (ck.copied_at or done) - ck.release_at, "complete_s": done - t0,
                                  "data_s": ck.data_done() - t0, "cpu_s": ck.cpu_seconds(), "bytes": ck.size,
                                  "sent_bytes": ck.sent_bytes, "peers": len(ck.link.send_to),
-                                 "held_bytes": ck.size + sum(r.sizes[ck.seq] for r in ck.link.receivers),
+                                 "held_bytes": ck.size + sum(r.sizes.pop(ck.seq) for r in ck.link.receivers),
                                  "cores": ck.cores, "memory": ck.slot.memory,
                                  "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent],
                                  "arrived": [[k, round(t - ck.release_at, 5)] for r in ck.link.receivers
-                                             for k, t in r.arrivals.get(ck.seq, [])]})
+                                             for k, t in r.arrivals.pop(ck.seq, [])]})
         if ck.device is not None:
             self._on_device.append((self.checkpoints[-1], ck.stream_wait))
             self._settle()
