@@ -481,14 +481,17 @@ class Checkpointer:
             self._host += time.perf_counter() - t
 
     def _start(self, iteration: int, release_at: float, released_in: int, iteration_start: float | None = None,
-               state=None):
+               state=None, schedule: tuple | None = None) -> InFlight:
+        """Start the checkpoint of ``iteration`` (``state``: captured already) under this job's schedule, or
+        ``schedule`` = (Schedule, the plan's schedule object, interval); it is the one in flight."""
         tensors, skeleton = state or self.capture()
         entries, views = entries_of(tensors, self._layout)
-        self._inflight = InFlight(self._link(), iteration, entries, views, skeleton, self.schedule,
-                                  self.schedule_dict, self.plan.interval, self.ppm, self._seq, release_at,
-                                  released_in, iteration_start).start()
+        sched, sched_dict, interval = schedule or (self.schedule, self.schedule_dict, self.plan.interval)
+        self._inflight = InFlight(self._link(), iteration, entries, views, skeleton, sched, sched_dict, interval,
+                                  self.ppm, self._seq, release_at, released_in, iteration_start).start()
         self._seq += 1
         self._backward_done = False
+        return self._inflight
 
     def wait(self) -> float:
         """Wait for the checkpoint in flight (copy, sends, receives); return how long this waited (seconds)."""

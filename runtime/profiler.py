@@ -377,9 +377,7 @@ def _checkpoint_cpu(ckpt, repeats: int = 3) -> dict | None:
     the ranks, with the shard's bytes and the copies each rank sent. Left where they were not made: None where a
     store already holds a checkpoint (the probe's must not mix with a job's) or no rank sends a copy. The store
     keeps none of them."""
-    from .pipeline import InFlight
     from .schedules import get
-    from .state import entries_of
 
     busy = torch.tensor([len(ckpt.store.iterations()) + (ckpt._inflight is not None) + (ckpt._pending is not None)])
     dist.all_reduce(busy, group=ckpt.groups.control)
@@ -390,13 +388,11 @@ def _checkpoint_cpu(ckpt, repeats: int = 3) -> dict | None:
     naive = dict(ckpt.plan.schedule, name="naive")
     warm, cpu = ckpt.plan.keep + 1, 0.0
     for k in range(warm + repeats):
-        tensors, skeleton = ckpt.capture()
-        entries, views = entries_of(tensors, ckpt._layout)
+        state = ckpt.capture()
         dist.barrier(group=ckpt.groups.control)
         c0 = time.process_time()
-        flight = InFlight(ckpt._link(), k + 1, entries, views, skeleton, get("naive"), naive, 1, ckpt.ppm,
-                          ckpt._seq, time.perf_counter(), k + 1).start()
-        ckpt._seq += 1
+        flight = ckpt._start(k + 1, time.perf_counter(), k + 1, state=state, schedule=(get("naive"), naive, 1))
+        ckpt._inflight = None  # waited for here: not one of the job's checkpoints, not in its records
         flight.flush()
         flight.wait()
         ckpt.store.keep_newest(ckpt.plan.keep, ranks=ckpt.held_ranks)
@@ -404,7 +400,7 @@ def _checkpoint_cpu(ckpt, repeats: int = 3) -> dict | None:
         if k >= warm:
             cpu += time.process_time() - c0
     ckpt.store.drop_after(-1, ckpt.held_ranks)
-    mine = torch.tensor([cpu / repeats, sum(e["nbytes"] for e in entries), len(ckpt.send_to)], dtype=torch.float64)
+    mine = torch.tensor([cpu / repeats, flight.size, len(ckpt.send_to)], dtype=torch.float64)
     dist.all_reduce(mine, group=ckpt.groups.control)
     per, shard, sent = (float(x) / ckpt.world for x in mine)
     return {"cpu_s": per, "shard_bytes": round(shard), "copies": sent}

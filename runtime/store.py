@@ -323,16 +323,12 @@ class ShardStore:
         """The manifest of ``rank``'s shard of ``iteration`` once this process has committed it (None if it has not
         within ``timeout`` seconds): a thin copy is checked against its twin's (runtime/replicas.py)."""
         json_path = self.paths(iteration, rank)[1]
-
-        def read() -> dict | None:
-            try:
-                return json.loads(json_path.read_text())
-            except (OSError, ValueError):
-                return None
-
         with self._committed:
-            self._committed.wait_for(lambda: json_path.exists(), timeout)
-        return read()
+            self._committed.wait_for(json_path.exists, timeout)
+        try:
+            return json.loads(json_path.read_text())
+        except (OSError, ValueError):
+            return None
 
     def get(self, iteration: int, rank: int, check: bool = True) -> tuple[memoryview, dict] | None:
         """The shard's bytes and manifest if it is complete and intact (``check``: its checksum verified), else
@@ -349,12 +345,13 @@ class ShardStore:
         except (OSError, ValueError):
             return None
         if REPLICA in manifest:  # a thin copy: the whole shard made of it and its twin's (runtime/replicas.py)
-            thin = manifest.pop(REPLICA)
+            thin = manifest[REPLICA]
             twin = self.get(iteration, thin["rank"], check=False) \
                 if len(data) == thin.get("bytes") and thin.get("rank") != rank else None
-            data = replicas.rebuild(dict(manifest, **{REPLICA: thin}), data, *twin) if twin is not None else None
+            data = replicas.rebuild(manifest, data, *twin) if twin is not None else None
             if data is None:
                 return None
+            manifest = {k: v for k, v in manifest.items() if k != REPLICA}  # the whole shard's, as its sender's
         if len(data) != manifest.get("size") or (check and not verify(data, manifest)):
             return None
         return data, manifest
