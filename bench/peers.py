@@ -39,9 +39,11 @@ from runtime.agent import free_port  # noqa: E402  (no torch: the agent's own fr
 JOB = ROOT / "bench" / "peer_job.py"
 GiB = 2 ** 30
 APPROACHES = ("runtime", "lm-resiliency", "dcp-async", "dcp")
+KEEP = 1  # the runtime's checkpoints kept in memory, as many as the others keep (the plan's default, 2, holds one
+# more file a shard: at 1 GiB per rank, both emulated machines' stores and ranks outgrow this 24 GiB host)
 KILL_AT = 3  # the kill runs die in the iteration after this one (after its backward)
 SETTINGS = {
-    "runtime": "default plan (`naive`, one copy on the other machine)",
+    "runtime": f"default plan (`naive`, one copy on the other machine), keep {KEEP} (the default keeps 2)",
     "lm-resiliency": "0.2.0, `save_tensors` every step, replication_jump=1, unpinned, disk tier every 100 steps",
     "dcp-async": "`async_save` + `DefaultStager` (async staging into shared memory, unpinned), one in flight",
     "dcp": "`dcp.save` every iteration",
@@ -103,7 +105,9 @@ def _launch(approach: str, work: Path, job_args: list[str], job: str, kill: str,
     if approach == "runtime" and not (work / "plan.json").exists():
         from gemini_sim import plan as contract
 
-        contract.write(contract.default(2, 1), work / "plan.json")
+        plan = contract.default(2, 1)
+        plan["checkpoint"]["keep"] = KEEP
+        contract.write(plan, work / "plan.json")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                GEMINI_STORE_ROOT=str(store), GEMINI_DURABLE_DIR=str(work / "durable"), GEMINI_JOB=job,
                PEER_JOB=job, OMP_NUM_THREADS="1")
