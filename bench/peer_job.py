@@ -16,6 +16,9 @@ Approaches (each with the settings its documentation gives for a job like this, 
   staged, to local disk; ``dcp.load`` of the newest complete one;
 - ``dcp``: ``dcp.save`` every iteration, to local disk.
 
+Both DCP approaches delete the checkpoints older than one just completed in a thread (as TorchTitan's
+``keep_latest_k`` does), so the disk holds the newest complete one and the one being written.
+
 The job trains ``--rounds`` rounds of ``--block`` iterations without and ``--block`` with a checkpoint every
 iteration (its overhead, paired per round), then ``--latency`` iterations whose checkpoint is waited for at once
 (until in local memory, until on the peer or on disk: nothing else running). At start it recovers (timed, to the
@@ -31,8 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -185,6 +190,7 @@ class DCP(Approach):
         self.model, self.opt, self.on = model, opt, True
         self.root = work / "dcp"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.pruning: list[threading.Thread] = []
 
     def state(self) -> dict:
         m, o = get_state_dict(self.model, self.opt)
@@ -205,6 +211,23 @@ class DCP(Approach):
 
     def save(self, it: int) -> None:
         dcp.save(self.state(), checkpoint_id=str(self.root / f"step-{it}"))
+        self.prune(it)
+
+    def prune(self, done: int) -> None:
+        """Checkpoint ``done`` is complete on every rank: the older ones go, in a thread (as TorchTitan's
+        ``keep_latest_k`` purges), so the disk holds the newest complete checkpoint and the one being written."""
+        old = [p for p in self.root.glob("step-*") if int(p.name[5:]) < done]
+        if old:
+            t = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in old], daemon=True)
+            t.start()
+            self.pruning.append(t)
+
+    def close(self) -> None:
+        for t in self.pruning:
+            t.join()
+
+    def on_disk(self) -> list[int]:
+        return sorted(int(p.name[5:]) for p in self.root.glob("step-*"))
 
     def quiet(self, it: int) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -234,26 +257,31 @@ class DCPAsync(DCP):
             self.response.staging_completion.result()
 
     def checkpoint(self, it: int) -> None:
-        if self.response is not None:  # one in flight at most
-            self.response.upload_completion.result()
-            self.response = None
+        self.finish()  # one in flight at most
         if self.on:
-            self.response = self._save(it)
+            self.response, self.step = self._save(it), it
 
-    def quiet(self, it: int) -> tuple[float, float]:
+    def finish(self) -> None:
+        """The checkpoint in flight uploaded, and the ones before it pruned."""
         if self.response is not None:
             self.response.upload_completion.result()
+            self.response = None
+            self.prune(self.step)
+
+    def quiet(self, it: int) -> tuple[float, float]:
+        self.finish()
         t0 = time.perf_counter()
         r = self._save(it)
         r.staging_completion.result()
         t1 = time.perf_counter()
         r.upload_completion.result()
-        self.response = None
-        return t1 - t0, time.perf_counter() - t0
+        t2 = time.perf_counter()
+        self.prune(it)
+        return t1 - t0, t2 - t0
 
     def close(self) -> None:
-        if self.response is not None:
-            self.response.upload_completion.result()
+        self.finish()
+        super().close()
 
 
 KINDS = {c.name: c for c in (Runtime, LMResiliency, DCPAsync, DCP)}
@@ -344,7 +372,7 @@ def main() -> None:
     out = {"approach": args.approach, "rank": rank, "attempt": attempt, "recovered": start, "recover_s": recover_s,
            "digests": digests, "iterations": iters, "latency": latency, "train_iters": train_iters,
            "state_bytes": sum(local(t).numel() * local(t).element_size() for t in live_tensors(model, opt)),
-           "torch": torch.__version__}
+           "torch": torch.__version__, "on_disk": getattr(ck, "on_disk", list)()}  # DCP's checkpoints left
     write_atomic(work / f"result-rank-{rank}.json", json.dumps(out))
     dist.barrier()
     dist.destroy_process_group()

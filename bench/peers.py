@@ -45,8 +45,8 @@ KILL_AT = 3  # the kill runs die in the iteration after this one (after its back
 SETTINGS = {
     "runtime": f"default plan (`naive`, one copy on the other machine), keep {KEEP} (the default keeps 2)",
     "lm-resiliency": "0.2.0, `save_tensors` every step, replication_jump=1, unpinned, disk tier every 100 steps",
-    "dcp-async": "`async_save` + `DefaultStager` (async staging into shared memory, unpinned), one in flight",
-    "dcp": "`dcp.save` every iteration",
+    "dcp-async": "`async_save` + `DefaultStager` (async staging into shared memory, unpinned), one in flight, older ones deleted in a thread",
+    "dcp": "`dcp.save` every iteration, older ones deleted in a thread",
 }
 
 
@@ -171,7 +171,7 @@ def run_figures(ranks: list[dict]) -> dict:
             "cpu_s": _minus(median(i["cpu_s"] for i in its if i["on"]), median(i["cpu_s"] for i in its if not i["on"])),
             "local_s": median(lat[0] for lat in ranks[0]["latency"]),
             "remote_s": median(lat[1] for lat in ranks[0]["latency"]),
-            "digests": digests(ranks), "state_bytes": ranks[0]["state_bytes"]}
+            "digests": digests(ranks), "state_bytes": ranks[0]["state_bytes"], "on_disk": ranks[0]["on_disk"]}
 
 
 def _minus(a, b):
@@ -199,11 +199,25 @@ def kill_summary(runs: list[dict]) -> dict:
             "bitwise": all(r["bitwise"] for r in runs), "repeats": len(runs)}
 
 
+def check_room(gib: float, work: Path) -> None:
+    """Refuse to start, naming what is short, where the disk under ``work`` cannot hold DCP's two checkpoints of both
+    ranks at once (the newest complete one and the one being written), or /dev/shm the runtime's stores: both
+    machines' ``KEEP + 1`` files of their own shard and of their peer's. A state measures up to 1.25x the size asked."""
+    need = 1.25 * gib * GiB * 2  # both ranks' state
+    work.mkdir(parents=True, exist_ok=True)
+    for where, room, what in ((work, 2 * need, "DCP's two checkpoints"),
+                              (Path("/dev/shm"), (KEEP + 1) * 2 * need, "the runtime's stores")):
+        if where.is_dir() and shutil.disk_usage(where).free < room:
+            raise RuntimeError(f"peers at {gib:g} GiB per rank: {where} has {shutil.disk_usage(where).free / 2**30:.1f}"
+                               f" GiB free, {what} need {room / 2**30:.1f} GiB")
+
+
 def measure(gib: float, work: Path, repeats: int = 3, rounds: int = 3, block: int = 4, latency: int = 3,
             approaches=APPROACHES, progress=print) -> dict:
     """Every approach's figures at ``gib`` GiB per rank: ``repeats`` training runs each and ``repeats`` runs of each
     kill (alternating: the order turns each repeat). Returns {approach: {"runs": [...], "worker": {...}, "job":
     {...}}}."""
+    check_room(gib, work)
     dim, layers = shape_for(gib)
     shape = ["--dim", str(dim), "--layers", str(layers), "--block", str(block)]
     args = shape + ["--rounds", str(rounds), "--latency", str(latency)]

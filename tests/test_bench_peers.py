@@ -27,6 +27,9 @@ def test_every_approach_on_a_small_state(tmp_path):
         assert f["same_training"], a  # checkpointing changed nothing in training
         assert run["stall_s"] >= 0 and run["remote_s"] > 0 and run["iteration_on_s"] > 0, (a, run)
         assert (run["local_s"] is None) == (a == "dcp"), (a, run)  # dcp.save has no in-memory stage
+        # DCP's older checkpoints were deleted as newer ones completed: the last one (2 x 3 iterations, then 1 timed
+        # at once) is left on disk
+        assert run["on_disk"] == ([2 * 3 + 1] if a.startswith("dcp") else []), (a, run["on_disk"])
         for kind in ("worker", "job"):
             assert f[kind]["bitwise"], (a, kind, f[kind])
             assert 0 <= f[kind]["lost"] <= peers.KILL_AT, (a, kind, f[kind])
@@ -63,3 +66,11 @@ def test_shapes_come_near_the_size_asked(gib):
     dim, layers = peers.shape_for(gib)
     per_rank = 12 * 12 * dim * dim * layers / 2  # 12 bytes a parameter, 12 dim^2 parameters a block, 2 ranks
     assert 0.7 < per_rank / (gib * 2 ** 30) < 1.3
+
+
+def test_a_host_without_room_is_refused_before_any_run(tmp_path, monkeypatch):
+    free = {"free": 10 * 2 ** 30}
+    monkeypatch.setattr(peers.shutil, "disk_usage", lambda path: type("U", (), free)())
+    peers.check_room(1.0, tmp_path)  # 10 GiB: enough for 1 GiB per rank (5 GiB of DCP, 10 of stores at keep 1)
+    with pytest.raises(RuntimeError, match="10.0 GiB free, the runtime.s stores need 20.0 GiB"):
+        peers.check_room(2.0, tmp_path)
