@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -325,13 +326,17 @@ def bench_peers():
                ""]
     data, at = {}, len(SECTIONS)
     SECTIONS.append("")
-    for gib in sizes:
-        figures = peers.measure(gib, work / f"{gib:g}", repeats=3, rounds=2, progress=lambda m: print(m, flush=True))
-        data[f"{gib:g}"] = figures
-        section += peers.table(gib, figures) + [""]
-        write_atomic(PEERS_DATA, json.dumps(data, indent=1) + "\n")
-        SECTIONS[at] = "\n".join(section)  # each size's table as soon as it is measured
-        yield peers.summary_rows(gib, figures)
+    try:
+        for gib in sizes:
+            figures = peers.measure(gib, work / f"{gib:g}", repeats=3, rounds=2,
+                                    progress=lambda m: print(m, flush=True))
+            data[f"{gib:g}"] = figures
+            section += peers.table(gib, figures) + [""]
+            write_atomic(PEERS_DATA, json.dumps(data, indent=1) + "\n")
+            SECTIONS[at] = "\n".join(section)  # each size's table as soon as it is measured
+            yield peers.summary_rows(gib, figures)
+    finally:  # a failed run's folder too (its error has the logs' tail): DCP's checkpoints in it fill a disk
+        shutil.rmtree(work, ignore_errors=True)
 
 
 BENCHES = {"replay": bench_replay_year, "placement": bench_placement_exact, "interleave": bench_interleave,
