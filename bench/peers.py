@@ -45,7 +45,8 @@ KILL_AT = 3  # the kill runs die in the iteration after this one (after its back
 SETTINGS = {
     "runtime": f"default plan (`naive`, one copy on the other machine), keep {KEEP} (the default keeps 2)",
     "lm-resiliency": "0.2.0, `save_tensors` every step, replication_jump=1, unpinned, disk tier every 100 steps",
-    "dcp-async": "`async_save` + `DefaultStager` (async staging into shared memory, unpinned), one in flight, older ones deleted in a thread",
+    "dcp-async": ("`async_save` + `DefaultStager` (async staging into shared memory, unpinned), one in flight, "
+                  "older ones deleted in a thread"),
     "dcp": "`dcp.save` every iteration, older ones deleted in a thread",
 }
 
