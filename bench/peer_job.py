@@ -92,6 +92,10 @@ class Approach:
 
     on = True
 
+    def on_disk(self) -> list[int]:
+        """The iterations whose checkpoints are left on disk (DCP's; none for the in-memory approaches)."""
+        return []
+
     def set_on(self, on: bool) -> None:
         self.on = on
 
@@ -198,7 +202,7 @@ class DCP(Approach):
 
     def recover(self) -> int:
         # the newest checkpoint DCP finished (its .metadata is written last), the same on every rank
-        done = [int(p.name[5:]) for p in self.root.glob("step-*") if (p / ".metadata").exists()]
+        done = [it for it, p in self.steps().items() if (p / ".metadata").exists()]
         pick = torch.tensor([max(done, default=0)])
         dist.all_reduce(pick, op=dist.ReduceOp.MIN)
         it = int(pick)
@@ -216,7 +220,7 @@ class DCP(Approach):
     def prune(self, done: int) -> None:
         """Checkpoint ``done`` is complete on every rank: the older ones go, in a thread (as TorchTitan's
         ``keep_latest_k`` purges), so the disk holds the newest complete checkpoint and the one being written."""
-        old = [p for p in self.root.glob("step-*") if int(p.name[5:]) < done]
+        old = [p for it, p in self.steps().items() if it < done]
         if old:
             t = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in old], daemon=True)
             t.start()
@@ -226,8 +230,12 @@ class DCP(Approach):
         for t in self.pruning:
             t.join()
 
+    def steps(self) -> dict[int, Path]:
+        """{iteration: its checkpoint's folder} of what is on disk, finished or not."""
+        return {int(p.name[5:]): p for p in self.root.glob("step-*")}
+
     def on_disk(self) -> list[int]:
-        return sorted(int(p.name[5:]) for p in self.root.glob("step-*"))
+        return sorted(self.steps())
 
     def quiet(self, it: int) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -372,7 +380,7 @@ def main() -> None:
     out = {"approach": args.approach, "rank": rank, "attempt": attempt, "recovered": start, "recover_s": recover_s,
            "digests": digests, "iterations": iters, "latency": latency, "train_iters": train_iters,
            "state_bytes": sum(local(t).numel() * local(t).element_size() for t in live_tensors(model, opt)),
-           "torch": torch.__version__, "on_disk": getattr(ck, "on_disk", list)()}  # DCP's checkpoints left
+           "torch": torch.__version__, "on_disk": ck.on_disk()}
     write_atomic(work / f"result-rank-{rank}.json", json.dumps(out))
     dist.barrier()
     dist.destroy_process_group()

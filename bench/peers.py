@@ -208,9 +208,10 @@ def check_room(gib: float, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     for where, room, what in ((work, 2 * need, "DCP's two checkpoints"),
                               (Path("/dev/shm"), (KEEP + 1) * 2 * need, "the runtime's stores")):
-        if where.is_dir() and shutil.disk_usage(where).free < room:
-            raise RuntimeError(f"peers at {gib:g} GiB per rank: {where} has {shutil.disk_usage(where).free / 2**30:.1f}"
-                               f" GiB free, {what} need {room / 2**30:.1f} GiB")
+        free = shutil.disk_usage(where).free if where.is_dir() else room
+        if free < room:
+            raise RuntimeError(f"peers at {gib:g} GiB per rank: {where} has {free / 2**30:.1f} GiB free, {what} need "
+                               f"{room / 2**30:.1f} GiB")
 
 
 def measure(gib: float, work: Path, repeats: int = 3, rounds: int = 3, block: int = 4, latency: int = 3,
