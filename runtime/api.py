@@ -458,13 +458,19 @@ class Checkpointer:
         if self._link_obj is None:  # receives posted once, before any peer sends
             replica = self.plan.replica
             receivers = [Receiver(self.rank, src, self.store, self.groups, self.host_cores, self._store_files,
-                                  replica(src, self.rank), self.settings.timeout_s) for src in self.recv_from]
+                                  replica(src, self.rank), self.settings.timeout_s, make_room=self._make_room)
+                         for src in self.recv_from]
             thin = frozenset(dst for dst in self.send_to if replica(self.rank, dst))
             self._link_obj = Link(self.rank, self.store, self.groups, self.send_to, receivers, self.collectives,
                                   self.host_cores, on_commit=lambda it: self._fire("before_commit", it),
                                   files=self._store_files, thin=thin,
                                   replicated=bool(thin) or any(r.replica for r in receivers))
         return self._link_obj
+
+    def _make_room(self) -> None:
+        """Drop what this machine holds beyond the plan's ``keep`` newest complete checkpoints (their files become
+        spares): after every checkpoint, and before a peer's next one is received."""
+        self.store.keep_newest(self.plan.keep, ranks=self.held_ranks)
 
     @property
     def _store_files(self) -> int:
@@ -501,7 +507,7 @@ class Checkpointer:
         t = time.perf_counter()
         ck.flush()  # what the schedule has not released yet goes now (after an interval's last backward: nothing)
         done = ck.wait()
-        self.store.keep_newest(self.plan.keep, ranks=self.held_ranks)
+        self._make_room()
         t0 = ck.iteration_start
         self.checkpoints.append({"iteration": ck.iteration, "schedule": ck.schedule.name,
                                  "released_in": ck.released_in, "start_s": ck.release_at - t0,
@@ -510,6 +516,7 @@ class Checkpointer:
                                  "sent_bytes": ck.sent_bytes, "peers": len(ck.link.send_to),
                                  "held_bytes": ck.size + sum(r.sizes.pop(ck.seq) for r in ck.link.receivers),
                                  "cores": ck.cores, "memory": ck.slot.memory,
+                                 "peer_memory": [r.memory.pop(ck.seq) for r in ck.link.receivers],
                                  "chunks": [[k, round(a, 5), round(b, 5)] for k, a, b in ck.sent],
                                  "arrived": [[k, round(t - ck.release_at, 5)] for r in ck.link.receivers
                                              for k, t in r.arrivals.pop(ck.seq, [])]})

@@ -142,6 +142,7 @@ class ShardStore:
         self._made = itertools.count()  # names the files prepare() makes
         self._prepared: dict[int, int] = {}  # by rank: the shard size prepare() was last called for
         self._committed = threading.Condition()  # a shard was committed by this process (wait_committed)
+        self._dropping = threading.Lock()  # one drop at a time in this process (training's and the receivers')
 
     def iteration_dir(self, iteration: int) -> Path:
         return self.dir / f"iter-{iteration:08d}"
@@ -402,14 +403,15 @@ class ShardStore:
         do not count, so they never push out a complete one, and are kept; so is an older one still being written (a
         peer's late checkpoint), until a later call. The files of the ``ranks``' shards become spares for
         :meth:`slot`, at most one per rank, whichever process of the machine drops them; the rest are freed."""
-        its = self.iterations()
-        if keep:
-            complete = [it for it in its if self._complete(it, ranks)]
-            cutoff = complete[-keep] if len(complete) >= keep else -1
-            its = [it for it in its if it < cutoff and not _entries(self.iteration_dir(it), "*.tmp")]
-        for it in its:
-            self._drop(it, ranks)
-        self._let_go()
+        with self._dropping:
+            its = self.iterations()
+            if keep:
+                complete = [it for it in its if self._complete(it, ranks)]
+                cutoff = complete[-keep] if len(complete) >= keep else -1
+                its = [it for it in its if it < cutoff and not _entries(self.iteration_dir(it), "*.tmp")]
+            for it in its:
+                self._drop(it, ranks)
+            self._let_go()
 
     def _complete(self, it: int, ranks) -> bool:
         if not ranks:
@@ -436,10 +438,11 @@ class ShardStore:
         copy of the old one left on some machine must never be taken for the new). The committed shards of
         ``ranks`` become spares, as in :meth:`keep_newest`, so the first checkpoints after a restart need not
         reserve new memory."""
-        gone = [it for it in self.iterations() if it > iteration]
-        for it in gone:
-            self._drop(it, ranks)
-        self._let_go()
+        with self._dropping:
+            gone = [it for it in self.iterations() if it > iteration]
+            for it in gone:
+                self._drop(it, ranks)
+            self._let_go()
         return gone
 
     def _let_go(self) -> None:

@@ -156,3 +156,21 @@ def test_two_c10d_nodes_on_one_host_need_a_store_each(tmp_path):
     results = _two_nodes(tmp_path, plan, 8, "straight", "fresh", [0, 1])
     assert all(rc == 0 for rc, _, _ in results), results
     assert same_finals(tmp_path / "resumed", tmp_path / "straight", 2)
+
+
+def test_a_peers_checkpoint_that_comes_ahead_of_ours_goes_into_memory_the_machine_holds(tmp_path):
+    """keep 1, two nodes: rank 0 lags 1 s before its update of 4, so rank 1's checkpoint of 4 reaches machine 0
+    while that machine still holds 2 (its own checkpoint of 3 not yet waited for). The receiver first drops what keep
+    no longer needs (2, its files spares), so every shard received after the first goes into memory the process
+    holds, none into new memory (at 1 GiB a shard, 0.6-1.2 s of host CPU each time: bench/history.md)."""
+    plan = tmp_path / "plan.json"
+    contract.write(dict(contract.default(2, 1, persist=100), checkpoint=dict(
+        contract.default(2, 1, persist=100)["checkpoint"], keep=1)), plan)
+    results = _two_nodes(tmp_path, plan, 8, "lagged", "lag", [0, 1], env={"GEMINI_FAULT": "lag:0:4"})
+    assert all(rc == 0 for rc, _, _ in results), results
+    assert '"fault": "lag:0:4"' in results[0][1]
+    for rank in (0, 1):
+        cks = json.loads((tmp_path / "lagged" / f"timings-rank-{rank:05d}.json").read_text())["checkpoints"]
+        assert [c["iteration"] for c in cks] == list(range(1, 9))
+        assert [c["peer_memory"] for c in cks[1:]] == [["held"]] * 7, (rank, [c["peer_memory"] for c in cks])
+        assert [c["memory"] for c in cks[1:]] == ["held"] * 7, rank

@@ -16,7 +16,9 @@ comma-separated:
   (the replicas a replacement would be sent), killing no one;
 - ``kill-write:RANK:ITER``: SIGKILL RANK once its shard of ITER is written into its machine's store, before it is
   committed, and once every other rank has committed its own shard of ITER (all machines' stores are on this host
-  under the agent), so the other machines are left holding an iteration that recovery must abandon.
+  under the agent), so the other machines are left holding an iteration that recovery must abandon;
+- ``lag:RANK:ITER``: RANK waits :data:`LAG_S` seconds just before iteration ITER's update, killing no one (a
+  straggler: the other ranks' checkpoints of ITER reach its machine before its own checkpoint of ITER - 1 ends).
 
 Those that strike before an update first let every rank finish the checkpoint traffic in flight, with a barrier, so
 which copies exist when the fault strikes is deterministic.
@@ -32,7 +34,8 @@ import torch.distributed as dist
 
 from ..store import ShardStore
 
-KINDS = ("kill", "lose", "corrupt-kill", "corrupt-copies", "kill-write")
+KINDS = ("kill", "lose", "corrupt-kill", "corrupt-copies", "kill-write", "lag")
+LAG_S = 1.0
 
 
 def parse(text: str) -> list[tuple[str, int, int]]:
@@ -71,6 +74,9 @@ def install(ckpt, text: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def before_update(iteration: int) -> None:
+        if mine("lag", iteration):
+            ckpt.event("fault", what=f"waited {LAG_S:g} s before the update", fault=spec("lag", ckpt.rank, iteration))
+            time.sleep(LAG_S)
         due = [f for f in faults if (f[0] in ("kill", "lose") and f[2] == iteration)
                or (f[0] in ("corrupt-kill", "corrupt-copies") and f[2] == iteration - 1)]
         if not due:
