@@ -449,9 +449,9 @@ class ShardStore:
         """Let go of this process's mappings of iterations no longer here (dropped by it or by another process of
         this machine), except that a mapping whose file became its rank's spare is kept as this process's spare (the
         next checkpoint of that rank then maps and page-locks nothing again)."""
-        kept = set(self.iterations())
-        with self._lock:
-            gone = [k for k in self._held if k[0] not in kept]
+        with self._lock:  # looked at under the lock that commits take: a listing made before would miss the folder of
+            # a shard another thread of this process took a slot for and committed since (its receiver's, its copier's)
+            gone = [k for k in self._held if not self.iteration_dir(k[0]).is_dir()]
             slots = [self._held.pop(k) for k in gone]
         for slot in slots:
             try:

@@ -584,3 +584,41 @@ def test_a_kernel_that_cannot_map_memory_in_ahead_still_gets_a_mapped_slot(tmp_p
     data, manifest = shard(3)
     write(ShardStore(tmp_path, 0), 2, 0, data, manifest)
     assert ShardStore(tmp_path, 0).get(2, 0)[0] == data
+
+
+def test_a_shard_committed_while_another_thread_drops_stays_mapped(tmp_path, monkeypatch):
+    """A receiver's thread drops what keep no longer needs (Checkpointer._make_room) while the copier takes a slot
+    for the next checkpoint and commits it: the drop must never let go of that just-committed mapping, which the
+    sender still sends from. Under make test's load it once did: the dropping thread listed the iterations, was
+    descheduled while the copier took its slot and committed it, then let go of every mapping not in its listing.
+    Here the dropping thread is held up for 5 ms after each listing of the iterations."""
+    store = ShardStore(tmp_path, 0)
+    data, manifest = shard(1, 64)
+    stop, errors = threading.Event(), []
+    listing = store.iterations
+
+    def slow_listing():
+        its = listing()
+        if threading.current_thread().name == "dropper":
+            time.sleep(0.005)
+        return its
+
+    monkeypatch.setattr(store, "iterations", slow_listing)
+
+    def drop():
+        while not stop.is_set():
+            store.keep_newest(1, ranks=[0])
+
+    dropper = threading.Thread(target=drop, name="dropper")
+    dropper.start()
+    try:
+        for it in range(1, 101):
+            slot = write(store, it, 0, data, manifest)
+            time.sleep(0.002)  # the dropper's turn: the newest complete shard is the one keep 1 keeps
+            if slot.tensor is None:  # let go (closed) all the same
+                errors.append(it)
+    finally:
+        stop.set()
+        dropper.join()
+    assert errors == []
+    assert store.get(100, 0)[0] == data
