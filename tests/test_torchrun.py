@@ -163,9 +163,9 @@ def test_a_peers_checkpoint_that_comes_ahead_of_ours_goes_into_memory_the_machin
     while that machine still holds 2 (its own checkpoint of 3 not yet waited for). The receiver first drops what keep
     no longer needs (2, its files spares), so every shard received after the first goes into memory the process
     holds, none into new memory (at 1 GiB a shard, 0.6-1.2 s of host CPU each time: bench/history.md)."""
-    plan = tmp_path / "plan.json"
-    contract.write(dict(contract.default(2, 1, persist=100), checkpoint=dict(
-        contract.default(2, 1, persist=100)["checkpoint"], keep=1)), plan)
+    plan, doc = tmp_path / "plan.json", contract.default(2, 1, persist=100)
+    doc["checkpoint"]["keep"] = 1
+    contract.write(doc, plan)
     results = _two_nodes(tmp_path, plan, 8, "lagged", "lag", [0, 1], env={"GEMINI_FAULT": "lag:0:4"})
     assert all(rc == 0 for rc, _, _ in results), results
     assert '"fault": "lag:0:4"' in results[0][1]
