@@ -16,7 +16,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
-
 from typing import Callable
 
 import torch
